@@ -1,0 +1,51 @@
+"""The SAV pack format: every name and number a pack writer or reader needs, in one place.
+
+A pack is one safetensors file. Tensors hold the numbers; metadata (string values only, as safetensors requires)
+holds the rest, structured values as JSON strings, every key namespaced `savpack.`. The full specification is
+docs/format.md; this module is its executable half, imported by the writer (builder) and the reader (runtime).
+"""
+
+from __future__ import annotations
+
+FORMAT_NAME = "savpack"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# Packs are small (k x classes x head_dim floats); a file far larger than this is not a pack, and reading it whole
+# would let a hostile file exhaust memory.
+MAX_PACK_BYTES = 256 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+# Tensors.
+HEADS = "heads"  # int32 (k, 2): (layer, head) of each selected head, in vote order
+CENTROIDS = "centroids"  # float32 (k, C, head_dim): class means of each selected head
+HEAD_SCORES = "head_scores"  # float32 (k,): selection score of each selected head (labelled-set accuracy)
+CLASS_COUNTS = "class_counts"  # int32 (C,): labelled examples per class
+ALL_HEAD_SCORES = "all_head_scores"  # float32 (layers, heads): the score of every head, for the head map
+REQUIRED_TENSORS = (HEADS, CENTROIDS, HEAD_SCORES, CLASS_COUNTS, ALL_HEAD_SCORES)
+
+# Metadata keys.
+META_PREFIX = "savpack."
+META_FORMAT = "savpack.format"  # FORMAT_NAME
+META_FORMAT_VERSION = "savpack.format_version"  # decimal integer
+META_LABELS = "savpack.labels"  # JSON list of C unique strings, index = class id
+META_MODEL = "savpack.model"  # JSON object, MODEL_FIELDS
+META_PROMPT = "savpack.prompt"  # JSON object, PROMPT_FIELDS
+META_SELECTION = "savpack.selection"  # JSON object: k, scoring, shots, seed, ...
+META_METRICS = "savpack.metrics"  # JSON object: name -> number
+META_NAME = "savpack.name"  # string
+META_VERSION = "savpack.version"  # semantic version string
+META_CREATED_BY = "savpack.created_by"  # JSON object: package -> version (and commit of a dev build)
+META_DATASET = "savpack.dataset"  # JSON object: sha256, examples, per-class counts
+REQUIRED_META = (META_FORMAT, META_FORMAT_VERSION, META_LABELS, META_MODEL, META_PROMPT, META_SELECTION)
+OPTIONAL_META = (META_METRICS, META_NAME, META_VERSION, META_CREATED_BY, META_DATASET)
+JSON_META = (META_LABELS, META_MODEL, META_PROMPT, META_SELECTION, META_METRICS, META_CREATED_BY, META_DATASET)
+
+MODEL_FIELDS = ("id", "revision", "family", "grid", "fingerprint")  # grid = [layers, heads, head_dim]
+# template: the user text around {text}; rendered: the full prompt after the chat template, with {text} left in;
+# image_count: images the rendered prompt holds; chat_template_sha256: which template rendered it (or null).
+PROMPT_FIELDS = ("template", "rendered", "image_count", "chat_template_sha256")
+TEXT_PLACEHOLDER = "{text}"
+
+# safetensors dtype names this project reads and writes.
+DTYPES = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I64": "<i8", "U8": "|u1"}

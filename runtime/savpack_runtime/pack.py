@@ -1,0 +1,271 @@
+"""Read, validate and write SAV packs (numpy arrays in, file out).
+
+Reading validates in a fixed order before anything is trusted: size, header, format version, required keys, types,
+shapes, values. Each failure raises its own error type (savpack_runtime.errors) naming the key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import files
+from . import format as fmt
+from .errors import (
+    PackMissingKeyError,
+    PackShapeError,
+    PackTypeError,
+    PackValueError,
+    PackVersionError,
+    SavpackWarning,
+)
+
+
+@dataclass
+class Pack:
+    """A SAV classifier: which heads vote and the class centroids each head compares against."""
+
+    heads: np.ndarray  # (k, 2) int32: (layer, head)
+    centroids: np.ndarray  # (k, C, head_dim) float32
+    head_scores: np.ndarray  # (k,) float32
+    class_counts: np.ndarray  # (C,) int32
+    all_head_scores: np.ndarray  # (layers, heads) float32
+    labels: tuple[str, ...]
+    model: dict[str, Any]  # id, revision, family, grid, fingerprint
+    prompt: dict[str, Any]  # template, rendered, image_count, chat_template_sha256
+    selection: dict[str, Any]  # k, scoring, ...
+    metrics: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    version: str | None = None
+    created_by: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    format_version: int = fmt.FORMAT_VERSION
+
+    @property
+    def k(self) -> int:
+        return int(self.heads.shape[0])
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        layers, heads, head_dim = self.model["grid"]
+        return int(layers), int(heads), int(head_dim)
+
+    @property
+    def deepest_layer(self) -> int:
+        return int(self.heads[:, 0].max())
+
+    # -- writing -------------------------------------------------------------------------------------------------
+
+    def to_tensors_and_metadata(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        tensors = {
+            fmt.HEADS: np.asarray(self.heads, dtype=np.int32),
+            fmt.CENTROIDS: np.asarray(self.centroids, dtype=np.float32),
+            fmt.HEAD_SCORES: np.asarray(self.head_scores, dtype=np.float32),
+            fmt.CLASS_COUNTS: np.asarray(self.class_counts, dtype=np.int32),
+            fmt.ALL_HEAD_SCORES: np.asarray(self.all_head_scores, dtype=np.float32),
+        }
+        values: dict[str, Any] = {
+            fmt.META_FORMAT: fmt.FORMAT_NAME,
+            fmt.META_FORMAT_VERSION: str(self.format_version),
+            fmt.META_LABELS: list(self.labels),
+            fmt.META_MODEL: self.model,
+            fmt.META_PROMPT: self.prompt,
+            fmt.META_SELECTION: self.selection,
+            fmt.META_METRICS: self.metrics,
+            fmt.META_NAME: self.name,
+            fmt.META_VERSION: self.version,
+            fmt.META_CREATED_BY: self.created_by,
+            fmt.META_DATASET: self.dataset,
+        }
+        metadata = {}
+        for key, value in values.items():
+            if value is None or (key in fmt.OPTIONAL_META and value == {}):
+                continue
+            metadata[key] = _dump_json(value) if key in fmt.JSON_META else value
+        return tensors, metadata
+
+    def to_bytes(self) -> bytes:
+        tensors, metadata = self.to_tensors_and_metadata()
+        data = files.dumps(tensors, metadata)
+        Pack.from_bytes(data, path="<pack being written>")  # never write what the reader would refuse
+        return data
+
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Write atomically; refuses to replace an existing file unless `force`."""
+        data = self.to_bytes()
+        return files.atomic_write(path, lambda handle: handle.write(data), force)
+
+    def content_hash(self) -> str:
+        """sha256 of the serialised pack: the same tensors and metadata always give the same hash."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def replace(self, **changes: Any) -> "Pack":
+        return dataclasses.replace(self, **changes)
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Pack":
+        tensors, metadata = files.read(path)
+        return cls._from_parts(tensors, metadata, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: object = None) -> "Pack":
+        tensors, metadata = files.loads(data, path)
+        return cls._from_parts(tensors, metadata, path)
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, np.ndarray], metadata: dict[str, str], path: object) -> "Pack":
+        version = _check_format(metadata, path)
+        for name in fmt.REQUIRED_TENSORS:
+            if name not in tensors:
+                raise PackMissingKeyError(f"required tensor {name!r} is missing", path, name)
+        for key in fmt.REQUIRED_META:
+            if key not in metadata:
+                raise PackMissingKeyError(f"required metadata key {key!r} is missing", path, key)
+        _warn_unknown(tensors, metadata, path)
+
+        values = {key: _load_json(metadata, key, path) for key in fmt.JSON_META if key in metadata}
+        labels = values[fmt.META_LABELS]
+        if not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
+            raise PackTypeError(f"{fmt.META_LABELS} must be a JSON list of strings", path, fmt.META_LABELS)
+        model = _check_object(values, fmt.META_MODEL, fmt.MODEL_FIELDS, path)
+        prompt = _check_object(values, fmt.META_PROMPT, fmt.PROMPT_FIELDS, path)
+        selection = _check_object(values, fmt.META_SELECTION, (), path)
+        optional = {key: _check_object(values, key, (), path) if key in values else {} for key in
+                    (fmt.META_METRICS, fmt.META_CREATED_BY, fmt.META_DATASET)}
+        grid = model["grid"]
+        if not (isinstance(grid, list) and len(grid) == 3 and all(type(n) is int and n > 0 for n in grid)):
+            raise PackTypeError(f"{fmt.META_MODEL} grid must be [layers, heads, head_dim] of positive integers, got {grid!r}", path, fmt.META_MODEL)
+        for key in ("id", "family"):
+            if not isinstance(model[key], str) or not model[key]:
+                raise PackTypeError(f"{fmt.META_MODEL} {key} must be a non-empty string", path, fmt.META_MODEL)
+        for key in ("template", "rendered"):
+            if not isinstance(prompt[key], str):
+                raise PackTypeError(f"{fmt.META_PROMPT} {key} must be a string", path, fmt.META_PROMPT)
+        if type(prompt["image_count"]) is not int or prompt["image_count"] < 0:
+            raise PackTypeError(f"{fmt.META_PROMPT} image_count must be a non-negative integer", path, fmt.META_PROMPT)
+        for key in (fmt.META_NAME, fmt.META_VERSION):
+            if key in metadata and not metadata[key]:
+                raise PackValueError(f"{key} is empty", path, key)
+
+        expected_dtypes = {fmt.HEADS: np.int32, fmt.CENTROIDS: np.float32, fmt.HEAD_SCORES: np.float32,
+                           fmt.CLASS_COUNTS: np.int32, fmt.ALL_HEAD_SCORES: np.float32}
+        expected_ranks = {fmt.HEADS: 2, fmt.CENTROIDS: 3, fmt.HEAD_SCORES: 1, fmt.CLASS_COUNTS: 1, fmt.ALL_HEAD_SCORES: 2}
+        for name, dtype in expected_dtypes.items():
+            if tensors[name].dtype != np.dtype(dtype):
+                raise PackTypeError(f"tensor {name!r} is {tensors[name].dtype}, expected {np.dtype(dtype)}", path, name)
+            if tensors[name].ndim != expected_ranks[name]:
+                raise PackTypeError(f"tensor {name!r} has rank {tensors[name].ndim}, expected {expected_ranks[name]}", path, name)
+
+        heads, centroids = tensors[fmt.HEADS], tensors[fmt.CENTROIDS]
+        k, classes, head_dim = centroids.shape
+        layers, num_heads, grid_head_dim = grid
+        if heads.shape != (k, 2) or k == 0:
+            raise PackShapeError(f"tensor 'heads' has shape {list(heads.shape)}, expected [{k}, 2] with k >= 1 (k from 'centroids')", path, fmt.HEADS)
+        if tensors[fmt.HEAD_SCORES].shape != (k,):
+            raise PackShapeError(f"tensor 'head_scores' has shape {list(tensors[fmt.HEAD_SCORES].shape)}, expected [{k}]", path, fmt.HEAD_SCORES)
+        if len(labels) != classes:
+            raise PackShapeError(f"{fmt.META_LABELS} has {len(labels)} labels but 'centroids' has {classes} classes", path, fmt.META_LABELS)
+        if tensors[fmt.CLASS_COUNTS].shape != (classes,):
+            raise PackShapeError(f"tensor 'class_counts' has shape {list(tensors[fmt.CLASS_COUNTS].shape)}, expected [{classes}]", path, fmt.CLASS_COUNTS)
+        if head_dim != grid_head_dim:
+            raise PackShapeError(f"'centroids' head_dim {head_dim} differs from the model grid's {grid_head_dim}", path, fmt.CENTROIDS)
+        if tensors[fmt.ALL_HEAD_SCORES].shape != (layers, num_heads):
+            raise PackShapeError(f"tensor 'all_head_scores' has shape {list(tensors[fmt.ALL_HEAD_SCORES].shape)}, expected the grid's [{layers}, {num_heads}]", path, fmt.ALL_HEAD_SCORES)
+
+        if classes < 2:
+            raise PackValueError(f"{fmt.META_LABELS} has {classes} class; a classifier needs at least 2", path, fmt.META_LABELS)
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise PackValueError(f"{fmt.META_LABELS} must be unique non-empty strings, got {labels!r}", path, fmt.META_LABELS)
+        outside = (heads[:, 0] < 0) | (heads[:, 0] >= layers) | (heads[:, 1] < 0) | (heads[:, 1] >= num_heads)
+        if outside.any():
+            bad = heads[np.argmax(outside)].tolist()
+            raise PackValueError(f"tensor 'heads' holds {bad}, outside the model grid of {layers} layers x {num_heads} heads", path, fmt.HEADS)
+        if len({(int(a), int(b)) for a, b in heads}) != k:
+            raise PackValueError("tensor 'heads' lists a head twice", path, fmt.HEADS)
+        if (tensors[fmt.CLASS_COUNTS] < 1).any():
+            raise PackValueError("tensor 'class_counts' must be >= 1 for every class", path, fmt.CLASS_COUNTS)
+        for name in (fmt.CENTROIDS, fmt.HEAD_SCORES, fmt.ALL_HEAD_SCORES):
+            if not np.isfinite(tensors[name]).all():
+                raise PackValueError(f"tensor {name!r} holds NaN or Inf", path, name)
+
+        return cls(
+            heads=tensors[fmt.HEADS], centroids=centroids, head_scores=tensors[fmt.HEAD_SCORES],
+            class_counts=tensors[fmt.CLASS_COUNTS], all_head_scores=tensors[fmt.ALL_HEAD_SCORES],
+            labels=tuple(labels), model=model, prompt=prompt, selection=selection,
+            metrics=optional[fmt.META_METRICS], name=metadata.get(fmt.META_NAME), version=metadata.get(fmt.META_VERSION),
+            created_by=optional[fmt.META_CREATED_BY], dataset=optional[fmt.META_DATASET], format_version=version,
+        )
+
+
+def _check_format(metadata: dict[str, str], path: object) -> int:
+    if metadata.get(fmt.META_FORMAT) != fmt.FORMAT_NAME:
+        if fmt.META_FORMAT not in metadata:
+            raise PackMissingKeyError(f"required metadata key {fmt.META_FORMAT!r} is missing: not a SAV pack", path, fmt.META_FORMAT)
+        raise PackValueError(f"{fmt.META_FORMAT} is {metadata[fmt.META_FORMAT]!r}, expected {fmt.FORMAT_NAME!r}", path, fmt.META_FORMAT)
+    raw = metadata.get(fmt.META_FORMAT_VERSION)
+    if raw is None:
+        raise PackMissingKeyError(f"required metadata key {fmt.META_FORMAT_VERSION!r} is missing", path, fmt.META_FORMAT_VERSION)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise PackTypeError(f"{fmt.META_FORMAT_VERSION} is {raw!r}, expected a decimal integer", path, fmt.META_FORMAT_VERSION)
+    version = int(raw)
+    if version > max(fmt.SUPPORTED_VERSIONS):
+        raise PackVersionError(
+            f"pack format version {version} is newer than this reader's {fmt.FORMAT_VERSION}; "
+            "upgrade with: pip install --upgrade savpack-runtime",
+            path, fmt.META_FORMAT_VERSION,
+        )
+    if version not in fmt.SUPPORTED_VERSIONS:
+        raise PackVersionError(f"pack format version {version} is not supported (supported: {list(fmt.SUPPORTED_VERSIONS)})", path, fmt.META_FORMAT_VERSION)
+    return version
+
+
+def _warn_unknown(tensors: dict[str, np.ndarray], metadata: dict[str, str], path: object) -> None:
+    known = set(fmt.REQUIRED_META) | set(fmt.OPTIONAL_META)
+    unknown = sorted(set(tensors) - set(fmt.REQUIRED_TENSORS)) + sorted(set(metadata) - known)
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown pack keys {unknown} (written by a newer savpack?)", SavpackWarning, stacklevel=4)
+
+
+def _load_json(metadata: dict[str, str], key: str, path: object) -> Any:
+    try:
+        return json.loads(metadata[key], parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise PackTypeError(f"{key} is not valid JSON: {exc}", path, key) from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _check_object(values: dict[str, Any], key: str, required: tuple[str, ...], path: object) -> dict[str, Any]:
+    value = values[key]
+    if not isinstance(value, dict):
+        raise PackTypeError(f"{key} must be a JSON object, got {type(value).__name__}", path, key)
+    missing = [name for name in required if name not in value]
+    if missing:
+        raise PackMissingKeyError(f"{key} lacks field(s) {missing}", path, key)
+    return value
+
+
+def _dump_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_jsonable)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

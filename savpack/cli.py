@@ -1,0 +1,309 @@
+"""The savpack command line: extract, build, classify, eval, inspect, demo."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from savpack_runtime import Pack
+from savpack_runtime.errors import SavpackError, SavpackWarning
+from savpack_runtime.files import check_output_path
+
+from . import __version__
+from .classifier import DEFAULT_K
+from .selection import SCORINGS
+
+
+class SavpackGroup(click.Group):
+    """Turns savpack's own errors into one-line messages (exit 1); --debug shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", SavpackWarning)
+                original = warnings.showwarning
+                warnings.showwarning = functools.partial(_show_warning, original)
+                return super().invoke(ctx)
+        except SavpackError as exc:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(str(exc)) from None
+
+
+def _show_warning(original: Callable, message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, SavpackWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        original(message, category, filename, lineno, file, line)
+
+
+@click.group(cls=SavpackGroup)
+@click.version_option(__version__, prog_name="savpack")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main(debug: bool) -> None:
+    """Find the attention heads of a frozen (vision-)language model that classify (Sparse Attention Vectors),
+    and ship them as a small versioned pack."""
+
+
+def model_options(required: bool = True) -> Callable[[Callable], Callable]:
+    """The options that load a model, shared by every command that runs one."""
+    return functools.partial(_add_model_options, required=required)
+
+
+def _add_model_options(func: Callable, required: bool) -> Callable:
+    options = [
+        click.option("--model", "model", required=required, default=None,
+                     help="Hub id, local model folder, or .gguf file." + ("" if required else " With --data.")),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
+        click.option("--gguf-file", default=None, help="GGUF file name inside --model (transformers' GGUF loader)."),
+        click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N]."),
+        click.option("--dtype", default="auto", show_default=True, help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA, else float32)."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code to run."),
+        click.option("--family", default=None, help="Force a model family instead of reading it from the config."),
+        click.option("--no-chat-template", is_flag=True, help="Feed the prompt as plain text even if the model has a chat template."),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(params: dict[str, Any]):
+    from .models import load_model
+
+    return load_model(
+        params.pop("model"), revision=params.pop("revision"), gguf_file=params.pop("gguf_file"),
+        device=params.pop("device"), dtype=params.pop("dtype"), trust_remote_code=params.pop("trust_remote_code"),
+        family=params.pop("family"), use_chat_template=not params.pop("no_chat_template"),
+    )
+
+
+def _examples(path: str, require_labels: bool = True):
+    from .data import load_examples
+
+    return load_examples(path, require_labels=require_labels)
+
+
+def _sampled(examples: list, shots: int | None, seed: int) -> list:
+    if shots is None:
+        return examples
+    from .data import sample_shots
+
+    chosen, _ = sample_shots([example.label for example in examples], shots, seed)
+    return [examples[i] for i in chosen]
+
+
+prompt_option = click.option(
+    "--prompt", default="{text}", show_default=True,
+    help="User text around each item's text; {text} is replaced by it. Rendered through the chat template.",
+)
+shots_option = click.option("--shots", type=int, default=None, help="Sample this many labelled examples per class (seeded).")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shots sampling.")
+force_option = click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+
+
+@main.command()
+@model_options()
+@click.option("--data", required=True, help="Labelled dataset: .jsonl, .json, .csv, or folder root/<label>/<file>.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Activations file to write (.safetensors).")
+@prompt_option
+@shots_option
+@seed_option
+@click.option("--hidden", is_flag=True, help="Also keep the final hidden state at the last token (for baselines).")
+@force_option
+def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, force: bool, **params: Any) -> None:
+    """Run the model once per example and save every head's output at the last token."""
+    from .pipeline import extract_activations
+
+    check_output_path(out, force)
+    examples = _sampled(_examples(data), shots, seed)
+    batch_size = params.pop("batch_size")
+    loaded = _load(params)
+    activations = extract_activations(loaded, examples, prompt, batch_size=batch_size, final_hidden=hidden)
+    activations.save(out, force=force)
+    layers, heads, head_dim = loaded.grid
+    click.echo(f"wrote {out}: {len(examples)} examples x {layers} layers x {heads} heads x {head_dim}", err=True)
+
+
+@main.command()
+@model_options(required=False)
+@click.option("--data", default=None, help="Labelled dataset (with --model).")
+@click.option("--activations", default=None, type=click.Path(dir_okay=False), help="Build from `savpack extract` output instead of running the model.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pack file to write (.safetensors).")
+@click.option("--k", "k", default=str(DEFAULT_K), show_default=True, help="Number of heads that vote, or 'all'.")
+@click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
+@click.option("--vote", type=click.Choice(["majority", "cosine"]), default="majority", show_default=True, help="How the heads' choices combine.")
+@prompt_option
+@shots_option
+@seed_option
+@click.option("--name", default=None, help="Pack name (e.g. team/safety-classifier).")
+@click.option("--version", "pack_version", default=None, help="Pack version (semantic versioning, e.g. 1.0.0).")
+@force_option
+@click.option("--json", "as_json", is_flag=True, help="Print the pack summary as JSON.")
+def build(data: str | None, activations: str | None, out: str, k: str, scoring: str, vote: str, prompt: str,
+          shots: int | None, seed: int, name: str | None, pack_version: str | None, force: bool, as_json: bool,
+          **params: Any) -> None:
+    """Select the heads that classify and write a pack."""
+    from .extract import ActivationSet
+    from .pipeline import extract_activations, pack_from_activations, require_classes
+
+    if (activations is None) == (params["model"] is None or data is None):
+        raise click.UsageError("give either --model and --data, or --activations")
+    if activations is not None and data is not None:
+        raise click.UsageError("--data and --activations exclude each other")
+    heads = _parse_k(k)
+    check_output_path(out, force)
+    if activations is not None:
+        activation_set = ActivationSet.load(activations)
+        if shots is not None:
+            from .data import sample_shots
+
+            activation_set = activation_set.subset(sample_shots(activation_set.labels, shots, seed)[0])
+    else:
+        examples = _sampled(_examples(data), shots, seed)
+        require_classes(examples)
+        batch_size = params.pop("batch_size")
+        activation_set = extract_activations(_load(params), examples, prompt, batch_size=batch_size)
+    selection = {"shots": shots, "seed": seed} if shots is not None else {}
+    pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
+                                 version=pack_version, selection=selection)
+    pack.save(out, force=force)
+    _print_summary(pack, out, as_json)
+
+
+def _parse_k(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'all'", param_hint="--k") from None
+    if k < 1:
+        raise click.BadParameter(f"must be >= 1, got {k}", param_hint="--k")
+    return k
+
+
+def _load_pack(path: str) -> Pack:
+    return Pack.load(path)
+
+
+@main.command()
+@click.option("--pack", "pack_path", required=True, help="Pack file.")
+@model_options()
+@click.option("--data", required=True, help="Items to classify (.jsonl, .json, .csv or folder); labels optional.")
+@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None:
+    """Classify items; prints one JSON line per item (label, votes and vote shares per class)."""
+    from .pipeline import classify as run_classify
+
+    pack = _load_pack(pack_path)
+    examples = _examples(data, require_labels=False)
+    batch_size = params.pop("batch_size")
+    result = run_classify(_load(params), pack, examples, batch_size=batch_size, vote=vote)
+    for example, record in zip(examples, result.records(pack)):
+        click.echo(json.dumps({"source": example.source, **record}, ensure_ascii=False))
+
+
+@main.command(name="eval")
+@click.option("--pack", "pack_path", required=True, help="Pack file.")
+@model_options()
+@click.option("--data", required=True, help="Labelled held-out data; examples the pack was built from are skipped.")
+@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate(pack_path: str, data: str, vote: str | None, as_json: bool, **params: Any) -> None:
+    """Accuracy, per-class accuracy and the confusion matrix on held-out labelled data."""
+    from .pipeline import evaluate as run_evaluate
+
+    pack = _load_pack(pack_path)
+    examples = _examples(data)
+    batch_size = params.pop("batch_size")
+    report = run_evaluate(_load(params), pack, examples, batch_size=batch_size, vote=vote)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_report(report))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    labels = report["labels"]
+    lines = [
+        f"examples           {report['examples']}" + (f"  ({report['skipped_training_examples']} training examples skipped)" if report.get("skipped_training_examples") else ""),
+        f"accuracy           {report['accuracy']:.4f}",
+        f"balanced accuracy  {report['balanced_accuracy']:.4f}",
+        f"macro F1           {report['macro_f1']:.4f}",
+        "",
+        "per-class accuracy",
+    ]
+    width = max(len(label) for label in labels)
+    for label, accuracy in report["per_class_accuracy"].items():
+        lines.append(f"  {label:<{width}}  {accuracy:.4f}")
+    lines += ["", "confusion (rows: true, columns: predicted)"]
+    cell = max(6, max(len(label) for label in labels))
+    lines.append(" " * (width + 2) + "".join(f"{label[:cell]:>{cell + 1}}" for label in labels))
+    for label, row in zip(labels, report["confusion"]):
+        lines.append(f"  {label:<{width}}" + "".join(f"{count:>{cell + 1}}" for count in row))
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("pack_path", metavar="PACK")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(pack_path: str, as_json: bool) -> None:
+    """Show what a pack classifies, its model, heads and metrics."""
+    _print_summary(_load_pack(pack_path), pack_path, as_json)
+
+
+def pack_summary(pack: Pack) -> dict[str, Any]:
+    return {
+        "name": pack.name, "version": pack.version, "format_version": pack.format_version,
+        "labels": list(pack.labels), "model": pack.model, "k": pack.k, "deepest_layer": pack.deepest_layer,
+        "heads": [{"layer": int(layer), "head": int(head), "score": round(float(score), 6)}
+                  for (layer, head), score in zip(pack.heads.tolist(), pack.head_scores)],
+        "class_counts": dict(zip(pack.labels, pack.class_counts.tolist())),
+        "prompt": pack.prompt, "selection": pack.selection, "metrics": pack.metrics,
+        "dataset": {key: value for key, value in pack.dataset.items() if key != "example_digests"},
+        "created_by": pack.created_by, "content_sha256": pack.content_hash(),
+    }
+
+
+def _print_summary(pack: Pack, path: str, as_json: bool) -> None:
+    summary = pack_summary(pack)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    layers, heads, head_dim = pack.grid
+    model = pack.model
+    lines = [
+        f"pack        {path}" + (f"  ({pack.name} {pack.version or ''})" if pack.name else ""),
+        f"labels      {', '.join(pack.labels)}",
+        f"model       {model['id']}  [{model['family']}, revision {str(model['revision'])[:20]}]",
+        f"grid        {layers} layers x {heads} heads x {head_dim} head_dim",
+        f"heads       k = {pack.k}, deepest layer {pack.deepest_layer}, scoring {pack.selection.get('scoring')}, vote {pack.selection.get('vote')}",
+        f"prompt      {pack.prompt['template']!r}",
+        f"examples    {summary['class_counts']}",
+        f"metrics     {json.dumps(pack.metrics)}",
+        f"sha256      {summary['content_sha256']}",
+        "",
+        "  layer  head  accuracy",
+    ]
+    lines += [f"  {h['layer']:>5}  {h['head']:>4}  {h['score']:.4f}" for h in summary["heads"]]
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Keep the demo's model, data and pack here (default: a temporary folder).")
+def demo(workdir: str | None) -> None:
+    """Offline demo: a tiny random-weight Qwen2-VL, a generated image task, build, evaluate."""
+    from .demo import run_demo
+
+    run_demo(Path(workdir) if workdir else None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

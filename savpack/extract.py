@@ -1,0 +1,214 @@
+"""One batched forward pass per example, stopping after the deepest needed layer, keeping each head's output at the
+last real token. Also the activations file that `savpack extract` writes and `savpack build --activations` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from savpack_runtime import files
+from savpack_runtime import format as fmt
+from savpack_runtime.errors import PackError
+from savpack_runtime.images import load_image
+
+from .data import Example, dataset_summary
+from .errors import DataError
+from .models import LoadedModel
+
+ACTIVATIONS_FORMAT = "savpack-activations"
+ACTIVATIONS_VERSION = 1
+
+
+class _StopForward(Exception):
+    """Raised inside the forward once every needed head is captured, so no later layer runs."""
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, for left or right padding alike. (batch, seq) -> (batch,)"""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).to(torch.int64).argmax(dim=1)
+
+
+@dataclass
+class Extraction:
+    """Head outputs at the last token for N examples, with what is needed to check and reuse them."""
+
+    vectors: np.ndarray  # (N, layers, heads, head_dim) for all heads, or (N, k, head_dim) for chosen heads
+    input_ids: list[np.ndarray]  # per example, the exact token ids the model saw (padding removed)
+    final_hidden: np.ndarray | None = None  # (N, hidden): the decoder's final (normed) state at the last token
+    examples: list[Example] = field(default_factory=list)
+
+
+def extract(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    template: str = fmt.TEXT_PLACEHOLDER,
+    heads: np.ndarray | None = None,
+    batch_size: int = 8,
+    final_hidden: bool = False,
+    progress: bool = True,
+) -> Extraction:
+    """Run the model once per example (batched) and return head vectors at the last real token.
+
+    heads=None keeps every head of every layer; an int (k, 2) array of (layer, head) keeps only those, in that order,
+    and stops the forward after the deepest of their layers. No LM head ever runs: the forward is the base model's.
+    final_hidden=True runs all layers and the final norm too (for the hidden-state baselines), still in one pass.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    layers, num_heads, head_dim = loaded.grid
+    needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
+    deepest = max(needed)
+    rendered = [loaded.render(template, example.text, len(example.images)) for example in examples]
+    # Similar lengths together: less padding, same results (tests check batched == one by one).
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].images), len(rendered[i])))
+
+    count = len(examples)
+    all_heads = np.zeros((count, layers, num_heads, head_dim), dtype=np.float32) if heads is None else None
+    chosen = np.zeros((count, len(heads), head_dim), dtype=np.float32) if heads is not None else None
+    hidden = None
+    input_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * count
+    captured: dict[int, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+
+    def make_hook(layer: int):
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            per_token = args[0]  # (batch, seq, heads * head_dim): the attention output before its projection
+            rows = torch.arange(per_token.shape[0], device=per_token.device)
+            captured[layer] = per_token[rows, state["last"]].float().reshape(-1, num_heads, head_dim).cpu()
+            if layer == deepest and not final_hidden:
+                raise _StopForward
+        return hook
+
+    base = loaded.model.base_model  # the decoder stack without the LM head
+    handles = [loaded.attention_outputs[layer].register_forward_pre_hook(make_hook(layer)) for layer in needed]
+    try:
+        batches = [order[start : start + batch_size] for start in range(0, count, batch_size)]
+        with tqdm(total=count, desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
+            for batch in batches:
+                images = [[load_image(path) for path in examples[i].images] for i in batch]
+                inputs = loaded.encode([rendered[i] for i in batch], images)
+                mask = inputs["attention_mask"]
+                _check_lengths(loaded, [examples[i] for i in batch], mask)
+                state["last"] = last_positions(mask)
+                captured.clear()
+                with torch.inference_mode():
+                    try:
+                        output = base(**inputs, use_cache=False)
+                    except _StopForward:
+                        output = None
+                for row, index in enumerate(batch):
+                    input_ids[index] = inputs["input_ids"][row][mask[row].bool()].cpu().numpy().astype(np.int64)
+                per_layer = torch.stack([captured[layer] for layer in needed], dim=1).numpy()  # (b, len(needed), H, D)
+                if heads is None:
+                    all_heads[batch] = per_layer
+                else:
+                    position = {layer: i for i, layer in enumerate(needed)}
+                    chosen[batch] = per_layer[:, [position[int(l)] for l in heads[:, 0]], heads[:, 1]]
+                if final_hidden:
+                    last_state = output.last_hidden_state[torch.arange(len(batch)), state["last"]].float().cpu().numpy()
+                    if hidden is None:
+                        hidden = np.zeros((count, last_state.shape[1]), dtype=np.float32)
+                    hidden[batch] = last_state
+                bar.update(len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Extraction(all_heads if heads is None else chosen, input_ids, hidden, list(examples))
+
+
+def _check_lengths(loaded: LoadedModel, batch: list[Example], mask: torch.Tensor) -> None:
+    if loaded.max_positions is None:
+        return
+    lengths = mask.sum(dim=1).tolist()
+    for example, length in zip(batch, lengths):
+        if length > loaded.max_positions:
+            raise DataError(
+                f"{example.source}: prompt is {length} tokens, longer than the model's context of "
+                f"{loaded.max_positions}; shorten the text or the prompt"
+            )
+
+
+# -- the activations file -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationSet:
+    """What `savpack extract` writes: every head's vector for N labelled examples, reusable by `build`."""
+
+    activations: np.ndarray  # (N, layers, heads, head_dim) float32
+    labels: list[str]  # per example
+    input_ids: list[np.ndarray]
+    model: dict[str, Any]  # as in a pack: id, revision, family, grid, fingerprint
+    prompt: dict[str, Any]  # as in a pack
+    digests: list[str]  # per example, Example.digest()
+    sources: list[str]  # per example, "file:line"
+    final_hidden: np.ndarray | None = None  # (N, hidden)
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return dataset_summary(self.digests, self.labels)
+
+    def subset(self, indices: Sequence[int]) -> "ActivationSet":
+        rows = list(indices)
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        return replace(self, activations=self.activations[rows], labels=pick(self.labels), input_ids=pick(self.input_ids),
+                       digests=pick(self.digests), sources=pick(self.sources),
+                       final_hidden=None if self.final_hidden is None else self.final_hidden[rows])
+
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        offsets = np.cumsum([0] + [len(ids) for ids in self.input_ids]).astype(np.int64)
+        tensors = {
+            "activations": self.activations.astype(np.float32, copy=False),
+            "input_ids": np.concatenate(self.input_ids).astype(np.int64) if self.input_ids else np.zeros(0, np.int64),
+            "input_offsets": offsets,
+        }
+        if self.final_hidden is not None:
+            tensors["final_hidden"] = self.final_hidden.astype(np.float32, copy=False)
+        metadata = {
+            "savpack.activations_format": ACTIVATIONS_FORMAT,
+            "savpack.activations_version": str(ACTIVATIONS_VERSION),
+            "savpack.example_labels": json.dumps(self.labels, ensure_ascii=False),
+            "savpack.example_sources": json.dumps(self.sources, ensure_ascii=False),
+            "savpack.example_digests": json.dumps(self.digests),
+            fmt.META_MODEL: json.dumps(self.model, sort_keys=True),
+            fmt.META_PROMPT: json.dumps(self.prompt, sort_keys=True, ensure_ascii=False),
+        }
+        return files.write(path, tensors, metadata, force)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ActivationSet":
+        try:
+            tensors, metadata = files.read(path, max_bytes=None)
+        except PackError as exc:
+            raise DataError(f"activations file {exc}") from None
+        if metadata.get("savpack.activations_format") != ACTIVATIONS_FORMAT:
+            raise DataError(f"{path}: not a savpack activations file (written by `savpack extract`)")
+        version = metadata.get("savpack.activations_version", "")
+        if version != str(ACTIVATIONS_VERSION):
+            raise DataError(f"{path}: activations format version {version!r}; this savpack reads {ACTIVATIONS_VERSION}")
+        try:
+            labels = json.loads(metadata["savpack.example_labels"])
+            sources = json.loads(metadata["savpack.example_sources"])
+            digests = json.loads(metadata["savpack.example_digests"])
+            model = json.loads(metadata[fmt.META_MODEL])
+            prompt = json.loads(metadata[fmt.META_PROMPT])
+            activations, ids, offsets = tensors["activations"], tensors["input_ids"], tensors["input_offsets"]
+        except (KeyError, ValueError) as exc:
+            raise DataError(f"{path}: activations file lacks or garbles {exc}") from None
+        count = activations.shape[0] if activations.ndim == 4 else -1
+        if count < 0 or not len(labels) == len(sources) == len(digests) == count or offsets.shape != (count + 1,):
+            raise DataError(f"{path}: activations, labels, sources, digests and input offsets disagree in length")
+        if list(activations.shape[1:]) != list(model.get("grid", [])):
+            raise DataError(f"{path}: activations shape {list(activations.shape)} disagrees with the model grid {model.get('grid')}")
+        if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(ids):
+            raise DataError(f"{path}: input_offsets do not partition input_ids")
+        input_ids = [np.asarray(ids[offsets[i] : offsets[i + 1]]) for i in range(count)]
+        return cls(np.asarray(activations), labels, input_ids, model, prompt, digests, sources, tensors.get("final_hidden"))

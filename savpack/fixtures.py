@@ -1,0 +1,174 @@
+"""Tiny random-weight models of real transformers classes, built offline.
+
+They stand in for hub checkpoints in the demo, the tests and the tools: each fixture is a folder that
+`from_pretrained` loads like a downloaded model (config, weights, tokenizer, image processor, chat template).
+Weights are random, so what a pack built on them classifies is only as good as chance allows; the pipeline is real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# A small, fixed word list: enough to tokenise the demo and test prompts without unknown pieces dominating.
+_CORPUS = """
+a an the this that is are was be of in on at to from for with and or not no yes
+what which who where when how why does do did can could should would image picture photo video
+shows show showing contains contain there here it its color colour shape red green blue yellow black white
+left right top bottom up down big small large circle square triangle stripe stripes dot dots
+question answer classify label positive negative good bad great terrible movie film review
+sentence text news sports business science world tech spam ham message call free win prize
+user assistant system you are helpful describe one two three four five many few
+""".split()
+
+_CHAT_ROLES = ("system", "user", "assistant")
+
+# ChatML, the template family of Qwen2 / Qwen2-VL / LLaVA-OneVision; images are rendered as the family's
+# placeholder so the processor can expand them.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{IMAGE}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_LLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}[{{ message['role'] }}] "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} [/{{ message['role'] }}]\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def build_tokenizer(special_tokens: list[str], chat_template: str | None, bos: str | None = None, eos: str = "<|endoftext|>"):
+    """A byte-level BPE tokenizer trained on a fixed word list: deterministic, offline, Qwen-like."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    named = [eos] + ([bos] if bos else [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=named + special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    sentences = [" ".join(_CORPUS[i : i + 12]) for i in range(0, len(_CORPUS), 12)]
+    backend.train_from_iterator(sentences * 3, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        pad_token=eos,
+        bos_token=bos,
+        additional_special_tokens=special_tokens,
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _save(folder: Path, model, tokenizer, image_processor=None, processor_config: dict | None = None) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(folder)
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)
+    if tokenizer.chat_template is not None:
+        (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
+    if processor_config is not None:
+        (folder / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _text_config(tokenizer, layers: int = 4, heads: int = 8, kv_heads: int = 4, hidden: int = 64, **extra) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, **extra)
+
+
+def _qwen2_vl(folder: Path):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    template = _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>")
+    tokenizer = build_tokenizer(specials, template)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    config = Qwen2VLConfig(
+        # mrope_section sums to head_dim / 2 = 4
+        text_config=_text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    # 56x56 .. 112x112 pixels: 16 to 64 patches, 4 to 16 image tokens.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    return _save(folder, Qwen2VLForConditionalGeneration(config), tokenizer, image_processor)
+
+
+def _llava_onevision(folder: Path):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
+    # anyres: a 28x28 base view plus a grid of 28x28 tiles; the pinpoints must agree between model and processor.
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **_text_config(tokenizer)),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints)
+    processor_config = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 4,
+                        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}
+    return _save(folder, LlavaOnevisionForConditionalGeneration(config), tokenizer, image_processor, processor_config)
+
+
+def _qwen2(folder: Path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer(["<|im_start|>", "<|im_end|>"], _CHATML_TEMPLATE.replace("{IMAGE}", ""))
+    return _save(folder, Qwen2ForCausalLM(Qwen2Config(**_text_config(tokenizer))), tokenizer)
+
+
+def _llama(folder: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # No chat template: the prompt is the text as is, with the tokenizer's BOS. head_dim 12 != hidden / heads = 8.
+    tokenizer = build_tokenizer([], None, bos="<s>")
+    tokenizer.add_bos_token = True
+    config = LlamaConfig(**_text_config(tokenizer, kv_heads=8, head_dim=12))
+    return _save(folder, LlamaForCausalLM(config), tokenizer)
+
+
+FIXTURES = {"qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision, "qwen2": _qwen2, "llama": _llama}
+
+
+def build_fixture(name: str, folder: str | Path, seed: int = 0) -> Path:
+    """Build the tiny random-weight model `name` (see FIXTURES) into `folder`; the same seed gives the same weights."""
+    import torch
+
+    if name not in FIXTURES:
+        raise KeyError(f"no fixture {name!r}; known: {sorted(FIXTURES)}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return FIXTURES[name](Path(folder))

@@ -1,0 +1,332 @@
+"""Load a frozen Hugging Face model with its preprocessor, find its attention heads, render and encode prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from PIL import Image
+from torch import nn
+
+from savpack_runtime import format as fmt
+
+from .errors import ModelError
+from .families import CAUSAL_LM, FAMILIES, Family, family_for_model_type, supported_summary
+
+DEVICES_HELP = "auto|cpu|cuda[:N]"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Path components that mark vision, audio and projector modules: their attention is not the language model's.
+_NON_TEXT_WORDS = ("vision", "visual", "image", "projector", "audio", "speech")
+_OUTPUT_PROJECTION_NAMES = ("o_proj", "c_proj", "out_proj", "dense")
+_TEXT_SENTINEL = "SAVPACKTEXTSLOT7f3a"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"--device {device!r} is not one of {DEVICES_HELP}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif resolved.type != "cpu":
+        raise ModelError(f"--device {device!r} is not one of {DEVICES_HELP}")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bfloat16 is 5-8x slower than float32 on CPUs without bf16 instructions; on CUDA it halves memory.
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r} is not one of auto|{'|'.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    """A frozen model ready for head extraction: its modules, preprocessor, grid and identity."""
+
+    model: nn.Module
+    family: Family
+    processor: Any  # the transformers processor (image-text families) or the tokenizer (text-only)
+    tokenizer: Any
+    model_id: str
+    revision: str
+    grid: tuple[int, int, int]  # (layers, heads, head_dim)
+    attention_outputs: list[nn.Module]  # per decoder layer: the module whose input is the per-head attention output
+    device: torch.device
+    dtype: torch.dtype
+    max_positions: int | None
+    use_chat_template: bool = True
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def chat_template(self) -> str | None:
+        if not self.use_chat_template:
+            return None
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    def chat_template_sha256(self) -> str | None:
+        template = self.chat_template
+        return hashlib.sha256(template.encode()).hexdigest() if template else None
+
+    def render(self, template: str, text: str, image_count: int) -> str:
+        """The full prompt string for one item: the user template with its text, through the chat template."""
+        user_text = template.replace(fmt.TEXT_PLACEHOLDER, text)
+        if self.chat_template is None:
+            if image_count:
+                raise ModelError(f"{self.model_id}: has no chat template, so images cannot be placed in the prompt")
+            return user_text
+        if self.family.takes_images:
+            content: Any = [{"type": "image"} for _ in range(image_count)] + [{"type": "text", "text": user_text}]
+        else:
+            content = user_text
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def render_template(self, template: str, image_count: int) -> str:
+        """The rendered prompt with `{text}` left in place: what the pack stores and the runtime fills."""
+        return self.render(template, _TEXT_SENTINEL, image_count).replace(_TEXT_SENTINEL, fmt.TEXT_PLACEHOLDER)
+
+    def encode(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+        """Tokenise (and preprocess images for) a batch, padded on the family's side, as model inputs on the device."""
+        if self.family.takes_images:
+            has_images = any(images)
+            if has_images and not all(images):
+                raise ModelError("a batch mixes items with and without images; give every item an image or none")
+            encoded = self.processor(text=prompts, images=images if has_images else None, padding=True, return_tensors="pt")
+        else:
+            # A chat template already holds the special tokens (BOS); plain text gets the tokenizer's own.
+            encoded = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=self.chat_template is None)
+        inputs = {name: encoded[name] for name in self.family.forward_inputs if name in encoded}
+        return {name: value.to(self.device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+
+    def fingerprint(self) -> str:
+        """Identity of the weights, independent of device and load dtype (values rounded to bfloat16).
+
+        sha256 over the text grid and, for every parameter: its name, shape, and first and last 64 values. Cheap
+        (no full pass over the weights) yet any retrained, fine-tuned or other-sized model differs.
+        """
+        if self._fingerprint is None:
+            hasher = hashlib.sha256(json.dumps({"grid": list(self.grid)}).encode())
+            for name, parameter in sorted(self.model.named_parameters()):
+                flat = parameter.detach().reshape(-1)
+                sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.bfloat16).to(torch.float32)
+                hasher.update(f"{name}:{list(parameter.shape)}".encode())
+                hasher.update(sample.numpy().tobytes())
+            self._fingerprint = hasher.hexdigest()
+        return self._fingerprint
+
+    def model_metadata(self) -> dict[str, Any]:
+        return {"id": self.model_id, "revision": self.revision, "family": self.family.name,
+                "grid": list(self.grid), "fingerprint": self.fingerprint()}
+
+
+def load_model(
+    model: str,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    family: str | None = None,
+    use_chat_template: bool = True,
+) -> LoadedModel:
+    """Load `model` (hub id, local folder, or .gguf file) frozen, in eval mode, on `device` in `dtype`."""
+    import transformers
+
+    source = model
+    if model.lower().endswith(".gguf") and Path(model).is_file():
+        source, gguf_file = str(Path(model).parent), Path(model).name
+    hub_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        hub_kwargs["gguf_file"] = gguf_file
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+
+    with _quiet_transformers(), _model_errors(model):
+        config = transformers.AutoConfig.from_pretrained(source, **hub_kwargs)
+    chosen = _choose_family(config, family, model)
+    with _quiet_transformers(), _model_errors(model):
+        auto_class = getattr(transformers, chosen.auto_class)
+        network = auto_class.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
+        processor, tokenizer = _load_preprocessor(chosen, source, hub_kwargs)
+    network.to(torch_device).eval().requires_grad_(False)
+    tokenizer.padding_side = chosen.padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    text_config = network.config.get_text_config(decoder=True)
+    grid = _grid_of(text_config, model)
+    outputs = find_attention_outputs(network, grid, model)
+    return LoadedModel(
+        model=network, family=chosen, processor=processor, tokenizer=tokenizer, model_id=model,
+        revision=_revision_of(network.config, source, revision, gguf_file),
+        grid=grid, attention_outputs=outputs, device=torch_device, dtype=torch_dtype,
+        max_positions=getattr(text_config, "max_position_embeddings", None), use_chat_template=use_chat_template,
+    )
+
+
+@contextmanager
+def _model_errors(model: str):
+    try:
+        yield
+    except ModelError:
+        raise
+    except ImportError as exc:
+        raise ModelError(f"{model}: a package the model needs is missing: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        hint = "" if Path(model).exists() else " (not a local folder; the hub cannot be reached offline)"
+        raise ModelError(f"cannot load model {model!r}{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
+def _choose_family(config: Any, family: str | None, model: str) -> Family:
+    if family is not None:
+        if family not in FAMILIES:
+            raise ModelError(f"--family {family!r} is not one of {sorted(FAMILIES)}")
+        return FAMILIES[family]
+    found = family_for_model_type(config.model_type)
+    if found is None:
+        raise ModelError(
+            f"{model}: model type {config.model_type!r} is not supported. Supported families: {supported_summary()}. "
+            f"A text-only decoder of another type may work with --family {CAUSAL_LM.name}."
+        )
+    return found
+
+
+def _load_preprocessor(family: Family, source: str, hub_kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """(processor, tokenizer). Image-text processors are assembled from their image processor (PIL backend) and
+    tokenizer, without the video processor: video processors need torchvision, which savpack does not require,
+    and the PIL image processor is the one the torch-free runtime reproduces (docs/decisions.md).
+    """
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    tokenizer_kwargs = {key: value for key, value in hub_kwargs.items() if key != "trust_remote_code" or value}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    if not family.takes_images:
+        return tokenizer, tokenizer
+    processor_class = getattr(transformers, family.processor_class)
+    try:
+        image_processor = transformers.AutoImageProcessor.from_pretrained(source, backend="pil", **hub_kwargs)
+    except OSError:
+        raise ModelError(f"{source}: no image processor (preprocessor_config.json) found; a {family.name} model folder needs one") from None
+    processor_dict, init_kwargs = processor_class.get_processor_dict(source, **hub_kwargs)
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer}
+    args = [parts.get(name) for name in processor_class.get_attributes()]
+    # ProcessorMixin type-checks every part, and cannot resolve the video processor's base class without torchvision.
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        processor = processor_class.from_args_and_dict(args, processor_dict, **init_kwargs)
+    return processor, tokenizer
+
+
+def _grid_of(text_config: Any, model: str) -> tuple[int, int, int]:
+    try:
+        layers = int(text_config.num_hidden_layers)
+        heads = int(text_config.num_attention_heads)
+    except (AttributeError, TypeError):
+        raise ModelError(f"{model}: config lacks num_hidden_layers / num_attention_heads") from None
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return layers, heads, int(head_dim)
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int, name: str = "model") -> tuple[str, nn.ModuleList]:
+    """The language model's layer list: the shallowest ModuleList of `num_layers` outside vision/audio towers."""
+    candidates = [
+        (path, module) for path, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+        and not any(word in path.lower() for word in _NON_TEXT_WORDS)
+    ]
+    if not candidates:
+        raise ModelError(f"{name}: no list of {num_layers} decoder layers found outside the vision tower")
+    return min(candidates, key=lambda item: (item[0].count("."), item[0]))
+
+
+def find_attention_outputs(model: nn.Module, grid: tuple[int, int, int], name: str = "model") -> list[nn.Module]:
+    """Per decoder layer, the attention output projection (o_proj, c_proj, out_proj, dense): its input is the
+    concatenated per-head attention output. Found by structure: inside an attention block, not an MLP."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers_path, layers = find_decoder_layers(model, grid[0], name)
+    width = grid[1] * grid[2]
+    outputs = []
+    for index, layer in enumerate(layers):
+        found = []
+        for path, module in layer.named_modules():
+            parts = path.split(".")
+            if parts[-1] not in _OUTPUT_PROJECTION_NAMES or not isinstance(module, (nn.Linear, Conv1D)):
+                continue
+            if any(part in ("mlp", "ffn", "feed_forward", "intermediate") for part in parts):
+                continue
+            if any("attn" in part or "attention" in part for part in parts[:-1]):
+                found.append((path, module))
+        if len(found) != 1:
+            raise ModelError(
+                f"{name}: layer {layers_path}.{index} has {len(found)} attention output projections "
+                f"({[path for path, _ in found]}); expected exactly one"
+            )
+        path, module = found[0]
+        in_width = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+        if in_width != width:
+            raise ModelError(
+                f"{name}: {layers_path}.{index}.{path} takes {in_width} inputs, but the config's grid gives "
+                f"{grid[1]} heads x {grid[2]} head_dim = {width}"
+            )
+        outputs.append(module)
+    return outputs
+
+
+def _revision_of(config: Any, source: str, revision: str | None, gguf_file: str | None) -> str:
+    """The exact revision: the hub commit when the model came from a hub, else a fingerprint of the local files."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return commit
+    folder = Path(source)
+    if folder.is_dir():
+        return "sha256:" + folder_digest(folder, only=[gguf_file] if gguf_file else None)
+    return revision or "unknown"
+
+
+def folder_digest(folder: Path, only: list[str] | None = None) -> str:
+    """sha256 over the names, sizes and first and last MiB of the model files in a folder (not a full read)."""
+    hasher = hashlib.sha256()
+    names = only or sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for file_name in names:
+        path = folder / file_name
+        size = path.stat().st_size
+        hasher.update(f"{file_name}:{size}".encode())
+        with open(path, "rb") as handle:
+            hasher.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(-(1 << 20), os.SEEK_END)
+                hasher.update(handle.read())
+    return hasher.hexdigest()
+

@@ -1,0 +1,161 @@
+"""The builder's Python API: build a pack from a model and labelled examples, classify and evaluate with it."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from savpack_runtime import Pack
+from savpack_runtime import format as fmt
+from savpack_runtime.errors import ModelMismatchError
+from savpack_runtime.vote import Votes, classify_vectors
+
+from .classifier import DEFAULT_K, SavClassifier
+from .data import DIGEST_CHARS, Example, labels_of
+from .errors import BuildError, DataError
+from .extract import ActivationSet, Extraction, extract
+from .metrics import classification_report
+from .models import LoadedModel
+
+
+def producer_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import savpack_runtime
+
+    from . import __version__
+
+    versions = {"savpack": __version__, "savpack-runtime": savpack_runtime.__version__,
+                "torch": torch.__version__, "transformers": transformers.__version__}
+    commit = _source_commit()
+    if commit:
+        versions["savpack_commit"] = commit
+    return versions
+
+
+def _source_commit() -> str | None:
+    """The git commit of a development checkout of savpack (None for an installed release)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def prompt_metadata(loaded: LoadedModel, template: str, image_count: int) -> dict[str, Any]:
+    return {"template": template, "rendered": loaded.render_template(template, image_count),
+            "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256()}
+
+
+def extract_activations(loaded: LoadedModel, examples: Sequence[Example], template: str = fmt.TEXT_PLACEHOLDER,
+                        batch_size: int = 8, final_hidden: bool = False, progress: bool = True) -> ActivationSet:
+    """Every head's vector for labelled examples (one forward each, batched), with what a pack needs to record."""
+    if any(example.label is None for example in examples):
+        raise DataError("every example needs a label to build a pack")
+    image_counts = Counter(len(example.images) for example in examples)
+    extraction = extract(loaded, examples, template, heads=None, batch_size=batch_size, final_hidden=final_hidden, progress=progress)
+    return ActivationSet(
+        activations=extraction.vectors, labels=[example.label for example in examples], input_ids=extraction.input_ids,
+        model=loaded.model_metadata(), prompt=prompt_metadata(loaded, template, image_counts.most_common(1)[0][0]),
+        digests=[example.digest() for example in examples], sources=[example.source for example in examples],
+        final_hidden=extraction.final_hidden,
+    )
+
+
+def pack_from_activations(activations: ActivationSet, k: int | None = DEFAULT_K, scoring: str = "paper",
+                          vote: str = "majority", name: str | None = None, version: str | None = None,
+                          selection: dict[str, Any] | None = None) -> Pack:
+    """Select heads on extracted activations and make the pack (no model needed)."""
+    classifier = SavClassifier(k=k, scoring=scoring, vote=vote).fit(activations.activations, activations.labels)
+    train_accuracy = classifier.score(activations.activations, activations.labels)
+    return classifier.to_pack(
+        model=activations.model, prompt=activations.prompt, selection=selection or {},
+        metrics={"train_accuracy": round(train_accuracy, 6)}, name=name, version=version,
+        created_by=producer_versions(), dataset=activations.dataset,
+    )
+
+
+def check_pack_fits(pack: Pack, loaded: LoadedModel) -> None:
+    """Refuse a pack built for another model (family, grid, weights fingerprint) or rendered by another template."""
+    built_for = pack.model
+    if built_for["family"] != loaded.family.name or list(built_for["grid"]) != list(loaded.grid):
+        raise ModelMismatchError(
+            f"pack was built for {built_for['id']} ({built_for['family']}, grid {built_for['grid']}), "
+            f"not for {loaded.model_id} ({loaded.family.name}, grid {list(loaded.grid)})"
+        )
+    if built_for.get("fingerprint") and built_for["fingerprint"] != loaded.fingerprint():
+        raise ModelMismatchError(
+            f"pack was built for {built_for['id']} at revision {built_for.get('revision')}; the weights of "
+            f"{loaded.model_id} differ (fingerprint {loaded.fingerprint()[:12]} != {built_for['fingerprint'][:12]})"
+        )
+    prompt = pack.prompt
+    rendered = loaded.render_template(prompt["template"], prompt["image_count"])
+    if rendered != prompt["rendered"]:
+        raise ModelMismatchError(
+            f"{loaded.model_id} renders the pack's prompt differently from when the pack was built "
+            f"(chat template changed?): built {prompt['rendered']!r}, now {rendered!r}"
+        )
+
+
+@dataclass
+class Classification:
+    labels: list[str]  # predicted label per example
+    votes: Votes
+    extraction: Extraction
+
+    def records(self, pack: Pack) -> list[dict[str, Any]]:
+        """One JSON-ready result per example: label, votes and vote shares per class."""
+        return [
+            {"label": label,
+             "votes": {name: int(v) for name, v in zip(pack.labels, self.votes.votes[row])},
+             "shares": {name: round(float(s), 6) for name, s in zip(pack.labels, self.votes.shares[row])}}
+            for row, label in enumerate(self.labels)
+        ]
+
+
+def classify(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch_size: int = 8,
+             vote: str | None = None, progress: bool = True) -> Classification:
+    """Extract only the pack's heads (stopping after its deepest layer) and vote."""
+    check_pack_fits(pack, loaded)
+    extraction = extract(loaded, examples, pack.prompt["template"], heads=np.asarray(pack.heads),
+                         batch_size=batch_size, progress=progress)
+    votes = classify_vectors(extraction.vectors, pack.centroids, vote or pack.selection.get("vote", "majority"))
+    return Classification([pack.labels[i] for i in votes.predictions], votes, extraction)
+
+
+def held_out(pack: Pack, examples: Sequence[Example]) -> tuple[list[Example], int]:
+    """The examples the pack was not built from, and how many were dropped for being training examples."""
+    training = set(pack.dataset.get("example_digests", []))
+    kept = [example for example in examples if example.digest()[:DIGEST_CHARS] not in training]
+    return kept, len(examples) - len(kept)
+
+
+def evaluate(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch_size: int = 8,
+             vote: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix on held-out labelled examples."""
+    unknown = next((example for example in examples if example.label not in pack.labels), None)
+    if unknown is not None:
+        raise DataError(f"{unknown.source}: label {unknown.label!r} is not one of the pack's labels {list(pack.labels)}")
+    kept, dropped = held_out(pack, examples)
+    if not kept:
+        raise DataError(f"all {len(examples)} examples were used to build the pack; evaluate on held-out data")
+    result = classify(loaded, pack, kept, batch_size=batch_size, vote=vote, progress=progress)
+    report = classification_report([example.label for example in kept], result.labels, pack.labels)
+    report["skipped_training_examples"] = dropped
+    return report
+
+
+def require_classes(examples: Sequence[Example]) -> list[str]:
+    labels = labels_of(list(examples))
+    if len(labels) < 2:
+        raise BuildError(f"only one class ({labels[0]!r}) in the labelled data; a classifier needs at least 2")
+    return labels
