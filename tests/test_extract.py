@@ -1,0 +1,88 @@
+"""Extraction reads the right tensor at the right token, and computes nothing it does not need."""
+
+import numpy as np
+import pytest
+import torch
+
+from savpack.data import Example, load_examples
+from savpack.extract import extract, last_positions
+
+
+def test_last_positions_for_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+    assert last_positions(mask).tolist() == [3, 3, 1]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl"])
+def test_vectors_equal_the_full_models_attention_output(name, loaded_model, colour_task, text_task):
+    """Hook the unmodified full forward (with LM head): extract() must give the same per-head values."""
+    loaded = loaded_model(name)
+    examples = load_examples((colour_task if name == "qwen2_vl" else text_task)[0])[:3]
+    got = extract(loaded, examples, batch_size=3, progress=False).vectors  # (N, L, H, D)
+    layers, heads, head_dim = loaded.grid
+    for row, example in enumerate(examples):
+        from savpack_runtime.images import load_image
+
+        inputs = loaded.encode([loaded.render("{text}", example.text, len(example.images))],
+                               [[load_image(p) for p in example.images]])
+        seen = {}
+        handles = [module.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0][0, -1]))
+                   for i, module in enumerate(loaded.attention_outputs)]
+        with torch.no_grad():
+            loaded.model(**inputs)
+        for handle in handles:
+            handle.remove()
+        expected = torch.stack([seen[i] for i in range(layers)]).reshape(layers, heads, head_dim).numpy()
+        assert np.abs(got[row] - expected).max() < 1e-5
+
+
+def test_nothing_after_the_deepest_layer_runs(loaded_model, text_task):
+    loaded = loaded_model("qwen2")
+    examples = load_examples(text_task[0])[:2]
+    calls: list[str] = []
+    layers = loaded.model.model.layers
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(f"layer{i}")) for i, layer in enumerate(layers)]
+    handles.append(loaded.model.model.norm.register_forward_hook(lambda *a: calls.append("norm")))
+    handles.append(loaded.model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head")))
+    mlp_calls: list[int] = []
+    handles += [layer.mlp.register_forward_hook(lambda m, a, o, i=i: mlp_calls.append(i)) for i, layer in enumerate(layers)]
+    try:
+        extract(loaded, examples, heads=np.array([[1, 3], [0, 2]]), progress=False)
+        # layer 0 completes; layer 1 stops inside attention, before its MLP; layers 2, 3, norm, LM head never run
+        assert calls == ["layer0"] and mlp_calls == [0]
+        calls.clear(), mlp_calls.clear()
+        extract(loaded, examples, progress=False)  # all heads: stops in the last layer's attention
+        assert calls == ["layer0", "layer1", "layer2"] and "lm_head" not in calls
+        calls.clear()
+        extract(loaded, examples, final_hidden=True, progress=False)  # the hidden-state baselines need the norm
+        assert calls == ["layer0", "layer1", "layer2", "layer3", "norm"]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_chosen_heads_come_back_in_the_requested_order(loaded_model, text_task):
+    loaded = loaded_model("llama")
+    examples = load_examples(text_task[0])[:4]
+    everything = extract(loaded, examples, progress=False).vectors
+    heads = np.array([[2, 5], [0, 1], [2, 0], [1, 7]])
+    chosen = extract(loaded, examples, heads=heads, batch_size=3, progress=False).vectors
+    assert np.abs(chosen - everything[:, heads[:, 0], heads[:, 1]]).max() < 1e-5
+
+
+def test_input_ids_are_the_unpadded_tokens(loaded_model):
+    loaded = loaded_model("qwen2")
+    examples = [Example("red"), Example("the blue circle is big and the red square is small")]
+    result = extract(loaded, examples, batch_size=2, progress=False)
+    for example, ids in zip(examples, result.input_ids):
+        expected = loaded.tokenizer(loaded.render("{text}", example.text, 0), add_special_tokens=False)["input_ids"]
+        assert ids.tolist() == expected
+
+
+def test_too_long_text_is_refused_with_its_source(loaded_model):
+    from savpack.errors import DataError
+
+    loaded = loaded_model("qwen2")
+    example = Example(" ".join(["red"] * 1200), source="data.jsonl:7")
+    with pytest.raises(DataError, match=r"data.jsonl:7: prompt is \d+ tokens, longer than the model's context of 1024"):
+        extract(loaded, [example], progress=False)
