@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from savpack_runtime import files
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import PackError
-from savpack_runtime.images import load_image
+from savpack_runtime.images import check_image, load_image
 
 from .data import Example, dataset_summary
 from .errors import DataError
@@ -66,6 +66,8 @@ def extract(
     layers, num_heads, head_dim = loaded.grid
     needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
     deepest = max(needed)
+    for path in sorted({path for example in examples for path in example.images}):
+        check_image(path)  # fail before the first forward, not minutes into extraction
     rendered = [loaded.render(template, example.text, len(example.images)) for example in examples]
     # Similar lengths together: less padding, same results (tests check batched == one by one).
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].images), len(rendered[i])))

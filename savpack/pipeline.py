@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 
 from savpack_runtime import Pack
 from savpack_runtime import format as fmt
-from savpack_runtime.errors import ModelMismatchError
+from savpack_runtime.errors import ModelMismatchError, SavpackWarning
 from savpack_runtime.vote import Votes, classify_vectors
 
 from .classifier import DEFAULT_K, SavClassifier
@@ -96,6 +97,12 @@ def check_pack_fits(pack: Pack, loaded: LoadedModel) -> None:
         raise ModelMismatchError(
             f"pack was built for {built_for['id']} at revision {built_for.get('revision')}; the weights of "
             f"{loaded.model_id} differ (fingerprint {loaded.fingerprint()[:12]} != {built_for['fingerprint'][:12]})"
+        )
+    if (built_for["id"], built_for.get("revision")) != (loaded.model_id, loaded.revision):
+        warnings.warn(
+            f"pack was built from {built_for['id']} (revision {built_for.get('revision')}), the model loaded is "
+            f"{loaded.model_id} (revision {loaded.revision}); the weights' fingerprints match, so the pack applies",
+            SavpackWarning,
         )
     prompt = pack.prompt
     rendered = loaded.render_template(prompt["template"], prompt["image_count"])

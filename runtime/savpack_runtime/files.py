@@ -21,6 +21,7 @@ import numpy as np
 from . import format as fmt
 from .errors import OutputPathError, PackHeaderError, PackReadError, PackSizeError, PackTypeError
 
+MAX_RANK = 8  # numpy allows 64 dimensions; no savpack tensor has more than 4
 _NUMPY_TO_DTYPE = {np.dtype(v).newbyteorder("<") if v != "|u1" else np.dtype(v): k for k, v in fmt.DTYPES.items()}
 
 
@@ -45,7 +46,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
     A crash at any point leaves either the old file or the new one, never a mix.
     """
     path = check_output_path(path, force)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputPathError(f"{path}: cannot write in folder {path.parent}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -143,10 +147,10 @@ def loads(data: bytes | memoryview, path: object = None) -> tuple[dict[str, np.n
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise PackHeaderError(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets", path, name)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in fmt.DTYPES:
+        if not isinstance(dtype, str) or dtype not in fmt.DTYPES:
             raise PackTypeError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(fmt.DTYPES)}", path, name)
-        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
-            raise PackHeaderError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", path, name)
+        if not (isinstance(shape, list) and len(shape) <= MAX_RANK and all(type(n) is int and n >= 0 for n in shape)):
+            raise PackHeaderError(f"tensor {name!r}: shape {shape!r} is not a list of at most {MAX_RANK} non-negative integers", path, name)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets) and 0 <= offsets[0] <= offsets[1]):
             raise PackHeaderError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end", path, name)
         nbytes = math.prod(shape) * np.dtype(fmt.DTYPES[dtype]).itemsize

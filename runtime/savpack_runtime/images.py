@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +18,42 @@ MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image file as 8-bit RGB, upright as its EXIF orientation says; transparency is laid on white."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file does not exist")
+@contextmanager
+def _image_errors(path: Path):
+    """PIL's many failure types, as one InputError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise InputError(f"{path}: image declares {width}x{height} pixels, more than the limit of {max_pixels}")
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-    except InputError:
-        raise
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"{path}: image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file PIL can read (empty, corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: image is corrupt or truncated: {exc}") from None
+
+
+def check_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Cheap early check (header only): the file exists, PIL knows its format, its size is within the limit.
+
+    Returns (width, height). Damage further inside the file shows when load_image decodes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file does not exist")
+    with _image_errors(path), Image.open(path) as opened:
+        width, height = opened.size
+    if width * height > max_pixels:
+        raise InputError(f"{path}: image declares {width}x{height} pixels, more than the limit of {max_pixels}")
+    return width, height
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file as 8-bit RGB, upright as its EXIF orientation says; transparency is laid on white."""
+    check_image(path, max_pixels)  # before decoding: a bomb must not be decoded at all
+    with _image_errors(Path(path)), Image.open(path) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
     return to_rgb(image)
 
 
@@ -49,7 +64,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
