@@ -66,7 +66,11 @@ def test_unsupported_family_lists_the_supported_ones(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    # the hub client reads HF_HUB_OFFLINE once, at import; this machine has no network either way
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="cannot load model 'nobody/no-such-model'.*hub cannot be reached"):
         load_model("nobody/no-such-model", device="cpu")
 
