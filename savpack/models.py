@@ -80,6 +80,12 @@ class LoadedModel:
             return None
         return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
 
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether tokenising a rendered prompt adds the tokenizer's special tokens (BOS). A chat template already
+        holds them; image-text processors always call their tokenizer with them."""
+        return self.family.takes_images or self.chat_template is None
+
     def chat_template_sha256(self) -> str | None:
         template = self.chat_template
         return hashlib.sha256(template.encode()).hexdigest() if template else None
@@ -110,8 +116,7 @@ class LoadedModel:
                 raise ModelError("a batch mixes items with and without images; give every item an image or none")
             encoded = self.processor(text=prompts, images=images if has_images else None, padding=True, return_tensors="pt")
         else:
-            # A chat template already holds the special tokens (BOS); plain text gets the tokenizer's own.
-            encoded = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=self.chat_template is None)
+            encoded = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=self.add_special_tokens)
         inputs = {name: encoded[name] for name in self.family.forward_inputs if name in encoded}
         return {name: value.to(self.device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 

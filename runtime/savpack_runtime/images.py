@@ -58,14 +58,19 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB: 16-bit and float greys are scaled, alpha is composited on white."""
-    if image.mode == "RGB":
+    """Any PIL mode to 8-bit RGB: 16-bit and float greys are scaled, alpha is composited on white.
+
+    Transparency given as a key colour (`transparency` in the info of an RGB, L or P image) counts as alpha, as in the
+    Hugging Face image processors' convert_to_rgb: the runtime's preprocessing must see the picture the builder sees.
+    """
+    has_key_colour = image.info.get("transparency") is not None
+    if image.mode == "RGB" and not has_key_colour:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
         image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "L", "RGB") and has_key_colour:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")
