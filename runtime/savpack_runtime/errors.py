@@ -57,6 +57,11 @@ class InputError(SavpackError):
     """An item to classify is unusable: missing or broken image, empty text. The message names the file or field."""
 
 
+class PreprocessSpecError(SavpackError):
+    """A preprocessing spec (preprocess.json) or its tokenizer.json is missing, unreadable or invalid; the message
+    names the file and the field."""
+
+
 class OutputPathError(SavpackError):
     """An output path cannot be written: missing folder, not writable, or exists without --force."""
 

@@ -1,0 +1,241 @@
+"""Image preprocessing in numpy and PIL, equal to the Hugging Face image processors' PIL backend (transformers 5.23).
+
+Each family's class reproduces its transformers counterpart step by step: the same PIL resize of the 8-bit RGB
+picture, the same float64 rescale cast to float32, the same float32 normalisation, the same patch layout. The values
+are therefore the same bits, not only close. The fields are the preprocessing spec's `image` section
+(docs/preprocessing.md); the builder writes them from the model's processor, the runtime reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+PIL_RESAMPLING = (0, 1, 2, 3, 4, 5)  # nearest, lanczos, bilinear, bicubic, box, hamming: PIL's own numbers
+
+
+@dataclass(frozen=True)
+class PixelSteps:
+    """What every family does to pixels, and how its images appear in the prompt."""
+
+    image_token: str  # the placeholder the rendered prompt holds once per image
+    image_token_id: int
+    resample: int  # PIL resampling filter number
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        _require(self.resample in PIL_RESAMPLING, "resample", f"must be a PIL filter number {PIL_RESAMPLING}")
+        _require(len(self.image_mean) == 3, "image_mean", "must hold 3 values (R, G, B)")
+        _require(len(self.image_std) == 3 and all(s != 0 for s in self.image_std), "image_std", "must hold 3 non-zero values")
+
+    def resize(self, pixels: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+        """(H, W, 3) uint8 -> (height, width, 3) uint8 with PIL, as transformers' resize does."""
+        image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+        return np.asarray(image.resize((width, height), resample=self.resample))
+
+    def to_float(self, pixels: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (3, H, W) float32: rescaled in float64 then cast, normalised in float32."""
+        values = pixels.astype(np.float64) * self.rescale_factor if self.do_rescale else pixels
+        values = values.astype(np.float32)
+        if self.do_normalize:
+            values = (values - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return values.transpose(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class Qwen2VLImages(PixelSteps):
+    """Qwen2VLImageProcessorPil: resize so both sides are multiples of patch*merge within [min, max] pixels, cut into
+    patches; each image becomes grid_h*grid_w patch rows and grid_h*grid_w/merge^2 tokens."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+
+    MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses more
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels"):
+            _require(getattr(self, name) > 0, name, "must be positive")
+        _require(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels ({self.min_pixels})")
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """transformers' smart_resize, operation for operation (its float rounding decides the grid)."""
+        factor = self.patch_size * self.merge_size
+        h_bar = round(height / factor) * factor
+        w_bar = round(width / factor) * factor
+        if h_bar * w_bar > self.max_pixels:
+            beta = math.sqrt((height * width) / self.max_pixels)
+            h_bar = max(factor, math.floor(height / beta / factor) * factor)
+            w_bar = max(factor, math.floor(width / beta / factor) * factor)
+        elif h_bar * w_bar < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h_bar = math.ceil(height * beta / factor) * factor
+            w_bar = math.ceil(width * beta / factor) * factor
+        return h_bar, w_bar
+
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """RGB images per item -> ({pixel_values (patches, 3*T*P*P) float32, image_grid_thw (n, 3) int64},
+        image tokens per image in order)."""
+        patches, grids = [], []
+        for index, image in enumerate(image for item in images for image in item):
+            width, height = image.size
+            if max(height, width) / min(height, width) > self.MAX_ASPECT_RATIO:
+                raise InputError(
+                    f"image {index} ({width}x{height}): aspect ratio {max(height, width) / min(height, width):.0f} is "
+                    f"above the {self.MAX_ASPECT_RATIO} that Qwen2-VL accepts; crop it first"
+                )
+            resized = self.resize(image, *self.resized_size(height, width))
+            rows, grid_h, grid_w = self._patchify(self.to_float(resized))
+            patches.append(rows)
+            grids.append([1, grid_h, grid_w])
+        grid_thw = np.array(grids, dtype=np.int64).reshape(-1, 3)
+        tokens = [int(grid.prod()) // self.merge_size**2 for grid in grid_thw]
+        return {"pixel_values": np.concatenate(patches, axis=0), "image_grid_thw": grid_thw}, tokens
+
+    def _patchify(self, image: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(C, H, W) -> (grid_h*grid_w, C*T*P*P): merge windows together, each patch repeated T times in time."""
+        channels, height, width = image.shape
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        grid_h, grid_w = height // p, width // p
+        blocks = image.reshape(channels, grid_h // m, m, p, grid_w // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))  # (gh/m, gw/m, m, m, C, T, P, P)
+        return blocks.reshape(grid_h * grid_w, channels * t * p * p), grid_h, grid_w
+
+
+@dataclass(frozen=True)
+class LlavaOnevisionImages(PixelSteps):
+    """LlavaOnevisionImageProcessorPil + LlavaOnevisionProcessor's token count.
+
+    An item with one image is seen "anyres": a base view of the whole image plus the tiles of the image resized into
+    the best-fitting pinpoint resolution. Items with several images see each padded to a square, one view each.
+    """
+
+    size: tuple[int, int]  # (height, width) of every view
+    tile_size: int  # side of the tiles cut from the pinpoint resolution
+    image_grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width) resolutions
+    pad_color: tuple[int, int, int]  # background of multi-image squares (the image mean, as 8-bit values)
+    num_image_tokens: int  # features of one view
+    vision_feature_select_strategy: str  # "default" drops one feature (CLS), "full" keeps all
+    max_num_patches: int  # from vision_aspect_ratio "anyres_max_N"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(min(self.size) > 0 and self.tile_size > 0, "size", "must be positive")
+        _require(len(self.image_grid_pinpoints) > 0, "image_grid_pinpoints", "must not be empty")
+        _require(self.vision_feature_select_strategy in ("default", "full"), "vision_feature_select_strategy",
+                 "must be 'default' or 'full'")
+        _require(self.num_image_tokens > 0 and self.max_num_patches > 0, "num_image_tokens", "must be positive")
+
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """RGB images per item -> ({pixel_values (n, views, 3, H, W) float32, image_sizes (n, 2) int64,
+        batch_num_images (items,) int64}, image tokens per image in order)."""
+        views, sizes, tokens = [], [], []
+        for item in images:
+            for image in item:
+                width, height = image.size
+                if len(item) == 1:
+                    pictures = self._anyres_views(image)
+                    count = self._anyres_tokens(height, width)
+                else:
+                    pictures = [self._pad_to_square(np.asarray(image))]
+                    count = self.num_image_tokens + 1  # + the image newline
+                views.append(np.stack([self.to_float(self.resize(picture, *self.size)) for picture in pictures]))
+                sizes.append([height, width])
+                tokens.append(count - 1 if self.vision_feature_select_strategy == "default" else count)
+        most = max(len(stack) for stack in views)
+        padded = [np.pad(stack, ((0, most - len(stack)), (0, 0), (0, 0), (0, 0))) for stack in views]
+        inputs = {
+            "pixel_values": np.stack(padded),
+            "image_sizes": np.array(sizes, dtype=np.int64),
+            "batch_num_images": np.array([len(item) for item in images], dtype=np.int64),
+        }
+        return inputs, tokens
+
+    def _anyres_views(self, image: Image.Image) -> list[np.ndarray]:
+        """The whole image at `size`, then the tiles of it fitted (aspect kept, centred on black) into the best
+        pinpoint resolution, row by row. Each (h, w, 3) uint8."""
+        width, height = image.size
+        best = best_resolution((height, width), self.image_grid_pinpoints)
+        fitted = self.resize(image, *fitted_size(height, width, best))
+        # transformers measures the fitted image again before centring it; so does this.
+        new_height, new_width = fitted_size(fitted.shape[0], fitted.shape[1], best)
+        top, extra_y = divmod(best[0] - new_height, 2)
+        left, extra_x = divmod(best[1] - new_width, 2)
+        canvas = np.pad(fitted, ((top, top + extra_y), (left, left + extra_x), (0, 0)))
+        tile = self.tile_size
+        tiles = [canvas[y : y + tile, x : x + tile] for y in range(0, canvas.shape[0], tile)
+                 for x in range(0, canvas.shape[1], tile)]
+        return [self.resize(image, *self.size)] + tiles
+
+    def _pad_to_square(self, pixels: np.ndarray) -> np.ndarray:
+        height, width = pixels.shape[:2]
+        if height == width:
+            return pixels
+        side = max(height, width)
+        square = np.empty((side, side, 3), dtype=pixels.dtype)
+        square[:] = self.pad_color
+        if width > height:
+            start = (side - height) // 2
+            square[start : start + height] = pixels
+        else:
+            start = (side - width) // 2
+            square[:, start : start + width] = pixels
+        return square
+
+    def _anyres_tokens(self, height: int, width: int) -> int:
+        """LlavaOnevisionProcessor._get_number_of_features: base view + unpadded tiles + one newline per row."""
+        best_height, best_width = best_resolution((height, width), self.image_grid_pinpoints)
+        scale_height, scale_width = best_height // self.size[0], best_width // self.size[1]
+        side = int(math.sqrt(self.num_image_tokens))
+        current_height, current_width = side * scale_height, side * scale_width
+        if width / height > current_width / current_height:
+            new_height = int(round(height * (current_width / width), 7))
+            current_height -= (current_height - new_height) // 2 * 2
+        else:
+            new_width = int(round(width * (current_height / height), 7))
+            current_width -= (current_width - new_width) // 2 * 2
+        unpadded, newlines = current_height * current_width, current_height
+        ratio = math.sqrt(current_height * current_width / (self.max_num_patches * side**2))
+        if ratio > 1.1:
+            unpadded = int(current_height // ratio) * int(current_width // ratio)
+            newlines = int(current_height // ratio)
+        return unpadded + newlines + self.num_image_tokens
+
+
+def best_resolution(size: tuple[int, int], resolutions: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """transformers' select_best_resolution: most of the image kept, then least area wasted. (height, width)."""
+    height, width = size
+    best, most_kept, least_wasted = resolutions[0], 0, float("inf")
+    for res_height, res_width in resolutions:
+        scale = min(res_width / width, res_height / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = res_width * res_height - kept
+        if kept > most_kept or (kept == most_kept and wasted < least_wasted):
+            best, most_kept, least_wasted = (res_height, res_width), kept, wasted
+    return best
+
+
+def fitted_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """transformers' get_patch_output_size: the (height, width) of an image scaled to fit `target`, aspect kept."""
+    target_height, target_width = target
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
