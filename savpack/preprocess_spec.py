@@ -1,0 +1,235 @@
+"""Write what the torch-free runtime needs to feed a model exactly as the builder does: tokenizer.json and the
+preprocessing spec (preprocess.json, read by savpack_runtime.preprocess.Preprocessor; fields in docs/preprocessing.md).
+
+The spec is read off the loaded model's own processor, then checked before anything is written: the runtime,
+given the spec, must render the builder's prompts character for character and encode a probe batch to the builder's
+tensors. A model whose preprocessing the runtime cannot reproduce is refused with the reason, not exported wrongly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from savpack_runtime import files
+from savpack_runtime import format as fmt
+from savpack_runtime.errors import PreprocessSpecError, SavpackError
+from savpack_runtime.image_processing import LlavaOnevisionImages, PixelSteps, Qwen2VLImages
+from savpack_runtime.preprocess import SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TOKENIZER_FILE, Preprocessor, RenderRule, TextRule
+
+from .errors import ExportError
+from .models import LoadedModel
+
+PROBE_TEXTS = ("a red circle", "", "  spaced  out  ", "two\nlines, {braces} and émojis 🙂")
+PROBE_IMAGE_COUNTS = 4  # the render rule must hold for 0..4 images
+PIXEL_TOLERANCE = 1e-5
+
+
+def write_preprocessing(loaded: LoadedModel, prompt: dict[str, Any], folder: str | Path, force: bool = False) -> dict[str, Any]:
+    """Write `tokenizer.json` and `preprocess.json` into `folder` (atomically, the spec last) and return the spec.
+
+    `prompt` is the pack's prompt (savpack_runtime.format.PROMPT_FIELDS). Raises ExportError when the runtime could
+    not reproduce this model's preprocessing, OutputPathError when a file exists and `force` is False.
+    """
+    folder = Path(folder)
+    spec = preprocessing_spec(loaded, prompt)
+    tokenizer_text = tokenizer_json(loaded)
+    try:
+        preprocessor = Preprocessor.from_spec(spec, Tokenizer.from_str(tokenizer_text), where="the spec written")
+    except PreprocessSpecError as exc:
+        raise ExportError(f"{loaded.model_id}: preprocessing spec is invalid: {exc}") from None
+    problems = check_reproduced(loaded, preprocessor)
+    if problems:
+        raise ExportError(f"{loaded.model_id}: the runtime would not preprocess as the builder does:\n  " + "\n  ".join(problems))
+    spec_text = json.dumps(spec, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    for name in (TOKENIZER_FILE, SPEC_FILE):
+        files.check_output_path(folder / name, force)
+    files.atomic_write(folder / TOKENIZER_FILE, lambda handle: handle.write(tokenizer_text.encode("utf-8")), force)
+    files.atomic_write(folder / SPEC_FILE, lambda handle: handle.write(spec_text.encode("utf-8")), force)
+    return spec
+
+
+def preprocessing_spec(loaded: LoadedModel, prompt: dict[str, Any]) -> dict[str, Any]:
+    """The spec as a JSON-ready dict (lists, not tuples: as it reads back from the file)."""
+    missing = [name for name in fmt.PROMPT_FIELDS if name not in prompt]
+    if missing:
+        raise ExportError(f"the pack's prompt lacks field(s) {missing}")
+    images = image_rule(loaded.family.name, loaded.processor) if loaded.family.takes_images else None
+    text = TextRule(
+        add_special_tokens=loaded.add_special_tokens, pad_id=int(loaded.tokenizer.pad_token_id),
+        padding_side=loaded.tokenizer.padding_side, max_positions=loaded.max_positions,
+        mm_token_types=_mm_token_types(loaded.processor) if "mm_token_type_ids" in loaded.family.forward_inputs else None,
+    )
+    spec = {
+        "format": SPEC_FORMAT,
+        "format_version": SPEC_VERSION,
+        "family": loaded.family.name,
+        "prompt": {name: prompt[name] for name in fmt.PROMPT_FIELDS},
+        "render": asdict(render_rule(loaded, prompt["template"])),
+        "text": asdict(text),
+        "image": asdict(images) if images is not None else None,
+    }
+    return json.loads(json.dumps(spec))
+
+
+def tokenizer_json(loaded: LoadedModel) -> str:
+    """The tokenizer the builder really uses (its backend, after transformers rebuilt any part of it), without the
+    padding and truncation state a previous call left in it: the runtime pads by itself."""
+    backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"{loaded.model_id}: tokenizer {type(loaded.tokenizer).__name__} is not a fast (tokenizers) "
+                          "tokenizer; the runtime needs a tokenizer.json")
+    clean = Tokenizer.from_str(backend.to_str())
+    clean.no_padding()
+    clean.no_truncation()
+    return clean.to_str()
+
+
+def render_rule(loaded: LoadedModel, template: str) -> RenderRule:
+    """Find `before + image * n + after` in the builder's renderings for 0..4 images."""
+    if not loaded.family.takes_images or loaded.chat_template is None:
+        # Text-only families ignore images; without a chat template there is nowhere to put them.
+        return RenderRule("", "", loaded.render_template(template, 0), max_images=0)
+    renders = [loaded.render_template(template, count) for count in range(PROBE_IMAGE_COUNTS + 1)]
+    step = len(renders[2]) - len(renders[1])
+    # Of equivalent cuts, the last: "<image>\n" reads better than "\n<image>".
+    for cut in reversed(range(len(renders[1]) - step + 1)) if step > 0 else ():
+        before, image, after = renders[1][:cut], renders[1][cut : cut + step], renders[1][cut + step :]
+        if all(rendered == before + image * count + after for count, rendered in enumerate(renders)):
+            return RenderRule(before, image, after, max_images=None)
+    raise ExportError(
+        f"{loaded.model_id}: its chat template does not render n images as one block repeated n times "
+        f"(renderings for 0..{PROBE_IMAGE_COUNTS} images: {renders}); the runtime cannot reproduce it"
+    )
+
+
+def image_rule(family: str, processor: Any) -> PixelSteps:
+    """The family's image section, read off a transformers processor (PIL backend image processor inside)."""
+    image_processor = processor.image_processor
+    if not image_processor.do_resize:
+        raise ExportError("image processor has do_resize=False; the runtime reproduces resizing processors only")
+    common = dict(
+        image_token=processor.image_token, image_token_id=int(processor.image_token_id),
+        # The PIL backend falls back to bilinear when no filter is set.
+        resample=int(image_processor.resample) if image_processor.resample is not None else int(Image.Resampling.BILINEAR),
+        do_rescale=bool(image_processor.do_rescale), rescale_factor=float(image_processor.rescale_factor),
+        do_normalize=bool(image_processor.do_normalize),
+        image_mean=_three(image_processor.image_mean), image_std=_three(image_processor.image_std),
+    )
+    if family == "qwen2_vl":
+        return Qwen2VLImages(
+            **common, min_pixels=int(image_processor.size["shortest_edge"]), max_pixels=int(image_processor.size["longest_edge"]),
+            patch_size=int(image_processor.patch_size), temporal_patch_size=int(image_processor.temporal_patch_size),
+            merge_size=int(image_processor.merge_size),
+        )
+    if family == "llava_onevision":
+        return _llava_onevision_rule(processor, common)
+    raise ExportError(f"family {family!r}: the runtime has no image preprocessing for it")
+
+
+def _llava_onevision_rule(processor: Any, common: dict[str, Any]) -> LlavaOnevisionImages:
+    image_processor = processor.image_processor
+    size, crop = image_processor.size, image_processor.crop_size
+    if not (size.height and size.width):
+        raise ExportError(f"image processor size {dict(size)} has no height and width; the runtime needs both")
+    if image_processor.do_center_crop:
+        raise ExportError("image processor has do_center_crop=True; the runtime does not reproduce center cropping")
+    if not processor.num_image_tokens:
+        raise ExportError("processor has no num_image_tokens (processor_config.json); image token counts are unknown")
+    return LlavaOnevisionImages(
+        **common, size=(int(size.height), int(size.width)),
+        # As transformers: tiles take the crop size when one is set, else the view size.
+        tile_size=int(crop.height if crop and crop.height else size.height),
+        image_grid_pinpoints=tuple((int(h), int(w)) for h, w in image_processor.image_grid_pinpoints),
+        # transformers pads multi-image squares with the processor's mean as truncated 8-bit values.
+        pad_color=tuple(int(value * 255) for value in _three(image_processor.image_mean)),
+        num_image_tokens=int(processor.num_image_tokens),
+        vision_feature_select_strategy="default" if processor.vision_feature_select_strategy == "default" else "full",
+        max_num_patches=int(processor.vision_aspect_ratio.strip("anyres_max_")),
+    )
+
+
+def _mm_token_types(processor: Any) -> tuple[tuple[int, int], ...]:
+    """ProcessorMixin.create_mm_token_type_ids: 1 for image, 2 for video, 3 for audio tokens."""
+    pairs = []
+    for kind, ids in ((1, processor.image_token_ids), (2, processor.video_token_ids), (3, processor.audio_token_ids)):
+        pairs += [(int(token_id), kind) for token_id in ids if token_id is not None]
+    return tuple(pairs)
+
+
+def _three(value: Any) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, numbers.Number) else list(value)
+    if len(values) != 3:
+        raise ExportError(f"image mean/std {value!r}: expected one value or three (R, G, B)")
+    return tuple(float(v) for v in values)
+
+
+# -- checking the spec against the builder --------------------------------------------------------------------------
+
+def check_reproduced(loaded: LoadedModel, preprocessor: Preprocessor) -> list[str]:
+    """Every difference between the builder and the runtime on probe prompts and a probe batch (empty: none)."""
+    template = preprocessor.prompt["template"]
+    limit = preprocessor.render_rule.max_images
+    # The probes compare preprocessing, not context length (a small-context model may still take large images).
+    preprocessor = dataclasses.replace(preprocessor, text=dataclasses.replace(preprocessor.text, max_positions=None))
+    counts = range(PROBE_IMAGE_COUNTS + 1) if limit is None else range(limit + 1)
+    problems = []
+    for count in counts:
+        for text in PROBE_TEXTS:
+            built, ran = loaded.render(template, text, count), preprocessor.render(text, count)
+            if built != ran:
+                problems.append(f"render({text!r}, {count} images): builder {built!r}, runtime {ran!r}")
+    batches = [([], [])]
+    if limit is None:
+        batches.append(([probe_image(70, 45, 1)], [probe_image(33, 120, 2)]))
+    for images in batches:
+        prompts = [loaded.render(template, text, len(item)) for text, item in zip(PROBE_TEXTS[:2], images)]
+        try:
+            ran = preprocessor.encode(prompts, list(images))
+        except SavpackError as exc:
+            problems.append(f"encode failed in the runtime: {exc}")
+            continue
+        problems += input_differences(builder_inputs(loaded, prompts, list(images)), ran)
+    return problems
+
+
+def builder_inputs(loaded: LoadedModel, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, np.ndarray]:
+    """LoadedModel.encode as numpy arrays."""
+    encoded = loaded.encode(prompts, images)
+    return {name: value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value) for name, value in encoded.items()}
+
+
+def input_differences(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], tolerance: float = PIXEL_TOLERANCE) -> list[str]:
+    """Names, dtypes and shapes must agree; integers exactly, floats within `tolerance`."""
+    if list(expected) != list(actual):
+        return [f"inputs are {list(actual)}, expected {list(expected)}"]
+    problems = []
+    for name, want in expected.items():
+        got = actual[name]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            problems.append(f"{name}: {got.dtype} {got.shape}, expected {want.dtype} {want.shape}")
+        elif np.issubdtype(want.dtype, np.floating):
+            worst = float(np.max(np.abs(got - want), initial=0.0))
+            if not worst <= tolerance:
+                problems.append(f"{name}: differs by up to {worst:.3g} (tolerance {tolerance})")
+        elif not np.array_equal(got, want):
+            problems.append(f"{name}: {int((got != want).sum())} value(s) differ")
+    return problems
+
+
+def probe_image(width: int, height: int, seed: int) -> Image.Image:
+    """A deterministic RGB picture with detail at every scale (noise over gradients), so resizing is exercised."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
+    noise = rng.integers(-40, 41, size=(height, width, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
