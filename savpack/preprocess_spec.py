@@ -210,8 +210,8 @@ def builder_inputs(loaded: LoadedModel, prompts: list[str], images: list[list[Im
 
 def input_differences(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], tolerance: float = PIXEL_TOLERANCE) -> list[str]:
     """Names, dtypes and shapes must agree; integers exactly, floats within `tolerance`."""
-    if list(expected) != list(actual):
-        return [f"inputs are {list(actual)}, expected {list(expected)}"]
+    if sorted(expected) != sorted(actual):
+        return [f"inputs are {sorted(actual)}, expected {sorted(expected)}"]
     problems = []
     for name, want in expected.items():
         got = actual[name]

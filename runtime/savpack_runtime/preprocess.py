@@ -131,8 +131,8 @@ class Preprocessor:
                 f"not image.image_token_id {token_id}"
             )
         rule = self.render_rule
-        if rule.image.count(token) != 1 or token in rule.before_images or token in rule.after_images:
-            raise PreprocessSpecError(f"{where}: render.image must hold the image token {token!r} once, and only it")
+        if token in rule.before_images or token in rule.after_images or (rule.max_images != 0 and rule.image.count(token) != 1):
+            raise PreprocessSpecError(f"{where}: the image token {token!r} must stand once in render.image and nowhere else")
 
     def render(self, text: str, image_count: int) -> str:
         """The full prompt string for one item, as the builder renders it (chat template included)."""
@@ -164,6 +164,9 @@ class Preprocessor:
         inputs: dict[str, np.ndarray] = {}
         expanded = list(prompts)
         if any(with_images):
+            for index, item in enumerate(images):
+                if not all(isinstance(image, Image.Image) for image in item):
+                    raise InputError(f"item {index}: images must be PIL images (open files with savpack_runtime.images.load_image)")
             rgb = [[to_rgb(image) for image in item] for item in images]
             inputs, tokens_per_image = self.images.process(rgb)
             expanded = self._expand_placeholders(prompts, [len(item) for item in images], tokens_per_image)

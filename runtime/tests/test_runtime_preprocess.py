@@ -179,6 +179,8 @@ def test_placeholders_must_match_the_images(tmp_path):
         runtime.encode([runtime.render("red", 1), runtime.render("red", 0)], [[gradient(9, 9)], []])
     with pytest.raises(InputError, match="holds 1 image placeholder"):
         runtime.encode(["<image> typed by a user"])
+    with pytest.raises(InputError, match="item 0: images must be PIL images"):
+        runtime.encode([runtime.render("red", 1)], [[np.zeros((9, 9, 3), np.uint8)]])
 
 
 # -- the spec ------------------------------------------------------------------------------------------------------
@@ -194,6 +196,12 @@ def _set(path: str, value):
         else:
             target[last] = value
     return change
+
+
+def _token_outside_the_image_block(spec: dict) -> None:
+    render = spec["render"]
+    render["before_images"] += " <|image_pad|>"
+    spec["prompt"]["rendered"] = render["before_images"] + render["image"] + render["after_images"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -212,7 +220,8 @@ def _set(path: str, value):
     (_set("image.max_pixels", 10), r"image.max_pixels: must be >= min_pixels"),
     (_set("image", None), "image must be an object"),
     (_set("render.after_images", " changed"), "render does not reproduce prompt.rendered"),
-    (_set("render.image", " <|image_pad|> <|image_pad|>"), "render does not reproduce|image token"),
+    (_set("render.image", " <|image_pad|> <|image_pad|>"), "render does not reproduce prompt.rendered"),
+    (_token_outside_the_image_block, r"image token '<\|image_pad\|>' must stand once in render.image"),
     (_set("prompt", {"template": "x"}), "prompt must be an object with fields"),
 ])
 def test_invalid_specs_are_refused_naming_the_field(change, message, tmp_path):
