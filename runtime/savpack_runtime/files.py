@@ -51,6 +51,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
     except OSError as exc:
         raise OutputPathError(f"{path}: cannot write in folder {path.parent}: {exc.strerror or exc}") from None
     try:
+        # mkstemp creates the file readable by its owner only; a written file gets the usual umask permissions.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -61,6 +63,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:

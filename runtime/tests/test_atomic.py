@@ -68,3 +68,14 @@ def test_unwritable_folder_is_a_named_error(tmp_path):
     file_as_folder.write_text("x")
     with pytest.raises(OutputPathError, match="does not exist"):
         files.atomic_write(file_as_folder / "out.bin", lambda handle: handle.write(b"x"))
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        path = files.atomic_write(tmp_path / "out.bin", lambda handle: handle.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
