@@ -197,21 +197,18 @@ def _check_model(result: Verification, pack: Pack, load_model: Callable[[], Any]
     except SavpackError as exc:
         result.add("model", FAIL, str(exc))
         return
-    try:
-        check_pack_fits(pack, loaded)
-    except ModelMismatchError as exc:
-        result.add("model", FAIL, str(exc))
-    else:
-        result.add("model", PASS, f"{loaded.model_id} fits: family {loaded.family.name}, grid {list(loaded.grid)}, "
-                                  "weights fingerprint and prompt rendering match")
-    built = pack.model
-    if (built["id"], built.get("revision")) == (loaded.model_id, loaded.revision):
-        result.add("model identity", PASS, f"id {built['id']}, revision {built.get('revision')}")
-    else:
-        # The fingerprint decides whether the weights fit; another id or revision (a local copy, a re-tagged commit)
-        # deserves attention but is not a failure by itself.
-        result.add("model identity", WARN, f"pack built from {built['id']} at revision {built.get('revision')}; "
-                                           f"given {loaded.model_id} at revision {loaded.revision}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SavpackWarning)
+        try:
+            check_pack_fits(pack, loaded)
+        except ModelMismatchError as exc:
+            result.add("model", FAIL, str(exc))
+            return
+    # check_pack_fits warns when the weights match under another id or revision (a local copy of a hub model).
+    notes = [str(warning.message) for warning in caught if issubclass(warning.category, SavpackWarning)]
+    result.add("model", WARN if notes else PASS, "; ".join(notes) or
+               f"{loaded.model_id} at revision {loaded.revision} fits: family {loaded.family.name}, grid "
+               f"{list(loaded.grid)}, weights fingerprint and prompt rendering match")
 
 
 # -- held-out metrics --------------------------------------------------------------------------------------------

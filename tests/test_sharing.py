@@ -194,6 +194,20 @@ def test_verify_with_another_model_fails_naming_both(tmp_path, model_dir, text_t
     assert "FAIL  model" in result.output and "FAILED: model" in result.output
 
 
+def test_verify_with_a_copy_of_the_model_warns_but_passes(tmp_path, model_dir, text_task):
+    import shutil
+
+    train, _ = text_task
+    pack_path = tmp_path / "p.safetensors"
+    cli("build", "--model", model_dir("qwen2"), "--data", train, "--out", pack_path, "--k", "3")
+    copy = shutil.copytree(model_dir("qwen2"), tmp_path / "copy")
+    result = json.loads(cli("verify", pack_path, "--model", copy, "--json").stdout)
+    model = next(check for check in result["checks"] if check["name"] == "model")
+    assert result["ok"] and model["status"] == "warn" and "fingerprints match" in model["detail"]
+    identity = next(check for check in result["checks"] if check["name"] == "identity")
+    assert identity["status"] == "warn" and "no name" in identity["detail"]
+
+
 def test_record_refuses_a_vote_override(tmp_path):
     path = write_pack(tmp_path)
     result = cli("eval", "--pack", path, "--model", "x", "--data", "y", "--vote", "cosine", "--record", ok=False)
