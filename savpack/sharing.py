@@ -376,7 +376,8 @@ class FolderRegistry:
             return cls(root)
         if any((parent / INDEX_FILE).is_file() for parent in root.parents):
             raise SharingError(f"{ref}: is inside a registry; push to the registry root (the folder holding {INDEX_FILE})")
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        # Hidden entries do not count: the lock and temporary files of a registry another push is creating right now.
+        if root.exists() and (not root.is_dir() or any(not entry.name.startswith(".") for entry in root.iterdir())):
             raise SharingError(f"{ref}: {root} exists and is not a savpack registry (no {INDEX_FILE}); use a new or empty folder")
         if not root.parent.is_dir():
             raise SharingError(f"{ref}: folder {root.parent} does not exist")

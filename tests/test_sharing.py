@@ -299,14 +299,12 @@ def test_registry_lock_serialises_pushes(tmp_path):
 
 
 def test_concurrent_pushes_from_processes_lose_nothing(tmp_path):
-    registry = tmp_path / "registry"
-    FolderRegistry.create_or_open(RegistryRef(registry))
+    registry = tmp_path / "registry"  # created by whichever push comes first
     workers, per_worker = 4, 5
     batches = [[write_pack(tmp_path, name=f"team/p{worker}", version=f"1.{index}.0", seed=worker * 10 + index)
                 for index in range(per_worker)] for worker in range(workers)]
-    code = ("import sys; from pathlib import Path; from savpack.sharing import FolderRegistry; "
-            "r = FolderRegistry(Path(sys.argv[1])); [r.push(p) for p in sys.argv[2:]]")
-    processes = [subprocess.Popen([sys.executable, "-c", code, str(registry), *map(str, batch)]) for batch in batches]
+    code = "import sys; from savpack.sharing import push; [push(p, sys.argv[1], card=str) for p in sys.argv[2:]]"
+    processes = [subprocess.Popen([sys.executable, "-c", code, registry.as_uri(), *map(str, batch)]) for batch in batches]
     assert [process.wait(120) for process in processes] == [0] * workers
 
     index = json.loads((registry / "index.json").read_text())
