@@ -1,4 +1,4 @@
-"""The savpack command line: extract, build, classify, eval, inspect, demo."""
+"""The savpack command line: extract, build, classify, eval, inspect, demo, and sharing: card, verify, push, pull, list."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from savpack_runtime.files import check_output_path
 from . import __version__
 from .classifier import DEFAULT_K
 from .selection import SCORINGS
+from .versions import check_name, check_version
 
 
 class SavpackGroup(click.Group):
@@ -142,8 +143,10 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
 @prompt_option
 @shots_option
 @seed_option
-@click.option("--name", default=None, help="Pack name (e.g. team/safety-classifier).")
-@click.option("--version", "pack_version", default=None, help="Pack version (semantic versioning, e.g. 1.0.0).")
+@click.option("--name", default=None, callback=lambda ctx, param, value: _identity(check_name, value, param),
+              help="Pack name (e.g. team/safety-classifier).")
+@click.option("--version", "pack_version", default=None, callback=lambda ctx, param, value: _identity(check_version, value, param),
+              help="Pack version (semantic versioning, e.g. 1.0.0).")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the pack summary as JSON.")
 def build(data: str | None, activations: str | None, out: str, k: str, scoring: str, vote: str, prompt: str,
@@ -175,6 +178,16 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
                                  version=pack_version, selection=selection)
     pack.save(out, force=force)
     _print_summary(pack, out, as_json)
+
+
+def _identity(check: Callable[[str], str], value: str | None, param: click.Parameter) -> str | None:
+    """Validate --name / --version before any model runs."""
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except SavpackError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
 
 
 def _parse_k(value: str) -> int | None:
@@ -216,11 +229,15 @@ def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None
 @click.option("--data", required=True, help="Labelled held-out data; examples the pack was built from are skipped.")
 @click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def evaluate(pack_path: str, data: str, vote: str | None, as_json: bool, **params: Any) -> None:
+@click.option("--record", is_flag=True, help="Store the held-out metrics in the pack (atomic rewrite: a new content hash).")
+def evaluate(pack_path: str, data: str, vote: str | None, as_json: bool, record: bool, **params: Any) -> None:
     """Accuracy, per-class accuracy and the confusion matrix on held-out labelled data."""
     from .pipeline import evaluate as run_evaluate
 
     pack = _load_pack(pack_path)
+    if record and vote not in (None, pack.selection.get("vote", "majority")):
+        raise click.UsageError(f"--record stores metrics of the pack as shipped; drop --vote {vote} (the pack votes "
+                               f"{pack.selection.get('vote', 'majority')})")
     examples = _examples(data)
     batch_size = params.pop("batch_size")
     report = run_evaluate(_load(params), pack, examples, batch_size=batch_size, vote=vote)
@@ -228,6 +245,11 @@ def evaluate(pack_path: str, data: str, vote: str | None, as_json: bool, **param
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         click.echo(format_report(report))
+    if record:
+        from .sharing import record_held_out
+
+        _, digest = record_held_out(pack_path, pack, report, examples)
+        click.echo(f"recorded held-out metrics in {pack_path} (sha256 {digest})", err=True)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -303,6 +325,116 @@ def demo(workdir: str | None) -> None:
     from .demo import run_demo
 
     run_demo(Path(workdir) if workdir else None)
+
+
+# -- sharing: card, verify, push, pull, list (logic in savpack/sharing.py and savpack/card.py) ----------------------
+
+@main.command()
+@click.argument("pack_path", metavar="PACK")
+@click.option("--out", default=None, help="Card file to write (default: README.md beside the pack; '-' prints it).")
+@click.option("--license", "license_id", default=None, help="License id for the hub metadata (e.g. apache-2.0, mit).")
+@click.option("--image", default=None, help="Head map picture (file or URL) to show in the card.")
+@force_option
+def card(pack_path: str, out: str | None, license_id: str | None, image: str | None, force: bool) -> None:
+    """Write a model card (README.md) for a pack: hub metadata, labels, model, metrics, heads, usage, limitations."""
+    from savpack_runtime.files import atomic_write
+
+    from .card import image_link, render_card
+    from .sharing import read_pack, sha256_hex
+
+    data, pack = read_pack(pack_path)
+    target = None if out == "-" else Path(out) if out else Path(pack_path).parent / "README.md"
+    if target is not None:
+        check_output_path(target, force)
+    if image is not None and "://" not in image and not Path(image).is_file():
+        raise click.BadParameter(f"{image}: file does not exist", param_hint="--image")
+    text = render_card(pack, sha256_hex(data), Path(pack_path).name, license=license_id,
+                       image=image_link(image, target) if image else None)
+    if target is None:
+        click.echo(text, nl=False)
+        return
+    atomic_write(target, lambda handle: handle.write(text.encode()), force)
+    click.echo(f"wrote {target}", err=True)
+
+
+@main.command()
+@click.argument("pack_path", metavar="PACK")
+@model_options(required=False)
+@click.option("--sha256", "expected", default=None, help="Expected sha256 of the file (default: from PACK.sha256 beside it, if any).")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def verify(pack_path: str, expected: str | None, as_json: bool, **params: Any) -> None:
+    """Check a pack: integrity (sha256), format version, validity, identity and, with --model, that the model fits.
+
+    Exits 1 when a check fails."""
+    from .sharing import verify_pack
+
+    params.pop("batch_size")
+    result = verify_pack(pack_path, expected, load_model=(lambda: _load(params)) if params["model"] else None)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        width = max(len(check.name) for check in result.checks)
+        for check in result.checks:
+            click.echo(f"{check.status.upper():<5} {check.name:<{width}}  {check.detail}")
+        click.echo(f"{pack_path}: {result.verdict}")
+    if not result.ok:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("pack_path", metavar="PACK")
+@click.argument("target", metavar="REPO")
+@click.option("--license", "license_id", default=None, help="License id for the card pushed to a hub.")
+@click.option("--private", is_flag=True, help="Create the hub repository as private.")
+@click.option("--force", is_flag=True, help="Replace an existing name@version that holds other bytes.")
+def push(pack_path: str, target: str, license_id: str | None, private: bool, force: bool) -> None:
+    """Publish a pack: to a folder registry (file:///path/registry) or a hub repository (ORG/REPO).
+
+    A hub push is one commit (pack, savpack.json manifest, card) tagged with the pack's version."""
+    from .card import render_card
+    from .sharing import HUB_PACK_FILE, push as run_push, read_pack, sha256_hex
+
+    def hub_card() -> str:
+        data, pack = read_pack(pack_path)
+        return render_card(pack, sha256_hex(data), HUB_PACK_FILE, license=license_id)
+
+    result = run_push(pack_path, target, hub_card, private=private, force=force)
+    click.echo(f"{result.status}: {result.name}@{result.version} in {result.where} (sha256 {result.sha256})")
+
+
+@main.command()
+@click.argument("source", metavar="REF")
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False), help="Folder to write the pack into.")
+@click.option("--force", is_flag=True, help="Replace a different file of the same name in --out.")
+def pull(source: str, out_dir: str, force: bool) -> None:
+    """Fetch a pack and verify it (sha256 and reader) before writing it and its PACK.sha256 sidecar into --out.
+
+    REF: file:///path/registry/NAME[@VERSION|@latest] or ORG/REPO[@REVISION|@latest]."""
+    from .sharing import pull as run_pull
+
+    result = run_pull(source, out_dir, force=force)
+    click.echo(f"pulled {result.name}@{result.version} -> {result.path} (sha256 {result.sha256})")
+
+
+@main.command(name="list")
+@click.argument("source", metavar="REF")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def list_command(source: str, as_json: bool) -> None:
+    """List the packs of a folder registry (file:///path/registry[/NAME]) or the versions of a hub repository."""
+    from .sharing import list_packs
+
+    rows = list_packs(source)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo(f"{source}: no packs")
+        return
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        detail = row.get("sha256", row.get("commit", ""))[:12]
+        labels = ", ".join(row.get("labels", []))
+        click.echo(f"{row['name']:<{width}}  {row['version']:<12} {'latest' if row['latest'] else '      '}  {detail}  {labels}".rstrip())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,3 +19,11 @@ class ExportError(SavpackError):
 
 class BuildError(SavpackError):
     """Head selection cannot run with these settings (k, scoring, classes)."""
+
+
+class IdentityError(SavpackError):
+    """A pack name or version is malformed, or a pack lacks the name and version sharing needs."""
+
+
+class SharingError(SavpackError):
+    """A registry or hub reference is malformed, or a push, pull or list failed. The message names the reference."""

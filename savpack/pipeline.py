@@ -22,6 +22,7 @@ from .errors import BuildError, DataError
 from .extract import ActivationSet, Extraction, extract
 from .metrics import classification_report
 from .models import LoadedModel
+from .versions import check_name, check_version
 
 
 def producer_versions() -> dict[str, str]:
@@ -76,6 +77,10 @@ def pack_from_activations(activations: ActivationSet, k: int | None = DEFAULT_K,
                           vote: str = "majority", name: str | None = None, version: str | None = None,
                           selection: dict[str, Any] | None = None) -> Pack:
     """Select heads on extracted activations and make the pack (no model needed)."""
+    if name is not None:
+        check_name(name)
+    if version is not None:
+        check_version(version)
     classifier = SavClassifier(k=k, scoring=scoring, vote=vote).fit(activations.activations, activations.labels)
     train_accuracy = classifier.score(activations.activations, activations.labels)
     return classifier.to_pack(

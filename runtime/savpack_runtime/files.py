@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, BinaryIO
 
@@ -46,13 +46,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
     A crash at any point leaves either the old file or the new one, never a mix.
     """
     path = check_output_path(path, force)
+    # Not tempfile.mkstemp: it creates mode 0600, and the renamed file would be unreadable to the other users of a
+    # shared folder or registry. O_EXCL with mode 0666 lets the umask decide, as for any new file.
+    while True:
+        tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputPathError(f"{path}: cannot write in folder {path.parent}: {exc.strerror or exc}") from None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputPathError(f"{path}: cannot write in folder {path.parent}: {exc.strerror or exc}") from None
-    try:
-        # mkstemp creates the file readable by its owner only; a written file gets the usual umask permissions.
-        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -63,12 +68,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
         raise
     _fsync_folder(path.parent)
     return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -184,19 +183,23 @@ def loads(data: bytes | memoryview, path: object = None) -> tuple[dict[str, np.n
     return tensors, metadata
 
 
-def read(path: str | os.PathLike, max_bytes: int | None = fmt.MAX_PACK_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read and parse a safetensors file; files above `max_bytes` are refused before reading."""
+def read_bytes(path: str | os.PathLike, max_bytes: int | None = fmt.MAX_PACK_BYTES) -> bytes | memoryview:
+    """A file's bytes; files above `max_bytes` are refused before reading (None: no limit, the file is mapped)."""
     path = Path(path)
     try:
         size = path.stat().st_size
         if max_bytes is not None and size > max_bytes:
             raise PackSizeError(f"file is {size} bytes, more than the limit of {max_bytes}", path)
         # Large activation files are mapped, not read: only the slices used get paged in.
-        data = path.read_bytes() if max_bytes is not None or size < 8 else memoryview(np.memmap(path, np.uint8, "r"))
+        return path.read_bytes() if max_bytes is not None or size < 8 else memoryview(np.memmap(path, np.uint8, "r"))
     except FileNotFoundError:
         raise PackReadError("file does not exist", path) from None
     except IsADirectoryError:
         raise PackReadError("is a folder, expected a file", path) from None
     except PermissionError:
         raise PackReadError("file is not readable (permission denied)", path) from None
-    return loads(data, path)
+
+
+def read(path: str | os.PathLike, max_bytes: int | None = fmt.MAX_PACK_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read and parse a safetensors file; files above `max_bytes` are refused before reading."""
+    return loads(read_bytes(path, max_bytes), Path(path))

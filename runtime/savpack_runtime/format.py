@@ -49,3 +49,12 @@ TEXT_PLACEHOLDER = "{text}"
 
 # safetensors dtype names this project reads and writes.
 DTYPES = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I64": "<i8", "U8": "|u1"}
+
+# Identity (docs/format.md, "Identity"). A name is one or two path-safe segments ("safety" or "team/safety") because
+# registries store packs under it; a version is a semantic version (semver.org 2.0.0) without build metadata, because
+# build metadata does not change precedence and name@version must name exactly one file.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
+NAME_MAX_CHARS = 96
+_SEMVER_IDENT = r"(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+VERSION_PATTERN = rf"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-{_SEMVER_IDENT}(\.{_SEMVER_IDENT})*)?"
+VERSION_MAX_CHARS = 64

@@ -104,7 +104,11 @@ class Pack:
         return files.atomic_write(path, lambda handle: handle.write(data), force)
 
     def content_hash(self) -> str:
-        """sha256 of the serialised pack: the same tensors and metadata always give the same hash."""
+        """sha256 of the bytes `save` writes: the pack's content hash (docs/format.md, "Content hash").
+
+        Writing is canonical, so for a file savpack wrote this equals the sha256 of the file; a registry records the
+        file's sha256 and `savpack verify` compares against that.
+        """
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def replace(self, **changes: Any) -> "Pack":

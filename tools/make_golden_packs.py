@@ -1,0 +1,128 @@
+"""Write the golden packs under exported/packs/: tiny, deterministic packs of every format version this savpack
+reads, plus the cases a reader must refuse or warn about, and expected.json describing what a reader must find.
+
+Other-language readers test against these files (docs/format.md); runtime/tests/test_golden_packs.py reads them
+without torch and checks that running this tool again gives the same bytes.
+
+    python tools/make_golden_packs.py [--out exported/packs] [--check]
+
+Needs only savpack-runtime (numpy). Prints a table and writes expected.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from savpack_runtime import Pack, classify_vectors, files
+from savpack_runtime import format as fmt
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "exported" / "packs"
+GRID = (4, 4, 8)  # layers, heads, head_dim
+LABELS = ("cold", "shape", "warm")
+K = 3
+
+
+def example_pack(name: str | None = "golden/colours", version: str | None = "1.0.0", seed: int = 0,
+                 labels: tuple[str, ...] = LABELS) -> Pack:
+    """A small valid pack with deterministic numbers (no model): for golden files and tests of sharing."""
+    rng = np.random.default_rng(seed)
+    layers, heads, head_dim = GRID
+    all_scores = np.round(rng.uniform(0.3, 1.0, size=(layers, heads)), 4).astype(np.float32)
+    order = np.lexsort((np.arange(layers * heads), -all_scores.reshape(-1)))[:K]  # best first, ties by index
+    chosen = np.stack([order // heads, order % heads], axis=1).astype(np.int32)
+    centroids = np.round(rng.normal(size=(K, len(labels), head_dim)), 4).astype(np.float32)
+    full = name is not None
+    return Pack(
+        heads=chosen, centroids=centroids, head_scores=all_scores[chosen[:, 0], chosen[:, 1]],
+        class_counts=np.full(len(labels), 8, dtype=np.int32), all_head_scores=all_scores, labels=labels,
+        model={"id": "golden-org/tiny-model", "revision": "0123456789abcdef0123456789abcdef01234567",
+               "family": "causal_lm", "grid": list(GRID), "fingerprint": hashlib.sha256(b"golden weights").hexdigest()},
+        prompt={"template": "Which kind of words? {text}", "rendered": "<|user|>Which kind of words? {text}<|assistant|>",
+                "image_count": 0, "chat_template_sha256": hashlib.sha256(b"golden template").hexdigest()},
+        selection={"k": K, "scoring": "paper", "vote": "majority", "head_score": "labelled-set accuracy"},
+        metrics={"train_accuracy": 1.0, "held_out_accuracy": 0.75, "held_out_examples": 12} if full else {},
+        name=name, version=version,
+        created_by={"savpack": "0.1.0", "savpack-runtime": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0"} if full else {},
+        dataset={"sha256": hashlib.sha256(b"golden data").hexdigest(), "examples": 8 * len(labels),
+                 "class_counts": {label: 8 for label in labels}} if full else {},
+    )
+
+
+def _raw(pack: Pack, extra_metadata: dict[str, str] | None = None, format_version: str | None = None) -> bytes:
+    """Serialise around the writer's own checks, for the files a reader must warn about or refuse."""
+    tensors, metadata = pack.to_tensors_and_metadata()
+    metadata.update(extra_metadata or {})
+    if format_version is not None:
+        metadata[fmt.META_FORMAT_VERSION] = format_version
+    return files.dumps(tensors, metadata)
+
+
+def golden_files() -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """file name -> (bytes, what a reader must do with it)."""
+    full, minimal = example_pack(), example_pack(name=None, version=None, seed=1)
+    vectors = (np.asarray(full.centroids).transpose(1, 0, 2)  # (C, k, D): one input near each class
+               + np.float32(0.1) * np.random.default_rng(7).normal(size=(len(LABELS), K, GRID[2])).astype(np.float32))
+    vectors = np.round(vectors, 4).astype(np.float32)
+    votes = classify_vectors(vectors, full.centroids, "majority")
+    unknown = {"savpack.future_note": "a key a newer writer added"}
+    return {
+        "v1-full.safetensors": (full.to_bytes(), {
+            "outcome": "load", "format_version": 1, "name": full.name, "version": full.version,
+            "labels": list(full.labels), "heads": full.heads.tolist(), "grid": list(GRID),
+            "centroids": full.centroids.tolist(), "metrics": full.metrics,
+            "classify": {"vectors": vectors.tolist(), "vote": "majority", "predictions": votes.predictions.tolist(),
+                         "votes": votes.votes.tolist()},
+        }),
+        "v1-minimal.safetensors": (minimal.to_bytes(), {
+            "outcome": "load", "format_version": 1, "name": None, "version": None, "labels": list(minimal.labels),
+            "heads": minimal.heads.tolist(), "grid": list(GRID), "centroids": minimal.centroids.tolist(), "metrics": {},
+        }),
+        "v1-unknown-key.safetensors": (_raw(full, unknown), {
+            "outcome": "warn", "format_version": 1, "unknown_keys": sorted(unknown), "labels": list(full.labels),
+        }),
+        "v2-newer.safetensors": (_raw(full, format_version="2"), {
+            "outcome": "refuse", "error": "PackVersionError", "format_version": 2,
+            "message_contains": ["2", str(fmt.FORMAT_VERSION), "pip install --upgrade savpack-runtime"],
+        }),
+    }
+
+
+def write_golden(out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, Any] = {"reader_format_version": fmt.FORMAT_VERSION, "files": {}}
+    for file_name, (data, facts) in golden_files().items():
+        files.atomic_write(out / file_name, lambda handle, data=data: handle.write(data), force=True)
+        expected["files"][file_name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **facts}
+    text = json.dumps(expected, indent=1, sort_keys=True) + "\n"
+    files.atomic_write(out / "expected.json", lambda handle: handle.write(text.encode()), force=True)
+    return expected
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--check", action="store_true", help="Do not write: fail if the files in --out differ.")
+    args = parser.parse_args()
+    if args.check:
+        stale = [name for name, (data, _) in golden_files().items()
+                 if not (args.out / name).is_file() or (args.out / name).read_bytes() != data]
+        print("golden packs up to date" if not stale else f"stale golden packs: {stale}")
+        return 1 if stale else 0
+    expected = write_golden(args.out)
+    print(f"{'file':<28} {'bytes':>6}  {'outcome':<7}  sha256")
+    for name, facts in expected["files"].items():
+        print(f"{name:<28} {facts['size']:>6}  {facts['outcome']:<7}  {facts['sha256'][:16]}")
+    print(f"wrote {args.out}/expected.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
