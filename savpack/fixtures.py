@@ -303,6 +303,7 @@ _GEMMA3_TEMPLATE = (
 
 
 def _gemma3(folder: Path):
+    import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -321,9 +322,12 @@ def _gemma3(folder: Path):
         mm_tokens_per_image=4, boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
         image_token_index=ids["image_token"],
     )
+    model = Gemma3ForConditionalGeneration(config)
+    # transformers initialises the image projection to zeros (every image then looks the same): draw it at random.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
     image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
     processor_config = {"processor_class": "Gemma3Processor", "image_seq_length": 4}
-    return _save(folder, Gemma3ForConditionalGeneration(config), tokenizer, image_processor, processor_config)
+    return _save(folder, model, tokenizer, image_processor, processor_config)
 
 
 def _gpt2(folder: Path):
