@@ -22,7 +22,7 @@ from savpack_runtime.images import check_image
 
 from .data import Example, dataset_summary
 from .errors import DataError
-from .media import DEFAULT_VIDEO_FRAMES, load_media
+from .media import DEFAULT_VIDEO_FRAMES, check_video, load_media
 from .models import LoadedModel
 
 ACTIVATIONS_FORMAT = "savpack-activations"
@@ -72,6 +72,8 @@ def extract(
     deepest = max(needed)
     for path in sorted({path for example in examples for path in example.images}):
         check_image(path)  # fail before the first forward, not minutes into extraction
+    for path in sorted({path for example in examples for path in example.videos}):
+        check_video(path)
     image_counts = [example.image_count(video_frames) for example in examples]
     rendered = [_render(loaded, template, example, video_frames) for example in examples]
     # Similar lengths together: less padding, same results (tests check batched == one by one). A batch holds items

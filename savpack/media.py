@@ -24,21 +24,38 @@ def frame_indices(total: int, count: int) -> list[int]:
     return np.linspace(0, total - 1, count).round().astype(int).tolist()
 
 
-def sample_video_frames(path: str | Path, count: int = DEFAULT_VIDEO_FRAMES) -> list[Image.Image]:
-    """Exactly `count` RGB frames sampled uniformly over the video's length (one decode pass, stopping early)."""
-    if count < 1:
-        raise DataError(f"video frames must be >= 1, got {count}")
+def _open_video(path: Path):
     try:
         import av
     except ImportError:
         raise DataError(f"{path}: reading videos needs PyAV: pip install 'savpack[video]'") from None
-    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: video file does not exist")
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: holds no video stream")
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode video: {exc}") from None
+    if not container.streams.video:
+        container.close()
+        raise DataError(f"{path}: holds no video stream")
+    return container
+
+
+def check_video(path: str | Path) -> None:
+    """Fail early (before any model work) on a video PyAV cannot open, or one without a video stream."""
+    _open_video(Path(path)).close()
+
+
+def sample_video_frames(path: str | Path, count: int = DEFAULT_VIDEO_FRAMES) -> list[Image.Image]:
+    """Exactly `count` RGB frames sampled uniformly over the video's length (one decode pass, stopping early)."""
+    if count < 1:
+        raise DataError(f"video frames must be >= 1, got {count}")
+    path = Path(path)
+    container = _open_video(path)
+    import av  # importable: _open_video has imported it
+
+    try:
+        with container:
             stream = container.streams.video[0]
             # Containers that do not store the frame count (Matroska, WebM) are counted by their packets: no decoding.
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)

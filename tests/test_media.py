@@ -227,3 +227,19 @@ def test_cli_builds_and_evaluates_a_video_pack(model_dir, tmp_path):
     evaluated = runner.invoke(main, ["eval", "--pack", str(pack), *common, "--data", str(test), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["examples"] == 4
+
+
+def test_a_bad_video_fails_before_the_first_forward(loaded_model, media_files, tmp_path):
+    loaded = loaded_model("qwen2_vl")
+    garbage = tmp_path / "garbage.webm"
+    garbage.write_bytes(b"\x1a\x45\xdf\xa3 not really matroska" * 20)
+    items = [Example(text="fine", images=(str(media_files / "red40.png"),), label="x"),
+             Example(text="broken", videos=(str(garbage),), label="x")]
+    forwards = []
+    handle = loaded.model.base_model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        with pytest.raises(DataError, match="garbage.webm: cannot decode video"):
+            extract(loaded, items, batch_size=1, progress=False)
+    finally:
+        handle.remove()
+    assert forwards == []
