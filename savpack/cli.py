@@ -17,6 +17,7 @@ from savpack_runtime.files import check_output_path
 
 from . import __version__
 from .classifier import DEFAULT_K
+from .media import DEFAULT_VIDEO_FRAMES
 from .selection import SCORINGS
 from .versions import check_name, check_version
 
@@ -107,6 +108,10 @@ prompt_option = click.option(
 shots_option = click.option("--shots", type=int, default=None, help="Sample this many labelled examples per class (seeded).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shots sampling.")
 force_option = click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+video_frames_option = click.option(
+    "--video-frames", type=click.IntRange(min=1), default=DEFAULT_VIDEO_FRAMES, show_default=True,
+    help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
+)
 
 
 @main.command()
@@ -117,8 +122,10 @@ force_option = click.option("--force", is_flag=True, help="Replace the output fi
 @shots_option
 @seed_option
 @click.option("--hidden", is_flag=True, help="Also keep the final hidden state at the last token (for baselines).")
+@video_frames_option
 @force_option
-def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, force: bool, **params: Any) -> None:
+def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, video_frames: int, force: bool,
+            **params: Any) -> None:
     """Run the model once per example and save every head's output at the last token."""
     from .pipeline import extract_activations
 
@@ -126,7 +133,8 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
     examples = _sampled(_examples(data), shots, seed)
     batch_size = params.pop("batch_size")
     loaded = _load(params)
-    activations = extract_activations(loaded, examples, prompt, batch_size=batch_size, final_hidden=hidden)
+    activations = extract_activations(loaded, examples, prompt, batch_size=batch_size, final_hidden=hidden,
+                                      video_frames=video_frames)
     activations.save(out, force=force)
     layers, heads, head_dim = loaded.grid
     click.echo(f"wrote {out}: {len(examples)} examples x {layers} layers x {heads} heads x {head_dim}", err=True)
@@ -147,11 +155,12 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
               help="Pack name (e.g. team/safety-classifier).")
 @click.option("--version", "pack_version", default=None, callback=lambda ctx, param, value: _identity(check_version, value, param),
               help="Pack version (semantic versioning, e.g. 1.0.0).")
+@video_frames_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the pack summary as JSON.")
 def build(data: str | None, activations: str | None, out: str, k: str, scoring: str, vote: str, prompt: str,
-          shots: int | None, seed: int, name: str | None, pack_version: str | None, force: bool, as_json: bool,
-          **params: Any) -> None:
+          shots: int | None, seed: int, name: str | None, pack_version: str | None, video_frames: int, force: bool,
+          as_json: bool, **params: Any) -> None:
     """Select the heads that classify and write a pack."""
     from .extract import ActivationSet
     from .pipeline import extract_activations, pack_from_activations, require_classes
@@ -172,7 +181,8 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
         examples = _sampled(_examples(data), shots, seed)
         require_classes(examples)
         batch_size = params.pop("batch_size")
-        activation_set = extract_activations(_load(params), examples, prompt, batch_size=batch_size)
+        activation_set = extract_activations(_load(params), examples, prompt, batch_size=batch_size,
+                                             video_frames=video_frames)
     selection = {"shots": shots, "seed": seed} if shots is not None else {}
     pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
                                  version=pack_version, selection=selection)

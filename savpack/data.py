@@ -1,7 +1,10 @@
 """Labelled datasets: JSONL, JSON, CSV, and folders (`root/<label>/<file>`), with few-shot sampling and a stable hash.
 
 Field names follow the official SAVs data: `question` or `text`, `image` or `images` (paths relative to the file),
-`label`. Every problem raises DataError naming the file, line and field.
+`label`; and `video` or `videos` (video files, sampled to frames). Several images (and videos) may be interleaved with
+the text: an `<image>` marker in the text stands for the next image, a `<video>` marker for the next video; without
+markers the videos, then the images, come before the text. Every problem raises DataError naming the file, line and
+field.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +27,12 @@ from .errors import DataError
 
 TEXT_FIELDS = ("text", "question")
 IMAGE_FIELDS = ("images", "image")
+VIDEO_FIELDS = ("videos", "video")
 TEXT_SUFFIXES = (".txt",)
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
+IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+_MARKER_PATTERN = re.compile(f"{re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)}")
 DIGEST_CHARS = 16  # of each example's sha256 kept in a pack
 
 
@@ -33,21 +42,51 @@ class Example:
     images: tuple[str, ...] = ()
     label: str | None = None
     source: str = ""  # "file:line", for messages
+    videos: tuple[str, ...] = ()
 
     def digest(self) -> str:
-        """sha256 of what the model sees (text, image bytes) and the label: identifies the example anywhere."""
+        """sha256 of what the model sees (text, image and video bytes) and the label: identifies the example anywhere."""
         hasher = hashlib.sha256()
         hasher.update(json.dumps([self.text, self.label], ensure_ascii=False).encode())
         for image in self.images:
             hasher.update(_file_sha256(image).encode())
+        for video in self.videos:
+            hasher.update(b"video:" + _file_sha256(video).encode())
         return hasher.hexdigest()
+
+    @property
+    def interleaved(self) -> bool:
+        """True when markers in the text place the images and videos (else they all come before the text)."""
+        return bool(self.images or self.videos) and (IMAGE_MARKER in self.text or VIDEO_MARKER in self.text)
+
+    def media(self) -> list[tuple[str, str]]:
+        """("image" | "video", path) in prompt order: the order of the markers, else the videos, then the images."""
+        if not self.interleaved:
+            return [("video", path) for path in self.videos] + [("image", path) for path in self.images]
+        images, videos = iter(self.images), iter(self.videos)
+        return [("image", next(images)) if kind == "image" else ("video", next(videos)) for kind in _markers(self.text)]
+
+    def image_count(self, video_frames: int) -> int:
+        """Images the model sees: each video gives `video_frames` frames."""
+        return len(self.images) + video_frames * len(self.videos)
+
+    def prompt_text(self, video_frames: int) -> str:
+        """The text with each video marker replaced by one image marker per frame (frames go to the model as images)."""
+        if not self.interleaved:
+            return self.text
+        return self.text.replace(VIDEO_MARKER, IMAGE_MARKER * video_frames)
+
+
+def _markers(text: str) -> list[str]:
+    """"image" / "video" for each marker in text, in order."""
+    return [marker[1:-1] for marker in _MARKER_PATTERN.findall(text)]
 
 
 def _file_sha256(path: str) -> str:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read image: {exc.strerror or exc}") from None
+        raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
 
 
 def load_examples(path: str | Path, require_labels: bool = True) -> list[Example]:
@@ -133,27 +172,43 @@ def _example_from_record(base: Path, source: str, record: object) -> Example:
     text = record[text_field] if text_field else ""
     if not isinstance(text, str):
         raise DataError(f"{source}: field {text_field!r} must be a string, got {type(text).__name__}")
-    image_field = next((name for name in IMAGE_FIELDS if record.get(name) not in (None, "", [])), None)
-    images = record[image_field] if image_field else []
-    if isinstance(images, str):
-        images = [images]
-    if not (isinstance(images, list) and all(isinstance(image, str) and image for image in images)):
-        raise DataError(f"{source}: field {image_field!r} must be a path or a list of paths")
-    resolved = []
-    for image in images:
-        image_path = Path(image) if Path(image).is_absolute() else base / image
-        if not image_path.is_file():
-            raise DataError(f"{source}: field {image_field!r}: image file {image_path} does not exist")
-        resolved.append(str(image_path))
+    images = _paths(base, source, record, IMAGE_FIELDS, "image")
+    videos = _paths(base, source, record, VIDEO_FIELDS, "video")
     label = record.get("label")
     if label is not None and not isinstance(label, str):
         raise DataError(f"{source}: field 'label' must be a string, got {type(label).__name__} {label!r}")
     if label is not None and not label.strip():
         raise DataError(f"{source}: field 'label' is empty")
     text = text.strip()
-    if not text and not resolved:
-        raise DataError(f"{source}: item has no text (field 'text' or 'question' empty or only whitespace) and no image")
-    return Example(text=text, images=tuple(resolved), label=label, source=source)
+    if not text and not images and not videos:
+        raise DataError(f"{source}: item has no text (field 'text' or 'question' empty or only whitespace) and no image or video")
+    example = Example(text=text, images=images, label=label, source=source, videos=videos)
+    if example.interleaved:
+        markers = _markers(text)
+        for kind, paths in (("image", images), ("video", videos)):
+            if markers.count(kind) != len(paths):
+                raise DataError(
+                    f"{source}: field {text_field!r} holds {markers.count(kind)} <{kind}> marker(s) but the item gives "
+                    f"{len(paths)} {kind}(s); with markers, every image and video needs exactly one"
+                )
+    return example
+
+
+def _paths(base: Path, source: str, record: dict, fields: tuple[str, str], kind: str) -> tuple[str, ...]:
+    """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths)."""
+    field = next((name for name in fields if record.get(name) not in (None, "", [])), None)
+    paths = record[field] if field else []
+    if isinstance(paths, str):
+        paths = [paths]
+    if not (isinstance(paths, list) and all(isinstance(path, str) and path for path in paths)):
+        raise DataError(f"{source}: field {field!r} must be a path or a list of paths")
+    resolved = []
+    for path in paths:
+        full = Path(path) if Path(path).is_absolute() else base / path
+        if not full.is_file():
+            raise DataError(f"{source}: field {field!r}: {kind} file {full} does not exist")
+        resolved.append(str(full))
+    return tuple(resolved)
 
 
 def _read_folder(root: Path) -> list[Example]:
@@ -163,6 +218,8 @@ def _read_folder(root: Path) -> list[Example]:
             suffix = file.suffix.lower()
             if suffix in IMAGE_SUFFIXES:
                 examples.append(Example(text="", images=(str(file),), label=label_dir.name, source=str(file)))
+            elif suffix in VIDEO_SUFFIXES:
+                examples.append(Example(text="", videos=(str(file),), label=label_dir.name, source=str(file)))
             elif suffix in TEXT_SUFFIXES:
                 try:
                     text = file.read_text(encoding="utf-8").strip()
@@ -172,7 +229,7 @@ def _read_folder(root: Path) -> list[Example]:
                     raise DataError(f"{file}: text file is empty")
                 examples.append(Example(text=text, label=label_dir.name, source=str(file)))
     if not examples:
-        raise DataError(f"{root}: folder holds no root/<label>/<image or .txt file> examples")
+        raise DataError(f"{root}: folder holds no root/<label>/<image, video or .txt file> examples")
     return examples
 
 
@@ -184,7 +241,7 @@ def _warn_about_labels(path: Path, examples: list[Example]) -> None:
     for variants in by_folded.values():
         if len(variants) > 1:
             warnings.warn(f"{path}: labels {variants} differ only in case or whitespace; they are different classes", SavpackWarning)
-    seen = Counter((example.text, example.images) for example in examples)
+    seen = Counter((example.text, example.images, example.videos) for example in examples)
     duplicates = sum(count - 1 for count in seen.values() if count > 1)
     if duplicates:
         warnings.warn(f"{path}: {duplicates} duplicate example(s) (same text and images); each copy counts", SavpackWarning)

@@ -4,6 +4,7 @@ last real token. Also the activations file that `savpack extract` writes and `sa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -17,10 +18,11 @@ from tqdm.auto import tqdm
 from savpack_runtime import files
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import PackError
-from savpack_runtime.images import check_image, load_image
+from savpack_runtime.images import check_image
 
 from .data import Example, dataset_summary
 from .errors import DataError
+from .media import DEFAULT_VIDEO_FRAMES, check_video, load_media
 from .models import LoadedModel
 
 ACTIVATIONS_FORMAT = "savpack-activations"
@@ -54,12 +56,14 @@ def extract(
     batch_size: int = 8,
     final_hidden: bool = False,
     progress: bool = True,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
 ) -> Extraction:
     """Run the model once per example (batched) and return head vectors at the last real token.
 
     heads=None keeps every head of every layer; an int (k, 2) array of (layer, head) keeps only those, in that order,
     and stops the forward after the deepest of their layers. No LM head ever runs: the forward is the base model's.
     final_hidden=True runs all layers and the final norm too (for the hidden-state baselines), still in one pass.
+    video_frames: frames sampled from each video, shown to the model as images.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -68,9 +72,18 @@ def extract(
     deepest = max(needed)
     for path in sorted({path for example in examples for path in example.images}):
         check_image(path)  # fail before the first forward, not minutes into extraction
-    rendered = [loaded.render(template, example.text, len(example.images)) for example in examples]
-    # Similar lengths together: less padding, same results (tests check batched == one by one).
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].images), len(rendered[i])))
+    for path in sorted({path for example in examples for path in example.videos}):
+        check_video(path)
+    image_counts = [example.image_count(video_frames) for example in examples]
+    rendered = [_render(loaded, template, example, video_frames) for example in examples]
+    # Similar lengths together: less padding, same results (tests check batched == one by one). A batch holds items
+    # with the same number of images: processors pair images with prompts in nested lists of one shape.
+    order = sorted(range(len(examples)), key=lambda i: (image_counts[i], len(rendered[i])))
+    batches = [
+        group[start : start + batch_size]
+        for group in (list(items) for _, items in itertools.groupby(order, key=lambda i: image_counts[i]))
+        for start in range(0, len(group), batch_size)
+    ]
 
     count = len(examples)
     all_heads = np.zeros((count, layers, num_heads, head_dim), dtype=np.float32) if heads is None else None
@@ -92,10 +105,9 @@ def extract(
     base = loaded.model.base_model  # the decoder stack without the LM head
     handles = [loaded.attention_outputs[layer].register_forward_pre_hook(make_hook(layer)) for layer in needed]
     try:
-        batches = [order[start : start + batch_size] for start in range(0, count, batch_size)]
         with tqdm(total=count, desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
             for batch in batches:
-                images = [[load_image(path) for path in examples[i].images] for i in batch]
+                images = [load_media(examples[i], video_frames) for i in batch]
                 inputs = loaded.encode([rendered[i] for i in batch], images)
                 mask = inputs["attention_mask"]
                 _check_lengths(loaded, [examples[i] for i in batch], mask)
@@ -124,6 +136,13 @@ def extract(
         for handle in handles:
             handle.remove()
     return Extraction(all_heads if heads is None else chosen, input_ids, hidden, list(examples))
+
+
+def _render(loaded: LoadedModel, template: str, example: Example, video_frames: int) -> str:
+    try:
+        return loaded.render(template, example.prompt_text(video_frames), example.image_count(video_frames))
+    except DataError as exc:
+        raise DataError(f"{example.source}: {exc}") from None
 
 
 def _check_lengths(loaded: LoadedModel, batch: list[Example], mask: torch.Tensor) -> None:

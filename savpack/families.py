@@ -22,6 +22,9 @@ class Family:
     # Extra forward inputs the processor returns that the model needs (names passed through as they are).
     forward_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     description: str = ""
+    # Learned absolute position embeddings (GPT-2): the model counts positions from the first column, padding
+    # included, so a left-padded item needs position_ids counted over its real tokens only.
+    positions_from_mask: bool = False
 
     @property
     def takes_images(self) -> bool:
@@ -51,7 +54,70 @@ LLAVA_ONEVISION = Family(
     description="LLaVA-OneVision",
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (QWEN2_VL, LLAVA_ONEVISION, CAUSAL_LM)}
+_QWEN_VL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+QWEN2_5_VL = Family(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    auto_class="AutoModelForImageTextToText",
+    processor_class="Qwen2_5_VLProcessor",
+    forward_inputs=_QWEN_VL_INPUTS,
+    description="Qwen2.5-VL",
+)
+QWEN3_VL = Family(
+    name="qwen3_vl",
+    model_types=("qwen3_vl",),
+    auto_class="AutoModelForImageTextToText",
+    processor_class="Qwen3VLProcessor",
+    forward_inputs=_QWEN_VL_INPUTS,
+    description="Qwen3-VL (dense)",
+)
+LLAVA = Family(
+    name="llava",
+    model_types=("llava",),
+    auto_class="AutoModelForImageTextToText",
+    processor_class="LlavaProcessor",
+    forward_inputs=("input_ids", "attention_mask", "pixel_values"),
+    description="LLaVA-1.5 (LlavaForConditionalGeneration)",
+)
+_IDEFICS3_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+IDEFICS3 = Family(
+    name="idefics3",
+    model_types=("idefics3",),
+    auto_class="AutoModelForImageTextToText",
+    processor_class="Idefics3Processor",
+    forward_inputs=_IDEFICS3_INPUTS,
+    description="Idefics3",
+)
+SMOLVLM = Family(
+    name="smolvlm",
+    model_types=("smolvlm",),
+    auto_class="AutoModelForImageTextToText",
+    processor_class="SmolVLMProcessor",
+    forward_inputs=_IDEFICS3_INPUTS,
+    description="SmolVLM (its processor needs num2words: pip install 'savpack[smolvlm]')",
+)
+GEMMA3 = Family(
+    name="gemma3",
+    model_types=("gemma3",),
+    auto_class="AutoModelForImageTextToText",
+    processor_class="Gemma3Processor",
+    # token_type_ids marks image tokens, which attend to each other bidirectionally: without it the forward
+    # runs, with a causal mask over the image, and silently gives other activations.
+    forward_inputs=("input_ids", "attention_mask", "pixel_values", "token_type_ids"),
+    description="Gemma 3 image-text (Gemma3ForConditionalGeneration); text-only Gemma 3 is causal_lm",
+)
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    auto_class="AutoModelForCausalLM",
+    positions_from_mask=True,
+    description="GPT-2 (attention output projection is the Conv1D attn.c_proj)",
+)
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (QWEN2_VL, LLAVA_ONEVISION, CAUSAL_LM, QWEN2_5_VL, QWEN3_VL, LLAVA, IDEFICS3, SMOLVLM, GEMMA3, GPT2)
+}
 
 
 def family_for_model_type(model_type: str) -> Family | None:

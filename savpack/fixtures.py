@@ -43,8 +43,12 @@ _LLAMA_TEMPLATE = (
 )
 
 
-def build_tokenizer(special_tokens: list[str], chat_template: str | None, bos: str | None = None, eos: str = "<|endoftext|>"):
-    """A byte-level BPE tokenizer trained on a fixed word list: deterministic, offline, Qwen-like."""
+def build_tokenizer(special_tokens: list[str], chat_template: str | None, bos: str | None = None, eos: str = "<|endoftext|>",
+                    named_tokens: dict[str, str] | None = None):
+    """A byte-level BPE tokenizer trained on a fixed word list: deterministic, offline, Qwen-like.
+
+    named_tokens: model-specific special tokens a processor reads as tokenizer attributes (Gemma 3's `boi_token`).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,6 +70,7 @@ def build_tokenizer(special_tokens: list[str], chat_template: str | None, bos: s
         pad_token=eos,
         bos_token=bos,
         additional_special_tokens=special_tokens,
+        **({"model_specific_special_tokens": named_tokens} if named_tokens else {}),
     )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -160,7 +165,185 @@ def _llama(folder: Path):
     return _save(folder, LlamaForCausalLM(config), tokenizer)
 
 
-FIXTURES = {"qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision, "qwen2": _qwen2, "llama": _llama}
+# -- the families of issue 7 ----------------------------------------------------------------------------------------
+
+_QWEN_VL_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen_vl_tokenizer():
+    template = _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>")
+    tokenizer = build_tokenizer(_QWEN_VL_SPECIALS, template)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_VL_SPECIALS}
+    token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return tokenizer, token_ids
+
+
+def _qwen2_5_vl(folder: Path):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer, token_ids = _qwen_vl_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        # Window attention over 2x2 merged patches (window_size 56 px = 2 x patch 14 x merge 2), full attention in
+        # the last block: images of 3x3 merged patches and more span several windows.
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        **token_ids,
+    )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    return _save(folder, Qwen2_5_VLForConditionalGeneration(config), tokenizer, image_processor)
+
+
+def _qwen3_vl(folder: Path):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer, token_ids = _qwen_vl_tokenizer()
+    # The text head_dim defaults to 128 whatever the hidden size: set it, 12 != hidden / heads = 16 on purpose.
+    # Interleaved mrope: its sections sum to head_dim / 2.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2], "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config=_text_config(tokenizer, heads=4, kv_heads=2, head_dim=12, rope_parameters=rope),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        **token_ids,
+    )
+    # Patch 16 x merge 2: 64x64 .. 128x128 pixels give 4 to 16 image tokens.
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128)
+    return _save(folder, Qwen3VLForConditionalGeneration(config), tokenizer, image_processor)
+
+
+# LLaVA-1.5's own prompt format ("USER: <image>\n... ASSISTANT:").
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _llava(folder: Path):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = build_tokenizer(["<image>"], _LLAVA_TEMPLATE, bos="<s>")
+    config = LlavaConfig(
+        text_config=dict(model_type="llama", **_text_config(tokenizer)),
+        # CLIP at 28 px, patch 14: 4 patches + CLS; the "default" strategy drops CLS, so 4 image tokens.
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=4,
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor_config = {"processor_class": "LlavaProcessor", "patch_size": 14, "num_additional_image_tokens": 1,
+                        "vision_feature_select_strategy": "default"}
+    return _save(folder, LlavaForConditionalGeneration(config), tokenizer, image_processor, processor_config)
+
+
+# Idefics3 / SmolVLM prompt format: "User:<image>text<end_of_utterance>\nAssistant:".
+_IDEFICS3_TEMPLATE = (
+    "{BOS}{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}: {{ message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# An image is split into up to 2x2 tiles of 32 px plus a global view; each gives (32 / 8)^2 / scale_factor^2 = 4 tokens.
+_IDEFICS3_GRID_TOKENS = [f"<row_{row}_col_{col}>" for row in range(1, 3) for col in range(1, 3)]
+
+
+def _idefics3_parts(smolvlm: bool):
+    bos = "<|im_start|>" if smolvlm else "<|begin_of_text|>"
+    specials = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *_IDEFICS3_GRID_TOKENS]
+    tokenizer = build_tokenizer(specials, _IDEFICS3_TEMPLATE.replace("{BOS}", bos), bos=bos)
+    config = dict(
+        text_config=dict(model_type="llama", **_text_config(tokenizer)),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    image_processor_options = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    return tokenizer, config, image_processor_options
+
+
+def _idefics3(folder: Path):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer, config, image_options = _idefics3_parts(smolvlm=False)
+    model = Idefics3ForConditionalGeneration(Idefics3Config(**config))
+    processor_config = {"processor_class": "Idefics3Processor", "image_seq_len": 4}
+    return _save(folder, model, tokenizer, Idefics3ImageProcessorPil(**image_options), processor_config)
+
+
+def _smolvlm(folder: Path):
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    tokenizer, config, image_options = _idefics3_parts(smolvlm=True)
+    model = SmolVLMForConditionalGeneration(SmolVLMConfig(**config))
+    processor_config = {"processor_class": "SmolVLMProcessor", "image_seq_len": 4}
+    return _save(folder, model, tokenizer, SmolVLMImageProcessorPil(**image_options), processor_config)
+
+
+_GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _gemma3(folder: Path):
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    specials = ["<start_of_turn>", "<end_of_turn>", *named.values()]
+    tokenizer = build_tokenizer(specials, _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>", named_tokens=named)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in named.items()}
+    # Sliding window 16 < the prompt length, alternating with full attention: both masks are exercised.
+    text = _text_config(tokenizer, heads=4, kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"] * 2)
+    config = Gemma3Config(
+        text_config=dict(model_type="gemma3_text", **text),
+        # SigLIP at 32 px, patch 8: 4x4 patches pooled to mm_tokens_per_image = 2x2.
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    # transformers initialises the image projection to zeros (every image then looks the same): draw it at random.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor_config = {"processor_class": "Gemma3Processor", "image_seq_length": 4}
+    return _save(folder, model, tokenizer, image_processor, processor_config)
+
+
+def _gpt2(folder: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # Like the real GPT-2: no chat template, no padding token, learned absolute positions.
+    tokenizer = build_tokenizer([], None)
+    tokenizer.pad_token = None
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=4, n_head=8, n_positions=1024,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return _save(folder, GPT2LMHeadModel(config), tokenizer)
+
+
+FIXTURES = {"qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision, "qwen2": _qwen2, "llama": _llama,
+            "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "llava": _llava, "idefics3": _idefics3,
+            "smolvlm": _smolvlm, "gemma3": _gemma3, "gpt2": _gpt2}
 
 
 def build_fixture(name: str, folder: str | Path, seed: int = 0) -> Path:

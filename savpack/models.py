@@ -17,7 +17,8 @@ from torch import nn
 
 from savpack_runtime import format as fmt
 
-from .errors import ModelError
+from .data import IMAGE_MARKER
+from .errors import DataError, ModelError
 from .families import CAUSAL_LM, FAMILIES, Family, family_for_model_type, supported_summary
 
 DEVICES_HELP = "auto|cpu|cuda[:N]"
@@ -82,27 +83,38 @@ class LoadedModel:
 
     @property
     def add_special_tokens(self) -> bool:
-        """Whether tokenising a rendered prompt adds the tokenizer's special tokens (BOS). A chat template already
-        holds them; image-text processors always call their tokenizer with them."""
-        return self.family.takes_images or self.chat_template is None
+        """Whether tokenising a rendered prompt adds the tokenizer's special tokens (BOS), as transformers does:
+        plain text gets them; a text model's chat template holds them (tokenizer.apply_chat_template adds none); an
+        image-text processor adds them unless the rendered prompt already starts with BOS (as
+        processor.apply_chat_template does: no double BOS for Gemma 3 or Idefics3, whose templates hold one)."""
+        if self.chat_template is None:
+            return True
+        if not self.family.takes_images:
+            return False
+        bos = self.tokenizer.bos_token
+        return not (bos and self.render_template(fmt.TEXT_PLACEHOLDER, 0).startswith(bos))
 
     def chat_template_sha256(self) -> str | None:
         template = self.chat_template
         return hashlib.sha256(template.encode()).hexdigest() if template else None
 
     def render(self, template: str, text: str, image_count: int) -> str:
-        """The full prompt string for one item: the user template with its text, through the chat template."""
+        """The full prompt string for one item: the user template with its text, through the chat template.
+
+        With images, `<image>` markers in the user text place them (interleaved, in order; their count must equal
+        image_count); without markers the images come before the text. An item without images keeps `<image>` as text.
+        """
         user_text = template.replace(fmt.TEXT_PLACEHOLDER, text)
         if self.chat_template is None:
             if image_count:
                 raise ModelError(f"{self.model_id}: has no chat template, so images cannot be placed in the prompt")
             return user_text
-        if self.family.takes_images:
-            content: Any = [{"type": "image"} for _ in range(image_count)] + [{"type": "text", "text": user_text}]
-        else:
-            content = user_text
+        content: Any = _content_parts(user_text, image_count) if self.family.takes_images else user_text
         messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The tokenizer renders the processor's template too: some processors' own apply_chat_template (SmolVLM's)
+        # read their video processor, which savpack does not build (docs/decisions.md). Same Jinja, same string.
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
 
     def render_template(self, template: str, image_count: int) -> str:
         """The rendered prompt with `{text}` left in place: what the pack stores and the runtime fills."""
@@ -114,10 +126,14 @@ class LoadedModel:
             has_images = any(images)
             if has_images and not all(images):
                 raise ModelError("a batch mixes items with and without images; give every item an image or none")
-            encoded = self.processor(text=prompts, images=images if has_images else None, padding=True, return_tensors="pt")
+            encoded = self.processor(text=prompts, images=images if has_images else None, padding=True,
+                                     return_tensors="pt", add_special_tokens=self.add_special_tokens)
         else:
             encoded = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=self.add_special_tokens)
         inputs = {name: encoded[name] for name in self.family.forward_inputs if name in encoded}
+        if self.family.positions_from_mask:
+            # Real tokens count 0, 1, 2, ... whatever padding precedes them: the positions each item has alone.
+            inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return {name: value.to(self.device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
     def fingerprint(self) -> str:
@@ -139,6 +155,26 @@ class LoadedModel:
     def model_metadata(self) -> dict[str, Any]:
         return {"id": self.model_id, "revision": self.revision, "family": self.family.name,
                 "grid": list(self.grid), "fingerprint": self.fingerprint()}
+
+
+def _content_parts(user_text: str, image_count: int) -> list[dict[str, str]]:
+    """Chat message content: image and text parts in the order `<image>` markers give, or images first."""
+    if image_count == 0:
+        return [{"type": "text", "text": user_text}]
+    pieces = user_text.split(IMAGE_MARKER)
+    markers = len(pieces) - 1
+    if markers == 0:
+        return [{"type": "image"}] * image_count + [{"type": "text", "text": user_text}]
+    if markers != image_count:
+        raise DataError(f"the prompt holds {markers} {IMAGE_MARKER} marker(s) but the item has {image_count} image(s); "
+                        f"give one marker per image (video frames count as images), or none to put the images first")
+    parts: list[dict[str, str]] = []
+    for index, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if index < markers:
+            parts.append({"type": "image"})
+    return parts
 
 
 def load_model(

@@ -20,6 +20,7 @@ from .classifier import DEFAULT_K, SavClassifier
 from .data import DIGEST_CHARS, Example, labels_of
 from .errors import BuildError, DataError
 from .extract import ActivationSet, Extraction, extract
+from .media import DEFAULT_VIDEO_FRAMES
 from .metrics import classification_report
 from .models import LoadedModel
 from .versions import check_name, check_version
@@ -53,21 +54,29 @@ def _source_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def prompt_metadata(loaded: LoadedModel, template: str, image_count: int) -> dict[str, Any]:
-    return {"template": template, "rendered": loaded.render_template(template, image_count),
-            "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256()}
+def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_frames: int | None = None) -> dict[str, Any]:
+    """What a pack records of its prompt; video_frames (frames sampled per video) only when the data had videos."""
+    prompt = {"template": template, "rendered": loaded.render_template(template, image_count),
+              "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256()}
+    if video_frames is not None:
+        prompt["video_frames"] = video_frames
+    return prompt
 
 
 def extract_activations(loaded: LoadedModel, examples: Sequence[Example], template: str = fmt.TEXT_PLACEHOLDER,
-                        batch_size: int = 8, final_hidden: bool = False, progress: bool = True) -> ActivationSet:
+                        batch_size: int = 8, final_hidden: bool = False, progress: bool = True,
+                        video_frames: int = DEFAULT_VIDEO_FRAMES) -> ActivationSet:
     """Every head's vector for labelled examples (one forward each, batched), with what a pack needs to record."""
     if any(example.label is None for example in examples):
         raise DataError("every example needs a label to build a pack")
-    image_counts = Counter(len(example.images) for example in examples)
-    extraction = extract(loaded, examples, template, heads=None, batch_size=batch_size, final_hidden=final_hidden, progress=progress)
+    image_counts = Counter(example.image_count(video_frames) for example in examples)
+    has_videos = any(example.videos for example in examples)
+    extraction = extract(loaded, examples, template, heads=None, batch_size=batch_size, final_hidden=final_hidden,
+                         progress=progress, video_frames=video_frames)
     return ActivationSet(
         activations=extraction.vectors, labels=[example.label for example in examples], input_ids=extraction.input_ids,
-        model=loaded.model_metadata(), prompt=prompt_metadata(loaded, template, image_counts.most_common(1)[0][0]),
+        model=loaded.model_metadata(),
+        prompt=prompt_metadata(loaded, template, image_counts.most_common(1)[0][0], video_frames if has_videos else None),
         digests=[example.digest() for example in examples], sources=[example.source for example in examples],
         final_hidden=extraction.final_hidden,
     )
@@ -138,8 +147,10 @@ def classify(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch
              vote: str | None = None, progress: bool = True) -> Classification:
     """Extract only the pack's heads (stopping after its deepest layer) and vote."""
     check_pack_fits(pack, loaded)
+    # Videos are sampled as when the pack was built.
+    video_frames = pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES)
     extraction = extract(loaded, examples, pack.prompt["template"], heads=np.asarray(pack.heads),
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, progress=progress, video_frames=video_frames)
     votes = classify_vectors(extraction.vectors, pack.centroids, vote or pack.selection.get("vote", "majority"))
     return Classification([pack.labels[i] for i in votes.predictions], votes, extraction)
 
