@@ -205,6 +205,20 @@ class ActivationSet:
                        digests=pick(self.digests), sources=pick(self.sources),
                        final_hidden=None if self.final_hidden is None else self.final_hidden[rows])
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["ActivationSet"]) -> "ActivationSet":
+        """One set from parts extracted separately (e.g. in chunks) with the same model and prompt."""
+        first = parts[0]
+        for part in parts[1:]:
+            if part.model != first.model or part.prompt != first.prompt:
+                raise DataError("activation sets from different models or prompts cannot be joined")
+            if (part.final_hidden is None) != (first.final_hidden is None):
+                raise DataError("activation sets with and without final hidden states cannot be joined")
+        join = lambda name: [item for part in parts for item in getattr(part, name)]  # noqa: E731
+        return cls(np.concatenate([part.activations for part in parts]), join("labels"), join("input_ids"),
+                   first.model, first.prompt, join("digests"), join("sources"),
+                   None if first.final_hidden is None else np.concatenate([part.final_hidden for part in parts]))
+
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         offsets = np.cumsum([0] + [len(ids) for ids in self.input_ids]).astype(np.int64)
         tensors = {

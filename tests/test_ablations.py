@@ -59,3 +59,14 @@ def test_more_shots_and_seeds_summarise_to_mean_and_std(pool_and_test):
     # The signal is strong: 7 shots per class classify well, and different seeds draw different shots.
     assert rows[7]["mean"] > 0.8
     assert len({tuple(sample_shots(pool.labels, 2, seed)[0]) for seed in range(4)}) > 1
+
+
+def test_activation_sets_extracted_in_chunks_join_into_one(pool_and_test):
+    pool, _ = pool_and_test
+    joined = ActivationSet.concatenate([pool.subset(range(0, 10)), pool.subset(range(10, len(pool.labels)))])
+    np.testing.assert_array_equal(joined.activations, pool.activations)
+    assert joined.labels == pool.labels and joined.digests == pool.digests and joined.sources == pool.sources
+    other = pool.subset(range(3))
+    other.prompt = {"template": "Review: {text}"}
+    with pytest.raises(Exception, match="different models or prompts"):
+        ActivationSet.concatenate([pool.subset(range(3)), other])
