@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ def _pyplot():
 
 
 def plot_head_map(scores: np.ndarray, path: str | os.PathLike, selected: np.ndarray | None = None,
-                  title: str = "", force: bool = False, label: str = "accuracy (labelled set)") -> Path:
+                  title: str = "", force: bool = False, label: str = "accuracy (labelled set)",
+                  marked: str = "the {k} selected heads") -> Path:
     """Write a PNG heatmap of `scores` (layers, heads); `selected` (k, 2) heads are outlined. Atomic write."""
     plt = _pyplot()
     scores = np.asarray(scores, dtype=np.float32)
@@ -39,14 +41,16 @@ def plot_head_map(scores: np.ndarray, path: str | os.PathLike, selected: np.ndar
         axes.scatter(np.asarray(selected)[:, 1], np.asarray(selected)[:, 0], s=16, facecolors="none",
                      edgecolors="red", linewidths=1.0)
         title = f"{title}\n" if title else ""
-        title += f"red circles: the {len(selected)} selected heads"
+        title += "red circles: " + marked.format(k=len(selected))
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
     step = max(1, layers // 12)
     axes.set_yticks(range(0, layers, step))
     axes.set_xticks(range(0, heads, max(1, heads // 16)))
     if title:
-        axes.set_title(title, fontsize=9)
+        # Wrapped to the figure's width (about 12 characters an inch at this font size), so no title is cut off.
+        lines = [wrapped for line in title.split("\n") for wrapped in textwrap.wrap(line, int(width * 12)) or [""]]
+        axes.set_title("\n".join(lines), fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
