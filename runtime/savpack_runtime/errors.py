@@ -70,5 +70,23 @@ class ModelMismatchError(SavpackError):
     """A pack is used with a model (or graph) other than the one it was built for."""
 
 
+class BundleError(SavpackError):
+    """A bundle folder cannot be trusted: missing or altered file, malformed bundle.json. Names the file and key."""
+
+    def __init__(self, message: str, path: object = None, key: str | None = None):
+        where = f"{path}: " if path is not None else ""
+        super().__init__(f"{where}{message}")
+        self.path = path
+        self.key = key
+
+
+class BundleVersionError(BundleError):
+    """The bundle was written by a format version this reader does not know."""
+
+
+class GraphError(SavpackError):
+    """An ONNX graph cannot be used: unreadable, non-standard operators, or onnxruntime refuses it."""
+
+
 class SavpackWarning(UserWarning):
     """Something works but deserves attention: labels differing only in case, duplicates, unknown pack keys."""
