@@ -56,11 +56,11 @@ def _graph_vectors(graph, loaded, examples, template="{text}"):
         return graph.module(*[torch.from_numpy(np.asarray(feed[name])) for name in graph.input_names]).numpy()
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "qwen2", "llama"])
+@pytest.mark.parametrize("name, image_count", [("qwen2_vl", 1), ("llava_onevision", 1), ("qwen2", 0), ("llama", 0),
+                                               ("qwen2_vl", 0)])
 @pytest.mark.parametrize("selected_only", [False, True])
-def test_export_forward_equals_hooks_on_the_full_model(loaded_model, tmp_path, name, selected_only):
+def test_export_forward_equals_hooks_on_the_full_model(loaded_model, tmp_path, name, image_count, selected_only):
     loaded = loaded_model(name)
-    image_count = 1 if loaded.family.takes_images else 0
     examples = make_examples(3, image_count, [(200, 70), (60, 180), (98, 98)], tmp_path, seed=5,
                              extra_image_item=1 if image_count else None)
     graph = build_graph_module(loaded, HEADS, image_count, selected_only)
@@ -220,6 +220,12 @@ def test_savpack_export_command(model_dir, packs, tmp_path):
     wrong = CliRunner().invoke(main, ["export", "--pack", str(paths[0]), "--model", str(model_dir("llama")), "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 1 and "pack was built for" in wrong.output and "Traceback" not in wrong.output
     assert not (tmp_path / "x").exists()
+
+
+def test_export_needs_float32_on_cpu(model_dir, packs, tmp_path):
+    loaded = load_model(str(model_dir("qwen2")), device="cpu", dtype="bfloat16")
+    with pytest.raises(ExportError, match="float32 on the CPU"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "bundle")
 
 
 def test_output_path_errors(loaded_model, packs, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from savpack_runtime import bundle as fmt
 from savpack_runtime import graph_inputs
@@ -83,6 +84,9 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     if len(names) != len(packs):
         raise ExportError(f"{len(names)} names for {len(packs)} packs")
     _check_destination(out, force)
+    if loaded.dtype != torch.float32 or loaded.device.type != "cpu":
+        raise ExportError(f"{loaded.model_id} is loaded as {loaded.dtype} on {loaded.device}; export traces and "
+                          "validates in float32 on the CPU (load with device='cpu', dtype='float32'; fp16=True halves the weights)")
     check_packs_agree(packs, names)
     for pack in packs:
         check_pack_fits(pack, loaded)
