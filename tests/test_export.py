@@ -11,7 +11,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import preprocess_standin
 from savpack.cli import main
 from savpack.data import load_examples
 from savpack.errors import ExportError
@@ -28,8 +27,6 @@ from savpack_runtime.errors import ModelMismatchError, OutputPathError
 from savpack_runtime.session import GraphSession
 
 from conftest import task_for
-
-preprocess_standin.install()  # until savpack.preprocess_spec lands from its own branch
 
 HEADS = np.array([[1, 3], [0, 5], [3, 2], [3, 7], [2, 0], [0, 1]])
 

@@ -1,4 +1,4 @@
-"""exported/ is what tools/make_exported.py makes: regenerate into a temporary folder and compare."""
+"""exported/bundles/ is what tools/make_exported.py makes: regenerate into a temporary folder and compare."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPORTED = ROOT / "exported"
+EXPORTED = ROOT / "exported" / "bundles"
 
 
 def _tool():
@@ -25,7 +25,7 @@ def _tool():
 
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
-    out = tmp_path_factory.mktemp("regenerated") / "exported"
+    out = tmp_path_factory.mktemp("regenerated") / "bundles"
     return out, _tool().make_all(out)
 
 

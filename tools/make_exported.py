@@ -1,19 +1,19 @@
-"""Make exported/: golden bundles from tiny deterministic fixtures, with their inputs, expected head vectors and labels.
+"""Make exported/bundles/: golden bundles from tiny deterministic fixtures, with their inputs, expected head vectors and labels.
 
-    python tools/make_exported.py [--out exported] [--force]
+    python tools/make_exported.py [--out exported/bundles] [--force]
 
 For each case (a Qwen2-VL, a LLaVA-OneVision and a text-only Qwen2 fixture, random weights from seed 0): build packs
 on a generated labelled set, export a bundle, and record what the builder computes on a few fixed items:
 
-    exported/<case>/bundle/        the bundle (savpack export)
-    exported/<case>/items.jsonl    the items (text, images relative to the file), images in items/
-    exported/<case>/inputs.npz     the items encoded by LoadedModel.encode: "all.*" one mixed batch in the order the
+    exported/bundles/<case>/bundle/        the bundle (savpack export)
+    exported/bundles/<case>/items.jsonl    the items (text, images relative to the file), images in items/
+    exported/bundles/<case>/inputs.npz     the items encoded by LoadedModel.encode: "all.*" one mixed batch in the order the
                                    runtime batches them ("all.order" = item indices), "first.*" item 0 alone
-    exported/<case>/expected.npz   head_vectors (items, k, head_dim) from hooks on the PyTorch model (graph heads)
-    exported/<case>/expected.json  prompts, and each pack's labels, votes and shares from savpack.pipeline.classify
-    exported/manifest.json         versions used, file sizes, graph digests
+    exported/bundles/<case>/expected.npz   head_vectors (items, k, head_dim) from hooks on the PyTorch model (graph heads)
+    exported/bundles/<case>/expected.json  prompts, and each pack's labels, votes and shares from savpack.pipeline.classify
+    exported/bundles/manifest.json         versions used, file sizes, graph digests
 
-The runtime's tests (runtime/tests/test_exported.py) check themselves against these files without torch; the
+The runtime's tests (runtime/tests/test_runtime_exported.py) check themselves against these files without torch; the
 builder's test tests/test_exported_regenerate.py regenerates them and checks that they agree. With the same torch,
 transformers and onnx versions the graph bytes are identical (see docs/export.md).
 """
@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the preprocessing stand-in, used only while savpack.preprocess_spec is absent
 
 CASES: dict[str, dict[str, Any]] = {
     # Two packs, one forward: the graph returns the union of their heads.
@@ -123,7 +122,7 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
     prompts = [loaded.render(template, example.text, len(example.images)) for example in examples]
     vectors = extract(loaded, examples, template, heads=graph_heads, batch_size=len(examples), progress=False).vectors
     np.savez_compressed(folder / "expected.npz", head_vectors=vectors.astype(np.float32))
-    # The order the runtime's Classifier batches items in: by image count, then prompt length.
+    # One batch of every item (lengths, image sizes and image counts mixed), by image count, then prompt length.
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].images), len(prompts[i])))
     inputs = {"all.order": np.asarray(order, dtype=np.int64)}
     for key, batch in (("all", [examples[i] for i in order]), ("first", examples[:1])):
@@ -147,9 +146,6 @@ def make_all(out: Path, force: bool = False, cases: list[str] | None = None) -> 
     import torch
     import transformers
 
-    import preprocess_standin
-
-    stand_in = preprocess_standin.install()
     torch.set_num_threads(1)
     out = Path(out)
     if out.exists() and not force:
@@ -160,7 +156,7 @@ def make_all(out: Path, force: bool = False, cases: list[str] | None = None) -> 
         "made_by": "tools/make_exported.py",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
-        "preprocessing_stand_in": stand_in, "cases": {},
+        "cases": {},
     }
     try:
         with tempfile.TemporaryDirectory(prefix="savpack-golden-") as work:
@@ -168,7 +164,7 @@ def make_all(out: Path, force: bool = False, cases: list[str] | None = None) -> 
                 manifest["cases"][name] = make_case(name, CASES[name], staging / name, Path(work) / name)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(
-            "# exported/\n\nGolden bundles made by `python tools/make_exported.py --force` from tiny random-weight "
+            "# exported/bundles/\n\nGolden bundles made by `python tools/make_exported.py --force` from tiny random-weight "
             "fixtures (see the tool's docstring for the layout). Do not edit by hand: regenerate.\n")
         if out.exists():
             shutil.rmtree(out)
@@ -181,7 +177,7 @@ def make_all(out: Path, force: bool = False, cases: list[str] | None = None) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "exported"), help="folder to write (default: exported/)")
+    parser.add_argument("--out", default=str(ROOT / "exported" / "bundles"), help="folder to write (default: exported/bundles)")
     parser.add_argument("--force", action="store_true", help="replace the folder if it exists")
     args = parser.parse_args()
     manifest = make_all(Path(args.out), args.force)
@@ -190,7 +186,7 @@ def main() -> None:
         size = sum(size for path, size in case["bytes"].items())
         print(f"{name:<16} {len(case['heads']):>5} {size:>13} {case['validation_max_difference']:>20.2e}")
     total = sum(path.stat().st_size for path in Path(args.out).rglob("*") if path.is_file())
-    print(f"wrote {args.out}: {total} bytes" + (" (preprocessing files from the test stand-in)" if manifest["preprocessing_stand_in"] else ""))
+    print(f"wrote {args.out}: {total} bytes")
 
 
 if __name__ == "__main__":

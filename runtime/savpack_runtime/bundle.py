@@ -6,7 +6,7 @@ A bundle is a folder that `savpack export` writes and the runtime loads:
     graph.onnx           the truncated graph; returns OUTPUT_NAME (batch, k, head_dim) for the heads listed in
     graph.onnx.data      bundle.json "graph.heads"; its weights as ONNX external data
     packs/<name>.safetensors   each pack, and its heads' positions in the graph's output
-    tokenizer.json, preprocess.json   the preprocessing files (savpack_runtime.preprocess reads them)
+    preprocess.json, tokenizer.json   the preprocessing files (savpack_runtime.preprocess reads them)
 
 The graph also carries the model and its heads in its own metadata_props (GRAPH_META_*), so a graph moved between
 bundles is still checked against the packs it serves. The writer is savpack.export.bundle; docs/export.md is the
@@ -41,7 +41,7 @@ MAX_BUNDLE_JSON_BYTES = 4 * 1024 * 1024  # heads, positions and a few names: far
 # bundle.json
 BUNDLE_FIELDS = ("format", "format_version", "model", "prompt", "graph", "packs", "preprocessing", "created_by")
 # model: as in a pack (id, revision, family, grid, fingerprint); prompt: the packs' shared prompt (template, rendered,
-# image_count, chat_template_sha256); preprocessing: what savpack.preprocess_spec.write_preprocessing returned.
+# image_count, chat_template_sha256); preprocessing: {"files": {file name: sha256}} of the preprocessing files.
 GRAPH_FIELDS = (
     "file", "sha256", "data_file", "data_bytes", "data_sha256",  # files and their digests
     "kind", "plan",  # graph_inputs kind and the model constants its planner needs
@@ -124,6 +124,12 @@ class Bundle:
                               f"{graph['data_bytes']} (truncated or replaced?)", path, "graph.data_bytes")
         if check_weights and file_sha256(data) != graph["data_sha256"]:
             raise BundleError(f"graph weights file {graph['data_file']!r} does not match its sha256", path, "graph.data_sha256")
+
+        files = info["preprocessing"].get("files")
+        if not isinstance(files, dict) or not files:
+            raise BundleError("'preprocessing' must name its files and their sha256", path, "preprocessing.files")
+        for name, digest in files.items():
+            _check_file(folder, name, digest, path, "preprocessing.files")
 
         heads = np.asarray(graph["heads"], dtype=np.int64).reshape(-1, 2)
         if not isinstance(info["packs"], list) or not info["packs"]:

@@ -12,6 +12,7 @@ One forward serves every pack of the bundle: the graph returns the union of thei
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from PIL import Image
 
 from . import graph_inputs
 from .bundle import Bundle, check_graph_metadata
-from .errors import InputError, SavpackError
+from .errors import InputError
 from .images import load_image, to_rgb
+from .preprocess import Preprocessor
 from .session import GraphSession
 from .vote import classify_vectors
 
@@ -88,10 +90,6 @@ class Classifier:
             raise InputError(f"{bundle.graph_path}: graph inputs {list(session.input_names)} differ from bundle.json's {bundle.graph['inputs']}")
         timings["session"] = time.perf_counter() - started
         started = time.perf_counter()
-        try:
-            from .preprocess import Preprocessor
-        except ImportError as exc:
-            raise SavpackError(f"this savpack-runtime cannot preprocess: {exc}") from None
         preprocessor = Preprocessor.load(Path(folder))
         timings["preprocessor"] = time.perf_counter() - started
         classifier = cls(bundle, session, preprocessor, batch_size)
@@ -140,12 +138,13 @@ class Classifier:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
         batch_size = batch_size or self.batch_size
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
-        # Similar prompts together: less padding; results do not depend on the batch (the builder does the same).
+        # As the builder batches: similar prompts together (less padding; results do not depend on the batch), and a
+        # batch holds items with one number of images.
         order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(prompts[i])))
+        groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(items[i].images))]
         heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])
         vectors = np.zeros((len(items), heads, head_dim), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for batch in (group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)):
             images = [[_open(image, i) for image in items[i].images] for i in batch]
             encoded = self.preprocessor.encode([prompts[i] for i in batch], images)
             feed = graph_inputs.plan(self.bundle.graph["kind"], self.bundle.graph["plan"], encoded)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 
 import numpy as np
@@ -96,9 +95,8 @@ def test_pack_with_other_heads_is_refused(bundle_copy):
         fmt.Bundle.load(bundle_copy)
 
 
-def test_graph_for_another_model_is_refused(bundle_copy, monkeypatch):
+def test_graph_for_another_model_is_refused(bundle_copy):
     """bundle.json and every pack say model X, the graph's own metadata says another: refused at load."""
-    monkeypatch.setitem(sys.modules, "savpack_runtime.preprocess", golden.replay_module())
     for index, name in enumerate(["colour", "colour-loo"]):
         pack = Pack.load(bundle_copy / "packs" / f"{name}.safetensors")
         _rewrite_pack(bundle_copy, index, model={**pack.model, "revision": "other"})
@@ -107,8 +105,7 @@ def test_graph_for_another_model_is_refused(bundle_copy, monkeypatch):
         Classifier.load(bundle_copy)
 
 
-def test_graph_for_other_heads_is_refused(bundle_copy, monkeypatch):
-    monkeypatch.setitem(sys.modules, "savpack_runtime.preprocess", golden.replay_module())
+def test_graph_for_other_heads_is_refused(bundle_copy):
     heads = fmt.Bundle.load(bundle_copy).heads.tolist()
     swapped = [heads[1], heads[0]] + heads[2:]
     order = {tuple(head): position for position, head in enumerate(swapped)}
@@ -124,8 +121,7 @@ def test_graph_for_other_heads_is_refused(bundle_copy, monkeypatch):
         Classifier.load(bundle_copy)  # ...but not with what the graph computes
 
 
-def test_graph_exported_for_other_packs_is_refused(bundle_copy, monkeypatch):
-    monkeypatch.setitem(sys.modules, "savpack_runtime.preprocess", golden.replay_module())
+def test_graph_exported_for_other_packs_is_refused(bundle_copy):
     _rewrite_pack(bundle_copy, 0, version="9.9.9")  # same model and heads, another pack
     with pytest.raises(ModelMismatchError, match="not one the graph was exported for"):
         Classifier.load(bundle_copy)

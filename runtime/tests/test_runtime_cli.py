@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -14,11 +13,6 @@ from savpack_runtime.cli import main
 from savpack_runtime.errors import InputError
 
 import golden
-
-
-@pytest.fixture(autouse=True)
-def replay(monkeypatch):
-    monkeypatch.setitem(sys.modules, "savpack_runtime.preprocess", golden.replay_module())
 
 
 def test_classify_prints_the_builders_labels_as_json(capsys):

@@ -23,11 +23,13 @@ from savpack_runtime import bundle as fmt
 from savpack_runtime import graph_inputs
 from savpack_runtime.errors import OutputPathError
 from savpack_runtime.pack import Pack
+from savpack_runtime.preprocess import SPEC_FILE, TOKENIZER_FILE
 from savpack_runtime.session import GraphSession
 
 from ..errors import ExportError
 from ..models import LoadedModel
 from ..pipeline import check_pack_fits, producer_versions
+from ..preprocess_spec import write_preprocessing
 from . import onnx_graph
 from .forward import build_graph_module
 from .validate import DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, encode_examples, make_examples, validate_graph
@@ -76,7 +78,6 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
                   exporter: str = "torchscript", tolerance: float | None = None, echo=None) -> ExportResult:
     """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`."""
     say = echo or (lambda message: None)
-    write_preprocessing = _preprocessing_writer()
     out = Path(out)
     if not packs:
         raise ExportError("give at least one pack to export")
@@ -116,7 +117,8 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         (work / fmt.PACKS_FOLDER).mkdir()
         for pack, file in zip(packs, files):
             pack.save(work / file)
-        preprocessing = write_preprocessing(loaded, prompt, work)
+        write_preprocessing(loaded, prompt, work)  # checks the runtime reproduces the builder's inputs first
+        preprocessing = {"files": {name: fmt.file_sha256(work / name) for name in (SPEC_FILE, TOKENIZER_FILE)}}
         info = {
             "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
             "model": model_info, "prompt": prompt,
@@ -155,16 +157,6 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     if saved:
         say(f"float16 weights saved {saved / 1e6:.1f} MB")
     return ExportResult(out, info, report, sizes, seconds)
-
-
-def _preprocessing_writer():
-    """savpack.preprocess_spec.write_preprocessing(loaded, prompt, folder) -> dict: tokenizer.json, preprocess.json."""
-    try:
-        from ..preprocess_spec import write_preprocessing
-    except ImportError:
-        raise ExportError("this savpack lacks savpack.preprocess_spec, so the bundle's preprocessing files "
-                          "(tokenizer.json, preprocess.json) cannot be written") from None
-    return write_preprocessing
 
 
 def _export_versions() -> dict[str, str]:
