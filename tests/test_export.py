@@ -4,7 +4,7 @@ catches a wrong graph, bundles written atomically, `savpack export` on the comma
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import numpy as np
 import pytest
@@ -231,3 +231,11 @@ def test_output_path_errors(loaded_model, packs, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputPathError, match="not a folder"):
         export_bundle(loaded_model("qwen2"), packs("qwen2"), tmp_path / "file", force=True)
+
+
+@pytest.mark.skipif(not os.environ.get("SAVPACK_SLOW_TESTS"), reason="the dynamo exporter takes ~1 min per graph; SAVPACK_SLOW_TESTS=1 runs it")
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "qwen2"])
+def test_dynamo_exporter(loaded_model, packs, tmp_path, name):
+    result = export_bundle(loaded_model(name), packs(name), tmp_path / "bundle", exporter="dynamo", selected_heads_only=True)
+    assert result.validation.max_difference < 1e-5
+    assert result.info["created_by"]["exporter"] == "dynamo"

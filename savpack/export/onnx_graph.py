@@ -126,9 +126,14 @@ def finish(model, metadata: dict[str, str]) -> None:
         raise ExportError(f"the exported graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
 
+# Tensors below this many bytes stay inside graph.onnx: shape constants must (onnxruntime's shape inference cannot read
+# them from external data: "Cannot parse data from external tensors"), and they weigh nothing.
+INLINE_BYTES = 1024
+
+
 def save(model, path: Path) -> None:
-    """graph.onnx with every initializer in one external file (GRAPH_DATA_FILE) beside it."""
+    """graph.onnx with its weights in one external file (GRAPH_DATA_FILE) beside it."""
     import onnx
 
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=GRAPH_DATA_FILE, size_threshold=0, convert_attribute=False)
+                    location=GRAPH_DATA_FILE, size_threshold=INLINE_BYTES, convert_attribute=False)
