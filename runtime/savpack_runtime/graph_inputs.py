@@ -7,7 +7,7 @@ data-dependent control flow (docs/decisions.md, "Planning graph inputs on the ho
 validates its graphs through this same module, so there is one implementation of each rule.
 
 The rules mirror transformers' (5.x) Qwen2VLModel.get_rope_index, get_vision_position_ids, LlavaOnevisionModel.
-get_image_features / pack_image_features and select_best_resolution; the export validation compares graphs fed by
+get_image_features / pack_image_features (select_best_resolution is image_processing.best_resolution); the export validation compares graphs fed by
 this module with hooks on the real Hugging Face model, and tests/test_graph_inputs.py compares rule by rule.
 
 Shapes: B items, S tokens, N images, P patches per image (padded), D feature width.
@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import InputError
+from .image_processing import best_resolution
 
 # Graph kinds: which planner feeds a graph.
 TEXT = "text"
@@ -160,7 +161,7 @@ def mrope_position_ids(token_type: np.ndarray, mask: np.ndarray, grid: np.ndarra
 def _plan_llava_onevision(config: dict[str, Any], encoded: dict[str, np.ndarray], input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     image_token_id = int(config["image_token_id"])
     tile_size, patch = int(config["image_size"]), int(config["patch_size"])
-    pinpoints = [tuple(int(v) for v in point) for point in config["image_grid_pinpoints"]]
+    pinpoints = tuple(tuple(int(v) for v in point) for point in config["image_grid_pinpoints"])
     max_tiles = int(str(config["vision_aspect_ratio"]).removeprefix("anyres_max_"))
     pixel_values = _float_array(encoded, "pixel_values", 5)
     sizes = _int_array(encoded, "image_sizes", 2)
@@ -178,7 +179,7 @@ def _plan_llava_onevision(config: dict[str, Any], encoded: dict[str, np.ndarray]
     newline = None  # the newline row follows every tile feature: its index is known once all tiles are counted
     for image, ((height, width), tiled) in enumerate(zip(sizes.tolist(), patched.tolist())):
         if tiled:
-            best = select_best_resolution((height, width), pinpoints)
+            best = best_resolution((height, width), pinpoints)
             grid_rows, grid_cols = best[0] // tile_size, best[1] // tile_size
             tiles = 1 + grid_rows * grid_cols
         else:
@@ -261,38 +262,26 @@ def _bilinear(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.n
     return low, high, (source - low).astype(np.float64)
 
 
-def select_best_resolution(original_size: tuple[int, int], possible: list[tuple[int, int]]) -> tuple[int, int]:
-    """The (height, width) pinpoint keeping the most of the image's resolution, then wasting the least."""
-    original_height, original_width = original_size
-    best, most_effective, least_wasted = None, 0, float("inf")
-    for height, width in possible:
-        scale = min(width / original_width, height / original_height)
-        effective = min(int(original_width * scale) * int(original_height * scale), original_width * original_height)
-        wasted = width * height - effective
-        if effective > most_effective or (effective == most_effective and wasted < least_wasted):
-            best, most_effective, least_wasted = (height, width), effective, wasted
-    return best
-
-
 # -- checks ----------------------------------------------------------------------------------------------------------
 
 
 def _int_array(encoded: dict[str, np.ndarray], name: str, rank: int) -> np.ndarray:
-    if name not in encoded:
-        raise InputError(f"preprocessed inputs lack {name!r}")
-    array = np.asarray(encoded[name])
-    if array.ndim != rank or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"{name} must be a rank-{rank} integer array, got {array.dtype} of shape {list(array.shape)}")
-    return array.astype(np.int64, copy=False)
+    return _array(encoded, name, rank, np.integer).astype(np.int64, copy=False)
 
 
 def _float_array(encoded: dict[str, np.ndarray], name: str, rank: int) -> np.ndarray:
+    return _array(encoded, name, rank, np.floating).astype(np.float32, copy=False)
+
+
+def _array(encoded: dict[str, np.ndarray], name: str, rank: int, kind: type) -> np.ndarray:
     if name not in encoded:
-        raise InputError(f"preprocessed inputs lack {name!r} (this bundle's prompt takes images)")
+        hint = " (this bundle's prompt takes images)" if kind is np.floating else ""
+        raise InputError(f"preprocessed inputs lack {name!r}{hint}")
     array = np.asarray(encoded[name])
-    if array.ndim != rank or not np.issubdtype(array.dtype, np.floating):
-        raise InputError(f"{name} must be a rank-{rank} float array, got {array.dtype} of shape {list(array.shape)}")
-    return array.astype(np.float32, copy=False)
+    if array.ndim != rank or not np.issubdtype(array.dtype, kind):
+        raise InputError(f"{name} must be a rank-{rank} {'integer' if kind is np.integer else 'float'} array, "
+                         f"got {array.dtype} of shape {list(array.shape)}")
+    return array
 
 
 _PLANNERS: dict[str, Callable[..., dict[str, np.ndarray]]] = {

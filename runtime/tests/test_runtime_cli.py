@@ -43,6 +43,7 @@ def test_classify_table_and_info(capsys):
     ("not json\n", ":1: line is not valid JSON"),
     ('{"text": 3}\n', "field 'text' must be a string"),
     ("\n", "holds no items"),
+    ('{"text": "a", "video": "clip.mp4"}\n', "videos are a builder feature"),
 ])
 def test_bad_items_give_one_line(tmp_path, capsys, content, words):
     data = tmp_path / "items.jsonl"
