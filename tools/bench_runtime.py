@@ -1,12 +1,13 @@
 """Measure what the torch-free runtime costs against the builder, side by side in one run: bundle sizes, import time,
-load time, and one mixed batch (already encoded) through the graph (runtime) or the full model forward (builder).
+load time, and classifying the case's items end to end (preprocessing, forward, vote): `Classifier.classify_batch`
+(runtime) against `savpack.pipeline.classify` with the model (builder, which also stops after the deepest layer).
 
     python tools/bench_runtime.py [--repeats 3] [--bundle DIR ...]
 
 Each measurement runs in a fresh interpreter (imports are only cold once), single-threaded, `--repeats` times; the
 table shows medians and the JSON (tools/results/runtime_load.json) every run. Cases: the golden bundles in exported/
 (tiny random-weight models, so compute is small and import and load dominate); --bundle adds your own bundles
-(sizes, import and load only). The machine is shared: compare the ratios, not the absolute figures.
+(sizes, import and load only). Runtime load = Classifier.load: bundle checks, onnxruntime session, preprocessing. The machine is shared: compare the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
@@ -20,33 +21,27 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPORTED = ROOT / "exported"
+EXPORTED = ROOT / "exported" / "bundles"
 RESULTS = ROOT / "tools" / "results"
 
 _RUNTIME = """
 import json, sys, time
 started = time.perf_counter()
-import savpack_runtime
-from savpack_runtime import graph_inputs
-from savpack_runtime.bundle import Bundle, check_graph_metadata
+from savpack_runtime import Classifier
 import onnxruntime
 imported = time.perf_counter()
-bundle = Bundle.load({bundle!r})
-read = time.perf_counter()
-from savpack_runtime.session import GraphSession
-session = GraphSession(bundle.graph_path, "cpu", threads=1)
-check_graph_metadata(bundle, session.metadata)
-opened = time.perf_counter()
-timing = {{"import_s": imported - started, "bundle_s": read - imported, "session_s": opened - read}}
-inputs = {inputs!r}
-if inputs:
-    import numpy as np
-    with np.load(inputs) as data:
-        batch = {{key.split(".", 1)[1]: data[key] for key in data.files if key.startswith("all.") and key != "all.order"}}
+classifier = Classifier.load({bundle!r}, threads=1)
+loaded = time.perf_counter()
+timing = {{"import_s": imported - started, "load_s": loaded - imported, **{{f"load_{{k}}_s": v for k, v in classifier.load_seconds.items()}}}}
+items = {items!r}
+if items:
+    from savpack_runtime.items import read_items
+    from pathlib import Path
+    batch = [item for _, item in read_items(Path(items))]
     runs = []
     for _ in range(6):
         begin = time.perf_counter()
-        session.run(graph_inputs.plan(bundle.graph["kind"], bundle.graph["plan"], batch))
+        classifier.classify_batch(batch)
         runs.append(time.perf_counter() - begin)
     timing["first_batch_s"], timing["batch_s"] = runs[0], sorted(runs[1:])[2]
 banned = [name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "onnx")]
@@ -55,23 +50,23 @@ print(json.dumps({{**timing, "banned_imports": banned}}))
 
 _BUILDER = """
 import json, sys, time
-sys.path.insert(0, {tools!r})
 started = time.perf_counter()
 import torch
 torch.set_num_threads(1)
 import transformers
 from savpack.models import load_model
+from savpack.data import load_examples
+from savpack.pipeline import classify
+from savpack_runtime import Pack
 imported = time.perf_counter()
 loaded = load_model({model!r}, device="cpu", dtype="float32")
+pack = Pack.load({pack!r})
 opened = time.perf_counter()
-import numpy as np
-with np.load({inputs!r}) as data:
-    inputs = {{key.split(".", 1)[1]: torch.from_numpy(data[key]) for key in data.files if key.startswith("all.") and key != "all.order"}}
+examples = load_examples({items!r}, require_labels=False)
 runs = []
 for _ in range(6):
     begin = time.perf_counter()
-    with torch.inference_mode():
-        loaded.model.base_model(**inputs, use_cache=False)  # the full forward: every layer, no LM head
+    classify(loaded, pack, examples, batch_size=8, progress=False)
     runs.append(time.perf_counter() - begin)
 print(json.dumps({{"import_s": imported - started, "load_s": opened - imported, "first_batch_s": runs[0], "batch_s": sorted(runs[1:])[2]}}))
 """
@@ -110,13 +105,13 @@ def main() -> None:
         targets = [(name, EXPORTED / name / "bundle", EXPORTED / name) for name in CASES]
         targets += [(Path(path).name, Path(path), None) for path in args.bundle]
         for name, bundle, case in targets:
-            inputs = str(case / "inputs.npz") if case else None
-            runtime = [_run(_RUNTIME.format(bundle=str(bundle), inputs=inputs)) for _ in range(args.repeats)]
+            items = str(case / "items.jsonl") if case else None
+            runtime = [_run(_RUNTIME.format(bundle=str(bundle), items=items)) for _ in range(args.repeats)]
             entry = {"bytes": sizes(bundle), "runtime_runs": runtime}
             if case is not None and not args.no_builder:
                 model = build_fixture(CASES[name]["fixture"], Path(tmp) / name, seed=0)
-                builder = [_run(_BUILDER.format(tools=str(ROOT / "tools"), model=str(model), inputs=inputs))
-                           for _ in range(args.repeats)]
+                pack = sorted((bundle / "packs").iterdir())[0]
+                builder = [_run(_BUILDER.format(model=str(model), pack=str(pack), items=items)) for _ in range(args.repeats)]
                 entry["builder_runs"] = builder
             results["cases"][name] = entry
 
@@ -125,7 +120,7 @@ def main() -> None:
     print(header)
     for name, entry in results["cases"].items():
         runtime, builder = entry["runtime_runs"], entry.get("builder_runs")
-        load = _median(runtime, "bundle_s") + _median(runtime, "session_s")
+        load = _median(runtime, "load_s")
         graph_bytes = sum(size for file, size in entry["bytes"].items() if file.startswith("graph.onnx"))
         summary = {"bundle_mb": sum(entry["bytes"].values()) / 1e6, "graph_mb": graph_bytes / 1e6,
                    "import_s": _median(runtime, "import_s"), "load_s": load,
