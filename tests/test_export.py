@@ -29,6 +29,12 @@ from savpack_runtime.session import GraphSession
 from conftest import task_for
 
 HEADS = np.array([[1, 3], [0, 5], [3, 2], [3, 7], [2, 0], [0, 1]])
+# gemma3_text has 4 heads: a global layer (2) and sliding ones (0, 1, 3), layer 3 deepest.
+GEMMA3_HEADS = np.array([[1, 3], [0, 2], [3, 1], [2, 0], [3, 3], [0, 1]])
+
+
+def heads_for(name: str) -> np.ndarray:
+    return GEMMA3_HEADS if name == "gemma3_text" else HEADS
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +60,69 @@ def _graph_vectors(graph, loaded, examples, template="{text}"):
 
 
 @pytest.mark.parametrize("name, image_count", [("qwen2_vl", 1), ("llava_onevision", 1), ("qwen2", 0), ("llama", 0),
-                                               ("qwen2_vl", 0)])
+                                               ("qwen2_vl", 0), ("qwen2_5_vl", 1), ("llava", 1), ("gemma3_text", 0)])
 @pytest.mark.parametrize("selected_only", [False, True])
 def test_export_forward_equals_hooks_on_the_full_model(loaded_model, tmp_path, name, image_count, selected_only):
     loaded = loaded_model(name)
     examples = make_examples(3, image_count, [(200, 70), (60, 180), (98, 98)], tmp_path, seed=5,
                              extra_image_item=1 if image_count else None)
-    graph = build_graph_module(loaded, HEADS, image_count, selected_only)
-    expected = extract(loaded, examples, heads=HEADS, progress=False).vectors
+    graph = build_graph_module(loaded, heads_for(name), image_count, selected_only)
+    expected = extract(loaded, examples, heads=heads_for(name), progress=False).vectors
     assert np.abs(_graph_vectors(graph, loaded, examples) - expected).max() < 1e-5
+
+
+def test_qwen2_5_vl_window_attention_is_reproduced(loaded_model, tmp_path):
+    """The vision tower's features equal transformers' (its own forward, windows from get_vision_window_index) on
+    images of 3x3, 2x6 and 3x5 merged units, which span full and partial windows of 2x2 units; attending over whole
+    images in the window blocks instead (Qwen2-VL's way) gives other features."""
+    loaded = loaded_model("qwen2_5_vl")
+    examples = make_examples(3, 1, [(84, 84), (60, 180), (84, 140)], tmp_path, seed=9, extra_image_item=1)
+    graph = build_graph_module(loaded, HEADS, 1)
+    encoded = encode_examples(loaded, examples, "{text}")
+    feed = graph_inputs.plan(graph.kind, graph.plan_config, encoded)
+    assert len(feed["window_index"]) > len(feed["patch_index"]) and not feed["window_mask"].all()
+    with torch.no_grad():
+        expected = loaded.model.model.visual(torch.from_numpy(encoded["pixel_values"]),
+                                             grid_thw=torch.from_numpy(encoded["image_grid_thw"])).pooler_output.numpy()
+
+    def features() -> np.ndarray:  # the graph's padded per-image rows, real rows only, image after image
+        names = ("pixel_values", "patch_index", "patch_mask", "patch_positions", "window_index", "window_mask", "window_inverse")
+        with torch.no_grad():
+            rows = graph.module.image_features(*[torch.from_numpy(np.asarray(feed[name])) for name in names]).numpy()
+        real = feed["patch_mask"][:, ::4].reshape(-1)  # one row per merge x merge patches
+        return rows[real]
+
+    scale = np.abs(expected).max()
+    assert np.abs(features() - expected).max() < 1e-5 * scale
+    graph.module.full_attention_blocks = set(range(len(graph.module.visual.blocks)))
+    assert np.abs(features() - expected).max() > 1e-3 * scale  # random tiny weights: attention moves features little
+
+
+def test_gemma3_sliding_window_is_reproduced(loaded_model, tmp_path):
+    """Prompts longer than the fixture's window of 6: sliding layers see only the last 6 tokens, and without the
+    window (every layer global) the vectors differ."""
+    loaded = loaded_model("gemma3_text")
+    examples = make_examples(3, 0, [], tmp_path, seed=5)
+    graph = build_graph_module(loaded, GEMMA3_HEADS, 0)
+    assert graph.module.decoder.windows == [6, 6, None, 6]
+    expected = extract(loaded, examples, heads=GEMMA3_HEADS, progress=False).vectors
+    assert np.abs(_graph_vectors(graph, loaded, examples) - expected).max() < 1e-5
+    graph.module.decoder.windows = [None] * 4
+    assert np.abs(_graph_vectors(graph, loaded, examples) - expected).max() > 1e-3
+
+
+def test_planned_windows_equal_transformers():
+    from transformers.vision_utils import get_vision_window_index
+
+    # (t, h, w) patch grids; Qwen2.5-VL's real window (112 px, patch 14, merge 2: 4x4 units) and the fixture's (2x2).
+    grids = [(1, 4, 4), (1, 8, 6), (1, 6, 10), (2, 4, 8), (1, 2, 2), (1, 22, 34), (1, 16, 16)]
+    for window_size in (56, 112):
+        for grid in grids:
+            index, boundaries = get_vision_window_index(torch.tensor([grid]), 2, window_size, 14)
+            windows = graph_inputs.vision_windows(*grid, 2, window_size // 2 // 14)
+            patches = (index[:, None] * 4 + torch.arange(4)).reshape(-1).numpy()  # units -> their 4 patches
+            assert np.array_equal(np.concatenate(windows), patches), grid
+            assert [len(window) for window in windows] == np.diff(boundaries.numpy()).tolist(), grid
 
 
 def test_llava_anyres_resize_path_equals_hooks(model_dir, tmp_path):
@@ -188,8 +248,8 @@ def test_export_refuses_unsupported_language_models(loaded_model):
     config = loaded.model.config
     original = config.model_type
     try:
-        config.model_type = "gemma3_text"
-        with pytest.raises(ExportError, match="'gemma3_text' is not exportable"):
+        config.model_type = "gemma2"
+        with pytest.raises(ExportError, match="'gemma2' is not exportable"):
             build_graph_module(loaded, HEADS, 0)
     finally:
         config.model_type = original
@@ -234,7 +294,7 @@ def test_output_path_errors(loaded_model, packs, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("SAVPACK_SLOW_TESTS"), reason="the dynamo exporter takes ~1 min per graph; SAVPACK_SLOW_TESTS=1 runs it")
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "qwen2"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "qwen2", "qwen2_5_vl", "llava", "gemma3_text"])
 def test_dynamo_exporter(loaded_model, packs, tmp_path, name):
     result = export_bundle(loaded_model(name), packs(name), tmp_path / "bundle", exporter="dynamo", selected_heads_only=True)
     assert result.validation.max_difference < 1e-5

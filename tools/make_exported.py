@@ -2,7 +2,8 @@
 
     python tools/make_exported.py [--out exported/bundles] [--force]
 
-For each case (a Qwen2-VL, a LLaVA-OneVision and a text-only Qwen2 fixture, random weights from seed 0): build packs
+For each case (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-1.5, and the text-only Qwen2 and Gemma 3 fixtures, random
+weights from seed 0): build packs
 on a generated labelled set, export a bundle, and record what the builder computes on a few fixed items:
 
     exported/bundles/<case>/bundle/        the bundle (savpack export)
@@ -40,6 +41,14 @@ CASES: dict[str, dict[str, Any]] = {
                         "packs": {"colour": {"k": 6}}},
     "qwen2": {"fixture": "qwen2", "template": "Classify: {text}", "selected_heads_only": False,
               "packs": {"words": {"k": 6}}},
+    # Window attention in the vision tower: the items' images span full and partial windows.
+    "qwen2_5_vl": {"fixture": "qwen2_5_vl", "template": "Question: {text}", "selected_heads_only": False,
+                   "packs": {"colour": {"k": 6}}},
+    # CLIP tower, shortest-edge resize and center crop in the runtime's preprocessing.
+    "llava": {"fixture": "llava", "template": "{text}", "selected_heads_only": True, "packs": {"colour": {"k": 6}}},
+    # Sliding-window and global layers, q/k and sandwich norms, scaled embeddings: the real Gemma-3-270M's layout.
+    "gemma3_text": {"fixture": "gemma3_text", "template": "Classify: {text}", "selected_heads_only": False,
+                    "packs": {"words": {"k": 6}}},
 }
 # (text, [(width, height, (r, g, b)), ...]) per item; texts and sizes differ so one batch mixes lengths and grids.
 IMAGE_ITEMS = [
@@ -75,10 +84,10 @@ def _write_images(folder: Path, items: list[tuple[str, list]], stem: str) -> lis
     return records
 
 
-def _train_file(case: dict[str, Any], work: Path) -> Path:
+def _train_file(takes_images: bool, work: Path) -> Path:
     from savpack.demo import write_colour_task
 
-    if case["fixture"] in ("qwen2_vl", "llava_onevision"):
+    if takes_images:
         return write_colour_task(work, per_class=4, seed=1, name="train")
     path = work / "train.jsonl"
     path.write_text("".join(json.dumps({"text": text, "label": label}) + "\n"
@@ -99,7 +108,7 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
     model_dir = build_fixture(case["fixture"], work / f"{name}-model", seed=0)
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     loaded.model_id = f"savpack-fixtures/{case['fixture']}"  # not the temporary folder it was built in
-    activations = extract_activations(loaded, load_examples(_train_file(case, work)), case["template"], progress=False)
+    activations = extract_activations(loaded, load_examples(_train_file(loaded.family.takes_images, work)), case["template"], progress=False)
     packs = []
     for pack_name, settings in case["packs"].items():
         pack = pack_from_activations(activations, name=f"golden/{name}-{pack_name}", version="1.0.0", **settings)

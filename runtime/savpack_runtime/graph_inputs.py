@@ -6,7 +6,7 @@ here, as small integer index tensors, so the graph itself is plain dense arithme
 data-dependent control flow (docs/decisions.md, "Planning graph inputs on the host"). The builder's export traces and
 validates its graphs through this same module, so there is one implementation of each rule.
 
-The rules mirror transformers' (5.x) Qwen2VLModel.get_rope_index, get_vision_position_ids, LlavaOnevisionModel.
+The rules mirror transformers' (5.x) Qwen2VLModel.get_rope_index, get_vision_position_ids, get_vision_window_index (Qwen2.5-VL), LlavaOnevisionModel.
 get_image_features / pack_image_features (select_best_resolution is image_processing.best_resolution); the export validation compares graphs fed by
 this module with hooks on the real Hugging Face model, and tests/test_graph_inputs.py compares rule by rule.
 
@@ -26,11 +26,14 @@ from .image_processing import best_resolution
 # Graph kinds: which planner feeds a graph.
 TEXT = "text"
 QWEN2_VL = "qwen2_vl"
+QWEN2_5_VL = "qwen2_5_vl"
 LLAVA_ONEVISION = "llava_onevision"
+LLAVA = "llava"
 
 # The graph contract: per graph kind (which planner feeds it), the inputs in order with their dynamic axes.
 _BATCH_SEQUENCE = {0: "batch", 1: "sequence"}
 _PER_IMAGE = {0: "images", 1: "image_patches"}
+_PER_WINDOW = {0: "windows", 1: "window_patches"}
 GRAPH_INPUTS: dict[str, dict[str, dict[int, str]]] = {
     TEXT: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE},
     # pixel_values (all patches, C*T*P*P) as the processor gives them; patch_index/patch_mask (N, P) lay them out per
@@ -39,6 +42,16 @@ GRAPH_INPUTS: dict[str, dict[str, dict[int, str]]] = {
     QWEN2_VL: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "patches"},
                "patch_index": _PER_IMAGE, "patch_mask": _PER_IMAGE, "patch_positions": _PER_IMAGE,
                "position_ids": {1: "batch", 2: "sequence"}, "image_token_index": _BATCH_SEQUENCE},
+    # Qwen2-VL's inputs, then the windows of the vision tower's window-attention blocks: window_index / window_mask
+    # (W, Pw) each window's patches (flattened over N x P), padded; window_inverse (N, P) where each patch of the image
+    # layout sits in the window layout (flattened over W x Pw).
+    QWEN2_5_VL: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "patches"},
+                 "patch_index": _PER_IMAGE, "patch_mask": _PER_IMAGE, "patch_positions": _PER_IMAGE,
+                 "position_ids": {1: "batch", 2: "sequence"}, "image_token_index": _BATCH_SEQUENCE,
+                 "window_index": _PER_WINDOW, "window_mask": _PER_WINDOW, "window_inverse": _PER_IMAGE},
+    # pixel_values (N, C, H, W) at the vision tower's size, as the processor gives them; the image features take the
+    # image tokens in order inside the graph.
+    LLAVA: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "images"}},
     # pixel_values (N, tiles, C, H, W) as the processor gives them; tile_index (T,) the tiles to encode (flattened over
     # N x tiles); image_token_index / image_token_weight (B, S, 4): each image token is a weighted sum of up to four
     # rows of the tile features (flattened over T x tokens per tile, then one row for the image_newline vector).
@@ -153,6 +166,58 @@ def mrope_position_ids(token_type: np.ndarray, mask: np.ndarray, grid: np.ndarra
             current += max(h, w) // merge
         positions[:, row, real] = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
     return positions
+
+
+# -- Qwen2.5-VL -----------------------------------------------------------------------------------------------------
+
+
+def _plan_qwen2_5_vl(config: dict[str, Any], encoded: dict[str, np.ndarray], input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    feed = _plan_qwen2_vl(config, encoded, input_ids, mask)
+    merge = int(config["spatial_merge_size"])
+    units_per_side = int(config["window_size"]) // merge // int(config["patch_size"])
+    images, longest = feed["patch_index"].shape
+    windows = []  # per window: its patches as indices into the (N x P) image layout
+    for image, (t, h, w) in enumerate(_int_array(encoded, "image_grid_thw", 2).tolist()):
+        windows += [image * longest + patches for patches in vision_windows(t, h, w, merge, units_per_side)]
+    window_length = max(len(patches) for patches in windows)
+    window_index = np.zeros((len(windows), window_length), dtype=np.int64)  # padding repeats patch 0: masked
+    window_mask = np.zeros((len(windows), window_length), dtype=bool)
+    window_inverse = np.zeros((images, longest), dtype=np.int64)  # padding patches of the image layout read slot 0
+    for number, patches in enumerate(windows):
+        window_index[number, : len(patches)] = patches
+        window_mask[number, : len(patches)] = True
+        window_inverse.reshape(-1)[patches] = number * window_length + np.arange(len(patches))
+    return {**feed, "window_index": window_index, "window_mask": window_mask, "window_inverse": window_inverse}
+
+
+def vision_windows(t: int, h: int, w: int, merge: int, units_per_side: int) -> list[np.ndarray]:
+    """One image's attention windows, in transformers' order (get_vision_window_index): squares of units_per_side^2
+    merged units (merge x merge patches each), row by row per frame; each window lists its patches (indices in the
+    processor's patch order, where a unit's merge^2 patches are consecutive), units row-major within it."""
+    rows, cols = h // merge, w // merge
+    frame, row, col = np.meshgrid(np.arange(t), np.arange(rows), np.arange(cols), indexing="ij")
+    windows_per_row = -(-cols // units_per_side)
+    windows_per_frame = -(-rows // units_per_side) * windows_per_row
+    window = (frame * windows_per_frame + (row // units_per_side) * windows_per_row + col // units_per_side).reshape(-1)
+    units = np.argsort(window, kind="stable")  # units in window order, row-major inside each window
+    unit_patches = units[:, None] * merge * merge + np.arange(merge * merge)  # (units, merge^2)
+    ends = np.cumsum(np.bincount(window))  # every window holds at least one unit
+    return [part.reshape(-1) for part in np.split(unit_patches, ends[:-1])]
+
+
+# -- LLaVA-1.5 -------------------------------------------------------------------------------------------------------
+
+
+def _plan_llava(config: dict[str, Any], encoded: dict[str, np.ndarray], input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    pixel_values = _float_array(encoded, "pixel_values", 4)
+    size = int(config["image_size"])
+    if pixel_values.shape[2:] != (size, size):
+        raise InputError(f"pixel_values has images of {list(pixel_values.shape[2:])} pixels; the vision tower takes {size}x{size}")
+    expected = pixel_values.shape[0] * int(config["tokens_per_image"])
+    found = int((input_ids == int(config["image_token_id"])).sum())
+    if found != expected:
+        raise InputError(f"input_ids hold {found} image tokens but the images give {expected} features")
+    return {"pixel_values": pixel_values}
 
 
 # -- LLaVA-OneVision -------------------------------------------------------------------------------------------------
@@ -285,5 +350,6 @@ def _array(encoded: dict[str, np.ndarray], name: str, rank: int, kind: type) -> 
 
 
 _PLANNERS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-    TEXT: _plan_text, QWEN2_VL: _plan_qwen2_vl, LLAVA_ONEVISION: _plan_llava_onevision,
+    TEXT: _plan_text, QWEN2_VL: _plan_qwen2_vl, QWEN2_5_VL: _plan_qwen2_5_vl, LLAVA: _plan_llava,
+    LLAVA_ONEVISION: _plan_llava_onevision,
 }

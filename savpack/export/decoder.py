@@ -2,7 +2,9 @@
 chosen heads' attention outputs at each item's last real token.
 
 Written with plain tensor operations (no cache objects, no mask helpers, no `.tolist()`), so torch.export sees one
-static graph whose only dynamic dimensions are the batch and the sequence. Attention is computed explicitly
+static graph whose only dynamic dimensions are the batch and the sequence. Besides Llama-style layers it reproduces
+what Gemma 3 adds: per-head q/k norms, norms around the attention and the MLP ("sandwich"), sliding-window layers with
+their own rotary table (the tables are keyed by layer type). Attention is computed explicitly
 (matmul, masked softmax, matmul) rather than through scaled_dot_product_attention: padded query rows of a left-padded
 batch have no key to attend to, and a boolean-masked SDPA turns them into NaN, which then leaks into every later
 layer through 0 * NaN; a finite fill keeps them harmless, as transformers does.
@@ -48,23 +50,38 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.argmax(attention_mask.to(torch.int64) * steps, dim=1)
 
 
+def rope_types(text_config: Any) -> list[str]:
+    """The rope types of a text config: one, or one per layer type (Gemma 3 nests them by layer type)."""
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    if rope and all(isinstance(value, dict) for value in rope.values()):
+        return [value.get("rope_type", "default") for value in rope.values()]
+    return [rope.get("rope_type", "default")]
+
+
+def layer_windows(text_model: nn.Module, text_config: Any) -> list[int | None]:
+    """Per layer, its sliding window (None: full attention). Qwen2 and Gemma 3 set it per attention module; Mistral
+    applies the config's to every layer."""
+    windows = []
+    for block in text_model.layers:
+        attention = block.self_attn
+        window = attention.sliding_window if hasattr(attention, "sliding_window") else getattr(text_config, "sliding_window", None)
+        windows.append(int(window) if window else None)
+    return windows
+
+
 def check_text_model(text_model: nn.Module, text_config: Any, grid: tuple[int, int, int], model_name: str) -> None:
     """Refuse, with a reason, a language model this decoder would not reproduce exactly."""
-    rope = getattr(text_config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ExportError(f"{model_name}: rope type {rope_type!r} is not exportable (supported: {STATIC_ROPE_TYPES})")
+    for rope_type in rope_types(text_config):
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise ExportError(f"{model_name}: rope type {rope_type!r} is not exportable (supported: {STATIC_ROPE_TYPES})")
     layer = text_model.layers[0]
     attention = layer.self_attn
     missing = [name for name in _PROJECTIONS if not isinstance(getattr(attention, name, None), nn.Linear)]
     if missing:
         raise ExportError(f"{model_name}: attention lacks the linear projections {missing}; only Llama-style attention is exportable")
-    extra = [name for name in ("q_norm", "k_norm") if getattr(attention, name, None) is not None]
-    if extra:
-        raise ExportError(f"{model_name}: attention uses {extra}, which the export decoder does not implement")
-    for index, block in enumerate(text_model.layers):
-        if getattr(block.self_attn, "sliding_window", None):
-            raise ExportError(f"{model_name}: layer {index} uses sliding-window attention, which the export decoder does not implement")
+    for name in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(text_config, name, None):
+            raise ExportError(f"{model_name}: {name}={getattr(text_config, name)!r} is not implemented by the export decoder")
     if int(attention.head_dim) != grid[2]:
         raise ExportError(f"{model_name}: attention head_dim {attention.head_dim} differs from the grid's {grid[2]}")
     for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
@@ -72,14 +89,20 @@ def check_text_model(text_model: nn.Module, text_config: Any, grid: tuple[int, i
             raise ExportError(f"{model_name}: decoder layer lacks {name}; only Llama-style layers are exportable")
 
 
+FULL_ATTENTION = "full_attention"  # the layer type of models that have one kind of layer
+
+
 class HeadDecoder(nn.Module):
     """Decoder layers 0..L* returning `heads` at the last real token, in the order given.
 
+    The forward takes rotary tables keyed by layer type (`layer_types`: Gemma 3's sliding layers use another rope
+    than its global ones; every other model has one type, FULL_ATTENTION).
     selected_only: in layer L* compute the query of the chosen heads at the last position only (and keys and values
     of the key/value heads they read), skipping everything else that layer would compute.
     """
 
-    def __init__(self, text_model: nn.Module, heads: np.ndarray, grid: tuple[int, int, int], selected_only: bool = False):
+    def __init__(self, text_model: nn.Module, text_config: Any, heads: np.ndarray, grid: tuple[int, int, int],
+                 selected_only: bool = False):
         super().__init__()
         layers_count, self.num_heads, self.head_dim = grid
         heads = np.asarray(heads, dtype=np.int64)
@@ -90,6 +113,11 @@ class HeadDecoder(nn.Module):
         self.kv_heads = self.num_heads // int(attention.num_key_value_groups)
         self.scaling = float(attention.scaling)
         self.selected_only = selected_only
+        configured = getattr(text_config, "layer_types", None)
+        self.layer_types = [str(configured[index]) if configured else FULL_ATTENTION for index in range(self.deepest + 1)]
+        self.windows = layer_windows(text_model, text_config)[: self.deepest + 1]
+        # Gemma 3: norms after the attention and around the MLP; Llama: post_attention_layernorm precedes the MLP.
+        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
 
         # Per layer with chosen heads: which heads to keep; then one permutation puts them in the graph's order.
         self.capture = {int(layer): sorted({int(h) for l, h in heads if l == layer}) for layer in np.unique(heads[:, 0])}
@@ -120,37 +148,55 @@ class HeadDecoder(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """hidden (B, S, E) embeddings, attention_mask (B, S), cos/sin (B, S, d) -> (B, k, d)."""
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """hidden (B, S, E) embeddings, attention_mask (B, S), tables: layer type -> cos, sin (B, S, d) -> (B, k, d)."""
         batch, length, _ = hidden.shape
         last = last_positions(attention_mask)  # (B,)
         rows = torch.arange(batch, device=hidden.device)
         real = attention_mask.to(torch.bool)
         steps = torch.arange(length, device=hidden.device)
-        causal = steps[None, :] <= steps[:, None]  # (S, S)
-        allowed = (causal[None, :, :] & real[:, None, :])[:, None]  # (B, 1, S, S)
+        distance = steps[:, None] - steps[None, :]  # (S, S) query index - key index
+        masks: dict[int | None, torch.Tensor] = {}
 
         captured = []
         for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
+            attention, window = layer.self_attn, self.windows[index]
+            cos, sin = tables[self.layer_types[index]]
             normed = layer.input_layernorm(hidden)
             if index == self.deepest and self.selected_only:
-                captured.append(self._deepest_selected(normed, real, last, rows, cos, sin))
+                captured.append(self._deepest_selected(normed, real, last, rows, cos, sin, window))
                 break
-            query = attention.q_proj(normed).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            key = attention.k_proj(normed).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            if window not in masks:  # causal, real keys only, and within the window if the layer slides
+                causal = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
+                masks[window] = (causal[None, :, :] & real[:, None, :])[:, None]  # (B, 1, S, S)
+            query = self._heads(attention, "q", attention.q_proj(normed), self.num_heads)
+            key = self._heads(attention, "k", attention.k_proj(normed), self.kv_heads)
             value = attention.v_proj(normed).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             query = apply_rotary(query, cos[:, None], sin[:, None])
             key = apply_rotary(key, cos[:, None], sin[:, None])
             key, value = self._repeat_kv(key), self._repeat_kv(value)
-            per_head = attend(query, key, value, allowed, self.scaling)  # (B, S, H, d)
+            per_head = attend(query, key, value, masks[window], self.scaling)  # (B, S, H, d)
             if index in self.capture:
                 captured.append(per_head[rows, last][:, self.capture[index]])  # (B, n_layer, d)
             if index == self.deepest:
                 break
-            hidden = hidden + attention.o_proj(per_head.reshape(batch, length, self.num_heads * self.head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            attended = attention.o_proj(per_head.reshape(batch, length, self.num_heads * self.head_dim))
+            if self.sandwich:
+                hidden = hidden + layer.post_attention_layernorm(attended)
+                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+            else:
+                hidden = hidden + attended
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return torch.cat(captured, dim=1)[:, self.order]  # (B, k, d)
+
+    def _heads(self, attention: nn.Module, which: str, projected: torch.Tensor, count: int) -> torch.Tensor:
+        """(B, S, count * d) -> (B, count, S, d) (count -1: as many as there are), through the per-head norm
+        (q_norm / k_norm) when the model has one."""
+        batch, length = projected.shape[:2]
+        states = projected.view(batch, length, count, self.head_dim).transpose(1, 2)
+        norm = getattr(attention, f"{which}_norm", None)
+        return norm(states) if norm is not None else states
 
     def _repeat_kv(self, states: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, S, d) -> (B, H, S, d): each key/value head serves `H / Hkv` query heads."""
@@ -161,19 +207,23 @@ class HeadDecoder(nn.Module):
         return states[:, :, None].expand(batch, kv_heads, group, length, d).reshape(batch, kv_heads * group, length, d)
 
     def _deepest_selected(self, normed: torch.Tensor, real: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                          cos: torch.Tensor, sin: torch.Tensor, window: int | None) -> torch.Tensor:
         """Layer L*'s chosen heads at the last position: one query row per item, keys over the real tokens before it."""
         batch, length, _ = normed.shape
         chosen, d = len(self.capture[self.deepest]), self.head_dim
         last_state = normed[rows, last][:, None]  # (B, 1, E)
-        query = nn.functional.linear(last_state, self.q_weight, self.q_bias).view(batch, 1, chosen, d).transpose(1, 2)
-        key = nn.functional.linear(normed, self.k_weight, self.k_bias).view(batch, length, -1, d).transpose(1, 2)
+        attention = self.layers[self.deepest].self_attn
+        query = self._heads(attention, "q", nn.functional.linear(last_state, self.q_weight, self.q_bias), chosen)
+        key = self._heads(attention, "k", nn.functional.linear(normed, self.k_weight, self.k_bias), -1)
         value = nn.functional.linear(normed, self.v_weight, self.v_bias).view(batch, length, -1, d).transpose(1, 2)
         query = apply_rotary(query, cos[rows, last][:, None, None], sin[rows, last][:, None, None])
         key = apply_rotary(key, cos[:, None], sin[:, None])
         key, value = key[:, self.kv_of_chosen], value[:, self.kv_of_chosen]  # (B, chosen, S, d)
         steps = torch.arange(length, device=normed.device)
-        allowed = (real & (steps[None, :] <= last[:, None]))[:, None, None]  # (B, 1, 1, S)
+        allowed = real & (steps[None, :] <= last[:, None])
+        if window is not None:
+            allowed = allowed & (last[:, None] - steps[None, :] < window)
+        allowed = allowed[:, None, None]  # (B, 1, 1, S)
         return attend(query, key, value, allowed, self.scaling)[:, 0]  # (B, chosen, d)
 
 
@@ -182,3 +232,24 @@ def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: floa
     angles = positions[..., None].float() * inv_freq.float()
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos() * scaling, angles.sin() * scaling
+
+
+class RotaryTables(nn.Module):
+    """The text model's rotary tables for plain positions (B, S): one per layer type the decoder uses (Gemma 3 keeps
+    `{type}_inv_freq` per layer type; other models one `inv_freq`)."""
+
+    def __init__(self, rotary: nn.Module, layer_types: list[str]):
+        super().__init__()
+        self.types = sorted(set(layer_types))
+        self.scaling = {}
+        for layer_type in self.types:
+            inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
+            scaling = getattr(rotary, f"{layer_type}_attention_scaling", None)
+            if inv_freq is None:
+                inv_freq, scaling = rotary.inv_freq, rotary.attention_scaling
+            self.register_buffer(f"inv_freq_{layer_type}", inv_freq.detach().clone(), persistent=False)
+            self.scaling[layer_type] = float(scaling)
+
+    def forward(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {layer_type: rotary_tables(getattr(self, f"inv_freq_{layer_type}"), positions, self.scaling[layer_type])
+                for layer_type in self.types}
