@@ -168,7 +168,7 @@ def _llava_rule(processor: Any, common: dict[str, Any]) -> LlavaImages:
     squares = hasattr(image_processor, "pad_to_square")
     if getattr(image_processor, "do_pad", False) and not squares:
         raise ExportError(f"{type(image_processor).__name__} has do_pad=True; the runtime does not reproduce batch padding")
-    if size.shortest_edge and size.longest_edge or not (size.shortest_edge or (size.height and size.width)):
+    if (size.shortest_edge and size.longest_edge) or not (size.shortest_edge or (size.height and size.width)):
         raise ExportError(f"image processor size {dict(size)}: the runtime reproduces 'shortest_edge' alone or "
                           "'height' and 'width'")
     crop_size = (int(crop.height), int(crop.width)) if image_processor.do_center_crop else None
