@@ -78,3 +78,11 @@ def test_planner_refuses_inconsistent_inputs():
         graph_inputs.plan("qwen2_vl", config, {key: value for key, value in batch.items() if key != "pixel_values"})
     with pytest.raises(InputError, match="rank-2 integer"):
         graph_inputs.plan("text", {}, {"input_ids": batch["input_ids"].astype(np.float32), "attention_mask": batch["attention_mask"]})
+
+    llava = golden.recorded_batches("llava")["all"]
+    llava_config = Bundle.load(golden.bundle_dir("llava")).graph["plan"]
+    assert list(graph_inputs.plan("llava", llava_config, llava)) == ["input_ids", "attention_mask", "pixel_values"]
+    with pytest.raises(InputError, match="the vision tower takes 28x28"):
+        graph_inputs.plan("llava", llava_config, {**llava, "pixel_values": llava["pixel_values"][:, :, :14]})
+    with pytest.raises(InputError, match="image tokens but the images give"):
+        graph_inputs.plan("llava", llava_config, {**llava, "pixel_values": llava["pixel_values"][:-1]})
