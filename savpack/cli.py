@@ -55,24 +55,27 @@ def main(debug: bool) -> None:
     and ship them as a small versioned pack."""
 
 
-def model_options(required: bool = True) -> Callable[[Callable], Callable]:
-    """The options that load a model, shared by every command that runs one."""
-    return functools.partial(_add_model_options, required=required)
+def model_options(required: bool = True, placement: bool = True) -> Callable[[Callable], Callable]:
+    """The options that load a model, shared by every command that runs one. placement=False leaves out --device,
+    --dtype and --batch-size, for commands that fix them (export traces in float32 on the CPU)."""
+    return functools.partial(_add_model_options, required=required, placement=placement)
 
 
-def _add_model_options(func: Callable, required: bool) -> Callable:
+def _add_model_options(func: Callable, required: bool, placement: bool) -> Callable:
+    placing = ("--device", "--dtype", "--batch-size")
     options = [
-        click.option("--model", "model", required=required, default=None,
-                     help="Hub id, local model folder, or .gguf file." + ("" if required else " With --data.")),
-        click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
-        click.option("--gguf-file", default=None, help="GGUF file name inside --model (transformers' GGUF loader)."),
-        click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N]."),
-        click.option("--dtype", default="auto", show_default=True, help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA, else float32)."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code to run."),
-        click.option("--family", default=None, help="Force a model family instead of reading it from the config."),
-        click.option("--no-chat-template", is_flag=True, help="Feed the prompt as plain text even if the model has a chat template."),
-        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass."),
+        ("--model", click.option("--model", "model", required=required, default=None,
+                                 help="Hub id, local model folder, or .gguf file." + ("" if required else " With --data."))),
+        ("--revision", click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")),
+        ("--gguf-file", click.option("--gguf-file", default=None, help="GGUF file name inside --model (transformers' GGUF loader).")),
+        ("--device", click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")),
+        ("--dtype", click.option("--dtype", default="auto", show_default=True, help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA, else float32).")),
+        ("--trust-remote-code", click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code to run.")),
+        ("--family", click.option("--family", default=None, help="Force a model family instead of reading it from the config.")),
+        ("--no-chat-template", click.option("--no-chat-template", is_flag=True, help="Feed the prompt as plain text even if the model has a chat template.")),
+        ("--batch-size", click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass.")),
     ]
+    options = [option for name, option in options if placement or name not in placing]
     for option in reversed(options):
         func = option(func)
     return func
@@ -489,6 +492,45 @@ def _print_summary(pack: Pack, path: str, as_json: bool) -> None:
     ]
     lines += [f"  {h['layer']:>5}  {h['head']:>4}  {h['score']:.4f}" for h in summary["heads"]]
     click.echo("\n".join(lines))
+
+
+@main.command(name="export")
+@click.option("--pack", "pack_paths", required=True, multiple=True,
+              help="Pack file; repeat for several packs of one model and prompt (one forward serves all).")
+@model_options(placement=False)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--fp16", is_flag=True, help="Store weights as float16 (half the size; activations stay float32).")
+@click.option("--selected-heads-only", is_flag=True, help="In the deepest layer compute only the packs' heads at the last token.")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
+              help="torch.onnx exporter; every graph is validated against the model either way.")
+@click.option("--tolerance", type=float, default=None, help="Validation tolerance (default 1e-4; 2e-2 with --fp16).")
+@force_option
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
+def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_heads_only: bool, exporter: str,
+                   tolerance: float | None, force: bool, as_json: bool, **params: Any) -> None:
+    """Write a bundle: the graph truncated after the packs' deepest layer, the packs, the preprocessing files.
+
+    The graph is validated against the full model on fresh inputs before the bundle is written; classify with
+    `savpack-run classify BUNDLE --data items.jsonl` (savpack-runtime, no torch)."""
+    from .export.bundle import export_bundle
+
+    packs = [_load_pack(path) for path in pack_paths]
+    names = [pack.name or Path(path).name.removesuffix(".safetensors").removesuffix(".pack") for pack, path in zip(packs, pack_paths)]
+    # The graph is traced and validated in float32 on the CPU, where onnxruntime will compare it.
+    loaded = _load({**params, "device": "cpu", "dtype": "float32"})
+    result = export_bundle(loaded, packs, out, names=names, fp16=fp16, selected_heads_only=selected_heads_only,
+                           force=force, exporter=exporter, tolerance=tolerance, echo=lambda line: click.echo(line, err=True))
+    summary = {"bundle": str(result.folder), "files": result.sizes, "bytes": sum(result.sizes.values()),
+               "heads": len(result.info["graph"]["heads"]), "packs": [entry["name"] for entry in result.info["packs"]],
+               "validation": {"tolerance": result.validation.tolerance, "max_difference": result.validation.max_difference,
+                              "batches": result.validation.batches},
+               "seconds": {step: round(value, 3) for step, value in result.seconds.items()}}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"wrote {result.folder}: {summary['bytes'] / 1e6:.2f} MB, {summary['heads']} heads for "
+               f"{len(packs)} pack(s); graph matches the model to {result.validation.max_difference:.2g} "
+               f"(tolerance {result.validation.tolerance:g}) on {len(result.validation.batches)} fresh batches")
 
 
 @main.command()

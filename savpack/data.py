@@ -22,11 +22,10 @@ from typing import Sequence
 
 from savpack_runtime.errors import SavpackWarning
 from savpack_runtime.images import IMAGE_SUFFIXES
+from savpack_runtime.items import IMAGE_FIELDS, TEXT_FIELDS
 
 from .errors import DataError
 
-TEXT_FIELDS = ("text", "question")
-IMAGE_FIELDS = ("images", "image")
 VIDEO_FIELDS = ("videos", "video")
 TEXT_SUFFIXES = (".txt",)
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")

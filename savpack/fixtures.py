@@ -330,6 +330,26 @@ def _gemma3(folder: Path):
     return _save(folder, model, tokenizer, image_processor, processor_config)
 
 
+def _gemma3_text(folder: Path):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # Gemma 3 270M's shape in small: one key/value head, scaled embeddings, q/k norms, sandwich norms, sliding-window
+    # layers (window 6 < the test prompts) with their own rope beside global layers with a scaled one.
+    tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>"], _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}
+    config = Gemma3TextConfig(**_text_config(tokenizer, heads=4, kv_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                                             sliding_window=6, rope_parameters=rope,
+                                             layer_types=["sliding_attention"] * 2 + ["full_attention", "sliding_attention"]))
+    model = Gemma3ForCausalLM(config)
+    # transformers initialises Gemma's norm weights to zero (scale 1 + w): draw them, so every norm matters.
+    for name, parameter in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.normal_(parameter, std=0.3)
+    return _save(folder, model, tokenizer)
+
+
 def _gpt2(folder: Path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -355,7 +375,7 @@ def _bert(folder: Path):
 
 FIXTURES = {"qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision, "qwen2": _qwen2, "llama": _llama,
             "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "llava": _llava, "idefics3": _idefics3,
-            "smolvlm": _smolvlm, "gemma3": _gemma3, "gpt2": _gpt2, "bert": _bert}
+            "smolvlm": _smolvlm, "gemma3": _gemma3, "gpt2": _gpt2, "gemma3_text": _gemma3_text, "bert": _bert}
 
 
 def build_fixture(name: str, folder: str | Path, seed: int = 0) -> Path:

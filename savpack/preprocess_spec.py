@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from savpack_runtime import files
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import PreprocessSpecError, SavpackError
-from savpack_runtime.image_processing import LlavaOnevisionImages, PixelSteps, Qwen2VLImages
+from savpack_runtime.image_processing import LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages
 from savpack_runtime.preprocess import SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TOKENIZER_FILE, Preprocessor, RenderRule, TextRule
 
 from .errors import ExportError
@@ -125,7 +125,7 @@ def image_rule(family: str, processor: Any) -> PixelSteps:
         do_normalize=bool(image_processor.do_normalize),
         image_mean=_three(image_processor.image_mean), image_std=_three(image_processor.image_std),
     )
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):  # Qwen2.5-VL's image processor is Qwen2-VL's
         return Qwen2VLImages(
             **common, min_pixels=int(image_processor.size["shortest_edge"]), max_pixels=int(image_processor.size["longest_edge"]),
             patch_size=int(image_processor.patch_size), temporal_patch_size=int(image_processor.temporal_patch_size),
@@ -133,6 +133,8 @@ def image_rule(family: str, processor: Any) -> PixelSteps:
         )
     if family == "llava_onevision":
         return _llava_onevision_rule(processor, common)
+    if family == "llava":
+        return _llava_rule(processor, common)
     raise ExportError(f"family {family!r}: the runtime has no image preprocessing for it")
 
 
@@ -155,6 +157,36 @@ def _llava_onevision_rule(processor: Any, common: dict[str, Any]) -> LlavaOnevis
         num_image_tokens=int(processor.num_image_tokens),
         vision_feature_select_strategy="default" if processor.vision_feature_select_strategy == "default" else "full",
         max_num_patches=int(processor.vision_aspect_ratio.strip("anyres_max_")),
+    )
+
+
+def _llava_rule(processor: Any, common: dict[str, Any]) -> LlavaImages:
+    """LLaVA-1.5: CLIPImageProcessor (resize, center crop) or LlavaImageProcessor (pad to a square first)."""
+    image_processor = processor.image_processor
+    size, crop = image_processor.size, image_processor.crop_size
+    # LlavaImageProcessor's do_pad pads to a square before resizing; the base processors' do_pad pads the batch.
+    squares = hasattr(image_processor, "pad_to_square")
+    if getattr(image_processor, "do_pad", False) and not squares:
+        raise ExportError(f"{type(image_processor).__name__} has do_pad=True; the runtime does not reproduce batch padding")
+    if (size.shortest_edge and size.longest_edge) or not (size.shortest_edge or (size.height and size.width)):
+        raise ExportError(f"image processor size {dict(size)}: the runtime reproduces 'shortest_edge' alone or "
+                          "'height' and 'width'")
+    crop_size = (int(crop.height), int(crop.width)) if image_processor.do_center_crop else None
+    if size.shortest_edge and crop_size is None:
+        raise ExportError(f"image processor resizes the shortest edge to {size.shortest_edge} without a center crop: "
+                          "images would keep their aspect ratio, and LLaVA's vision tower takes one size")
+    height, width = crop_size or (int(size.height), int(size.width))
+    if not processor.patch_size:
+        raise ExportError("processor has no patch_size (processor_config.json); image token counts are unknown")
+    # LlavaProcessor.replace_image_token: patches of the final image, plus CLS, minus it again for "default".
+    tokens = (height // processor.patch_size) * (width // processor.patch_size) + int(processor.num_additional_image_tokens)
+    tokens -= 1 if processor.vision_feature_select_strategy == "default" else 0
+    return LlavaImages(
+        **common, pad_to_square=bool(squares and image_processor.do_pad),
+        pad_color=tuple(int(value * 255) for value in _three(image_processor.image_mean)),
+        shortest_edge=int(size.shortest_edge) if size.shortest_edge else None,
+        size=(int(size.height), int(size.width)) if not size.shortest_edge else None,
+        crop_size=crop_size, num_image_tokens=tokens,
     )
 
 

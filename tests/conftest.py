@@ -16,7 +16,7 @@ from savpack.fixtures import FIXTURES, build_fixture
 torch.set_num_threads(1)
 
 CORE_FAMILIES = ("qwen2_vl", "llava_onevision", "qwen2", "llama")
-MORE_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "idefics3", "smolvlm", "gemma3", "gpt2")
+MORE_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "idefics3", "smolvlm", "gemma3", "gpt2", "gemma3_text")
 ALL_FAMILIES = CORE_FAMILIES + MORE_FAMILIES
 IMAGE_FIXTURES = ("qwen2_vl", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "llava", "idefics3", "smolvlm", "gemma3")
 

@@ -20,7 +20,7 @@ from savpack_runtime import Pack
 from conftest import ALL_FAMILIES, IMAGE_FIXTURES, task_for
 
 TOLERANCE = 1e-5
-FAMILY_OF_FIXTURE = {"qwen2": "causal_lm", "llama": "causal_lm"}  # the other fixtures are named as their family
+FAMILY_OF_FIXTURE = {"qwen2": "causal_lm", "llama": "causal_lm", "gemma3_text": "causal_lm"}  # the other fixtures are named as their family
 # Questions of different lengths, so a batch needs padding even where every image gives the same number of tokens.
 QUESTIONS = [
     "What colour is this picture?",

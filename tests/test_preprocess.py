@@ -27,6 +27,7 @@ TEXTS = ["what colour is it", "", "a much longer question about the big red circ
 # (width, height): square, odd, extreme aspect ratios both ways, tiny, large.
 SIZES = [(20, 600), (600, 20), (10, 10), (1000, 700), (57, 113), (300, 299), (1, 1)]
 MODES = ["RGBA", "L", "LA", "P", "P-transparent", "CMYK", "I;16", "RGB-keyed"]
+IMAGE_FAMILIES = ["qwen2_vl", "llava_onevision", "qwen2_5_vl", "llava"]
 
 
 def spec_folder(loaded, tmp_path: Path) -> Path:
@@ -96,7 +97,7 @@ def image_with_orientation(orientation: int, folder: Path) -> Path:
 
 # -- images: sizes, modes, orientations, batches ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
 def test_image_sizes_match_the_builder(name, loaded_model, preprocessor, tmp_path):
     loaded, runtime = loaded_model(name), preprocessor(name)
     for width, height in SIZES:
@@ -104,7 +105,7 @@ def test_image_sizes_match_the_builder(name, loaded_model, preprocessor, tmp_pat
         assert_same_inputs(loaded, runtime, ["what is it"], [[load_image(path)]])
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
 def test_image_modes_and_orientations_match_the_builder(name, loaded_model, preprocessor, tmp_path):
     loaded, runtime = loaded_model(name), preprocessor(name)
     paths = [image_in_mode(mode, tmp_path) for mode in MODES]
@@ -115,7 +116,7 @@ def test_image_modes_and_orientations_match_the_builder(name, loaded_model, prep
     assert load_image(tmp_path / "orientation6.jpg").size == (90, 40)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
 def test_mixed_batches_match_the_builder(name, loaded_model, preprocessor):
     loaded, runtime = loaded_model(name), preprocessor(name)
     one_each = [[picture(60, 90, 1)], [picture(200, 50, 2)], [picture(10, 10, 3)], [picture(500, 480, 4)]]
@@ -126,7 +127,7 @@ def test_mixed_batches_match_the_builder(name, loaded_model, preprocessor):
     assert_same_inputs(loaded, runtime, TEXTS, [[], [], [], []])  # text only, in an image-text family
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama"])
+@pytest.mark.parametrize("name", ["qwen2", "llama", "gemma3_text"])
 def test_text_only_families_match_the_builder(name, loaded_model, preprocessor):
     loaded, runtime = loaded_model(name), preprocessor(name)
     assert_same_inputs(loaded, runtime, TEXTS, [[] for _ in TEXTS])
@@ -144,7 +145,7 @@ def test_llama_prompt_starts_with_bos_and_qwen2_chat_prompt_does_not(loaded_mode
     assert qwen["input_ids"][0, 0] == loaded_model("qwen2").tokenizer.convert_tokens_to_ids("<|im_start|>")
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
 def test_rendering_any_image_count_matches_the_builder(name, loaded_model, preprocessor):
     loaded, runtime = loaded_model(name), preprocessor(name)
     for count in range(7):
@@ -193,6 +194,53 @@ def test_llava_onevision_05b_image_processor_at_real_size(loaded_model, tmp_path
     for width, height in [(20, 600), (600, 20), (10, 10), (1000, 700), (1500, 1100)]:
         assert_same_inputs(loaded, runtime, ["what is it"], [[picture(width, height, seed=width)]])
     assert_same_inputs(loaded, runtime, TEXTS[:2], [[picture(640, 480, 1)], [picture(90, 700, 2), picture(50, 50, 3)]])
+
+
+def test_llava_15_image_processor_at_real_size(loaded_model, tmp_path):
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px, shortest edge 336 then a center crop, bicubic; 576 tokens.
+    real = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, resample=3,
+                                 image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    loaded = with_image_processor(loaded_model("llava"), real)
+    runtime = Preprocessor.load(spec_folder(loaded, tmp_path))
+    assert (runtime.images.shortest_edge, runtime.images.crop_size, runtime.images.num_image_tokens) == (336, (336, 336), 576)
+    for width, height in [(20, 600), (600, 20), (10, 10), (1000, 700), (337, 335), (3000, 25)]:
+        assert_same_inputs(loaded, runtime, ["what is it"], [[picture(width, height, seed=width)]])
+    assert_same_inputs(loaded, runtime, TEXTS[:2], [[picture(640, 480, 1)], [picture(90, 700, 2), picture(50, 50, 3)]])
+
+
+@pytest.mark.parametrize("options", [
+    # LlavaImageProcessor's do_pad: a square of the mean colour around the image before resizing (LLaVA's "pad" mode).
+    {"processor": "llava", "do_pad": True},
+    # A crop larger than the resized image: transformers centres the image on black first.
+    {"processor": "clip", "size": {"shortest_edge": 20}, "crop_size": {"height": 28, "width": 42}},
+    # A fixed size and no crop (SigLIP-style LLaVA variants).
+    {"processor": "clip", "size": {"height": 28, "width": 56}, "do_center_crop": False},
+])
+def test_llava_image_processor_variants(options, loaded_model, tmp_path):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    options = dict(options)
+    kind = options.pop("processor")
+    defaults = {"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}}
+    image_processor = (LlavaImageProcessorPil if kind == "llava" else CLIPImageProcessorPil)(**{**defaults, **options})
+    loaded = with_image_processor(loaded_model("llava"), image_processor)
+    runtime = Preprocessor.load(spec_folder(loaded, tmp_path))
+    for width, height in [(20, 600), (600, 20), (10, 10), (57, 113), (1, 1)]:
+        assert_same_inputs(loaded, runtime, ["what is it"], [[picture(width, height, seed=height)]])
+    assert_same_inputs(loaded, runtime, TEXTS[:2], [[picture(64, 48, 1)], [picture(9, 70, 2), picture(50, 50, 3)]])
+
+
+def test_llava_shortest_edge_without_crop_is_refused(loaded_model, tmp_path):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    loaded = with_image_processor(loaded_model("llava"), CLIPImageProcessorPil(size={"shortest_edge": 28}, do_center_crop=False))
+    with pytest.raises(ExportError, match="without a center crop"):
+        write_preprocessing(loaded, prompt_metadata(loaded, TEMPLATE, 1), tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- refusals and files --------------------------------------------------------------------------------------------

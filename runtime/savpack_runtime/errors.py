@@ -11,14 +11,18 @@ class SavpackError(Exception):
     """Base of every error savpack raises on purpose: a user-facing message, never a bug."""
 
 
-class PackError(SavpackError):
-    """A pack file cannot be trusted. `path` and `key` name what is wrong when known."""
+class LocatedError(SavpackError):
+    """An error about a file: `path` and `key` (the field or tensor) name what is wrong when known."""
 
     def __init__(self, message: str, path: object = None, key: str | None = None):
         where = f"{path}: " if path is not None else ""
         super().__init__(f"{where}{message}")
         self.path = path
         self.key = key
+
+
+class PackError(LocatedError):
+    """A pack file cannot be trusted. `path` and `key` name what is wrong when known."""
 
 
 class PackReadError(PackError):
@@ -68,6 +72,18 @@ class OutputPathError(SavpackError):
 
 class ModelMismatchError(SavpackError):
     """A pack is used with a model (or graph) other than the one it was built for."""
+
+
+class BundleError(LocatedError):
+    """A bundle folder cannot be trusted: missing or altered file, malformed bundle.json. Names the file and key."""
+
+
+class BundleVersionError(BundleError):
+    """The bundle was written by a format version this reader does not know."""
+
+
+class GraphError(SavpackError):
+    """An ONNX graph cannot be used: unreadable, non-standard operators, or onnxruntime refuses it."""
 
 
 class SavpackWarning(UserWarning):

@@ -149,7 +149,7 @@ class LlavaOnevisionImages(PixelSteps):
                     pictures = self._anyres_views(image)
                     count = self._anyres_tokens(height, width)
                 else:
-                    pictures = [self._pad_to_square(np.asarray(image))]
+                    pictures = [pad_to_square(np.asarray(image), self.pad_color)]
                     count = self.num_image_tokens + 1  # + the image newline
                 views.append(np.stack([self.to_float(self.resize(picture, *self.size)) for picture in pictures]))
                 sizes.append([height, width])
@@ -179,21 +179,6 @@ class LlavaOnevisionImages(PixelSteps):
                  for x in range(0, canvas.shape[1], tile)]
         return [self.resize(image, *self.size)] + tiles
 
-    def _pad_to_square(self, pixels: np.ndarray) -> np.ndarray:
-        height, width = pixels.shape[:2]
-        if height == width:
-            return pixels
-        side = max(height, width)
-        square = np.empty((side, side, 3), dtype=pixels.dtype)
-        square[:] = self.pad_color
-        if width > height:
-            start = (side - height) // 2
-            square[start : start + height] = pixels
-        else:
-            start = (side - width) // 2
-            square[:, start : start + width] = pixels
-        return square
-
     def _anyres_tokens(self, height: int, width: int) -> int:
         """LlavaOnevisionProcessor._get_number_of_features: base view + unpadded tiles + one newline per row."""
         best_height, best_width = best_resolution((height, width), self.image_grid_pinpoints)
@@ -212,6 +197,84 @@ class LlavaOnevisionImages(PixelSteps):
             unpadded = int(current_height // ratio) * int(current_width // ratio)
             newlines = int(current_height // ratio)
         return unpadded + newlines + self.num_image_tokens
+
+
+@dataclass(frozen=True)
+class LlavaImages(PixelSteps):
+    """LLaVA-1.5's image processor (CLIPImageProcessorPil, or LlavaImageProcessorPil with its pad-to-square) and
+    LlavaProcessor's token count: optionally pad to a square, resize (the shortest edge to `shortest_edge`, the other
+    side by the same factor, truncated; or to exactly `size`), center crop to `crop_size`. Every image ends at one
+    fixed size and gives `num_image_tokens` tokens."""
+
+    pad_to_square: bool  # LlavaImageProcessor's do_pad: pad to a square of pad_color before resizing
+    pad_color: tuple[int, int, int]
+    shortest_edge: int | None  # resize the shorter side to this (transformers' default_to_square=False) ...
+    size: tuple[int, int] | None  # ... or to exactly (height, width): one of the two
+    crop_size: tuple[int, int] | None  # center crop (height, width) after resizing; None: no crop
+    num_image_tokens: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require((self.shortest_edge is None) != (self.size is None), "size", "give exactly one of shortest_edge and size")
+        _require(self.shortest_edge is None or self.crop_size is not None, "crop_size",
+                 "is needed with shortest_edge (images must end at one size)")
+        for name in ("shortest_edge", "size", "crop_size"):
+            value = getattr(self, name)
+            _require(value is None or min(np.atleast_1d(value)) > 0, name, "must be positive")
+        _require(self.num_image_tokens > 0, "num_image_tokens", "must be positive")
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """transformers' get_resize_output_image_size(default_to_square=False) for shortest_edge, else size."""
+        if self.size is not None:
+            return self.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """RGB images per item -> ({pixel_values (n, 3, H, W) float32}, image tokens per image in order)."""
+        views = []
+        for image in (image for item in images for image in item):
+            pixels = np.asarray(image)
+            if self.pad_to_square:
+                pixels = pad_to_square(pixels, self.pad_color)
+            pixels = self.resize(pixels, *self.resized_size(*pixels.shape[:2]))
+            if self.crop_size is not None:
+                pixels = center_crop(pixels, *self.crop_size)
+            views.append(self.to_float(pixels))
+        return {"pixel_values": np.stack(views)}, [self.num_image_tokens] * len(views)
+
+
+def pad_to_square(pixels: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 centred on a square of `color` (transformers' pad_to_square; the odd pixel goes after)."""
+    height, width = pixels.shape[:2]
+    if height == width:
+        return pixels
+    side = max(height, width)
+    square = np.empty((side, side, 3), dtype=pixels.dtype)
+    square[:] = color
+    if width > height:
+        start = (side - height) // 2
+        square[start : start + height] = pixels
+    else:
+        start = (side - width) // 2
+        square[:, start : start + width] = pixels
+    return square
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """transformers' center_crop on (h, w, 3): the centred (height, width) window; an image smaller than it is first
+    centred on black, as transformers pads it."""
+    original_height, original_width = pixels.shape[:2]
+    top, left = (original_height - height) // 2, (original_width - width) // 2
+    if top >= 0 and left >= 0:
+        return pixels[top : top + height, left : left + width]
+    padded_height, padded_width = max(height, original_height), max(width, original_width)
+    canvas = np.zeros((padded_height, padded_width) + pixels.shape[2:], dtype=pixels.dtype)
+    top_pad, left_pad = math.ceil((padded_height - original_height) / 2), math.ceil((padded_width - original_width) / 2)
+    canvas[top_pad : top_pad + original_height, left_pad : left_pad + original_width] = pixels
+    top, left = top + top_pad, left + left_pad
+    return canvas[max(0, top) : min(padded_height, top + height), max(0, left) : min(padded_width, left + width)]
 
 
 def best_resolution(size: tuple[int, int], resolutions: tuple[tuple[int, int], ...]) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from . import format as fmt
 from .errors import InputError, PreprocessSpecError
-from .image_processing import LlavaOnevisionImages, PixelSteps, Qwen2VLImages
+from .image_processing import LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages
 from .images import to_rgb
 
 SPEC_FILE = "preprocess.json"
@@ -35,7 +35,9 @@ MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
 # Family name (as the builder's families.py names it) -> the class of its `image` section; None: text only.
 IMAGE_RULES: dict[str, type[PixelSteps] | None] = {
     "qwen2_vl": Qwen2VLImages,
+    "qwen2_5_vl": Qwen2VLImages,  # Qwen2.5-VL's image processor is Qwen2-VL's
     "llava_onevision": LlavaOnevisionImages,
+    "llava": LlavaImages,
     "causal_lm": None,
 }
 

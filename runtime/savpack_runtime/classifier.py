@@ -1,0 +1,182 @@
+"""Classify with a bundle: preprocessing, the truncated graph in onnxruntime, and each pack's vote. No torch.
+
+    from savpack_runtime import Classifier
+
+    classifier = Classifier.load("bundle/")                      # providers="cuda" to use a GPU when one works
+    result = classifier.classify(text="What colour is this?", images=["photo.jpg"])
+    result.label, result.votes, result.shares, result.by_pack   # by_pack: one result per pack in the bundle
+    results = classifier.classify_batch([{"text": "...", "images": ["a.png"]}, ("another", ["b.png"])])
+
+One forward serves every pack of the bundle: the graph returns the union of their heads, each pack votes with its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import graph_inputs
+from .bundle import Bundle, check_graph_metadata
+from .errors import InputError
+from .images import load_image, to_rgb
+from .preprocess import Preprocessor
+from .session import GraphSession
+from .vote import classify_vectors
+
+@dataclass(frozen=True)
+class PackResult:
+    label: str
+    votes: dict[str, int]  # heads voting for each class
+    shares: dict[str, float]  # votes / k
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "votes": self.votes, "shares": {key: round(value, 6) for key, value in self.shares.items()}}
+
+
+@dataclass(frozen=True)
+class Result:
+    """The first pack's label, votes and shares; `by_pack` holds every pack's result by pack name."""
+
+    label: str
+    votes: dict[str, int]
+    shares: dict[str, float]
+    by_pack: dict[str, PackResult] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = PackResult(self.label, self.votes, self.shares).to_dict()
+        if len(self.by_pack) > 1:
+            record["packs"] = {name: result.to_dict() for name, result in self.by_pack.items()}
+        return record
+
+
+@dataclass(frozen=True)
+class Item:
+    text: str = ""
+    images: tuple[Any, ...] = ()
+
+
+class Classifier:
+    """A loaded bundle ready to classify. Build with `Classifier.load(folder)`."""
+
+    def __init__(self, bundle: Bundle, session: GraphSession, preprocessor: Any, batch_size: int = 8):
+        self.bundle = bundle
+        self.session = session
+        self.preprocessor = preprocessor
+        self.batch_size = batch_size
+        self.load_seconds: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, providers: str | Sequence[str] = "cpu", threads: int | None = None,
+             batch_size: int = 8, check_weights: bool = False) -> "Classifier":
+        """Read and check the bundle, open its graph in onnxruntime, load its preprocessing.
+
+        providers: "cpu", "cuda" or onnxruntime provider names (what really runs is in `.providers`).
+        check_weights: also hash the graph's weights file against bundle.json (a full read of the weights).
+        """
+        timings, started = {}, time.perf_counter()
+        bundle = Bundle.load(folder, check_weights=check_weights)
+        timings["bundle"] = time.perf_counter() - started
+        started = time.perf_counter()
+        session = GraphSession(bundle.graph_path, providers, threads)
+        check_graph_metadata(bundle, session.metadata)
+        if list(session.input_names) != list(bundle.graph["inputs"]):
+            raise InputError(f"{bundle.graph_path}: graph inputs {list(session.input_names)} differ from bundle.json's {bundle.graph['inputs']}")
+        timings["session"] = time.perf_counter() - started
+        started = time.perf_counter()
+        preprocessor = Preprocessor.load(Path(folder))
+        timings["preprocessor"] = time.perf_counter() - started
+        classifier = cls(bundle, session, preprocessor, batch_size)
+        classifier.load_seconds = timings
+        return classifier
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.providers
+
+    @property
+    def pack_names(self) -> list[str]:
+        return [entry.name for entry in self.bundle.packs]
+
+    @property
+    def takes_images(self) -> bool:
+        return self.bundle.graph["kind"] != graph_inputs.TEXT
+
+    def classify(self, text: str = "", images: Sequence[Any] = ()) -> Result:
+        """One item: text and images (file paths or PIL images)."""
+        return self.classify_batch([Item(text, tuple(images))])[0]
+
+    def classify_batch(self, items: Iterable[Any], batch_size: int | None = None) -> list[Result]:
+        """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
+        items = [self._item(item, index) for index, item in enumerate(items)]
+        vectors = self.head_vectors(items, batch_size)
+        results_by_pack = []
+        for entry in self.bundle.packs:
+            votes = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
+            results_by_pack.append((entry, votes))
+        results = []
+        for row in range(len(items)):
+            by_pack = {}
+            for entry, votes in results_by_pack:
+                labels = entry.pack.labels
+                by_pack[entry.name] = PackResult(
+                    labels[int(votes.predictions[row])],
+                    {label: int(count) for label, count in zip(labels, votes.votes[row])},
+                    {label: float(share) for label, share in zip(labels, votes.shares[row])},
+                )
+            first = by_pack[self.bundle.packs[0].name]
+            results.append(Result(first.label, first.votes, first.shares, by_pack))
+        return results
+
+    def head_vectors(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
+        """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
+        batch_size = batch_size or self.batch_size
+        prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
+        # As the builder batches: similar prompts together (less padding; results do not depend on the batch), and a
+        # batch holds items with one number of images.
+        order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(prompts[i])))
+        groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(items[i].images))]
+        heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])
+        vectors = np.zeros((len(items), heads, head_dim), dtype=np.float32)
+        for batch in (group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)):
+            images = [[_open(image, i) for image in items[i].images] for i in batch]
+            encoded = self.preprocessor.encode([prompts[i] for i in batch], images)
+            feed = graph_inputs.plan(self.bundle.graph["kind"], self.bundle.graph["plan"], encoded)
+            vectors[batch] = self.session.run(feed)
+        return vectors
+
+    def _item(self, item: Any, index: int) -> Item:
+        if isinstance(item, str):
+            item = Item(item)
+        elif isinstance(item, dict):
+            unknown = sorted(set(item) - {"text", "images"})
+            if unknown:
+                raise InputError(f"item {index}: unknown field(s) {unknown}; expected 'text' and 'images'")
+            item = Item(item.get("text") or "", tuple(item.get("images") or ()))
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            item = Item(item[0] or "", tuple(item[1] or ()))
+        elif not isinstance(item, Item):
+            raise InputError(f"item {index}: expected text, a dict with 'text'/'images', or a (text, images) pair; got {type(item).__name__}")
+        if not isinstance(item.text, str):
+            raise InputError(f"item {index}: text must be a string, got {type(item.text).__name__}")
+        if self.takes_images and not item.images:
+            raise InputError(f"item {index}: this bundle's prompt takes {self.bundle.prompt['image_count']} image(s); the item has none")
+        if not self.takes_images and item.images:
+            raise InputError(f"item {index}: this bundle's prompt is text-only; the item has {len(item.images)} image(s)")
+        if not item.text and not item.images:
+            raise InputError(f"item {index}: has neither text nor images")
+        return item
+
+
+def _open(image: Any, index: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    raise InputError(f"item {index}: an image must be a file path or a PIL image, got {type(image).__name__}")

@@ -1,0 +1,163 @@
+"""Bundle reading and the model checks: a damaged bundle or a pack for another model is refused with a named error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from savpack_runtime import Classifier, Pack
+from savpack_runtime import bundle as fmt
+from savpack_runtime.errors import BundleError, BundleVersionError, GraphError, ModelMismatchError, SavpackWarning
+from savpack_runtime.session import GraphSession, check_operator_domains, resolve_providers
+
+import golden
+
+
+@pytest.fixture
+def bundle_copy(tmp_path):
+    """A writable copy of the two-pack Qwen2-VL golden bundle."""
+    target = tmp_path / "bundle"
+    shutil.copytree(golden.bundle_dir("qwen2_vl"), target)
+    return target
+
+
+def _edit_info(folder, change):
+    path = folder / fmt.BUNDLE_FILE
+    info = json.loads(path.read_text())
+    change(info)
+    path.write_text(json.dumps(info))
+
+
+def _rewrite_pack(folder, index, **changes):
+    """Replace pack `index` with an edited copy, keeping bundle.json's digest of it consistent."""
+    info = json.loads((folder / fmt.BUNDLE_FILE).read_text())
+    entry = info["packs"][index]
+    pack = Pack.load(folder / entry["file"]).replace(**changes)
+    pack.save(folder / entry["file"], force=True)
+    _edit_info(folder, lambda data: data["packs"][index].update(sha256=fmt.file_sha256(folder / entry["file"])))
+    return pack
+
+
+def test_golden_bundle_loads_with_two_packs_and_their_positions():
+    bundle = fmt.Bundle.load(golden.bundle_dir("qwen2_vl"), check_weights=True)
+    assert [entry.name for entry in bundle.packs] == ["colour", "colour-loo"]
+    for entry in bundle.packs:
+        assert np.array_equal(bundle.heads[entry.positions], entry.pack.heads)
+    assert len(bundle.heads) == len({tuple(h) for entry in bundle.packs for h in entry.pack.heads.tolist()})
+
+
+@pytest.mark.parametrize("damage, error, words", [
+    (lambda f: (f / "bundle.json").unlink(), BundleError, "bundle.json is missing"),
+    (lambda f: (f / "bundle.json").write_text("{not json"), BundleError, "not valid JSON"),
+    (lambda f: _edit_info(f, lambda i: i.update(format_version=99)), BundleVersionError, "newer"),
+    (lambda f: _edit_info(f, lambda i: i.update(format="other")), BundleError, "'format'"),
+    (lambda f: _edit_info(f, lambda i: i.pop("graph")), BundleError, "lacks ['graph']"),
+    (lambda f: _edit_info(f, lambda i: i["graph"].update(kind="audio")), BundleError, "graph.kind"),
+    (lambda f: _edit_info(f, lambda i: i["graph"].update(inputs=["input_ids"])), BundleError, "graph.inputs"),
+    (lambda f: _edit_info(f, lambda i: i["graph"].update(file="../graph.onnx")), BundleError, "relative path inside"),
+    (lambda f: (f / "graph.onnx").write_bytes((f / "graph.onnx").read_bytes() + b"x"), BundleError, "does not match its sha256"),
+    (lambda f: (f / "graph.onnx.data").write_bytes(b"\0" * 10), BundleError, "truncated or replaced"),
+    (lambda f: (f / "packs" / "colour.safetensors").unlink(), BundleError, "is missing"),
+    (lambda f: _edit_info(f, lambda i: i["packs"][0].update(positions=[0])), BundleError, "positions"),
+    (lambda f: _edit_info(f, lambda i: i["packs"][1].update(name="colour")), BundleError, "names repeat"),
+])
+def test_damaged_bundle_is_refused_with_a_named_error(bundle_copy, damage, error, words):
+    damage(bundle_copy)
+    with pytest.raises(error) as caught:
+        fmt.Bundle.load(bundle_copy)
+    assert words in str(caught.value)
+
+
+def test_weights_hash_is_checked_on_request(bundle_copy):
+    data = bytearray((bundle_copy / "graph.onnx.data").read_bytes())
+    data[100] ^= 0xFF  # same size: only the full hash notices
+    (bundle_copy / "graph.onnx.data").write_bytes(bytes(data))
+    fmt.Bundle.load(bundle_copy)
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        fmt.Bundle.load(bundle_copy, check_weights=True)
+
+
+def test_pack_for_another_model_is_refused(bundle_copy):
+    pack = Pack.load(bundle_copy / "packs" / "colour-loo.safetensors")
+    _rewrite_pack(bundle_copy, 1, model={**pack.model, "fingerprint": "0" * 64})
+    with pytest.raises(ModelMismatchError, match="fingerprint"):
+        fmt.Bundle.load(bundle_copy)
+
+
+def test_pack_with_other_heads_is_refused(bundle_copy):
+    pack = Pack.load(bundle_copy / "packs" / "colour.safetensors")
+    _rewrite_pack(bundle_copy, 0, heads=np.roll(pack.heads, 1, axis=0))
+    with pytest.raises(ModelMismatchError, match="positions pick heads"):
+        fmt.Bundle.load(bundle_copy)
+
+
+def test_graph_for_another_model_is_refused(bundle_copy):
+    """bundle.json and every pack say model X, the graph's own metadata says another: refused at load."""
+    for index, name in enumerate(["colour", "colour-loo"]):
+        pack = Pack.load(bundle_copy / "packs" / f"{name}.safetensors")
+        _rewrite_pack(bundle_copy, index, model={**pack.model, "revision": "other"})
+    _edit_info(bundle_copy, lambda info: info["model"].update(revision="other"))
+    with pytest.raises(ModelMismatchError, match="revision"):
+        Classifier.load(bundle_copy)
+
+
+def test_graph_for_other_heads_is_refused(bundle_copy):
+    heads = fmt.Bundle.load(bundle_copy).heads.tolist()
+    swapped = [heads[1], heads[0]] + heads[2:]
+    order = {tuple(head): position for position, head in enumerate(swapped)}
+
+    def swap(info):
+        info["graph"]["heads"] = swapped
+        for entry in info["packs"]:
+            entry["positions"] = [order[tuple(heads[p])] for p in entry["positions"]]
+
+    _edit_info(bundle_copy, swap)
+    fmt.Bundle.load(bundle_copy)  # consistent on its own...
+    with pytest.raises(ModelMismatchError, match="the graph returns heads"):
+        Classifier.load(bundle_copy)  # ...but not with what the graph computes
+
+
+def test_graph_exported_for_other_packs_is_refused(bundle_copy):
+    _rewrite_pack(bundle_copy, 0, version="9.9.9")  # same model and heads, another pack
+    with pytest.raises(ModelMismatchError, match="not one the graph was exported for"):
+        Classifier.load(bundle_copy)
+
+
+def _with_opset_import(graph: bytes, domain: str) -> bytes:
+    """Append an OperatorSetIdProto (field 8) to a ModelProto: protobuf merges repeated fields."""
+    entry = bytes([0x0A, len(domain)]) + domain.encode() + bytes([0x10, 0x01])
+    return graph + bytes([0x42, len(entry)]) + entry
+
+
+def test_graph_with_nonstandard_operator_domain_is_refused(tmp_path):
+    graph = (golden.bundle_dir("qwen2") / "graph.onnx").read_bytes()
+    assert check_operator_domains(golden.bundle_dir("qwen2") / "graph.onnx") == [("", 18)]
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(_with_opset_import(graph, "com.microsoft"))
+    with pytest.raises(GraphError, match=r"operator domains \['com.microsoft'\]"):
+        GraphSession(path)
+    path.write_bytes(b"\xff" * 100)
+    with pytest.raises(GraphError, match="not an ONNX model file"):
+        check_operator_domains(path)
+
+
+def test_cuda_request_falls_back_to_cpu_with_a_warning():
+    """On a machine without a usable CUDA, asking for it runs on the CPU and says so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = GraphSession(golden.bundle_dir("qwen2") / "graph.onnx", providers="cuda", threads=1)
+    if "CUDAExecutionProvider" in session.providers:
+        pytest.skip("CUDA runs here")
+    assert session.providers == ["CPUExecutionProvider"]
+    assert any(issubclass(w.category, SavpackWarning) and "CUDAExecutionProvider" in str(w.message) for w in caught)
+
+
+def test_provider_names():
+    assert resolve_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(GraphError, match="provider 'tpu'"):
+        resolve_providers("tpu")

@@ -1,0 +1,95 @@
+"""The runtime against the golden bundles in exported/: head vectors and labels equal the builder's, without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from savpack_runtime import Classifier, graph_inputs
+from savpack_runtime.bundle import Bundle
+from savpack_runtime.session import GraphSession
+from savpack_runtime.vote import classify_vectors
+
+import golden
+
+CASES = golden.CASES
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("batch", ["all", "first"])
+def test_graph_matches_builder_head_vectors_and_labels(case, batch):
+    bundle = Bundle.load(golden.bundle_dir(case), check_weights=True)
+    session = GraphSession(bundle.graph_path, "cpu", threads=1)
+    recorded = golden.recorded_batches(case)
+    rows = recorded["order"] if batch == "all" else np.array([0])
+    vectors = session.run(graph_inputs.plan(bundle.graph["kind"], bundle.graph["plan"], recorded[batch]))
+    expected = golden.expected_vectors(case)[rows]
+    assert vectors.shape == expected.shape
+    assert golden.within_tolerance(vectors, expected)
+    for entry in bundle.packs:
+        votes = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
+        labels = [entry.pack.labels[i] for i in votes.predictions]
+        assert labels == [golden.expected(case)["packs"][entry.name]["labels"][i] for i in rows]
+
+
+def test_golden_batches_mix_lengths_and_image_sizes():
+    """The "all" batch really is mixed: padding in it, and (for image cases) images of several sizes."""
+    for case in CASES:
+        batch = golden.recorded_batches(case)["all"]
+        assert len(set(batch["attention_mask"].sum(axis=1).tolist())) > 1
+    assert len({tuple(row) for row in golden.recorded_batches("qwen2_vl")["all"]["image_grid_thw"].tolist()}) > 2
+    assert len({tuple(row) for row in golden.recorded_batches("llava_onevision")["all"]["image_sizes"].tolist()}) > 2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_classifier_matches_builder(case):
+    """Preprocessing, planning, graph and every pack's vote: the builder's labels, votes and head vectors."""
+    classifier = Classifier.load(golden.bundle_dir(case), threads=1)
+    assert classifier.providers == ["CPUExecutionProvider"]
+    items = golden.items(case)
+    results = classifier.classify_batch(items)
+    expected = golden.expected(case)["packs"]
+    assert list(results[0].by_pack) == list(expected)
+    for name, pack_expected in expected.items():
+        assert [result.by_pack[name].label for result in results] == pack_expected["labels"]
+        for result, record in zip(results, pack_expected["records"]):
+            assert result.by_pack[name].votes == record["votes"]
+            assert result.by_pack[name].shares == pytest.approx(record["shares"], abs=1e-6)
+    assert [result.label for result in results] == next(iter(expected.values()))["labels"]
+    assert golden.within_tolerance(classifier.head_vectors([classifier._item(item, i) for i, item in enumerate(items)]),
+                                   golden.expected_vectors(case))
+    # batch 1, and batches of 2 (the mixed batch split differently) give the same answers
+    assert classifier.classify(**items[0]).by_pack == results[0].by_pack
+    assert [result.by_pack for result in classifier.classify_batch(items, batch_size=2)] == [r.by_pack for r in results]
+
+
+_FRESH_INTERPRETER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import golden
+from savpack_runtime import Classifier
+labels = {{}}
+for case in golden.CASES:
+    classifier = Classifier.load(golden.bundle_dir(case), threads=1)
+    labels[case] = [result.label for result in classifier.classify_batch(golden.items(case))]
+banned = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"))
+print(json.dumps({{"banned": banned, "labels": labels, "onnxruntime": "onnxruntime" in sys.modules}}))
+"""
+
+
+def test_runtime_never_imports_torch_transformers_or_onnx():
+    """A fresh interpreter loads every golden bundle and classifies; torch, transformers and onnx stay unimported."""
+    script = _FRESH_INTERPRETER.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["banned"] == []
+    assert report["onnxruntime"]  # the check is meaningful: the graph did run in this interpreter
+    for case in CASES:
+        first_pack = next(iter(golden.expected(case)["packs"].values()))
+        assert report["labels"][case] == first_pack["labels"]

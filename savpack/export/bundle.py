@@ -1,0 +1,194 @@
+"""Write a bundle: the truncated graph, the packs it serves, the preprocessing files, bundle.json.
+
+The folder is assembled in a temporary folder beside the destination, checked by the runtime's own reader and
+session, validated against the model, and only then renamed into place: a failed or interrupted export never leaves
+a half-written bundle, and an existing bundle is replaced only with force=True.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from savpack_runtime import bundle as fmt
+from savpack_runtime import graph_inputs
+from savpack_runtime.errors import OutputPathError
+from savpack_runtime.pack import Pack
+from savpack_runtime.preprocess import SPEC_FILE, TOKENIZER_FILE
+from savpack_runtime.session import GraphSession
+
+from ..errors import ExportError
+from ..models import LoadedModel
+from ..pipeline import check_pack_fits, producer_versions
+from ..preprocess_spec import write_preprocessing
+from . import onnx_graph
+from .forward import build_graph_module
+from .validate import DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, encode_examples, make_examples, validate_graph
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    info: dict[str, Any]  # bundle.json
+    validation: ValidationReport
+    sizes: dict[str, int] = field(default_factory=dict)  # file (relative) -> bytes
+    seconds: dict[str, float] = field(default_factory=dict)  # step -> wall time
+
+
+def union_heads(packs: Sequence[Pack]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The graph's heads (first pack's order, then each later pack's new heads) and each pack's positions in it."""
+    order: list[tuple[int, int]] = []
+    for pack in packs:
+        order += [head for head in map(tuple, pack.heads.tolist()) if head not in order]
+    index = {head: position for position, head in enumerate(order)}
+    positions = [np.array([index[head] for head in map(tuple, pack.heads.tolist())], dtype=np.int64) for pack in packs]
+    return np.array(order, dtype=np.int64).reshape(-1, 2), positions
+
+
+def pack_file_names(names: Sequence[str]) -> list[str]:
+    """packs/<name>.safetensors with the name reduced to safe characters; refuses two packs of one name."""
+    files = [f"{fmt.PACKS_FOLDER}/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-.') or 'pack'}.safetensors" for name in names]
+    if len(set(files)) != len(files):
+        raise ExportError(f"packs {list(names)} would share a file name in the bundle; give them distinct names")
+    return files
+
+
+def check_packs_agree(packs: Sequence[Pack], names: Sequence[str]) -> None:
+    """One bundle serves one model and one prompt: every pack must share both with the first."""
+    first = packs[0]
+    for name, pack in zip(names[1:], packs[1:]):
+        fmt.check_model(pack.model, first.model, f"pack {name!r}", f"pack {names[0]!r}")
+        for key in ("rendered", "image_count"):
+            if pack.prompt[key] != first.prompt[key]:
+                raise ExportError(f"pack {name!r} has prompt {key} {pack.prompt[key]!r}, pack {names[0]!r} "
+                                  f"{first.prompt[key]!r}; packs in one bundle must share one prompt (one forward)")
+
+
+def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, names: Sequence[str] | None = None,
+                  fp16: bool = False, selected_heads_only: bool = False, force: bool = False,
+                  exporter: str = "torchscript", tolerance: float | None = None, echo=None) -> ExportResult:
+    """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`."""
+    say = echo or (lambda message: None)
+    out = Path(out)
+    if not packs:
+        raise ExportError("give at least one pack to export")
+    names = list(names) if names is not None else [pack.name or f"pack{index}" for index, pack in enumerate(packs)]
+    if len(names) != len(packs):
+        raise ExportError(f"{len(names)} names for {len(packs)} packs")
+    _check_destination(out, force)
+    if loaded.dtype != torch.float32 or loaded.device.type != "cpu":
+        raise ExportError(f"{loaded.model_id} is loaded as {loaded.dtype} on {loaded.device}; export traces and "
+                          "validates in float32 on the CPU (load with device='cpu', dtype='float32'; fp16=True halves the weights)")
+    check_packs_agree(packs, names)
+    for pack in packs:
+        check_pack_fits(pack, loaded)
+    files = pack_file_names(names)
+    tolerance = tolerance if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
+    prompt = packs[0].prompt
+    image_count = int(prompt["image_count"])
+    heads, positions = union_heads(packs)
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    graph = build_graph_module(loaded, heads, image_count, selected_heads_only)
+    with tempfile.TemporaryDirectory(prefix="savpack-example-") as tmp:
+        example = make_examples(3, image_count, EXAMPLE_SIZES, Path(tmp), seed=7, extra_image_item=0 if image_count else None)
+        feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
+    say(f"exporting layers 0..{int(heads[:, 0].max())} of {loaded.model_id} ({graph.kind} graph, {len(heads)} heads) with the {exporter} exporter")
+    model = onnx_graph.trace_to_onnx(graph, feed, exporter)
+    saved = onnx_graph.float16_weights(model) if fp16 else 0
+    model_info = dict(packs[0].model)
+    onnx_graph.finish(model, fmt.graph_metadata(model_info, heads, [pack.content_hash() for pack in packs]))
+    seconds["export"] = time.perf_counter() - started
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        onnx_graph.save(model, work / fmt.GRAPH_FILE)
+        del model
+        (work / fmt.PACKS_FOLDER).mkdir()
+        for pack, file in zip(packs, files):
+            pack.save(work / file)
+        write_preprocessing(loaded, prompt, work)  # checks the runtime reproduces the builder's inputs first
+        preprocessing = {"files": {name: fmt.file_sha256(work / name) for name in (SPEC_FILE, TOKENIZER_FILE)}}
+        info = {
+            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+            "model": model_info, "prompt": prompt,
+            "graph": {
+                "file": fmt.GRAPH_FILE, "sha256": fmt.file_sha256(work / fmt.GRAPH_FILE),
+                "data_file": fmt.GRAPH_DATA_FILE, "data_bytes": (work / fmt.GRAPH_DATA_FILE).stat().st_size,
+                "data_sha256": fmt.file_sha256(work / fmt.GRAPH_DATA_FILE),
+                "kind": graph.kind, "plan": graph.plan_config,
+                "inputs": list(graph.input_names), "output": graph_inputs.OUTPUT_NAME,
+                "dynamic_axes": {name: {str(axis): label for axis, label in graph_inputs.GRAPH_INPUTS[graph.kind][name].items()}
+                                 for name in graph.input_names},
+                "opset": onnx_graph.OPSET, "heads": heads.tolist(),
+                "weights": "float16" if fp16 else "float32", "selected_heads_only": bool(selected_heads_only),
+            },
+            "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist()}
+                      for file, name, position in zip(files, names, positions)],
+            "preprocessing": preprocessing,
+            "created_by": {**producer_versions(), "exporter": exporter, **_export_versions()},
+        }
+        (work / fmt.BUNDLE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+        # Read back with the runtime's own reader and session: never ship what the runtime would refuse.
+        started = time.perf_counter()
+        written = fmt.Bundle.load(work, check_weights=True)
+        session = GraphSession(written.graph_path, "cpu")
+        fmt.check_graph_metadata(written, session.metadata)
+        say(f"validating against {loaded.model_id} on fresh inputs (tolerance {tolerance:g})")
+        report = validate_graph(session, loaded, graph.kind, graph.plan_config, heads, prompt["template"], image_count, tolerance)
+        del session
+        seconds["validate"] = time.perf_counter() - started
+        sizes = {str(path.relative_to(work)): path.stat().st_size for path in sorted(work.rglob("*")) if path.is_file()}
+        _move_into_place(work, out, force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if saved:
+        say(f"float16 weights saved {saved / 1e6:.1f} MB")
+    return ExportResult(out, info, report, sizes, seconds)
+
+
+def _export_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"{out}: folder {parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"{out}: exists and is not a folder")
+    if out.exists() and not force:
+        raise OutputPathError(f"{out}: exists; pass --force (force=True) to replace it")
+
+
+def _move_into_place(work: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder onto `out`; an old bundle is first renamed aside, removed only after success."""
+    if not out.exists():
+        work.rename(out)
+        return
+    if not force:
+        raise OutputPathError(f"{out}: exists; pass --force (force=True) to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        work.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

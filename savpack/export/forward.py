@@ -1,0 +1,311 @@
+"""Export-friendly forwards per model family, reusing the loaded Hugging Face model's own modules and weights.
+
+Each graph module takes the inputs savpack_runtime.graph_inputs plans (GRAPH_INPUTS[kind], in that order) and returns
+`head_vectors` (B, k, head_dim). Every data-dependent step of the Hugging Face forward is either planned on the host
+(index tensors) or replaced by tensor arithmetic here; `build_graph_module` picks the module for a model and a prompt.
+
+Shapes: B batch, S sequence, N images, P patches per image (padded), T tiles, D text hidden, E vision hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from savpack_runtime import graph_inputs
+
+from ..errors import ExportError
+from ..models import LoadedModel, find_decoder_layers
+from .decoder import HeadDecoder, RotaryTables, apply_rotary, attend, check_text_model
+
+# Language-model types the export decoder reproduces: Llama-style layers (RMSNorm, q/k/v/o, rotary, gated MLP), and
+# Gemma 3's (q/k norms, sandwich norms, sliding-window layers with their own rope, scaled embeddings).
+EXPORTABLE_TEXT_TYPES = ("qwen2", "llama", "mistral", "qwen2_vl_text", "qwen2_5_vl_text", "gemma3_text")
+
+
+@dataclass
+class GraphModule:
+    module: nn.Module
+    kind: str  # a graph_inputs kind: which planner feeds it
+    plan_config: dict[str, Any]  # what the planner needs from the model config (stored in bundle.json)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return graph_inputs.input_names(self.kind)
+
+
+def build_graph_module(loaded: LoadedModel, heads: np.ndarray, image_count: int, selected_only: bool = False) -> GraphModule:
+    """The export forward for `loaded` returning `heads` (k, 2); image_count 0 gives a text-only graph."""
+    text_config = loaded.model.config.get_text_config(decoder=True)
+    if text_config.model_type not in EXPORTABLE_TEXT_TYPES:
+        raise ExportError(f"{loaded.model_id}: language model type {text_config.model_type!r} is not exportable yet "
+                          f"(exportable: {', '.join(EXPORTABLE_TEXT_TYPES)})")
+    layers_path, _ = find_decoder_layers(loaded.model, loaded.grid[0], loaded.model_id)
+    text_model = loaded.model.get_submodule(layers_path.rsplit(".", 1)[0])
+    check_text_model(text_model, text_config, loaded.grid, loaded.model_id)
+    decoder = HeadDecoder(text_model, text_config, heads, loaded.grid, selected_only)
+    rotary = text_model.rotary_emb
+    family = loaded.family.name
+    if image_count == 0 or not loaded.family.takes_images:
+        return GraphModule(TextGraph(decoder, rotary), graph_inputs.TEXT, {})
+    if family == graph_inputs.QWEN2_VL:
+        module = Qwen2VLGraph(loaded.model, decoder, rotary)
+    elif family == graph_inputs.QWEN2_5_VL:
+        module = Qwen2_5_VLGraph(loaded.model, decoder, rotary)
+    elif family == graph_inputs.LLAVA_ONEVISION:
+        module = LlavaOnevisionGraph(loaded.model, decoder, rotary, loaded.model_id)
+    elif family == graph_inputs.LLAVA:
+        module = LlavaGraph(loaded.model, decoder, rotary, loaded.model_id)
+    else:
+        raise ExportError(f"{loaded.model_id}: family {family!r} has no image export yet")
+    return GraphModule(module, family, module.plan_config)
+
+
+def plain_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) positions 0..S-1 whatever the padding, as transformers counts them when given no position_ids."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+
+
+class TextGraph(nn.Module):
+    """Text-only: token embeddings, plain positions, the decoder."""
+
+    def __init__(self, decoder: HeadDecoder, rotary: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+        self.rotary = RotaryTables(rotary, decoder.layer_types)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.decoder.embed(input_ids)
+        return self.decoder(hidden, attention_mask, self.rotary(plain_positions(input_ids)))
+
+
+class Qwen2VLGraph(nn.Module):
+    """Qwen2-VL: the vision tower on per-image padded patches, the merger, image features scattered into the text by
+    planned indices, M-RoPE positions from the plan, the decoder."""
+
+    def __init__(self, model: nn.Module, decoder: HeadDecoder, rotary: nn.Module):
+        super().__init__()
+        config = model.config
+        self.visual = model.model.visual
+        self.decoder = decoder
+        self.image_token_id = int(config.image_token_id)
+        self.vision_heads = int(config.vision_config.num_heads)
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().clone(), persistent=False)
+        self.rope_scaling = float(rotary.attention_scaling)
+        # M-RoPE: frequency f takes its angle from axis (section index % 3) of the (t, h, w) positions.
+        sections = list(rotary.mrope_section)
+        axis = np.repeat([i % 3 for i in range(len(sections))], sections)
+        self.register_buffer("mrope_axis", torch.nn.functional.one_hot(torch.tensor(axis), 3).T.float(), persistent=False)  # (3, d/2)
+        self.plan_config = {"image_token_id": self.image_token_id,
+                            "spatial_merge_size": int(config.vision_config.spatial_merge_size)}
+
+    def forward(self, input_ids, attention_mask, pixel_values, patch_index, patch_mask, patch_positions, position_ids,
+                image_token_index):
+        merged = self.image_features(pixel_values, patch_index, patch_mask, patch_positions)
+        return self._text(input_ids, attention_mask, position_ids, image_token_index, merged)
+
+    def image_features(self, pixel_values, patch_index, patch_mask, patch_positions):
+        """(N * P / merge^2, D): each image's merged features, image after image (padding rows included)."""
+        hidden, cos, sin = self._patches(pixel_values, patch_index, patch_positions)
+        allowed = patch_mask[:, None, None, :]  # (N, 1, 1, P): padding patches are never attended to
+        for block in self.visual.blocks:
+            hidden = self._block(block, hidden, cos, sin, allowed)
+        return self.visual.merger(hidden)  # merge x merge consecutive patches per row
+
+    def _patches(self, pixel_values, patch_index, patch_positions):
+        """Patch embeddings laid out per image (N, P, E) and the vision rotary tables (N, 1, P, d)."""
+        images, longest = patch_index.shape
+        weight = self.visual.patch_embed.proj.weight  # Conv3d with kernel == stride: a linear map of each patch
+        patches = nn.functional.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1))  # (all, E)
+        inv_freq = self.visual.rotary_pos_emb.inv_freq.float()
+        angles = (patch_positions[..., None].float() * inv_freq).reshape(images, longest, -1)  # (N, P, d/2): rows, cols
+        angles = torch.cat((angles, angles), dim=-1)
+        return patches[patch_index], angles.cos()[:, None], angles.sin()[:, None]
+
+    def _block(self, block, hidden, cos, sin, allowed):
+        """One vision block on (n, L, E) sequences (images or windows) with their rotary tables and key mask."""
+        count, length, _ = hidden.shape
+        attention = block.attn
+        qkv = attention.qkv(block.norm1(hidden)).reshape(count, length, 3, self.vision_heads, -1).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv[0], qkv[1], qkv[2]  # (n, heads, L, d)
+        query = apply_rotary(query.float(), cos, sin).to(value.dtype)
+        key = apply_rotary(key.float(), cos, sin).to(value.dtype)
+        out = attend(query, key, value, allowed, float(attention.scaling)).reshape(count, length, -1)
+        hidden = hidden + attention.proj(out)
+        return hidden + block.mlp(block.norm2(hidden))
+
+    def _text(self, input_ids, attention_mask, position_ids, image_token_index, merged):
+        text = self.decoder.embed(input_ids)
+        image_tokens = (input_ids == self.image_token_id)[..., None]
+        hidden_text = torch.where(image_tokens, merged[image_token_index].to(text.dtype), text)
+
+        angles = position_ids[..., None].float() * self.inv_freq.float()  # (3, B, S, d/2)
+        angles = (angles * self.mrope_axis[:, None, None, :]).sum(dim=0)  # (B, S, d/2): each frequency's own axis
+        angles = torch.cat((angles, angles), dim=-1)
+        tables = angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
+        return self.decoder(hidden_text, attention_mask, {layer_type: tables for layer_type in self.decoder.layer_types})
+
+
+class Qwen2_5_VLGraph(Qwen2VLGraph):
+    """Qwen2.5-VL: Qwen2-VL's graph with window attention in the vision tower. Blocks listed in fullatt_block_indexes
+    attend over the whole image as in Qwen2-VL; the others over windows of merged patches, gathered per window by
+    the planned window_index (padded windows, as images are) and put back in image layout by window_inverse."""
+
+    def __init__(self, model: nn.Module, decoder: HeadDecoder, rotary: nn.Module):
+        super().__init__(model, decoder, rotary)
+        vision_config = model.config.vision_config
+        self.full_attention_blocks = {int(index) for index in vision_config.fullatt_block_indexes}
+        self.plan_config.update({"window_size": int(vision_config.window_size), "patch_size": int(vision_config.patch_size)})
+
+    def forward(self, input_ids, attention_mask, pixel_values, patch_index, patch_mask, patch_positions, position_ids,
+                image_token_index, window_index, window_mask, window_inverse):
+        merged = self.image_features(pixel_values, patch_index, patch_mask, patch_positions, window_index, window_mask,
+                                     window_inverse)
+        return self._text(input_ids, attention_mask, position_ids, image_token_index, merged)
+
+    def image_features(self, pixel_values, patch_index, patch_mask, patch_positions, window_index=None, window_mask=None,
+                       window_inverse=None):
+        hidden, cos, sin = self._patches(pixel_values, patch_index, patch_positions)
+        images, longest, width = hidden.shape
+        windows, window_length = window_index.shape
+        allowed = patch_mask[:, None, None, :]  # (N, 1, 1, P)
+        window_allowed = window_mask[:, None, None, :]  # (W, 1, 1, Pw)
+        # (W, 1, Pw, d): each window's rotary tables, gathered from the image layout.
+        window_cos = cos.reshape(images * longest, -1)[window_index][:, None]
+        window_sin = sin.reshape(images * longest, -1)[window_index][:, None]
+        for index, block in enumerate(self.visual.blocks):
+            if index in self.full_attention_blocks:
+                hidden = self._block(block, hidden, cos, sin, allowed)
+                continue
+            windowed = hidden.reshape(images * longest, width)[window_index]  # (W, Pw, E)
+            windowed = self._block(block, windowed, window_cos, window_sin, window_allowed)
+            hidden = windowed.reshape(windows * window_length, width)[window_inverse]  # (N, P, E)
+        return self.visual.merger(hidden)
+
+
+class ClipStyleTower(nn.Module):
+    """A CLIP or SigLIP vision transformer (embeddings, optional CLS and pre-norm, encoder layers with layer_norm1,
+    self_attn q/k/v/out_proj, layer_norm2, mlp) up to the deepest hidden state the projector reads.
+
+    Returns the chosen hidden states concatenated on the feature axis, with CLS dropped by the "default" strategy,
+    as LLaVA's get_image_features selects them."""
+
+    def __init__(self, tower: nn.Module, feature_layer: int | list[int], strategy: str):
+        super().__init__()
+        self.vision = getattr(tower, "vision_model", tower)
+        layers = len(self.vision.encoder.layers)
+        wanted = feature_layer if isinstance(feature_layer, list) else [feature_layer]
+        # hidden_states[i]: 0 = the encoder's input, i = after encoder layer i; negative counts from the end.
+        self.feature_states = [int(index) % (layers + 1) for index in wanted]
+        self.depth = max(self.feature_states)
+        self.drop_cls = strategy == "default"
+        embeddings = self.vision.embeddings
+        self.has_cls = getattr(embeddings, "class_embedding", None) is not None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) at the tower's own size -> (n, tokens, E * feature layers)."""
+        embeddings = self.vision.embeddings
+        patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))  # (n, E, h, w)
+        hidden = patches.flatten(2).transpose(1, 2)  # (n, h*w, E)
+        if self.has_cls:
+            cls = embeddings.class_embedding.to(hidden.dtype).expand(hidden.shape[0], 1, -1)
+            hidden = torch.cat((cls, hidden), dim=1)
+        hidden = hidden + embeddings.position_embedding.weight[None]
+        pre_norm = getattr(self.vision, "pre_layrnorm", None)  # CLIP normalises before the encoder
+        if pre_norm is not None:
+            hidden = pre_norm(hidden)
+        states = [hidden]
+        for layer in self.vision.encoder.layers[: self.depth]:
+            hidden = hidden + self._attention(layer.self_attn, layer.layer_norm1(hidden))
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            states.append(hidden)
+        chosen = [states[index][:, 1:] if self.drop_cls else states[index] for index in self.feature_states]
+        return torch.cat(chosen, dim=-1)
+
+    @staticmethod
+    def _attention(attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        count, length, _ = hidden.shape
+        heads, d = attention.num_heads, attention.head_dim
+
+        def split(projection: nn.Module) -> torch.Tensor:
+            return projection(hidden).view(count, length, heads, d).transpose(1, 2)
+
+        allowed = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=hidden.device)
+        out = attend(split(attention.q_proj), split(attention.k_proj), split(attention.v_proj), allowed, float(attention.scale))
+        return attention.out_proj(out.reshape(count, length, heads * d))
+
+
+class LlavaOnevisionGraph(nn.Module):
+    """LLaVA-OneVision: SigLIP on the planned tiles, the projector, each image token a planned weighted sum of tile
+    features (anyres crop and resize as a gather), positions 0..S-1, the decoder."""
+
+    def __init__(self, model: nn.Module, decoder: HeadDecoder, rotary: nn.Module, model_id: str):
+        super().__init__()
+        config = model.config
+        inner = model.model
+        if config.vision_config.model_type != "siglip_vision_model":
+            raise ExportError(f"{model_id}: vision tower {config.vision_config.model_type!r} is not exportable (SigLIP only)")
+        if config.vision_feature_select_strategy != "full":
+            raise ExportError(f"{model_id}: vision_feature_select_strategy {config.vision_feature_select_strategy!r} "
+                              "is not exportable (only 'full', as LLaVA-OneVision checkpoints use)")
+        self.tower = ClipStyleTower(inner.vision_tower, config.vision_feature_layer, "full")
+        self.projector = inner.multi_modal_projector
+        self.image_newline = inner.image_newline
+        self.decoder = decoder
+        self.image_token_id = int(config.image_token_id)
+        self.rotary = RotaryTables(rotary, decoder.layer_types)
+        vision_config = config.vision_config
+        self.plan_config = {
+            "image_token_id": self.image_token_id, "image_size": int(vision_config.image_size),
+            "patch_size": int(vision_config.patch_size), "image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
+            "vision_aspect_ratio": str(config.vision_aspect_ratio),
+        }
+
+    def forward(self, input_ids, attention_mask, pixel_values, tile_index, image_token_index, image_token_weight):
+        channels, height, width = pixel_values.shape[2:]
+        tiles = pixel_values.reshape(-1, channels, height, width)[tile_index]  # (T, C, H, W)
+        features = self.projector(self.tower(tiles))  # (T, h*w, D)
+        features = torch.cat((features.reshape(-1, features.shape[-1]), self.image_newline[None].to(features.dtype)))
+
+        text = self.decoder.embed(input_ids)
+        image = (features[image_token_index] * image_token_weight[..., None].to(features.dtype)).sum(dim=2)  # (B, S, D)
+        image_tokens = (input_ids == self.image_token_id)[..., None]
+        hidden_text = torch.where(image_tokens, image.to(text.dtype), text)
+        return self.decoder(hidden_text, attention_mask, self.rotary(plain_positions(input_ids)))
+
+
+class LlavaGraph(nn.Module):
+    """LLaVA-1.5: the CLIP tower on every image (one fixed size), the projector, the image features taking the image
+    tokens in order (as masked_scatter fills them: a running count over the flattened batch), the decoder."""
+
+    def __init__(self, model: nn.Module, decoder: HeadDecoder, rotary: nn.Module, model_id: str):
+        super().__init__()
+        config = model.config
+        inner = model.model
+        kind = config.vision_config.model_type
+        if kind not in ("clip_vision_model", "siglip_vision_model"):
+            raise ExportError(f"{model_id}: vision tower {kind!r} is not exportable (CLIP or SigLIP)")
+        self.tower = ClipStyleTower(inner.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy)
+        self.projector = inner.multi_modal_projector
+        self.decoder = decoder
+        self.image_token_id = int(config.image_token_id)
+        self.rotary = RotaryTables(rotary, decoder.layer_types)
+        vision_config = config.vision_config
+        side = int(vision_config.image_size) // int(vision_config.patch_size)
+        tokens = side * side + (1 if self.tower.has_cls and not self.tower.drop_cls else 0)
+        self.plan_config = {"image_token_id": self.image_token_id, "image_size": int(vision_config.image_size),
+                            "tokens_per_image": tokens}
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        features = self.projector(self.tower(pixel_values))  # (N, tokens, D)
+        features = features.reshape(-1, features.shape[-1])
+        text = self.decoder.embed(input_ids)
+        image_tokens = input_ids == self.image_token_id  # (B, S)
+        order = torch.cumsum(image_tokens.reshape(-1).to(torch.int64), dim=0).reshape(image_tokens.shape) - 1
+        image = features[order.clamp(min=0)]  # (B, S, D); rows of text tokens are discarded below
+        hidden_text = torch.where(image_tokens[..., None], image.to(text.dtype), text)
+        return self.decoder(hidden_text, attention_mask, self.rotary(plain_positions(input_ids)))

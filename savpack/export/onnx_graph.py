@@ -1,0 +1,139 @@
+"""Trace an export graph module to ONNX, then finish it: float16 weights, metadata, external data.
+
+The contract (declared here and in savpack_runtime.graph_inputs, documented in docs/export.md):
+- inputs: graph_inputs.GRAPH_INPUTS[kind], in that order, with their dynamic axes;
+- output: `head_vectors` (batch, k, head_dim) float32;
+- opset 18 (OPSET): the newest opset both torch exporters emit (the TorchScript exporter stops at 20, the dynamo
+  exporter starts at 18) that every onnxruntime the runtime accepts (>= 1.18) runs. Attention is plain MatMul and
+  Softmax, so nothing newer (opset 23's Attention) is needed;
+- only the standard operator domain (savpack_runtime.session.STANDARD_DOMAINS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from savpack_runtime import graph_inputs
+from savpack_runtime.bundle import GRAPH_DATA_FILE
+from savpack_runtime.session import STANDARD_DOMAINS
+
+from ..errors import ExportError
+from .forward import GraphModule
+
+OPSET = 18
+# torchscript: traces the module (about 2 s for a tiny model here); dynamo: torch.export, the exporter torch now
+# develops (50-100 s for the same model on this machine). Both gave graphs equal to the model to 1.3e-7; every graph
+# is validated against the real model whichever exporter made it (docs/decisions.md).
+EXPORTERS = ("torchscript", "dynamo")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], exporter: str = "torchscript"):
+    """The graph module traced on the example `feed` (a planned batch), as an onnx ModelProto with weights inline."""
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter {exporter!r} is not one of {EXPORTERS}")
+    names = list(graph.input_names)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in names)
+    axes = {name: dict(graph_inputs.GRAPH_INPUTS[graph.kind][name]) for name in names}
+    with tempfile.TemporaryDirectory(prefix="savpack-export-") as tmp, _quiet_exporter():
+        path = Path(tmp) / "graph.onnx"
+        try:
+            with torch.no_grad():
+                if exporter == "torchscript":
+                    torch.onnx.export(graph.module, args, str(path), input_names=names,
+                                      output_names=[graph_inputs.OUTPUT_NAME],
+                                      dynamic_axes={**axes, graph_inputs.OUTPUT_NAME: graph_inputs.OUTPUT_AXES},
+                                      opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                else:
+                    shapes = {name: {axis: torch.export.Dim.AUTO for axis in axes[name]} for name in names}
+                    torch.onnx.export(graph.module, args, str(path), input_names=names,
+                                      output_names=[graph_inputs.OUTPUT_NAME], dynamic_shapes=shapes,
+                                      opset_version=OPSET, dynamo=True, external_data=True, verbose=False)
+        except Exception as exc:  # the exporters raise many types; the message is what the user needs
+            raise ExportError(f"torch.onnx.export ({exporter}) failed: {str(exc).strip().splitlines()[0]}") from exc
+        model = onnx.load(str(path), load_external_data=True)
+    _rename_dims(model, graph.kind)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters print progress and warn about the legacy path and negative indices (the plan has none)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _rename_dims(model, kind: str) -> None:
+    """Name every dynamic axis as the contract does (the dynamo exporter invents names like s43)."""
+    axes = graph_inputs.GRAPH_INPUTS[kind]
+    for value in model.graph.input:
+        for axis, label in axes.get(value.name, {}).items():
+            value.type.tensor_type.shape.dim[axis].dim_param = label
+    for value in model.graph.output:
+        for axis, label in graph_inputs.OUTPUT_AXES.items():
+            value.type.tensor_type.shape.dim[axis].dim_param = label
+
+
+def float16_weights(model) -> int:
+    """Store every float32 weight matrix (rank >= 2) as float16, cast back to float32 where the graph reads it.
+
+    Activations stay float32 (a fully float16 graph is slower on CPUs and did not load in onnxruntime). Vectors
+    (norm scales, biases) stay float32: they are tiny and precision-sensitive. Returns the bytes saved.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    casts, saved = [], 0
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 2:
+            continue
+        name, values = tensor.name, numpy_helper.to_array(tensor)
+        largest = float(np.abs(values).max(initial=0.0))
+        if largest > FLOAT16_MAX:
+            raise ExportError(f"weight {name!r} holds {largest:g}, beyond float16's range; export without --fp16")
+        half_name = f"{name}__float16"
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(values.astype(np.float16), half_name))
+        casts.append(helper.make_node("Cast", [half_name], [name], to=TensorProto.FLOAT, name=f"{half_name}__cast"))
+        saved += values.nbytes // 2
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(casts + nodes)
+    return saved
+
+
+def finish(model, metadata: dict[str, str]) -> None:
+    """Set the metadata_props and refuse anything outside the contract."""
+    import onnx
+
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata)
+    foreign = [opset.domain for opset in model.opset_import if opset.domain not in STANDARD_DOMAINS]
+    if foreign or len(model.functions):
+        raise ExportError(f"the exported graph uses operator domains {foreign} / {len(model.functions)} functions; "
+                          "savpack graphs must use the standard ONNX operators only")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
+
+
+# Tensors below this many bytes stay inside graph.onnx: shape constants must (onnxruntime's shape inference cannot read
+# them from external data: "Cannot parse data from external tensors"), and they weigh nothing.
+INLINE_BYTES = 1024
+
+
+def save(model, path: Path) -> None:
+    """graph.onnx with its weights in one external file (GRAPH_DATA_FILE) beside it."""
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=GRAPH_DATA_FILE, size_threshold=INLINE_BYTES, convert_attribute=False)

@@ -1,0 +1,58 @@
+"""exported/bundles/ is what tools/make_exported.py makes: regenerate into a temporary folder and compare."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORTED = ROOT / "exported" / "bundles"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("make_exported", ROOT / "tools" / "make_exported.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("regenerated") / "bundles"
+    return out, _tool().make_all(out)
+
+
+def test_regenerated_golden_files_agree(regenerated):
+    out, manifest = regenerated
+    committed = json.loads((EXPORTED / "manifest.json").read_text())
+    assert sorted(manifest["cases"]) == sorted(committed["cases"])
+    same_versions = {key: manifest["versions"][key] for key in ("torch", "transformers", "onnx")} == \
+                    {key: committed["versions"][key] for key in ("torch", "transformers", "onnx")}
+    for case, made in manifest["cases"].items():
+        assert made["heads"] == committed["cases"][case]["heads"], case
+        with np.load(out / case / "expected.npz") as new, np.load(EXPORTED / case / "expected.npz") as old:
+            assert np.abs(new["head_vectors"] - old["head_vectors"]).max() <= 1e-4, case
+        new_expected = json.loads((out / case / "expected.json").read_text())
+        old_expected = json.loads((EXPORTED / case / "expected.json").read_text())
+        assert new_expected["prompts"] == old_expected["prompts"], case
+        for pack in old_expected["packs"]:
+            assert new_expected["packs"][pack]["labels"] == old_expected["packs"][pack]["labels"], (case, pack)
+        for pack_file in sorted((EXPORTED / case / "bundle" / "packs").iterdir()):
+            assert (out / case / "bundle" / "packs" / pack_file.name).read_bytes() == pack_file.read_bytes(), pack_file
+        if same_versions:  # the graph bytes are reproducible with the same torch, transformers and onnx
+            assert made["graph_sha256"] == committed["cases"][case]["graph_sha256"], case
+            assert made["graph_data_sha256"] == committed["cases"][case]["graph_data_sha256"], case
+
+
+def test_golden_files_record_their_versions():
+    versions = json.loads((EXPORTED / "manifest.json").read_text())["versions"]
+    assert set(versions) >= {"torch", "transformers", "onnx", "onnxruntime"}
+    if versions["torch"] != torch.__version__ or versions["transformers"] != transformers.__version__ or versions["onnx"] != onnx.__version__:
+        pytest.skip("exported/ was made with other versions: only numbers are compared, not graph bytes")

@@ -1,0 +1,147 @@
+"""Measure what the torch-free runtime costs against the builder, side by side in one run: bundle sizes, import time,
+load time, and classifying the case's items end to end (preprocessing, forward, vote): `Classifier.classify_batch`
+(runtime) against `savpack.pipeline.classify` with the model (builder, which also stops after the deepest layer).
+
+    python tools/bench_runtime.py [--repeats 3] [--bundle DIR ...]
+
+Each measurement runs in a fresh interpreter (imports are only cold once), single-threaded, `--repeats` times; the
+table shows medians and the JSON (tools/results/runtime_load.json) every run. Cases: the golden bundles in exported/
+(tiny random-weight models, so compute is small and import and load dominate); --bundle adds your own bundles
+(sizes, import and load only). Runtime load = Classifier.load: bundle checks, onnxruntime session, preprocessing. The machine is shared: compare the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORTED = ROOT / "exported" / "bundles"
+RESULTS = ROOT / "tools" / "results"
+
+_RUNTIME = """
+import json, sys, time
+started = time.perf_counter()
+from savpack_runtime import Classifier
+import onnxruntime
+imported = time.perf_counter()
+classifier = Classifier.load({bundle!r}, threads=1)
+loaded = time.perf_counter()
+timing = {{"import_s": imported - started, "load_s": loaded - imported, **{{f"load_{{k}}_s": v for k, v in classifier.load_seconds.items()}}}}
+items = {items!r}
+if items:
+    from savpack_runtime.items import read_items
+    from pathlib import Path
+    batch = [item for _, item in read_items(Path(items))]
+    runs = []
+    for _ in range(6):
+        begin = time.perf_counter()
+        classifier.classify_batch(batch)
+        runs.append(time.perf_counter() - begin)
+    timing["first_batch_s"], timing["batch_s"] = runs[0], sorted(runs[1:])[2]
+banned = [name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "onnx")]
+print(json.dumps({{**timing, "banned_imports": banned}}))
+"""
+
+_BUILDER = """
+import json, sys, time
+started = time.perf_counter()
+import torch
+torch.set_num_threads(1)
+import transformers
+from savpack.models import load_model
+from savpack.data import load_examples
+from savpack.pipeline import classify
+from savpack_runtime import Pack
+imported = time.perf_counter()
+loaded = load_model({model!r}, device="cpu", dtype="float32")
+pack = Pack.load({pack!r})
+opened = time.perf_counter()
+examples = load_examples({items!r}, require_labels=False)
+runs = []
+for _ in range(6):
+    begin = time.perf_counter()
+    classify(loaded, pack, examples, batch_size=8, progress=False)
+    runs.append(time.perf_counter() - begin)
+print(json.dumps({{"import_s": imported - started, "load_s": opened - imported, "first_batch_s": runs[0], "batch_s": sorted(runs[1:])[2]}}))
+"""
+
+
+def _run(script: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    if done.returncode != 0:
+        raise SystemExit(f"measurement failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def sizes(bundle: Path) -> dict[str, int]:
+    return {str(path.relative_to(bundle)): path.stat().st_size for path in sorted(bundle.rglob("*")) if path.is_file()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bundle", action="append", default=[], help="also measure this bundle folder")
+    parser.add_argument("--no-builder", action="store_true", help="skip the builder side (no torch needed)")
+    args = parser.parse_args()
+
+    from savpack.fixtures import build_fixture  # the golden cases' models, rebuilt from their seed
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_exported import CASES
+
+    results = {"repeats": args.repeats, "python": sys.version.split()[0], "cases": {}}
+    with tempfile.TemporaryDirectory(prefix="savpack-bench-") as tmp:
+        targets = [(name, EXPORTED / name / "bundle", EXPORTED / name) for name in CASES]
+        targets += [(Path(path).name, Path(path), None) for path in args.bundle]
+        for name, bundle, case in targets:
+            items = str(case / "items.jsonl") if case else None
+            runtime = [_run(_RUNTIME.format(bundle=str(bundle), items=items)) for _ in range(args.repeats)]
+            entry = {"bytes": sizes(bundle), "runtime_runs": runtime}
+            if case is not None and not args.no_builder:
+                model = build_fixture(CASES[name]["fixture"], Path(tmp) / name, seed=0)
+                pack = sorted((bundle / "packs").iterdir())[0]
+                builder = [_run(_BUILDER.format(model=str(model), pack=str(pack), items=items)) for _ in range(args.repeats)]
+                entry["builder_runs"] = builder
+            results["cases"][name] = entry
+
+    header = (f"{'case':<16} {'bundle MB':>9} {'graph+data MB':>13} {'import s':>9} {'torch import s':>14} "
+              f"{'load s':>7} {'torch load s':>12} {'batch ms':>9} {'torch batch ms':>14}")
+    print(header)
+    for name, entry in results["cases"].items():
+        runtime, builder = entry["runtime_runs"], entry.get("builder_runs")
+        load = _median(runtime, "load_s")
+        graph_bytes = sum(size for file, size in entry["bytes"].items() if file.startswith("graph.onnx"))
+        summary = {"bundle_mb": sum(entry["bytes"].values()) / 1e6, "graph_mb": graph_bytes / 1e6,
+                   "import_s": _median(runtime, "import_s"), "load_s": load,
+                   "batch_ms": 1000 * _median(runtime, "batch_s") if "batch_s" in runtime[0] else None,
+                   "banned_imports": sorted({name for run in runtime for name in run["banned_imports"]})}
+        if builder:
+            summary.update(torch_import_s=_median(builder, "import_s"), torch_load_s=_median(builder, "load_s"),
+                           torch_batch_ms=1000 * _median(builder, "batch_s"))
+        entry["summary"] = summary
+
+        def cell(key: str, width: int, scale: str = ".2f") -> str:
+            value = summary.get(key)
+            return f"{value:>{width}{scale}}" if value is not None else f"{'-':>{width}}"
+
+        print(f"{name:<16} {cell('bundle_mb', 9)} {cell('graph_mb', 13)} {cell('import_s', 9)} {cell('torch_import_s', 14)} "
+              f"{cell('load_s', 7, '.3f')} {cell('torch_load_s', 12, '.3f')} {cell('batch_ms', 9, '.1f')} {cell('torch_batch_ms', 14, '.1f')}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "runtime_load.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
