@@ -269,11 +269,9 @@ def _metrics(report: dict[str, Any]) -> dict[str, float]:
 def evaluate_task(parts: dict[str, ActivationSet], logits: dict[str, np.ndarray] | None, seeds: list[int]) -> dict[str, Any]:
     pool, labels = parts["pool"], sorted(set(parts["pool"].labels))
     per_seed: dict[str, dict[str, list[dict[str, float]]]] = {part: {} for part in ("test", "validation") if part in parts}
-    maps = []
     for seed in seeds:
         train = pool.subset(sample_shots(pool.labels, MAIN_SHOTS, seed)[0])
         sav = SavClassifier(k=DEFAULT_K).fit(train.activations, train.labels)
-        maps.append(sav.all_head_scores_)
         for part in per_seed:
             evaluated = parts[part]
             predictions = baseline_predictions(train, evaluated, zero_shot_logits=None if logits is None else logits[part],
@@ -291,8 +289,28 @@ def evaluate_task(parts: dict[str, ActivationSet], logits: dict[str, np.ndarray]
     same = next(r for r in ablation if r["metric"] == "accuracy" and r["shots"] == MAIN_SHOTS and r["scoring"] == "paper"
                 and r["vote"] == "majority" and r["k"] == str(DEFAULT_K))
     assert abs(same["mean"] - summary[ablation_part]["sav"]["accuracy"][0]) < 1e-9, "ablation and main SAV disagree"
-    return {"summary": summary, "ablation": ablation, "ablation_part": ablation_part, "head_map": np.mean(maps, axis=0).tolist(),
+    return {"summary": summary, "ablation": ablation, "ablation_part": ablation_part,
             "sizes": {part: dict(sorted(Counter(acts.labels).items())) for part, acts in parts.items()}}
+
+
+def head_map(pool: ActivationSet, seeds: list[int]) -> np.ndarray:
+    """Every head's labelled-set accuracy, averaged over the seeds' draws of MAIN_SHOTS per class."""
+    maps = []
+    for seed in seeds:
+        train = pool.subset(sample_shots(pool.labels, MAIN_SHOTS, seed)[0])
+        maps.append(SavClassifier(k=DEFAULT_K).fit(train.activations, train.labels).all_head_scores_)
+    return np.mean(maps, axis=0)  # (layers, heads)
+
+
+def plot_task_head_map(spec: ModelSpec, task: str, grid: np.ndarray, seeds: list[int], docs: Path) -> None:
+    from savpack.plot import plot_head_map
+
+    top = np.argsort(-grid.reshape(-1), kind="stable")[:DEFAULT_K]
+    docs.joinpath("validity").mkdir(parents=True, exist_ok=True)
+    plot_head_map(grid, docs / "validity" / f"heads-{spec.name}-{task}.png",
+                  np.stack([top // grid.shape[1], top % grid.shape[1]], axis=1),
+                  title=f"{spec.title}, {task}: mean of {len(seeds)} seeds x {MAIN_SHOTS} shots per class",
+                  force=True, marked="the {k} best by mean score")
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
@@ -363,6 +381,25 @@ def variant_tables(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _compact(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of one task's result: the ablation rows as a table (columns once), without the head map."""
+    rows = result["ablation"]
+    columns = list(rows[0]) if rows else []
+    return {**{key: value for key, value in result.items() if key not in ("head_map", "ablation")},
+            "ablation": {"columns": columns, "rows": [[row[column] for column in columns] for row in rows]}}
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 4 decimals (the tables show 3): keeps the committed JSON small."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(item) for item in value]
+    return value
+
+
 def write_docs(text: str, docs: Path) -> None:
     from savpack_runtime.files import atomic_write
 
@@ -389,11 +426,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--report-only", action="store_true", help="never run a model; use cached activations")
+    parser.add_argument("--plots-only", action="store_true", help="only draw the head maps (from cached activations)")
     args = parser.parse_args()
+    if args.plots_only:
+        args.report_only = True
 
     import torch
 
-    from savpack.plot import plot_head_map
     from savpack_runtime.files import atomic_write
 
     torch.set_num_threads(args.threads)
@@ -408,29 +447,29 @@ def main() -> None:
             splits = make_splits(task, args.data_root)
             parts = {part: cached_activations(spec, task, part, examples, args.cache, args.batch_size, not args.report_only)
                      for part, examples in splits.items()}
+            if model in HEAD_MAPS:
+                plot_task_head_map(spec, name, head_map(parts["pool"], seeds), seeds, args.docs)
+            if args.plots_only:
+                continue
             logits, info = None, {"skipped": "no language-model head, or no task prompt to answer"}
             if spec.zero_shot:
                 logits, info = zero_shot_logits(spec, task, parts, args.cache, not args.report_only)
                 zero_shot_checks[f"{model}/{name}"] = info
             result = evaluate_task(parts, logits, seeds)
             results.setdefault(model, {})[name] = result
-            if model in HEAD_MAPS:
-                grid = np.asarray(result["head_map"])
-                top = np.argsort(-grid.reshape(-1), kind="stable")[:DEFAULT_K]
-                args.docs.joinpath("validity").mkdir(parents=True, exist_ok=True)
-                plot_head_map(grid, args.docs / "validity" / f"heads-{model}-{name}.png",
-                              np.stack([top // grid.shape[1], top % grid.shape[1]], axis=1),
-                              title=f"{spec.title}, {name}: mean of {len(seeds)} seeds x {MAIN_SHOTS} shots per class",
-                              force=True, marked="the {k} best by mean score")
             shown = result["summary"].get("test") or result["summary"]["validation"]
             print(f"  {'test' if 'test' in result['summary'] else 'validation'}: " +
                   "  ".join(f"{METHOD_TITLES[m]} {shown[m]['accuracy'][0]:.3f}" for m in METHODS if m in shown), flush=True)
+    if args.plots_only:
+        print(f"drew the head maps in {args.docs / 'validity'}")
+        return
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {"split_seed": SPLIT_SEED, "seeds": seeds, "main_shots": MAIN_SHOTS, "zero_shot": zero_shot_checks,
                "prompts": {name: {"prompt": task.prompt, "verbalisers": task.verbalisers} for name, task in TASKS.items()},
-               "results": {model: {name: {key: value for key, value in result.items() if key != "head_map"}
-                                   for name, result in tasks.items()} for model, tasks in results.items()}}
-    atomic_write(args.json, lambda handle: handle.write(json.dumps(payload, indent=1).encode()), force=True)
+               "results": {model: {name: _compact(result) for name, result in tasks.items()}
+                           for model, tasks in results.items()}}
+    atomic_write(args.json, lambda handle: handle.write(json.dumps(_rounded(payload), separators=(",", ":")).encode()),
+                 force=True)
     write_docs(markdown(results, seeds), args.docs)
     print(f"wrote {args.json} and {args.docs / 'validity.md'}")
 
