@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,7 @@ import click
 from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
 from savpack_runtime.files import check_output_path
+from savpack_runtime.format import TOKEN_POSITIONS
 
 from . import __version__
 from .classifier import DEFAULT_K
@@ -111,6 +113,10 @@ prompt_option = click.option(
 shots_option = click.option("--shots", type=int, default=None, help="Sample this many labelled examples per class (seeded).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shots sampling.")
 force_option = click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+token_position_option = click.option(
+    "--token-position", type=click.Choice(TOKEN_POSITIONS), default=None,
+    help="Token whose head outputs classify: last real token, or first ([CLS] of an encoder). Default: the family's.",
+)
 video_frames_option = click.option(
     "--video-frames", type=click.IntRange(min=1), default=DEFAULT_VIDEO_FRAMES, show_default=True,
     help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
@@ -124,11 +130,12 @@ video_frames_option = click.option(
 @prompt_option
 @shots_option
 @seed_option
-@click.option("--hidden", is_flag=True, help="Also keep the final hidden state at the last token (for baselines).")
+@click.option("--hidden", is_flag=True, help="Also keep the final hidden state at the same token (for baselines).")
+@token_position_option
 @video_frames_option
 @force_option
-def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, video_frames: int, force: bool,
-            **params: Any) -> None:
+def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, token_position: str | None,
+            video_frames: int, force: bool, **params: Any) -> None:
     """Run the model once per example and save every head's output at the last token."""
     from .pipeline import extract_activations
 
@@ -137,7 +144,7 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
     batch_size = params.pop("batch_size")
     loaded = _load(params)
     activations = extract_activations(loaded, examples, prompt, batch_size=batch_size, final_hidden=hidden,
-                                      video_frames=video_frames)
+                                      video_frames=video_frames, token_position=token_position)
     activations.save(out, force=force)
     layers, heads, head_dim = loaded.grid
     click.echo(f"wrote {out}: {len(examples)} examples x {layers} layers x {heads} heads x {head_dim}", err=True)
@@ -158,12 +165,13 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
               help="Pack name (e.g. team/safety-classifier).")
 @click.option("--version", "pack_version", default=None, callback=lambda ctx, param, value: _identity(check_version, value, param),
               help="Pack version (semantic versioning, e.g. 1.0.0).")
+@token_position_option
 @video_frames_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the pack summary as JSON.")
 def build(data: str | None, activations: str | None, out: str, k: str, scoring: str, vote: str, prompt: str,
-          shots: int | None, seed: int, name: str | None, pack_version: str | None, video_frames: int, force: bool,
-          as_json: bool, **params: Any) -> None:
+          shots: int | None, seed: int, name: str | None, pack_version: str | None, token_position: str | None,
+          video_frames: int, force: bool, as_json: bool, **params: Any) -> None:
     """Select the heads that classify and write a pack."""
     from .extract import ActivationSet
     from .pipeline import extract_activations, pack_from_activations, require_classes
@@ -184,8 +192,13 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
         examples = _sampled(_examples(data), shots, seed)
         require_classes(examples)
         batch_size = params.pop("batch_size")
-        activation_set = extract_activations(_load(params), examples, prompt, batch_size=batch_size,
-                                             video_frames=video_frames)
+        started = time.perf_counter()
+        loaded = _load(params)
+        loaded_at = time.perf_counter()
+        activation_set = extract_activations(loaded, examples, prompt, batch_size=batch_size, video_frames=video_frames,
+                                             token_position=token_position)
+        click.echo(f"model loaded in {loaded_at - started:.1f} s; {len(examples)} examples extracted in "
+                   f"{time.perf_counter() - loaded_at:.1f} s", err=True)
     selection = {"shots": shots, "seed": seed} if shots is not None else {}
     pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
                                  version=pack_version, selection=selection)
@@ -241,28 +254,100 @@ def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None
 @model_options()
 @click.option("--data", required=True, help="Labelled held-out data; examples the pack was built from are skipped.")
 @click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@click.option("--baselines", is_flag=True,
+              help="Also report zero-shot, kNN (k=1, 5), a linear probe, the best 2 layers and all heads, from the same single pass.")
+@click.option("--train", "train_data", default=None,
+              help="With --baselines: the labelled data the pack was built from (sampled again with the pack's shots and seed).")
+@click.option("--train-activations", default=None, type=click.Path(dir_okay=False),
+              help="With --baselines: `savpack extract --hidden` output for the training examples, instead of --train.")
+@click.option("--verbalizer", "verbalizers", multiple=True, metavar="LABEL=WORD",
+              help="With --baselines: the word zero-shot reads for LABEL (default: the label itself). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--record", is_flag=True, help="Store the held-out metrics in the pack (atomic rewrite: a new content hash).")
-def evaluate(pack_path: str, data: str, vote: str | None, as_json: bool, record: bool, **params: Any) -> None:
+def evaluate(pack_path: str, data: str, vote: str | None, baselines: bool, train_data: str | None,
+             train_activations: str | None, verbalizers: tuple[str, ...], as_json: bool, record: bool,
+             **params: Any) -> None:
     """Accuracy, per-class accuracy and the confusion matrix on held-out labelled data."""
     from .pipeline import evaluate as run_evaluate
 
+    if not baselines and (train_data or train_activations or verbalizers):
+        raise click.UsageError("--train, --train-activations and --verbalizer go with --baselines")
+    if train_data and train_activations:
+        raise click.UsageError("--train and --train-activations exclude each other")
     pack = _load_pack(pack_path)
     if record and vote not in (None, pack.selection.get("vote", "majority")):
         raise click.UsageError(f"--record stores metrics of the pack as shipped; drop --vote {vote} (the pack votes "
                                f"{pack.selection.get('vote', 'majority')})")
+    words = _parse_verbalizers(verbalizers)
     examples = _examples(data)
     batch_size = params.pop("batch_size")
-    report = run_evaluate(_load(params), pack, examples, batch_size=batch_size, vote=vote)
+    loaded = _load(params)
+    if baselines:
+        from .baselines import evaluate_with_baselines
+
+        train = _training_activations(pack, loaded, train_data, train_activations, batch_size)
+        report = evaluate_with_baselines(loaded, pack, examples, train, words, batch_size=batch_size, vote=vote)
+    else:
+        report = run_evaluate(loaded, pack, examples, batch_size=batch_size, vote=vote)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         click.echo(format_report(report))
+        if baselines:
+            click.echo("\n" + format_baselines(report, pack.k))
     if record:
         from .sharing import record_held_out
 
         _, digest = record_held_out(pack_path, pack, report, examples)
         click.echo(f"recorded held-out metrics in {pack_path} (sha256 {digest})", err=True)
+
+
+def _parse_verbalizers(values: tuple[str, ...]) -> dict[str, str]:
+    words = {}
+    for value in values:
+        label, separator, word = value.partition("=")
+        if not separator or not label or not word.strip():
+            raise click.BadParameter(f"{value!r} is not LABEL=WORD", param_hint="--verbalizer")
+        words[label] = word.strip()
+    return words
+
+
+def _training_activations(pack: Pack, loaded, train_data: str | None, train_activations: str | None, batch_size: int):
+    """The pack's labelled examples as activations with final hidden states (None: no training data given)."""
+    from .extract import ActivationSet
+    from .pipeline import extract_activations
+
+    if train_activations:
+        train = ActivationSet.load(train_activations)
+    elif train_data:
+        examples = _examples(train_data)
+        if pack.selection.get("shots") is not None:
+            examples = _sampled(examples, int(pack.selection["shots"]), int(pack.selection.get("seed", 0)))
+        train = extract_activations(loaded, examples, pack.prompt["template"], batch_size=batch_size, final_hidden=True,
+                                    video_frames=pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES),
+                                    token_position=pack.token_position)
+    else:
+        return None
+    if pack.dataset.get("sha256") and train.dataset["sha256"] != pack.dataset["sha256"]:
+        warnings.warn("the training examples differ from those the pack was built from; the baselines learn from "
+                      "other examples than SAV did", SavpackWarning)
+    return train
+
+
+BASELINE_NAMES = {"zero_shot": "zero-shot (label words)", "knn_1": "kNN k=1 (final hidden)",
+                  "knn_5": "kNN k=5 (final hidden)", "linear_probe": "linear probe (final hidden)",
+                  "best_2_layers": "best 2 layers", "all_heads": "all heads vote"}
+
+
+def format_baselines(report: dict[str, Any], k: int) -> str:
+    rows = [(f"SAV pack (k={k})", report)] + [(BASELINE_NAMES.get(name, name), values)
+                                              for name, values in report["baselines"].items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'method':<{width}}  accuracy  balanced  macro-F1"]
+    lines += [f"{name:<{width}}  {values['accuracy']:>8.4f}  {values['balanced_accuracy']:>8.4f}  {values['macro_f1']:>8.4f}"
+              for name, values in rows]
+    lines += [f"{BASELINE_NAMES.get(name, name):<{width}}  not run: {reason}" for name, reason in report["baselines_skipped"].items()]
+    return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -289,9 +374,87 @@ def format_report(report: dict[str, Any]) -> str:
 @main.command()
 @click.argument("pack_path", metavar="PACK")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect(pack_path: str, as_json: bool) -> None:
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw every head's score as a layers x heads heatmap (PNG; needs savpack[plot]).")
+@force_option
+def inspect(pack_path: str, as_json: bool, plot_path: str | None, force: bool) -> None:
     """Show what a pack classifies, its model, heads and metrics."""
-    _print_summary(_load_pack(pack_path), pack_path, as_json)
+    pack = _load_pack(pack_path)
+    if plot_path:
+        from .plot import plot_head_map
+
+        check_output_path(plot_path, force)
+        title = f"{pack.name or Path(pack_path).name}: {pack.model['id']} ({', '.join(pack.labels)})"
+        plot_head_map(pack.all_head_scores, plot_path, pack.heads, title=title[:90], force=force)
+        click.echo(f"wrote {plot_path}", err=True)
+    _print_summary(pack, pack_path, as_json)
+
+
+@main.command(name="convert-gguf")
+@click.argument("gguf_path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@force_option
+def convert_gguf(gguf_path: str, out: str, force: bool) -> None:
+    """Dequantise a .gguf model once into a float32 transformers folder that loads in seconds."""
+    from .gguf import convert_gguf as run_convert
+
+    run_convert(gguf_path, out, force=force, echo=lambda message: click.echo(message, err=True))
+
+
+def _int_list(value: str, name: str, allow_all: bool = False) -> list:
+    items = []
+    for part in value.split(","):
+        part = part.strip()
+        if allow_all and part == "all":
+            items.append(None)
+            continue
+        try:
+            number = int(part)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a whole number{' or all' if allow_all else ''}", param_hint=name) from None
+        if number < (0 if name == "--seeds" else 1):
+            raise click.BadParameter(f"{number} is too small", param_hint=name)
+        items.append(number)
+    return items
+
+
+@main.command()
+@click.option("--train", "train_path", required=True, type=click.Path(dir_okay=False),
+              help="`savpack extract` output of a labelled pool; each seed samples its shots from it.")
+@click.option("--test", "test_path", required=True, type=click.Path(dir_okay=False), help="`savpack extract` output of held-out data.")
+@click.option("--shots", default="5,10,20,50,100", show_default=True, help="Shots per class to try (comma-separated).")
+@click.option("--k", "ks", default="1,5,10,20,40,100,all", show_default=True, help="Numbers of heads to try.")
+@click.option("--scoring", "scorings", default="paper,loo", show_default=True, help="Head scorings to try.")
+@click.option("--vote", "votes", default="majority,cosine", show_default=True, help="Vote methods to try.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Seeds: each draws its own shots.")
+@click.option("--metric", type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]), default="accuracy", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print every run as JSON.")
+def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, votes: str, seeds: str, metric: str,
+           as_json: bool) -> None:
+    """The paper's ablations from cached activations (no model runs): mean +- std over seeds per setting."""
+    from .ablations import k_name, sav_ablation, summarise
+    from .extract import ActivationSet
+
+    scoring_list = [item.strip() for item in scorings.split(",")]
+    vote_list = [item.strip() for item in votes.split(",")]
+    for item in scoring_list:
+        if item not in SCORINGS:
+            raise click.BadParameter(f"{item!r} is not one of {SCORINGS}", param_hint="--scoring")
+    pool, test = ActivationSet.load(train_path), ActivationSet.load(test_path)
+    if pool.model.get("fingerprint") != test.model.get("fingerprint") or pool.prompt != test.prompt:
+        raise click.ClickException(f"{train_path} and {test_path} come from different models or prompts")
+    runs = sav_ablation(pool, test, _int_list(shots, "--shots"), _int_list(ks, "--k", allow_all=True), scoring_list,
+                        vote_list, _int_list(seeds, "--seeds"))
+    if not runs:
+        raise click.ClickException("no setting could run: every --shots value exceeds what some class of the pool has")
+    if as_json:
+        click.echo(json.dumps([{**run.__dict__, "k": k_name(run.k)} for run in runs], indent=2))
+        return
+    click.echo(f"{metric}, mean +- std over {len(_int_list(seeds, '--seeds'))} seeds; {len(test.labels)} test examples")
+    click.echo(f"{'shots':>5}  {'scoring':<7}  {'vote':<8}  {'k':>4}  {metric}")
+    for row in summarise(runs, ("shots", "scoring", "vote", "k"), metric):
+        click.echo(f"{row['shots']:>5}  {row['scoring']:<7}  {row['vote']:<8}  {k_name(row['k']):>4}  "
+                   f"{row['mean']:.4f} +- {row['std']:.4f}")
 
 
 def pack_summary(pack: Pack) -> dict[str, Any]:
@@ -320,7 +483,7 @@ def _print_summary(pack: Pack, path: str, as_json: bool) -> None:
         f"model       {model['id']}  [{model['family']}, revision {str(model['revision'])[:20]}]",
         f"grid        {layers} layers x {heads} heads x {head_dim} head_dim",
         f"heads       k = {pack.k}, deepest layer {pack.deepest_layer}, scoring {pack.selection.get('scoring')}, vote {pack.selection.get('vote')}",
-        f"prompt      {pack.prompt['template']!r}",
+        f"prompt      {pack.prompt['template']!r}, heads read at the {pack.token_position} token",
         f"examples    {summary['class_counts']}",
         f"metrics     {json.dumps(pack.metrics)}",
         f"sha256      {summary['content_sha256']}",

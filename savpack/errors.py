@@ -27,3 +27,7 @@ class IdentityError(SavpackError):
 
 class SharingError(SavpackError):
     """A registry or hub reference is malformed, or a push, pull or list failed. The message names the reference."""
+
+
+class MissingExtraError(SavpackError):
+    """An optional dependency is not installed; the message gives the pip command."""

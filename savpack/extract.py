@@ -1,5 +1,6 @@
 """One batched forward pass per example, stopping after the deepest needed layer, keeping each head's output at the
-last real token. Also the activations file that `savpack extract` writes and `savpack build --activations` reads.
+last real token (or, for encoders, at the first: [CLS]). Also the activations file that `savpack extract` writes and
+`savpack build --activations` reads.
 """
 
 from __future__ import annotations
@@ -38,13 +39,22 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.shape[1] - 1 - attention_mask.flip(1).to(torch.int64).argmax(dim=1)
 
 
+def token_positions(attention_mask: torch.Tensor, which: str = fmt.DEFAULT_TOKEN_POSITION) -> torch.Tensor:
+    """Index of each row's last ("last") or first ("first") real token. (batch, seq) -> (batch,)"""
+    if which == "last":
+        return last_positions(attention_mask)
+    if which == "first":
+        return attention_mask.to(torch.int64).argmax(dim=1)
+    raise ValueError(f"token position {which!r} is not one of {fmt.TOKEN_POSITIONS}")
+
+
 @dataclass
 class Extraction:
     """Head outputs at the last token for N examples, with what is needed to check and reuse them."""
 
     vectors: np.ndarray  # (N, layers, heads, head_dim) for all heads, or (N, k, head_dim) for chosen heads
     input_ids: list[np.ndarray]  # per example, the exact token ids the model saw (padding removed)
-    final_hidden: np.ndarray | None = None  # (N, hidden): the decoder's final (normed) state at the last token
+    final_hidden: np.ndarray | None = None  # (N, hidden): the model's final (normed) state at the same token
     examples: list[Example] = field(default_factory=list)
 
 
@@ -57,16 +67,19 @@ def extract(
     final_hidden: bool = False,
     progress: bool = True,
     video_frames: int = DEFAULT_VIDEO_FRAMES,
+    token_position: str = fmt.DEFAULT_TOKEN_POSITION,
 ) -> Extraction:
-    """Run the model once per example (batched) and return head vectors at the last real token.
+    """Run the model once per example (batched) and return head vectors at the last (or first) real token.
 
     heads=None keeps every head of every layer; an int (k, 2) array of (layer, head) keeps only those, in that order,
     and stops the forward after the deepest of their layers. No LM head ever runs: the forward is the base model's.
     final_hidden=True runs all layers and the final norm too (for the hidden-state baselines), still in one pass.
     video_frames: frames sampled from each video, shown to the model as images.
+    token_position: "last" real token, or "first" (an encoder's [CLS]); the family must offer it.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_token_position(loaded, token_position)
     layers, num_heads, head_dim = loaded.grid
     needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
     deepest = max(needed)
@@ -97,7 +110,7 @@ def extract(
         def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             per_token = args[0]  # (batch, seq, heads * head_dim): the attention output before its projection
             rows = torch.arange(per_token.shape[0], device=per_token.device)
-            captured[layer] = per_token[rows, state["last"]].float().reshape(-1, num_heads, head_dim).cpu()
+            captured[layer] = per_token[rows, state["position"]].float().reshape(-1, num_heads, head_dim).cpu()
             if layer == deepest and not final_hidden:
                 raise _StopForward
         return hook
@@ -111,7 +124,7 @@ def extract(
                 inputs = loaded.encode([rendered[i] for i in batch], images)
                 mask = inputs["attention_mask"]
                 _check_lengths(loaded, [examples[i] for i in batch], mask)
-                state["last"] = last_positions(mask)
+                state["position"] = token_positions(mask, token_position)
                 captured.clear()
                 with torch.inference_mode():
                     try:
@@ -127,10 +140,10 @@ def extract(
                     position = {layer: i for i, layer in enumerate(needed)}
                     chosen[batch] = per_layer[:, [position[int(l)] for l in heads[:, 0]], heads[:, 1]]
                 if final_hidden:
-                    last_state = output.last_hidden_state[torch.arange(len(batch)), state["last"]].float().cpu().numpy()
+                    state_at = output.last_hidden_state[torch.arange(len(batch)), state["position"]].float().cpu().numpy()
                     if hidden is None:
-                        hidden = np.zeros((count, last_state.shape[1]), dtype=np.float32)
-                    hidden[batch] = last_state
+                        hidden = np.zeros((count, state_at.shape[1]), dtype=np.float32)
+                    hidden[batch] = state_at
                 bar.update(len(batch))
     finally:
         for handle in handles:
@@ -143,6 +156,14 @@ def _render(loaded: LoadedModel, template: str, example: Example, video_frames: 
         return loaded.render(template, example.prompt_text(video_frames), example.image_count(video_frames))
     except DataError as exc:
         raise DataError(f"{example.source}: {exc}") from None
+
+
+def check_token_position(loaded: LoadedModel, token_position: str) -> None:
+    if token_position not in loaded.family.token_positions:
+        raise DataError(
+            f"token position {token_position!r} is not offered by the {loaded.family.name} family of {loaded.model_id} "
+            f"(it offers {list(loaded.family.token_positions)})"
+        )
 
 
 def _check_lengths(loaded: LoadedModel, batch: list[Example], mask: torch.Tensor) -> None:
@@ -183,6 +204,20 @@ class ActivationSet:
         return replace(self, activations=self.activations[rows], labels=pick(self.labels), input_ids=pick(self.input_ids),
                        digests=pick(self.digests), sources=pick(self.sources),
                        final_hidden=None if self.final_hidden is None else self.final_hidden[rows])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["ActivationSet"]) -> "ActivationSet":
+        """One set from parts extracted separately (e.g. in chunks) with the same model and prompt."""
+        first = parts[0]
+        for part in parts[1:]:
+            if part.model != first.model or part.prompt != first.prompt:
+                raise DataError("activation sets from different models or prompts cannot be joined")
+            if (part.final_hidden is None) != (first.final_hidden is None):
+                raise DataError("activation sets with and without final hidden states cannot be joined")
+        join = lambda name: [item for part in parts for item in getattr(part, name)]  # noqa: E731
+        return cls(np.concatenate([part.activations for part in parts]), join("labels"), join("input_ids"),
+                   first.model, first.prompt, join("digests"), join("sources"),
+                   None if first.final_hidden is None else np.concatenate([part.final_hidden for part in parts]))
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         offsets = np.cumsum([0] + [len(ids) for ids in self.input_ids]).astype(np.int64)

@@ -25,6 +25,9 @@ class Family:
     # Learned absolute position embeddings (GPT-2): the model counts positions from the first column, padding
     # included, so a left-padded item needs position_ids counted over its real tokens only.
     positions_from_mask: bool = False
+    # Token positions whose head outputs classify (savpack_runtime.format.TOKEN_POSITIONS), the default first. A
+    # decoder's first token sees only itself, so decoders offer "last" only.
+    token_positions: tuple[str, ...] = ("last",)
 
     @property
     def takes_images(self) -> bool:
@@ -113,10 +116,20 @@ GPT2 = Family(
     positions_from_mask=True,
     description="GPT-2 (attention output projection is the Conv1D attn.c_proj)",
 )
+BERT = Family(
+    name="bert",
+    model_types=("bert",),
+    auto_class="AutoModel",
+    # Right padding keeps BERT's absolute positions; positions are gathered per row either way.
+    padding_side="right",
+    forward_inputs=("input_ids", "attention_mask", "token_type_ids"),
+    description="BERT encoders (all-MiniLM, ...): heads at [CLS] (first) or at the last real token ([SEP])",
+    token_positions=("first", "last"),
+)
 
 FAMILIES: dict[str, Family] = {
     family.name: family
-    for family in (QWEN2_VL, LLAVA_ONEVISION, CAUSAL_LM, QWEN2_5_VL, QWEN3_VL, LLAVA, IDEFICS3, SMOLVLM, GEMMA3, GPT2)
+    for family in (QWEN2_VL, LLAVA_ONEVISION, CAUSAL_LM, QWEN2_5_VL, QWEN3_VL, LLAVA, IDEFICS3, SMOLVLM, GEMMA3, GPT2, BERT)
 }
 
 

@@ -361,9 +361,21 @@ def _gpt2(folder: Path):
     return _save(folder, GPT2LMHeadModel(config), tokenizer)
 
 
+def _bert(folder: Path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    # A WordPiece vocabulary of the fixed word list plus single characters (so any text tokenises), like MiniLM's.
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = sorted(set(_CORPUS)) + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(specials + pieces)})
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    return _save(folder, BertModel(config), tokenizer)
+
+
 FIXTURES = {"qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision, "qwen2": _qwen2, "llama": _llama,
             "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "llava": _llava, "idefics3": _idefics3,
-            "smolvlm": _smolvlm, "gemma3": _gemma3, "gpt2": _gpt2, "gemma3_text": _gemma3_text}
+            "smolvlm": _smolvlm, "gemma3": _gemma3, "gpt2": _gpt2, "gemma3_text": _gemma3_text, "bert": _bert}
 
 
 def build_fixture(name: str, folder: str | Path, seed: int = 0) -> Path:

@@ -204,7 +204,12 @@ def load_model(
     chosen = _choose_family(config, family, model)
     with _quiet_transformers(), _model_errors(model):
         auto_class = getattr(transformers, chosen.auto_class)
-        network = auto_class.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
+        weight_kwargs = dict(hub_kwargs)
+        if gguf_file:
+            from .gguf import dequantised_load_kwargs
+
+            weight_kwargs.update(dequantised_load_kwargs())
+        network = auto_class.from_pretrained(source, dtype=torch_dtype, **weight_kwargs)
         processor, tokenizer = _load_preprocessor(chosen, source, hub_kwargs)
     network.to(torch_device).eval().requires_grad_(False)
     tokenizer.padding_side = chosen.padding_side

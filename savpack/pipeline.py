@@ -19,7 +19,7 @@ from savpack_runtime.vote import Votes, classify_vectors
 from .classifier import DEFAULT_K, SavClassifier
 from .data import DIGEST_CHARS, Example, labels_of
 from .errors import BuildError, DataError
-from .extract import ActivationSet, Extraction, extract
+from .extract import ActivationSet, Extraction, check_token_position, extract
 from .media import DEFAULT_VIDEO_FRAMES
 from .metrics import classification_report
 from .models import LoadedModel
@@ -54,10 +54,12 @@ def _source_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_frames: int | None = None) -> dict[str, Any]:
+def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_frames: int | None = None,
+                    token_position: str = fmt.DEFAULT_TOKEN_POSITION) -> dict[str, Any]:
     """What a pack records of its prompt; video_frames (frames sampled per video) only when the data had videos."""
     prompt = {"template": template, "rendered": loaded.render_template(template, image_count),
-              "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256()}
+              "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256(),
+              fmt.PROMPT_TOKEN_POSITION: token_position}
     if video_frames is not None:
         prompt["video_frames"] = video_frames
     return prompt
@@ -65,18 +67,21 @@ def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_
 
 def extract_activations(loaded: LoadedModel, examples: Sequence[Example], template: str = fmt.TEXT_PLACEHOLDER,
                         batch_size: int = 8, final_hidden: bool = False, progress: bool = True,
-                        video_frames: int = DEFAULT_VIDEO_FRAMES) -> ActivationSet:
-    """Every head's vector for labelled examples (one forward each, batched), with what a pack needs to record."""
+                        video_frames: int = DEFAULT_VIDEO_FRAMES, token_position: str | None = None) -> ActivationSet:
+    """Every head's vector for labelled examples (one forward each, batched), with what a pack needs to record.
+    token_position None takes the family's default (the last real token, or [CLS] for encoders)."""
     if any(example.label is None for example in examples):
         raise DataError("every example needs a label to build a pack")
+    position = token_position or loaded.family.token_positions[0]
     image_counts = Counter(example.image_count(video_frames) for example in examples)
     has_videos = any(example.videos for example in examples)
     extraction = extract(loaded, examples, template, heads=None, batch_size=batch_size, final_hidden=final_hidden,
-                         progress=progress, video_frames=video_frames)
+                         progress=progress, video_frames=video_frames, token_position=position)
     return ActivationSet(
         activations=extraction.vectors, labels=[example.label for example in examples], input_ids=extraction.input_ids,
         model=loaded.model_metadata(),
-        prompt=prompt_metadata(loaded, template, image_counts.most_common(1)[0][0], video_frames if has_videos else None),
+        prompt=prompt_metadata(loaded, template, image_counts.most_common(1)[0][0], video_frames if has_videos else None,
+                               position),
         digests=[example.digest() for example in examples], sources=[example.source for example in examples],
         final_hidden=extraction.final_hidden,
     )
@@ -118,6 +123,7 @@ def check_pack_fits(pack: Pack, loaded: LoadedModel) -> None:
             f"{loaded.model_id} (revision {loaded.revision}); the weights' fingerprints match, so the pack applies",
             SavpackWarning,
         )
+    check_token_position(loaded, pack.token_position)
     prompt = pack.prompt
     rendered = loaded.render_template(prompt["template"], prompt["image_count"])
     if rendered != prompt["rendered"]:
@@ -150,7 +156,8 @@ def classify(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch
     # Videos are sampled as when the pack was built.
     video_frames = pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES)
     extraction = extract(loaded, examples, pack.prompt["template"], heads=np.asarray(pack.heads),
-                         batch_size=batch_size, progress=progress, video_frames=video_frames)
+                         batch_size=batch_size, progress=progress, video_frames=video_frames,
+                         token_position=pack.token_position)
     votes = classify_vectors(extraction.vectors, pack.centroids, vote or pack.selection.get("vote", "majority"))
     return Classification([pack.labels[i] for i in votes.predictions], votes, extraction)
 
@@ -162,15 +169,21 @@ def held_out(pack: Pack, examples: Sequence[Example]) -> tuple[list[Example], in
     return kept, len(examples) - len(kept)
 
 
-def evaluate(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch_size: int = 8,
-             vote: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix on held-out labelled examples."""
+def evaluation_examples(pack: Pack, examples: Sequence[Example]) -> tuple[list[Example], int]:
+    """The held-out examples to evaluate on (labels checked against the pack's), and how many were skipped."""
     unknown = next((example for example in examples if example.label not in pack.labels), None)
     if unknown is not None:
         raise DataError(f"{unknown.source}: label {unknown.label!r} is not one of the pack's labels {list(pack.labels)}")
     kept, dropped = held_out(pack, examples)
     if not kept:
         raise DataError(f"all {len(examples)} examples were used to build the pack; evaluate on held-out data")
+    return kept, dropped
+
+
+def evaluate(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch_size: int = 8,
+             vote: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix on held-out labelled examples."""
+    kept, dropped = evaluation_examples(pack, examples)
     result = classify(loaded, pack, kept, batch_size=batch_size, vote=vote, progress=progress)
     report = classification_report([example.label for example in kept], result.labels, pack.labels)
     report["skipped_training_examples"] = dropped

@@ -219,6 +219,10 @@ def _load_pack(folder: Path, entry: Any, index: int, heads: np.ndarray, model: d
     except PackError as exc:
         raise BundleError(f"{key}: {exc}", path, key) from None
     check_model(pack.model, model, f"pack {entry['name']!r}", "the bundle")
+    if pack.token_position != "last":
+        # Exported graphs read the last real token (only decoders export); a pack read elsewhere would get other vectors.
+        raise BundleError(f"{key}: pack {entry['name']!r} reads heads at the {pack.token_position!r} token; exported graphs "
+                          "give the last real token's", path, key)
     positions = np.asarray(entry["positions"])
     if positions.shape != (pack.k,) or not np.issubdtype(positions.dtype, np.integer) or (positions < 0).any() or (positions >= len(heads)).any():
         raise BundleError(f"{key}.positions must be {pack.k} indices into graph.heads ({len(heads)} heads)", path, f"{key}.positions")

@@ -46,6 +46,11 @@ MODEL_FIELDS = ("id", "revision", "family", "grid", "fingerprint")  # grid = [la
 # image_count: images the rendered prompt holds; chat_template_sha256: which template rendered it (or null).
 PROMPT_FIELDS = ("template", "rendered", "image_count", "chat_template_sha256")
 TEXT_PLACEHOLDER = "{text}"
+# Optional prompt field: the token whose head outputs the pack uses. "last" is the last real token (the SAVs rule, for
+# decoders); "first" is the first token, an encoder's [CLS]. A pack without the field uses "last".
+PROMPT_TOKEN_POSITION = "token_position"
+TOKEN_POSITIONS = ("last", "first")
+DEFAULT_TOKEN_POSITION = "last"
 
 # safetensors dtype names this project reads and writes.
 DTYPES = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I64": "<i8", "U8": "|u1"}

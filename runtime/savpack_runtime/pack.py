@@ -59,6 +59,11 @@ class Pack:
         return int(layers), int(heads), int(head_dim)
 
     @property
+    def token_position(self) -> str:
+        """Which token's head outputs the pack uses: "last" (decoders) or "first" (an encoder's [CLS])."""
+        return self.prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION)
+
+    @property
     def deepest_layer(self) -> int:
         return int(self.heads[:, 0].max())
 
@@ -157,6 +162,9 @@ class Pack:
                 raise PackTypeError(f"{fmt.META_PROMPT} {key} must be a string", path, fmt.META_PROMPT)
         if type(prompt["image_count"]) is not int or prompt["image_count"] < 0:
             raise PackTypeError(f"{fmt.META_PROMPT} image_count must be a non-negative integer", path, fmt.META_PROMPT)
+        if prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION) not in fmt.TOKEN_POSITIONS:
+            raise PackValueError(f"{fmt.META_PROMPT} {fmt.PROMPT_TOKEN_POSITION} is {prompt[fmt.PROMPT_TOKEN_POSITION]!r}, "
+                                 f"expected one of {list(fmt.TOKEN_POSITIONS)}", path, fmt.META_PROMPT)
         for key in (fmt.META_NAME, fmt.META_VERSION):
             if key in metadata and not metadata[key]:
                 raise PackValueError(f"{key} is empty", path, key)

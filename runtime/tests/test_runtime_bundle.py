@@ -95,6 +95,13 @@ def test_pack_with_other_heads_is_refused(bundle_copy):
         fmt.Bundle.load(bundle_copy)
 
 
+def test_pack_reading_another_token_is_refused(bundle_copy):
+    pack = Pack.load(bundle_copy / "packs" / "colour.safetensors")
+    _rewrite_pack(bundle_copy, 0, prompt={**pack.prompt, "token_position": "first"})
+    with pytest.raises(BundleError, match="'first' token"):
+        fmt.Bundle.load(bundle_copy)
+
+
 def test_graph_for_another_model_is_refused(bundle_copy):
     """bundle.json and every pack say model X, the graph's own metadata says another: refused at load."""
     for index, name in enumerate(["colour", "colour-loo"]):

@@ -1,0 +1,102 @@
+"""Convert a GGUF checkpoint once into a plain transformers folder (config, safetensors weights, tokenizer).
+
+transformers loads a .gguf file by dequantising every tensor (about 90 s for Gemma-3-270M on 2 CPU cores) and then
+refuses to `save_pretrained` the result ("quantized with gguf and is not serializable"). The dequantised weights are
+ordinary float tensors, so we drop the GGUF quantizer and its quantization_config and save a normal folder, which
+later loads in seconds and gives the same activations (and the same savpack fingerprint) as the .gguf file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from savpack_runtime.errors import OutputPathError
+
+from .errors import ModelError
+
+CONVERSION_RECORD = "savpack_conversion.json"
+
+
+def dequantised_load_kwargs() -> dict:
+    """from_pretrained arguments that unpack every GGUF weight into a plain float tensor. Newer transformers can keep
+    some architectures' weights packed in GGUF blocks (GgufLinear modules); savpack needs plain Linear layers to hook
+    and float weights to save."""
+    import transformers
+
+    config_class = getattr(transformers, "GgufConfig", None)
+    return {"quantization_config": config_class(dequantize=True)} if config_class is not None else {}
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False,
+                 echo: Callable[[str], None] = lambda message: None) -> Path:
+    """Dequantise `gguf_path` and write a float32 transformers folder at `out_dir` (atomically: a temporary folder
+    beside it, renamed when complete). Refuses to replace an existing folder unless `force`."""
+    import torch
+    import transformers
+
+    from .models import _model_errors, _quiet_transformers
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise ModelError(f"{gguf_path}: GGUF file does not exist")
+    if out_dir.exists() and not force:
+        raise OutputPathError(f"{out_dir} exists; use --force to replace it")
+    if not out_dir.parent.is_dir():
+        raise OutputPathError(f"{out_dir.parent}: folder does not exist")
+
+    source, name = str(gguf_path.parent), gguf_path.name
+    echo(f"dequantising {gguf_path} (this takes a minute or two)")
+    with _quiet_transformers(), _model_errors(str(gguf_path)):
+        config = transformers.AutoConfig.from_pretrained(source, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32,
+                                                                  **dequantised_load_kwargs())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=name)
+    # The weights are already dequantised floats; only the quantizer's bookkeeping blocks saving them.
+    model.hf_quantizer = None
+    for holder in (model.config, config):
+        if hasattr(holder, "quantization_config"):
+            del holder.quantization_config
+    record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": _sha256(gguf_path),
+              "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
+
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+        saved = json.loads((temporary / "config.json").read_text())
+        if "quantization_config" in saved:
+            raise ModelError(f"{gguf_path}: conversion kept a quantization_config; transformers changed how GGUF loads")
+        (temporary / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _make_shareable(temporary)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        temporary.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    echo(f"wrote {out_dir}")
+    return out_dir
+
+
+def _make_shareable(folder: Path) -> None:
+    """mkdtemp makes the folder private (0700); give it, and its files, the permissions the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
