@@ -56,10 +56,13 @@ def _source_commit() -> str | None:
 
 def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_frames: int | None = None,
                     token_position: str = fmt.DEFAULT_TOKEN_POSITION) -> dict[str, Any]:
-    """What a pack records of its prompt; video_frames (frames sampled per video) only when the data had videos."""
+    """What a pack records of its prompt; video_frames (frames sampled per video) only when the data had videos;
+    token_position only when it is not the default last token, so a decoder's pack keeps the bytes, and therefore
+    the sha256 identity, that savpack versions without the field give it."""
     prompt = {"template": template, "rendered": loaded.render_template(template, image_count),
-              "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256(),
-              fmt.PROMPT_TOKEN_POSITION: token_position}
+              "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256()}
+    if token_position != fmt.DEFAULT_TOKEN_POSITION:
+        prompt[fmt.PROMPT_TOKEN_POSITION] = token_position
     if video_frames is not None:
         prompt["video_frames"] = video_frames
     return prompt
