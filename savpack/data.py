@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from savpack_runtime.errors import SavpackWarning
+from savpack_runtime.files import file_sha256
 from savpack_runtime.images import IMAGE_SUFFIXES
 from savpack_runtime.items import IMAGE_FIELDS, TEXT_FIELDS
 
@@ -83,7 +84,7 @@ def _markers(text: str) -> list[str]:
 
 def _file_sha256(path: str) -> str:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
 

@@ -8,7 +8,6 @@ later loads in seconds and gives the same activations (and the same savpack fing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from savpack_runtime.errors import OutputPathError
+from savpack_runtime.files import file_sha256
 
 from .errors import ModelError
 
@@ -62,7 +62,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     for holder in (model.config, config):
         if hasattr(holder, "quantization_config"):
             del holder.quantization_config
-    record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": _sha256(gguf_path),
+    record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": file_sha256(gguf_path),
               "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
 
     temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -92,11 +92,3 @@ def _make_shareable(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for file in folder.iterdir():
         file.chmod(0o666 & ~umask)
-
-
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()

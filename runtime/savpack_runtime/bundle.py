@@ -15,7 +15,6 @@ human-readable specification.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError, BundleVersionError, ModelMismatchError, PackError
+from .files import file_sha256
 from .graph_inputs import GRAPH_INPUTS, OUTPUT_NAME, input_names
 from .pack import Pack
 
@@ -60,14 +60,6 @@ GRAPH_META_HEADS = "savpack.heads"  # [[layer, head], ...] in output order
 GRAPH_META_PACKS = "savpack.packs"  # [sha256 of each pack's content], the packs this graph was exported for
 GRAPH_META_KEYS = (GRAPH_META_FORMAT, GRAPH_META_MODEL, GRAPH_META_HEADS, GRAPH_META_PACKS)
 MODEL_MATCH_FIELDS = ("id", "revision", "family", "grid", "fingerprint")
-
-
-def file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 @dataclass

@@ -8,6 +8,7 @@ yields a message naming what is wrong.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,15 @@ from .errors import OutputPathError, PackHeaderError, PackReadError, PackSizeErr
 
 MAX_RANK = 8  # numpy allows 64 dimensions; no savpack tensor has more than 4
 _NUMPY_TO_DTYPE = {np.dtype(v).newbyteorder("<") if v != "|u1" else np.dtype(v): k for k, v in fmt.DTYPES.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MB blocks (graph weights can exceed memory twice over)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
