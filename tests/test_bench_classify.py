@@ -109,11 +109,12 @@ def test_real_size_configs_have_the_published_sizes(name, parameters):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=2e-3)
 
 
-def test_one_small_run_measures_all_three_methods(tmp_path):
+def test_one_small_run_measures_all_three_methods(tmp_path, model_dir, monkeypatch):
     """The benchmark's machinery end to end on the tiny text fixture: packs, bundle, three worker processes, the
     runtime returning the truncated path's head vectors, RSS and FLOPs recorded."""
+    monkeypatch.setattr(bench, "model_folder", lambda case, cache, workdir: model_dir("qwen2"))  # the session's fixture
     case = bench.Case("tiny qwen2 (test)", "fixture:qwen2", None, (bench.Plan(1, (0.5,), warmup=0, repeats=1),))
-    args = argparse.Namespace(threads=1, cache=tmp_path / "cache")
+    args = argparse.Namespace(threads=1, cache=tmp_path / "cache", overlap_loads=True)
     result = bench.measure_case(case, args, tmp_path)
     (group,) = result["groups"]
     assert group["deepest"] == 1 and group["layers_run"] == 2

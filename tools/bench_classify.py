@@ -24,6 +24,9 @@ FlopCounterMode.
     python tools/bench_classify.py --quick     # tiny fixtures only (< 3 minutes)
     python tools/bench_classify.py             # + real-size Qwen2-VL-2B and LLaVA-OV-0.5B, random weights (< 30 min
                                                #   once models and bundles are cached)
+    python tools/bench_classify.py --profile   # + where (b)'s and (c)'s time goes at batch 1 (35 min in all here)
+
+Results of a run and what they show: docs/benchmarks-classify.md.
 
 Real-size models (tools/real_configs.py) and their bundles are cached in --cache (default /work/cache/bench2,
 outside the repository): built and exported once, reused while the pack (and so the bundle's recorded pack digest)
@@ -237,7 +240,8 @@ def busy_neighbours() -> list[str]:
             command = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(name in command for name in ("bench_build", "eval_real")) and str(os.getpid()) != status.parent.name:
+        waiting = command.startswith("flock ")  # queued for the shared lock, not running
+        if any(name in command for name in ("bench_build", "eval_real")) and not waiting and str(os.getpid()) != status.parent.name:
             found.append(command.strip()[:120])
     return found
 
@@ -271,6 +275,8 @@ def worker_main(spec: dict[str, Any]) -> None:
             reply = {"reset": reset_peak_rss(), "rss": rss("VmRSS")}
         elif command["op"] == "peak":  # RssFile: pages of mapped files (weights mapped from disk), shared with others
             reply = {"peak_rss": rss("VmHWM"), "rss": rss("VmRSS"), "rss_anonymous": rss("RssAnon"), "rss_file": rss("RssFile")}
+        elif command["op"] == "profile":
+            reply = runner.profile(command["batch"], command.get("deepest"), command.get("top", 12))
         else:
             reply = runner.run(command["batch"], command.get("deepest"), command.get("vectors", False))
         replies.write(json.dumps(reply) + "\n")
@@ -298,6 +304,9 @@ class _TorchRunner:
         import torch
 
         torch.set_num_threads(spec["threads"])
+        # transformers imports lazily: touch what load_model uses so that its import counts as import, not load
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: F401
+
         from savpack.data import Example
         from savpack.models import load_model
 
@@ -373,6 +382,16 @@ class TruncatedRunner(_TorchRunner):
             reply["vectors"] = result.extraction.vectors.tolist()
         return reply
 
+    def profile(self, batch: int, deepest: int | None, top: int) -> dict[str, Any]:
+        """Where one run's time goes: torch operators by self CPU time (after the run already warmed up)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        self.run(batch, deepest, False)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            reply = self.run(batch, deepest, False)
+        rows = [(event.key, event.self_cpu_time_total / 1e6, event.count) for event in profiler.key_averages()]
+        return {**reply, "operators": operator_shares(rows, top)}
+
 
 class RuntimeRunner:
     """(c): savpack_runtime.Classifier on the bundle of L*; no torch, transformers or onnx in this process."""
@@ -380,15 +399,17 @@ class RuntimeRunner:
     def __init__(self, spec: dict[str, Any]):
         from savpack_runtime import Classifier
 
+        self.threads = spec["threads"]
         self.imported_at = time.perf_counter()
         self.classifier = Classifier.load(spec["bundle"], threads=spec["threads"], batch_size=8)
         self.loaded_at = time.perf_counter()
         self.items = [{"text": item["text"], "images": item["images"]} for item in spec["items"]]
-        self.forward_s, self.outputs = 0.0, []
+        self.forward_s, self.outputs, self.feed = 0.0, [], None
         session = self.classifier.session
         run = session.run
 
         def timed_run(feed: dict) -> Any:
+            self.feed = feed
             begin = time.perf_counter()
             vectors = run(feed)
             self.forward_s += time.perf_counter() - begin
@@ -415,6 +436,43 @@ class RuntimeRunner:
             reply["vectors"] = np.concatenate(self.outputs).tolist()  # items share one length: batch order = item order
         return reply
 
+    def profile(self, batch: int, deepest: int | None, top: int) -> dict[str, Any]:
+        """Where one run's time goes: onnxruntime nodes by operator type, from its own profiler, on a session
+        opened like the runtime's own (which is closed first: memory for one copy of the weights only)."""
+        import onnxruntime
+
+        self.run(batch, deepest, False)  # captures the feed of this batch
+        graph = self.classifier.session
+        graph.session = None
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"bench-classify-ort-{os.getpid()}")
+        session = onnxruntime.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
+        session.run(None, self.feed)  # warm-up
+        begin = time.perf_counter()
+        session.run(None, self.feed)
+        forward = time.perf_counter() - begin
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink()
+        node_events = [event for event in events if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+        warm = node_events[len(node_events) // 2:]  # the second of the two runs
+        totals: dict[str, list[float]] = {}
+        for event in warm:
+            total = totals.setdefault(event["args"]["op_name"], [0.0, 0])
+            total[0] += event["dur"] / 1e6
+            total[1] += 1
+        rows = [(name, seconds, count) for name, (seconds, count) in totals.items()]
+        return {"forward_s": forward, "operators": operator_shares(rows, top)}
+
+
+def operator_shares(rows: list[tuple[str, float, int]], top: int) -> list[dict[str, Any]]:
+    """The `top` operators by time, from (name, seconds, calls) rows, with each one's share of the total."""
+    total = sum(seconds for _, seconds, _ in rows) or 1.0
+    rows = sorted(rows, key=lambda row: -row[1])[:top]
+    return [{"operator": name, "seconds": seconds, "share": seconds / total, "calls": calls} for name, seconds, calls in rows]
+
 
 RUNNERS = {"full": FullRunner, "truncated": TruncatedRunner, "runtime": RuntimeRunner}
 
@@ -422,7 +480,7 @@ RUNNERS = {"full": FullRunner, "truncated": TruncatedRunner, "runtime": RuntimeR
 class Worker:
     """The benchmark's side of a method's process: start it, wait for it to load, send commands."""
 
-    def __init__(self, spec: dict[str, Any], log: Path, threads: int):
+    def __init__(self, spec: dict[str, Any], log: Path, threads: int, wait: bool = True):
         self.method = spec["method"]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
@@ -430,7 +488,15 @@ class Worker:
         with open(log, "ab") as handle:
             self.process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=handle, text=True, env=env)
-        self.ready = self._read()
+        self.ready: dict[str, Any] = {}
+        if wait:
+            self.wait()
+
+    def wait(self) -> "Worker":
+        """Wait until the process has loaded; its reply (import and load time, RSS) is `ready`."""
+        if not self.ready:
+            self.ready = self._read()
+        return self
 
     def _read(self) -> dict[str, Any]:
         line = self.process.stdout.readline()
@@ -570,9 +636,14 @@ def measure_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[st
 
     common = {"model": str(model), "items": items, "template": template, "threads": args.threads}
     started = time.perf_counter()
-    full = Worker({**common, "method": "full"}, log, args.threads)
-    truncated = Worker({**common, "method": "truncated", "packs": {str(d): str(p) for d, p in packs.items()}}, log, args.threads)
-    groups, runtime_ready, full_warm = [], {}, set()
+    # (a) and (b) load one after the other, so that neither's import and load time includes the other's; tests may
+    # overlap them (their load times are then not comparable)
+    overlap = getattr(args, "overlap_loads", False)
+    full = Worker({**common, "method": "full"}, log, args.threads, wait=not overlap)
+    truncated = Worker({**common, "method": "truncated", "packs": {str(d): str(p) for d, p in packs.items()}}, log,
+                       args.threads).wait()
+    full.wait()
+    groups, runtime_ready, full_warm, profiles = [], {}, set(), {}
     try:
         for deepest in sorted(packs):
             runtime = Worker({**common, "method": "runtime", "bundle": bundles[deepest]["bundle"]}, log, args.threads)
@@ -597,6 +668,10 @@ def measure_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[st
                         runs[method].append(workers[method].request(op="run", batch=plan.batch, deepest=deepest, vectors=repeat == 0))
                 memory = {method: worker.request(op="peak") for method, worker in workers.items()}
                 groups.append(summarise(case, config, plan, deepest, layers, runs, memory, runtime.ready))
+            if getattr(args, "profile", False):  # last: the runtime's profile replaces its session
+                print(f"   L*={deepest} batch 1: profiling (b) and (c)", file=sys.stderr)
+                profiles[str(deepest)] = {method: workers[method].request(op="profile", batch=1, deepest=deepest)
+                                          for method in ("truncated", "runtime")}
             runtime.close()
     finally:
         for worker in (full, truncated):
@@ -604,7 +679,7 @@ def measure_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[st
     return {"case": case.name, "model": case.model, "image": case.image, "note": case.note, "layers": layers,
             "grid": prepared["grid"], "k": K, "bundles": {str(d): info for d, info in bundles.items()},
             "workers": {"full": full.ready, "truncated": truncated.ready, "runtime": {str(d): r for d, r in runtime_ready.items()}},
-            "groups": groups, "seconds": time.perf_counter() - started, "items": len(items)}
+            "groups": groups, "profiles": profiles, "seconds": time.perf_counter() - started, "items": len(items)}
 
 
 def summarise(case: Case, config: Any, plan: Plan, deepest: int, layers: int, runs: dict[str, list[dict]],
@@ -711,6 +786,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {case['case']} | {workers['full']['import_s']:.2f} / {statistics.median(r['import_s'] for r in runtime):.2f} "
             f"| {workers['full']['load_s']:.2f} / {workers['truncated']['load_s']:.2f} / "
             f"{statistics.median(r['load_s'] for r in runtime):.2f} | {runtime[-1]['load_s']:.2f} |")
+    for case in report["cases"]:
+        for deepest, profile in case.get("profiles", {}).items():
+            lines += ["", f"{case['case']}, L*={deepest}, batch 1: where the forward's time goes (operator: share of "
+                          "the profiled time; forward s)", "",
+                      "| (b) PyTorch truncated | (c) onnxruntime |", "|---|---|"]
+            tops = [[f"{row['operator']}: {row['share']:.0%}" for row in profile[method]["operators"][:6]]
+                    for method in ("truncated", "runtime")]
+            lines += [f"| {left} | {right} |" for left, right in zip(*tops)]
+            lines.append(f"| forward {profile['truncated']['forward_s']:.3g} s | forward {profile['runtime']['forward_s']:.3g} s |")
     if report["targets"]:
         lines += ["", "| target | where | value | met |", "|---|---|---|---|"]
         lines += [f"| {check['target']} | {check['where']} | {check['value']:.2f} | {'yes' if check['met'] else 'NO'} |"
@@ -731,6 +815,8 @@ def main() -> None:
     parser.add_argument("--extended", action="store_true",
                         help="real sizes at every L* and batch 8 with larger photos (hours on this machine)")
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each L*'s measurements, profile (b) and (c) at batch 1: time by operator")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per method, torch and onnxruntime alike (default 1: on the shared 2-core machine "
                              "two threads spin against other jobs)")
