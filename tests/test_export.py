@@ -223,12 +223,69 @@ def test_traced_graph_is_validated_on_other_shapes(loaded_model, tmp_path):
         return honest(input_ids[:, -baked_length:], attention_mask[:, -baked_length:])
 
     graph.module.forward = baked
-    model = onnx_graph.trace_to_onnx(graph, feed)
-    onnx_graph.save(model, tmp_path / "baked.onnx")
+    model = onnx_graph.trace_to_onnx(graph, feed, tmp_path)
+    onnx_graph.save(model, tmp_path / "baked.onnx", tmp_path)
     session = GraphSession(tmp_path / "baked.onnx")
     with pytest.raises(ExportValidationError) as caught:
         validate_graph(session, loaded, graph.kind, graph.plan_config, HEADS, "{text}", 0)
     assert caught.value.mismatches
+
+
+def _weights_graph():
+    """A small ONNX graph with a large weight, a medium one and one under INLINE_BYTES, all held inline."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(64, 32)).astype(np.float32), "matrix"),  # 8 KB
+               numpy_helper.from_array(rng.normal(size=(32,)).astype(np.float32), "bias"),  # 128 bytes: stays inline
+               numpy_helper.from_array(rng.normal(size=(300,)).astype(np.float32), "extra")]  # 1.2 KB
+    nodes = [helper.make_node("MatMul", ["x", "matrix"], ["h"]), helper.make_node("Add", ["h", "bias"], ["y"]),
+             helper.make_node("Identity", ["extra"], ["z"])]
+    graph = helper.make_graph(nodes, "weights", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [300])], initializer=weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_graph.OPSET)])
+
+
+def test_save_streams_external_weights_into_the_same_bytes(tmp_path):
+    """A graph over 2 GB leaves the exporter with its weights in files (one per tensor) and is loaded without them:
+    save copies them into the one weights file, writing the bytes onnx.save_model writes for the graph in memory."""
+    import onnx
+    import onnxruntime
+
+    from savpack_runtime.bundle import GRAPH_DATA_FILE
+
+    for folder in ("reference", "traced", "inline", "streamed"):
+        (tmp_path / folder).mkdir()
+    onnx.save_model(_weights_graph(), str(tmp_path / "reference" / "graph.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=GRAPH_DATA_FILE, size_threshold=onnx_graph.INLINE_BYTES)
+    onnx.save_model(_weights_graph(), str(tmp_path / "traced" / "traced.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)  # as the exporters write large graphs
+    traced = onnx.load(str(tmp_path / "traced" / "traced.onnx"), load_external_data=False)
+    assert all(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in traced.graph.initializer)
+
+    onnx_graph.save(traced, tmp_path / "streamed" / "graph.onnx", tmp_path / "traced")
+    onnx_graph.save(_weights_graph(), tmp_path / "inline" / "graph.onnx", tmp_path / "traced")
+    for folder in ("streamed", "inline"):
+        for name in ("graph.onnx", GRAPH_DATA_FILE):
+            assert (tmp_path / folder / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), (folder, name)
+    saved = onnx.load(str(tmp_path / "streamed" / "graph.onnx"), load_external_data=False)
+    inline = {tensor.name for tensor in saved.graph.initializer if tensor.data_location != onnx.TensorProto.EXTERNAL}
+    assert inline == {"bias"}
+
+    x = np.ones((2, 64), np.float32)
+    expected = onnxruntime.InferenceSession(str(tmp_path / "reference" / "graph.onnx")).run(None, {"x": x})
+    found = onnxruntime.InferenceSession(str(tmp_path / "streamed" / "graph.onnx")).run(None, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(found, expected))
+
+
+def test_save_checks_the_written_graph(tmp_path):
+    from onnx import helper
+
+    model = _weights_graph()
+    model.graph.node.insert(0, helper.make_node("Relu", ["undefined"], ["unused"]))
+    with pytest.raises(ExportError, match="not valid ONNX"):
+        onnx_graph.save(model, tmp_path / "graph.onnx", tmp_path)
 
 
 def test_export_refuses_mismatched_packs_and_models(loaded_model, packs, tmp_path):

@@ -104,15 +104,16 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         example = make_examples(3, image_count, EXAMPLE_SIZES, Path(tmp), seed=7, extra_image_item=0 if image_count else None)
         feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
     say(f"exporting layers 0..{int(heads[:, 0].max())} of {loaded.model_id} ({graph.kind} graph, {len(heads)} heads) with the {exporter} exporter")
-    model = onnx_graph.trace_to_onnx(graph, feed, exporter)
-    saved = onnx_graph.float16_weights(model) if fp16 else 0
     model_info = dict(packs[0].model)
-    onnx_graph.finish(model, fmt.graph_metadata(model_info, heads, [pack.content_hash() for pack in packs]))
-    seconds["export"] = time.perf_counter() - started
-
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        onnx_graph.save(model, work / fmt.GRAPH_FILE)
+        # The traced graph's own folder, beside the bundle (same disk): large weights stay in its files until saved.
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".trace", dir=out.parent) as traced:
+            model = onnx_graph.trace_to_onnx(graph, feed, Path(traced), exporter)
+            saved = onnx_graph.float16_weights(model, Path(traced)) if fp16 else 0
+            onnx_graph.finish(model, fmt.graph_metadata(model_info, heads, [pack.content_hash() for pack in packs]))
+            seconds["export"] = time.perf_counter() - started
+            onnx_graph.save(model, work / fmt.GRAPH_FILE, Path(traced))
         del model
         (work / fmt.PACKS_FOLDER).mkdir()
         for pack, file in zip(packs, files):

@@ -1,5 +1,9 @@
 """Trace an export graph module to ONNX, then finish it: float16 weights, metadata, external data.
 
+Weights never need to sit in memory twice: a graph over protobuf's 2 GB limit (any real vision-language model) is
+written by the exporter with its weights in files beside it, loaded without them, and `save` copies them into the
+bundle's one weights file tensor by tensor (the graph under 2 GB keeps them inline until then, as before).
+
 The contract (declared here and in savpack_runtime.graph_inputs, documented in docs/export.md):
 - inputs: graph_inputs.GRAPH_INPUTS[kind], in that order, with their dynamic axes;
 - output: `head_vectors` (batch, k, head_dim) float32;
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import tempfile
+import sys
 import warnings
 from pathlib import Path
 
@@ -35,8 +39,11 @@ EXPORTERS = ("torchscript", "dynamo")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], exporter: str = "torchscript"):
-    """The graph module traced on the example `feed` (a planned batch), as an onnx ModelProto with weights inline."""
+def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], folder: Path, exporter: str = "torchscript"):
+    """The graph module traced on the example `feed` (a planned batch), as an onnx ModelProto.
+
+    The exporter writes into `folder`, which must outlive the ModelProto until `save`: weights the exporter stored
+    as external data (graphs over 2 GB; the dynamo exporter always) stay in its files, not in memory."""
     import onnx
 
     if exporter not in EXPORTERS:
@@ -44,8 +51,8 @@ def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], exporter: str
     names = list(graph.input_names)
     args = tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in names)
     axes = {name: dict(graph_inputs.GRAPH_INPUTS[graph.kind][name]) for name in names}
-    with tempfile.TemporaryDirectory(prefix="savpack-export-") as tmp, _quiet_exporter():
-        path = Path(tmp) / "graph.onnx"
+    path = Path(folder) / "traced.onnx"
+    with _quiet_exporter():
         try:
             with torch.no_grad():
                 if exporter == "torchscript":
@@ -60,7 +67,7 @@ def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], exporter: str
                                       opset_version=OPSET, dynamo=True, external_data=True, verbose=False)
         except Exception as exc:  # the exporters raise many types; the message is what the user needs
             raise ExportError(f"torch.onnx.export ({exporter}) failed: {str(exc).strip().splitlines()[0]}") from exc
-        model = onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
     _rename_dims(model, graph.kind)
     return model
 
@@ -84,11 +91,12 @@ def _rename_dims(model, kind: str) -> None:
             value.type.tensor_type.shape.dim[axis].dim_param = label
 
 
-def float16_weights(model) -> int:
+def float16_weights(model, folder: Path) -> int:
     """Store every float32 weight matrix (rank >= 2) as float16, cast back to float32 where the graph reads it.
 
     Activations stay float32 (a fully float16 graph is slower on CPUs and did not load in onnxruntime). Vectors
-    (norm scales, biases) stay float32: they are tiny and precision-sensitive. Returns the bytes saved.
+    (norm scales, biases) stay float32: they are tiny and precision-sensitive. `folder`: where trace_to_onnx wrote
+    the graph (external weights are read from there). Returns the bytes saved.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -96,7 +104,7 @@ def float16_weights(model) -> int:
     for index, tensor in enumerate(model.graph.initializer):
         if tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 2:
             continue
-        name, values = tensor.name, numpy_helper.to_array(tensor)
+        name, values = tensor.name, numpy_helper.to_array(tensor, base_dir=str(folder))
         largest = float(np.abs(values).max(initial=0.0))
         if largest > FLOAT16_MAX:
             raise ExportError(f"weight {name!r} holds {largest:g}, beyond float16's range; export without --fp16")
@@ -111,7 +119,8 @@ def float16_weights(model) -> int:
 
 
 def finish(model, metadata: dict[str, str]) -> None:
-    """Set the metadata_props and refuse anything outside the contract."""
+    """Set the metadata_props and refuse operators outside the standard domain (`save` runs onnx's checker on the
+    written file: serialising a graph over 2 GB in memory, as checking a ModelProto does, fails)."""
     import onnx
 
     del model.metadata_props[:]
@@ -120,20 +129,61 @@ def finish(model, metadata: dict[str, str]) -> None:
     if foreign or len(model.functions):
         raise ExportError(f"the exported graph uses operator domains {foreign} / {len(model.functions)} functions; "
                           "savpack graphs must use the standard ONNX operators only")
-    try:
-        onnx.checker.check_model(model, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
 
 # Tensors below this many bytes stay inside graph.onnx: shape constants must (onnxruntime's shape inference cannot read
 # them from external data: "Cannot parse data from external tensors"), and they weigh nothing.
 INLINE_BYTES = 1024
+_COPY_BLOCK = 64 << 20
 
 
-def save(model, path: Path) -> None:
-    """graph.onnx with its weights in one external file (GRAPH_DATA_FILE) beside it."""
+def save(model, path: Path, folder: Path) -> None:
+    """graph.onnx with its weights in one external file (GRAPH_DATA_FILE) beside it, then onnx's checker on the file.
+
+    Writes what onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=INLINE_BYTES)
+    writes (same bytes: initializers in order, back to back), but copies weights the exporter left in files of
+    `folder` one block at a time instead of loading them all."""
     import onnx
+    from onnx import TensorProto
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=GRAPH_DATA_FILE, size_threshold=INLINE_BYTES, convert_attribute=False)
+    path = Path(path)
+    data_path = path.parent / GRAPH_DATA_FILE
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                source = Path(folder) / info.location
+                length = info.length if info.length is not None else source.stat().st_size - (info.offset or 0)
+                if sys.getsizeof(b"") + length < INLINE_BYTES:  # measured as onnx measures raw_data
+                    onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+                    del tensor.external_data[:]
+                    tensor.ClearField("data_location")  # as if it had never left: the same bytes
+                    continue
+                offset = data.tell()
+                with open(source, "rb") as handle:
+                    handle.seek(info.offset or 0)
+                    remaining = length
+                    while remaining:
+                        block = handle.read(min(remaining, _COPY_BLOCK))
+                        if not block:
+                            raise ExportError(f"{source}: the exporter's weights file ends early (tensor {tensor.name!r})")
+                        data.write(block)
+                        remaining -= len(block)
+            elif tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES:
+                offset = data.tell()
+                data.write(tensor.raw_data)
+                length = len(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", GRAPH_DATA_FILE), ("offset", offset), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+    onnx.save_model(model, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
