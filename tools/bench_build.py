@@ -523,7 +523,9 @@ def machine_info(args) -> dict[str, Any]:
                 if line.startswith("model name")), platform.processor())
     memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal")), 0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "python": platform.python_version(),
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"savpack_commit": commit or None, "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory,
+            "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
             "device": args.device, "dtype": args.dtype, "load_average_start": os.getloadavg()}
 

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from savpack.data import Example
+from savpack.media import DEFAULT_VIDEO_FRAMES, load_media
 from savpack.models import LoadedModel
-from savpack_runtime.images import load_image
 
 
 class TraceAttentionOutputs:
@@ -77,10 +77,12 @@ class TraceAttentionOutputs:
 
 
 def last_token_heads(loaded: LoadedModel, example: Example, template: str) -> torch.Tensor:
-    """One full forward of one item; every head's output at the last position: (layers, heads, head_dim)."""
+    """One full forward of one item; every head's output at the last position: (layers, heads, head_dim).
+    The item is rendered and preprocessed as savpack's extraction does (videos as DEFAULT_VIDEO_FRAMES frames)."""
     layers, heads, head_dim = loaded.grid
-    prompt = loaded.render(template, example.text, len(example.images))
-    inputs = loaded.encode([prompt], [[load_image(path) for path in example.images]])
+    frames = DEFAULT_VIDEO_FRAMES
+    prompt = loaded.render(template, example.prompt_text(frames), example.image_count(frames))
+    inputs = loaded.encode([prompt], [load_media(example, frames)])
     with torch.inference_mode():
         with TraceAttentionOutputs(loaded.attention_outputs) as trace:
             result = loaded.model(**inputs)  # noqa: F841  (kept alive like the original's `result`)
