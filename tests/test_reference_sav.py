@@ -58,6 +58,17 @@ def test_reference_selects_the_same_heads_and_predicts_the_same(name, loaded_mod
     assert build_log.lm_head_calls == 3 * len(train)
     assert classify_log.batches == [1] * len(test)
     assert classify_log.lm_head_calls == len(test)
+    # FLOPs the instrument counts: the reference's LM head at every position; savpack's never.
+    lm_head = loaded.model.get_output_embeddings()
+    assert build_log.flops["lm_head"] == 2 * build_log.tokens * lm_head.in_features * lm_head.out_features
+    assert savpack_log.flops["lm_head"] == 0 and savpack_log.flops["language"] > 0
+    if name == "qwen2":  # text only: every language-model weight once per token, three passes
+        weights = sum(m.weight.numel() for m in loaded.model.modules()
+                      if isinstance(m, torch.nn.Linear) and m is not lm_head)
+        assert build_log.flops == {"vision": 0, "language": 2 * build_log.tokens * weights,
+                                   "lm_head": build_log.flops["lm_head"]}
+    else:
+        assert build_log.flops["vision"] == 3 * savpack_log.flops["vision"] > 0  # same images, thrice
 
 
 def test_scoring_loop_matches_vectorised_scoring():
