@@ -20,8 +20,11 @@ SCORINGS = ("paper", "loo")
 
 def class_sums(vectors: np.ndarray, label_index: np.ndarray, classes: int) -> np.ndarray:
     """vectors (N, M, D), label_index (N,) -> (C, M, D) float64 sum of each class's vectors at each head."""
+    # One reduction per class: np.add.at (unbuffered, element by element) took 7.3 s for 320 x 784 heads x 128 where
+    # this takes 0.1 s (tools/bench_build.py, head scoring).
     sums = np.zeros((classes,) + vectors.shape[1:], dtype=np.float64)
-    np.add.at(sums, label_index, vectors)
+    for label in range(classes):
+        sums[label] = vectors[label_index == label].sum(axis=0, dtype=np.float64)
     return sums
 
 

@@ -86,3 +86,21 @@ def test_too_long_text_is_refused_with_its_source(loaded_model):
     example = Example(" ".join(["red"] * 1200), source="data.jsonl:7")
     with pytest.raises(DataError, match=r"data.jsonl:7: prompt is \d+ tokens, longer than the model's context of 1024"):
         extract(loaded, [example], progress=False)
+
+
+def test_batches_group_similar_token_counts(loaded_model):
+    """Items are batched by token count, not character count (less padding), and come back in input order."""
+    loaded = loaded_model("qwen2")
+    # Character order interleaves the two kinds; token order separates them ("red " is ~2 tokens, "x" is 1 per char).
+    examples = [Example("red " * 9), Example("x" * 38), Example("red " * 10), Example("z" * 42)]
+    tokens = [len(loaded.tokenizer(loaded.render("{text}", e.text, 0), add_special_tokens=False)["input_ids"]) for e in examples]
+    assert tokens[0] < tokens[2] < tokens[1] < tokens[3]  # the premise: characters and tokens disagree
+    seen: list[tuple[int, int]] = []
+    handle = loaded.model.get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape)))
+    try:
+        batched = extract(loaded, examples, batch_size=2, progress=False).vectors
+    finally:
+        handle.remove()
+    assert sorted(seen) == [(2, tokens[2]), (2, tokens[3])]  # short pair, long pair: the least padding possible
+    single = extract(loaded, examples, batch_size=1, progress=False).vectors
+    assert np.abs(batched - single).max() <= 1e-5
