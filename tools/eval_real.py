@@ -15,7 +15,7 @@ for the imbalanced sms_spam), validation (200) and train. Validation is sst2's d
 training examples. Training texts that also occur in the test split are dropped. The labelled pool holds up to 100
 random examples per class from train; each seed draws its shots from the pool.
 
-Writes tools/results/eval_real.json, the head maps docs/validity/heads-<model>-<set>.png and the tables between
+Writes tools/results/eval_real.json, the head maps docs/validity/<model>-<set>-heads.png and the tables between
 the markers in docs/validity.md; prints the main table.
 
   python tools/eval_real.py                              # everything (about an hour of one CPU core the first time)
@@ -307,7 +307,7 @@ def plot_task_head_map(spec: ModelSpec, task: str, grid: np.ndarray, seeds: list
 
     top = np.argsort(-grid.reshape(-1), kind="stable")[:DEFAULT_K]
     docs.joinpath("validity").mkdir(parents=True, exist_ok=True)
-    plot_head_map(grid, docs / "validity" / f"heads-{spec.name}-{task}.png",
+    plot_head_map(grid, docs / "validity" / f"{spec.name}-{task}-heads.png",
                   np.stack([top // grid.shape[1], top % grid.shape[1]], axis=1),
                   title=f"{spec.title}, {task}: mean of {len(seeds)} seeds x {MAIN_SHOTS} shots per class",
                   force=True, marked="the {k} best by mean score")
