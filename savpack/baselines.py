@@ -317,9 +317,8 @@ def check_training_activations(train: ActivationSet, pack: Any, model: dict[str,
         raise BuildError(f"the training data's labels {sorted(set(train.labels))} differ from the pack's {list(pack.labels)}")
     if train.model.get("fingerprint") != model.get("fingerprint"):
         raise BuildError(f"the training activations come from another model ({train.model.get('id')}) than {model.get('id')}")
-    for field in ("template", fmt.PROMPT_TOKEN_POSITION):
-        theirs = train.prompt.get(field, fmt.DEFAULT_TOKEN_POSITION if field == fmt.PROMPT_TOKEN_POSITION else None)
-        ours = pack.prompt.get(field, fmt.DEFAULT_TOKEN_POSITION if field == fmt.PROMPT_TOKEN_POSITION else None)
+    for field, theirs, ours in (("template", train.prompt.get("template"), pack.prompt.get("template")),
+                                (fmt.PROMPT_TOKEN_POSITION, train.token_position, pack.token_position)):
         if theirs != ours:
             raise BuildError(f"the training activations were extracted with prompt {field} {theirs!r}, the pack with {ours!r}")
 

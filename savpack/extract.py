@@ -205,6 +205,11 @@ class ActivationSet:
     def dataset(self) -> dict[str, Any]:
         return dataset_summary(self.digests, self.labels)
 
+    @property
+    def token_position(self) -> str:
+        """Which token's head outputs these are, read as a pack reads it (absent means the last token)."""
+        return self.prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION)
+
     def subset(self, indices: Sequence[int]) -> "ActivationSet":
         rows = list(indices)
         pick = lambda values: [values[i] for i in rows]  # noqa: E731

@@ -186,7 +186,7 @@ def _load_model(spec: ModelSpec, cache: Path):
 
 def _matches(activations: ActivationSet, examples: list[Example], prompt: str, position: str) -> bool:
     return (activations.digests == [example.digest() for example in examples]
-            and activations.prompt.get("template") == prompt and activations.prompt.get("token_position", "last") == position
+            and activations.prompt.get("template") == prompt and activations.token_position == position
             and activations.final_hidden is not None)
 
 
