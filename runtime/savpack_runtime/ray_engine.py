@@ -61,19 +61,22 @@ class ClassifyActor:
         try:
             results = self.classifier.classify_batch(items)
         except InputError:
-            raise _name_the_item(self.classifier, sources, items) from None
+            # Returned, not raised: Ray Data would wrap the exception and lose its message on the way to the driver.
+            error = _name_the_item(self.classifier, sources, items)
+            return pa.table({"source": sources, "record": pa.nulls(len(sources), pa.string()),
+                             "error": pa.array([error] + [None] * (len(sources) - 1), pa.string())})
         records = [json.dumps(result.to_dict(), ensure_ascii=False) for result in results]
-        return pa.table({"source": sources, "record": records})
+        return pa.table({"source": sources, "record": records, "error": pa.nulls(len(sources), pa.string())})
 
 
-def _name_the_item(classifier: Classifier, sources: list[str], items: list[dict[str, Any]]) -> InputError:
+def _name_the_item(classifier: Classifier, sources: list[str], items: list[dict[str, Any]]) -> str:
     """The batch's error again, naming the item's source instead of its index in the batch."""
     for source, item in zip(sources, items):
         try:
             classifier.classify_batch([item])
         except InputError as exc:
-            return InputError(f"{source}: {str(exc).removeprefix('item 0: ')}")
-    return InputError(f"{sources[0]}..{sources[-1]}: a batch failed, its items pass one by one")
+            return f"{source}: {str(exc).removeprefix('item 0: ')}"
+    return f"{sources[0]} .. {sources[-1]}: this batch failed, though each of its items passes alone"
 
 
 class ItemsDatasource(FileBasedDatasource):
@@ -83,6 +86,11 @@ class ItemsDatasource(FileBasedDatasource):
         super().__init__(list(paths), **kwargs)
         self._names = [_resolved_prefix(path) for path in paths]  # (what Ray reads, what the user wrote)
         self._local = all("://" not in path or path.startswith("file://") for path in paths)
+
+    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
+        if path.lower().endswith(PARQUET_SUFFIXES):
+            return filesystem.open_input_file(path)  # Parquet's footer comes first: random access, not a stream
+        return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         name = self._display_name(path)
@@ -161,9 +169,9 @@ def connect(options: RayOptions) -> bool:
     """Join the cluster at options.address, or start a local Ray sized for the workers. True if this call started it."""
     if ray.is_initialized():
         return False
-    # Ray's own INFO/WARNING lines (execution plans, log folders, "progress bars disabled") would bury the progress
-    # line; its errors still show.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Ray Data's own log lines (execution plans, "progress bars disabled", user errors with their stack) would bury the
+    # progress line and the one-line error this module makes of a user error; other errors are raised as they come.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": True}
     if options.address is None:
         # Local mode: logical CPUs for every actor, whatever the machine has (the actors' threads share its cores).
@@ -201,6 +209,9 @@ def classify_dataset(bundle: str | os.PathLike, data: Sequence[str], options: Ra
     )
     total = 0
     for batch in classified.iter_batches(batch_format="pyarrow", batch_size=None):
+        errors = [error for error in batch.column("error").to_pylist() if error]
+        if errors:
+            raise InputError(errors[0])
         rows = list(zip(batch.column("source").to_pylist(), map(json.loads, batch.column("record").to_pylist())))
         total += len(rows)
         if on_rows is not None:
@@ -255,6 +266,6 @@ def _savpack_cause(exc: BaseException) -> str | None:
             continue
         seen.add(id(current))
         if isinstance(current, SavpackError) and not isinstance(current, ray.exceptions.RayError) and current.args and isinstance(current.args[0], str):
-            return current.args[0]
+            return current.args[0].split("\n")[0]  # Ray appends its retry advice on further lines
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None
