@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from savpack_runtime import files
 from savpack_runtime import format as fmt
+from savpack_runtime import prompt as prompt_fields
 from savpack_runtime.errors import PackError
 from savpack_runtime.images import check_image
-
 from savpack_runtime.items import Example
 
 from .data import dataset_summary
 from .errors import DataError
-from .media import DEFAULT_VIDEO_FRAMES, check_video, load_media
+from .media import check_video, load_media
 from .models import LoadedModel
 
 ACTIVATIONS_FORMAT = "savpack-activations"
@@ -68,7 +68,7 @@ def extract(
     batch_size: int = 8,
     final_hidden: bool = False,
     progress: bool = True,
-    video_frames: int = DEFAULT_VIDEO_FRAMES,
+    video_frames: int = fmt.DEFAULT_VIDEO_FRAMES,
     token_position: str = fmt.DEFAULT_TOKEN_POSITION,
 ) -> Extraction:
     """Run the model once per example (batched) and return head vectors at the last (or first) real token.
@@ -210,7 +210,7 @@ class ActivationSet:
     @property
     def token_position(self) -> str:
         """Which token's head outputs these are, read as a pack reads it (absent means the last token)."""
-        return self.prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION)
+        return prompt_fields.token_position(self.prompt)
 
     def subset(self, indices: Sequence[int]) -> "ActivationSet":
         rows = list(indices)

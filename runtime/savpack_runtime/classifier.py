@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -28,33 +28,11 @@ from .errors import InputError
 from .images import load_image, to_rgb
 from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
+from .result import PackResult, Result, results_from_votes
 from .session import GraphSession
 from .vote import classify_vectors
 
-@dataclass(frozen=True)
-class PackResult:
-    label: str
-    votes: dict[str, int]  # heads voting for each class
-    shares: dict[str, float]  # votes / k
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "votes": self.votes, "shares": {key: round(value, 6) for key, value in self.shares.items()}}
-
-
-@dataclass(frozen=True)
-class Result:
-    """The first pack's label, votes and shares; `by_pack` holds every pack's result by pack name."""
-
-    label: str
-    votes: dict[str, int]
-    shares: dict[str, float]
-    by_pack: dict[str, PackResult] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        record = PackResult(self.label, self.votes, self.shares).to_dict()
-        if len(self.by_pack) > 1:
-            record["packs"] = {name: result.to_dict() for name, result in self.by_pack.items()}
-        return record
+__all__ = ["Classifier", "Item", "PackResult", "Result"]
 
 
 @dataclass(frozen=True)
@@ -117,23 +95,11 @@ class Classifier:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
         items = [self._item(item, index) for index, item in enumerate(items)]
         vectors = self.head_vectors(items, batch_size)
-        results_by_pack = []
-        for entry in self.bundle.packs:
-            votes = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
-            results_by_pack.append((entry, votes))
-        results = []
-        for row in range(len(items)):
-            by_pack = {}
-            for entry, votes in results_by_pack:
-                labels = entry.pack.labels
-                by_pack[entry.name] = PackResult(
-                    labels[int(votes.predictions[row])],
-                    {label: int(count) for label, count in zip(labels, votes.votes[row])},
-                    {label: float(share) for label, share in zip(labels, votes.shares[row])},
-                )
-            first = by_pack[self.bundle.packs[0].name]
-            results.append(Result(first.label, first.votes, first.shares, by_pack))
-        return results
+        return results_from_votes({
+            entry.name: (entry.pack.labels, classify_vectors(vectors[:, entry.positions], entry.pack.centroids,
+                                                             entry.pack.selection.get("vote", "majority")))
+            for entry in self.bundle.packs
+        })
 
     def head_vectors(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
