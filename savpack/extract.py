@@ -5,7 +5,6 @@ last real token (or, for encoders, at the first: [CLS]). Also the activations fi
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from savpack_runtime import files
+from savpack_runtime.batching import plan_batches
 from savpack_runtime import format as fmt
 from savpack_runtime import prompt as prompt_fields
 from savpack_runtime.errors import PackError
@@ -79,8 +79,6 @@ def extract(
     video_frames: frames sampled from each video, shown to the model as images.
     token_position: "last" real token, or "first" (an encoder's [CLS]); the family must offer it.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     check_token_position(loaded, token_position)
     layers, num_heads, head_dim = loaded.grid
     needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
@@ -91,16 +89,7 @@ def extract(
         check_video(path)
     image_counts = [example.image_count(video_frames) for example in examples]
     rendered = [_render(loaded, template, example, video_frames) for example in examples]
-    # Similar token counts together: less padding, same results (tests check batched == one by one). The forward's cost
-    # is linear in padded tokens, and character counts order them badly. A batch holds items with the same number of
-    # images: processors pair images with prompts in nested lists of one shape.
-    lengths = _token_counts(loaded, rendered)
-    order = sorted(range(len(examples)), key=lambda i: (image_counts[i], lengths[i]))
-    batches = [
-        group[start : start + batch_size]
-        for group in (list(items) for _, items in itertools.groupby(order, key=lambda i: image_counts[i]))
-        for start in range(0, len(group), batch_size)
-    ]
+    batches = plan_batches(image_counts, _token_counts(loaded, rendered), batch_size)
 
     count = len(examples)
     all_heads = np.zeros((count, layers, num_heads, head_dim), dtype=np.float32) if heads is None else None

@@ -12,7 +12,6 @@ One forward serves every pack of the bundle: the graph returns the union of thei
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import graph_inputs
+from .batching import plan_batches
 from .bundle import Bundle, check_graph_metadata
 from .errors import InputError
 from .images import load_image, to_rgb
@@ -105,13 +105,10 @@ class Classifier:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
         batch_size = batch_size or self.batch_size
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
-        # As the builder batches: similar prompts together (less padding; results do not depend on the batch), and a
-        # batch holds items with one number of images.
-        order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(prompts[i])))
-        groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(items[i].images))]
+        batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
         heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])
         vectors = np.zeros((len(items), heads, head_dim), dtype=np.float32)
-        for batch in (group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)):
+        for batch in batches:
             images = [[_open(image, i) for image in items[i].images] for i in batch]
             encoded = self.preprocessor.encode([prompts[i] for i in batch], images)
             feed = graph_inputs.plan(self.bundle.graph["kind"], self.bundle.graph["plan"], encoded)

@@ -146,6 +146,11 @@ class Preprocessor:
             raise InputError(f"the {self.family} prompt takes {allowed}, got {image_count}")
         return self.render_rule.template(image_count).replace(fmt.TEXT_PLACEHOLDER, text)
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Text tokens of each rendered prompt, image placeholders not expanded: the key batches are ordered by, as
+        the builder counts them (its tokenizer, no special tokens)."""
+        return [len(encoding.ids) for encoding in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+
     def encode(self, prompts: list[str], images: list[list[Image.Image]] | None = None) -> dict[str, np.ndarray]:
         """Rendered prompts and their images -> the family's model inputs, padded to the longest prompt.
 
