@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from savpack_runtime import files
 from savpack_runtime.batching import plan_batches
+from savpack_runtime.compat import BUILDER_PACKAGE, version_refusal
 from savpack_runtime import format as fmt
 from savpack_runtime import prompt as prompt_fields
 from savpack_runtime.errors import PackError
@@ -30,6 +31,7 @@ from .models import LoadedModel
 
 ACTIVATIONS_FORMAT = "savpack-activations"
 ACTIVATIONS_VERSION = 1
+ACTIVATIONS_SUPPORTED_VERSIONS = (1,)
 
 
 class _StopForward(Exception):
@@ -251,8 +253,11 @@ class ActivationSet:
         if metadata.get("savpack.activations_format") != ACTIVATIONS_FORMAT:
             raise DataError(f"{path}: not a savpack activations file (written by `savpack extract`)")
         version = metadata.get("savpack.activations_version", "")
-        if version != str(ACTIVATIONS_VERSION):
-            raise DataError(f"{path}: activations format version {version!r}; this savpack reads {ACTIVATIONS_VERSION}")
+        if not (version.isascii() and version.isdigit()) or len(version) > 9:
+            raise DataError(f"{path}: activations format version is {version!r}, expected a decimal integer")
+        refusal = version_refusal(int(version), ACTIVATIONS_SUPPORTED_VERSIONS, "activations format version", BUILDER_PACKAGE)
+        if refusal:
+            raise DataError(f"{path}: {refusal}")
         try:
             labels = json.loads(metadata["savpack.example_labels"])
             sources = json.loads(metadata["savpack.example_sources"])

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import files
 from . import format as fmt
+from .compat import RUNTIME_PACKAGE, version_refusal
 from . import prompt as prompt_fields
 from .errors import (
     PackMissingKeyError,
@@ -239,14 +240,9 @@ def _check_format(metadata: dict[str, str], path: object) -> int:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise PackTypeError(f"{fmt.META_FORMAT_VERSION} is {raw!r}, expected a decimal integer", path, fmt.META_FORMAT_VERSION)
     version = int(raw)
-    if version > max(fmt.SUPPORTED_VERSIONS):
-        raise PackVersionError(
-            f"pack format version {version} is newer than this reader's {fmt.FORMAT_VERSION}; "
-            "upgrade with: pip install --upgrade savpack-runtime",
-            path, fmt.META_FORMAT_VERSION,
-        )
-    if version not in fmt.SUPPORTED_VERSIONS:
-        raise PackVersionError(f"pack format version {version} is not supported (supported: {list(fmt.SUPPORTED_VERSIONS)})", path, fmt.META_FORMAT_VERSION)
+    refusal = version_refusal(version, fmt.SUPPORTED_VERSIONS, "pack format version", RUNTIME_PACKAGE)
+    if refusal:
+        raise PackVersionError(refusal, path, fmt.META_FORMAT_VERSION)
     return version
 
 
