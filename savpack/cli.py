@@ -92,7 +92,8 @@ def _load(params: dict[str, Any]):
 
 
 def _examples(path: str, require_labels: bool = True):
-    from .data import load_examples
+    from savpack_runtime.items import load_examples
+
 
     return load_examples(path, require_labels=require_labels)
 

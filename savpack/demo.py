@@ -42,7 +42,8 @@ def run_demo(workdir: Path | None = None, echo=click.echo) -> dict:
     import torch
 
     from .cli import format_report
-    from .data import load_examples
+    from savpack_runtime.items import load_examples
+
     from .fixtures import build_fixture
     from .models import load_model
     from .pipeline import evaluate, extract_activations, pack_from_activations

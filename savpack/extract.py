@@ -21,7 +21,9 @@ from savpack_runtime import format as fmt
 from savpack_runtime.errors import PackError
 from savpack_runtime.images import check_image
 
-from .data import Example, dataset_summary
+from savpack_runtime.items import Example
+
+from .data import dataset_summary
 from .errors import DataError
 from .media import DEFAULT_VIDEO_FRAMES, check_video, load_media
 from .models import LoadedModel

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from savpack_runtime.images import load_image, to_rgb
+from savpack_runtime.items import Example
 
-from .data import Example
 from .errors import DataError
 
 DEFAULT_VIDEO_FRAMES = 8

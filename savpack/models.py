@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 
 from savpack_runtime import format as fmt
+from savpack_runtime.items import IMAGE_MARKER
 
-from .data import IMAGE_MARKER
 from .errors import DataError, ModelError
 from .families import CAUSAL_LM, FAMILIES, Family, family_for_model_type, supported_summary
 

@@ -14,10 +14,11 @@ import numpy as np
 from savpack_runtime import Pack
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import ModelMismatchError, SavpackWarning
+from savpack_runtime.items import Example
 from savpack_runtime.vote import Votes, classify_vectors
 
 from .classifier import DEFAULT_K, SavClassifier
-from .data import DIGEST_CHARS, Example, labels_of
+from .data import DIGEST_CHARS, labels_of
 from .errors import BuildError, DataError
 from .extract import ActivationSet, Extraction, check_token_position, extract
 from .media import DEFAULT_VIDEO_FRAMES

@@ -26,6 +26,7 @@ from . import graph_inputs
 from .bundle import Bundle, check_graph_metadata
 from .errors import InputError
 from .images import load_image, to_rgb
+from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
 from .session import GraphSession
 from .vote import classify_vectors
@@ -171,6 +172,10 @@ class Classifier:
             raise InputError(f"item {index}: this bundle's prompt is text-only; the item has {len(item.images)} image(s)")
         if not item.text and not item.images:
             raise InputError(f"item {index}: has neither text nor images")
+        if item.images and has_markers(item.text):
+            # The builder would place the images at the markers; this prompt rule puts them first: refuse, not differ.
+            raise InputError(f"item {index}: {IMAGE_MARKER} markers placing images inside the text are a builder feature "
+                             "(savpack classify); the runtime's prompt puts the images before the text")
         return item
 
 
