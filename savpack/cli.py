@@ -15,11 +15,10 @@ import click
 from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
 from savpack_runtime.files import check_output_path
-from savpack_runtime.format import TOKEN_POSITIONS
+from savpack_runtime.format import DEFAULT_VIDEO_FRAMES, TOKEN_POSITIONS
 
 from . import __version__
 from .classifier import DEFAULT_K
-from .media import DEFAULT_VIDEO_FRAMES
 from .selection import SCORINGS
 from .versions import check_name, check_version
 
@@ -325,7 +324,7 @@ def _training_activations(pack: Pack, loaded, train_data: str | None, train_acti
         if pack.selection.get("shots") is not None:
             examples = _sampled(examples, int(pack.selection["shots"]), int(pack.selection.get("seed", 0)))
         train = extract_activations(loaded, examples, pack.prompt["template"], batch_size=batch_size, final_hidden=True,
-                                    video_frames=pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES),
+                                    video_frames=pack.video_frames,
                                     token_position=pack.token_position)
     else:
         return None

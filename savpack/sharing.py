@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from savpack_runtime import Pack, files
 from savpack_runtime import format as fmt
+from savpack_runtime.compat import BUILDER_PACKAGE, version_refusal
 from savpack_runtime.errors import ModelMismatchError, PackError, PackVersionError, SavpackError, SavpackWarning
 
 from .errors import IdentityError, SharingError
@@ -32,6 +33,7 @@ from .versions import LATEST, check_name, check_version, latest, sorted_versions
 SIDECAR_SUFFIX = ".sha256"
 REGISTRY_FORMAT = "savpack-registry"
 REGISTRY_FORMAT_VERSION = 1
+REGISTRY_SUPPORTED_VERSIONS = (1,)
 INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT_SECONDS = 60.0
@@ -397,9 +399,12 @@ class FolderRegistry:
             raise SharingError(f"{self.index_path}: registry index is unreadable: {exc}") from None
         if not isinstance(index, dict) or index.get("format") != REGISTRY_FORMAT or not isinstance(index.get("packs"), dict):
             raise SharingError(f"{self.index_path}: not a savpack registry index (expected format {REGISTRY_FORMAT!r} and a 'packs' object)")
-        if index.get("format_version") != REGISTRY_FORMAT_VERSION:
-            raise SharingError(f"{self.index_path}: registry format version {index.get('format_version')!r} is not "
-                               f"{REGISTRY_FORMAT_VERSION}; upgrade with: pip install --upgrade savpack")
+        version = index.get("format_version")
+        if type(version) is not int:
+            raise SharingError(f"{self.index_path}: registry format_version is {version!r}, expected an integer")
+        refusal = version_refusal(version, REGISTRY_SUPPORTED_VERSIONS, "registry format version", BUILDER_PACKAGE)
+        if refusal:
+            raise SharingError(f"{self.index_path}: {refusal}")
         return index
 
     def _write_index(self, index: dict[str, Any]) -> None:

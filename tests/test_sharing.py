@@ -258,6 +258,20 @@ def test_a_pushed_version_is_immutable_unless_forced(tmp_path):
     assert index["packs"]["team/words"]["1.0.0"]["sha256"] == Pack.load(second).content_hash()
 
 
+@pytest.mark.parametrize("version, message", [
+    (2, "registry format version 2 is newer than this reader's 1; upgrade with: pip install --upgrade savpack"),
+    (0, "registry format version 0 is not supported: this savpack reads version(s) [1], an earlier release wrote it"),
+    ("1", "registry format_version is '1', expected an integer"),
+])
+def test_a_registry_of_another_format_version_is_refused_with_the_right_advice(tmp_path, version, message):
+    registry = tmp_path / "registry"
+    cli("push", write_pack(tmp_path), f"file://{registry}")
+    index = json.loads((registry / "index.json").read_text())
+    (registry / "index.json").write_text(json.dumps({**index, "format_version": version}))
+    result = cli("list", f"file://{registry}", ok=False)
+    assert result.exit_code == 1 and message in result.output
+
+
 def test_pull_refuses_a_corrupted_registry_file_and_writes_nothing(tmp_path):
     registry = tmp_path / "registry"
     cli("push", write_pack(tmp_path), registry.as_uri())

@@ -11,10 +11,8 @@ Each model is built in a child process (its memory is returned before the benchm
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # llava-hf/llava-onevision-qwen2-0.5b-ov-hf: Qwen2-0.5B-Instruct language model (vocabulary padded to 152000 for the
@@ -65,6 +63,7 @@ def build_real_size(name: str, folder: Path) -> None:
     import torch
     import transformers
 
+    from savpack_runtime.files import staged_folder
     from savpack.fixtures import _CHATML_TEMPLATE, _save, build_tokenizer
 
     torch.manual_seed(0)
@@ -94,14 +93,8 @@ def build_real_size(name: str, folder: Path) -> None:
         processor_config = None
     else:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder) as partial:
         _save(partial, model, tokenizer, image_processor, processor_config)
-        partial.chmod(0o755)
-        partial.rename(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 if __name__ == "__main__":
