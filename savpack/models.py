@@ -372,13 +372,35 @@ def _revision_of(config: Any, source: str, revision: str | None, gguf_file: str 
     return revision or "unknown"
 
 
+# A local folder's revision covers the files that decide what the model computes and how its inputs are made
+# (docs/format.md, "Model revision"): weights, configs, tokenizer, processor and chat template. Files that do not
+# (generation_config.json, README, licences, .gitattributes) are left out, and JSON files are hashed without the
+# `transformers_version` key, which names the library that wrote them, not the model: re-saving a model with a newer
+# transformers keeps its revision.
+REVISION_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".jinja", ".model", ".txt", ".tiktoken")
+REVISION_EXCLUDED = ("generation_config.json",)
+WRITER_KEYS = ("transformers_version",)
+_CANONICAL_JSON_MAX_BYTES = 64 << 20  # configs, tokenizers and weight indexes are far smaller
+
+
+def revision_files(folder: Path) -> list[str]:
+    """The names of the files a local folder's revision covers, sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in REVISION_SUFFIXES and p.name not in REVISION_EXCLUDED
+                  and not p.name.lower().startswith(("readme", "license", "licence", "notice")))
+
+
 def folder_digest(folder: Path, only: list[str] | None = None) -> str:
-    """sha256 over the names, sizes and first and last MiB of the model files in a folder (not a full read)."""
+    """sha256 over the revision files of a model folder: per file its name, then for JSON its content without writer
+    keys, for other files their size and first and last MiB (not a full read of the weights)."""
     hasher = hashlib.sha256()
-    names = only or sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    for file_name in names:
+    for file_name in only or revision_files(folder):
         path = folder / file_name
         size = path.stat().st_size
+        if path.suffix.lower() == ".json" and size <= _CANONICAL_JSON_MAX_BYTES:
+            hasher.update(f"{file_name}:json:".encode())
+            hasher.update(_canonical_json(path.read_bytes()))
+            continue
         hasher.update(f"{file_name}:{size}".encode())
         with open(path, "rb") as handle:
             hasher.update(handle.read(1 << 20))
@@ -386,4 +408,15 @@ def folder_digest(folder: Path, only: list[str] | None = None) -> str:
                 handle.seek(-(1 << 20), os.SEEK_END)
                 hasher.update(handle.read())
     return hasher.hexdigest()
+
+
+def _canonical_json(data: bytes) -> bytes:
+    """The JSON document without writer keys, serialised canonically; bytes that are not JSON stay as they are."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return data
+    if isinstance(value, dict):
+        value = {key: item for key, item in value.items() if key not in WRITER_KEYS}
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

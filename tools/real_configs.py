@@ -3,7 +3,7 @@ matter for speed or memory). Shared by the benchmarks (tools/bench_classify.py; 
 values) so both measure the same models.
 
     from real_configs import real_size_folder
-    folder = real_size_folder("qwen2_vl_2b", Path("/work/cache/bench2"))   # built once, then reused
+    folder = real_size_folder("qwen2_vl_2b", cache_dir("bench-classify"))   # built once, then reused
 
 Each model is built in a child process (its memory is returned before the benchmark runs) and saved in float32
 (a bfloat16 copy converted on load peaked at 13.3 GB RSS for Qwen2-VL-2B instead of ~9.7 GB).

@@ -1,4 +1,4 @@
-"""Image preprocessing in numpy and PIL, equal to the Hugging Face image processors' PIL backend (transformers 5.23).
+"""Image preprocessing in numpy and PIL, equal to the Hugging Face image processors' PIL backend (transformers 5.24).
 
 Each family's class reproduces its transformers counterpart step by step: the same PIL resize of the 8-bit RGB
 picture, the same float64 rescale cast to float32, the same float32 normalisation, the same patch layout. The values
