@@ -5,7 +5,6 @@ last real token (or, for encoders, at the first: [CLS]). Also the activations fi
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -17,17 +16,22 @@ import torch
 from tqdm.auto import tqdm
 
 from savpack_runtime import files
+from savpack_runtime.batching import plan_batches
+from savpack_runtime.compat import BUILDER_PACKAGE, version_refusal
 from savpack_runtime import format as fmt
+from savpack_runtime import prompt as prompt_fields
 from savpack_runtime.errors import PackError
 from savpack_runtime.images import check_image
+from savpack_runtime.items import Example
 
-from .data import Example, dataset_summary
+from .data import dataset_summary
 from .errors import DataError
-from .media import DEFAULT_VIDEO_FRAMES, check_video, load_media
+from .media import check_video, load_media
 from .models import LoadedModel
 
 ACTIVATIONS_FORMAT = "savpack-activations"
 ACTIVATIONS_VERSION = 1
+ACTIVATIONS_SUPPORTED_VERSIONS = (1,)
 
 
 class _StopForward(Exception):
@@ -66,7 +70,7 @@ def extract(
     batch_size: int = 8,
     final_hidden: bool = False,
     progress: bool = True,
-    video_frames: int = DEFAULT_VIDEO_FRAMES,
+    video_frames: int = fmt.DEFAULT_VIDEO_FRAMES,
     token_position: str = fmt.DEFAULT_TOKEN_POSITION,
 ) -> Extraction:
     """Run the model once per example (batched) and return head vectors at the last (or first) real token.
@@ -77,8 +81,6 @@ def extract(
     video_frames: frames sampled from each video, shown to the model as images.
     token_position: "last" real token, or "first" (an encoder's [CLS]); the family must offer it.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     check_token_position(loaded, token_position)
     layers, num_heads, head_dim = loaded.grid
     needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
@@ -89,16 +91,7 @@ def extract(
         check_video(path)
     image_counts = [example.image_count(video_frames) for example in examples]
     rendered = [_render(loaded, template, example, video_frames) for example in examples]
-    # Similar token counts together: less padding, same results (tests check batched == one by one). The forward's cost
-    # is linear in padded tokens, and character counts order them badly. A batch holds items with the same number of
-    # images: processors pair images with prompts in nested lists of one shape.
-    lengths = _token_counts(loaded, rendered)
-    order = sorted(range(len(examples)), key=lambda i: (image_counts[i], lengths[i]))
-    batches = [
-        group[start : start + batch_size]
-        for group in (list(items) for _, items in itertools.groupby(order, key=lambda i: image_counts[i]))
-        for start in range(0, len(group), batch_size)
-    ]
+    batches = plan_batches(image_counts, _token_counts(loaded, rendered), batch_size)
 
     count = len(examples)
     all_heads = np.zeros((count, layers, num_heads, head_dim), dtype=np.float32) if heads is None else None
@@ -208,7 +201,7 @@ class ActivationSet:
     @property
     def token_position(self) -> str:
         """Which token's head outputs these are, read as a pack reads it (absent means the last token)."""
-        return self.prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION)
+        return prompt_fields.token_position(self.prompt)
 
     def subset(self, indices: Sequence[int]) -> "ActivationSet":
         rows = list(indices)
@@ -260,8 +253,11 @@ class ActivationSet:
         if metadata.get("savpack.activations_format") != ACTIVATIONS_FORMAT:
             raise DataError(f"{path}: not a savpack activations file (written by `savpack extract`)")
         version = metadata.get("savpack.activations_version", "")
-        if version != str(ACTIVATIONS_VERSION):
-            raise DataError(f"{path}: activations format version {version!r}; this savpack reads {ACTIVATIONS_VERSION}")
+        if not (version.isascii() and version.isdigit()) or len(version) > 9:
+            raise DataError(f"{path}: activations format version is {version!r}, expected a decimal integer")
+        refusal = version_refusal(int(version), ACTIVATIONS_SUPPORTED_VERSIONS, "activations format version", BUILDER_PACKAGE)
+        if refusal:
+            raise DataError(f"{path}: {refusal}")
         try:
             labels = json.loads(metadata["savpack.example_labels"])
             sources = json.loads(metadata["savpack.example_sources"])

@@ -4,9 +4,10 @@
     savpack-run classify BUNDLE --data items.parquet --out results.parquet --engine ray [--workers 2] [--address auto]
     savpack-run info BUNDLE [--json]
 
-Items are JSON lines (or Parquet rows) with `text` (or `question`) and `image` / `images` (paths relative to the
-file), as the builder reads them; a `label` field is ignored. argparse, not click: the runtime keeps its dependencies
-minimal. `--engine ray` needs the extra savpack-runtime[ray] (docs/scale.md).
+Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV, Parquet or a folder
+root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to the file); a `label` is
+optional. `--engine ray` (extra savpack-runtime[ray], docs/scale.md) reads JSONL and Parquet files, folders of them
+and filesystem URLs. argparse, not click: the runtime keeps its dependencies minimal.
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ def _check_classify_options(parser: argparse.ArgumentParser, args: argparse.Name
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="savpack-run", description="Classify with a savpack bundle (no torch).")
     commands = parser.add_subparsers(dest="command", required=True)
-    classify = commands.add_parser("classify", help="classify the items of a JSONL file")
+    classify = commands.add_parser("classify", help="classify the items of a data file or folder")
     classify.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by `savpack export`")
     classify.add_argument("--data", required=True,
-                          help="JSONL or Parquet file: text/question and image/images per item (--engine ray: also a "
-                               "folder of them, or a filesystem URL such as s3://bucket/items/)")
+                          help="items: .jsonl, .json, .csv/.tsv, .parquet or a folder root/<label>/<file>; "
+                               "text/question and image/images (--engine ray: .jsonl or .parquet files, folders of "
+                               "them, or a filesystem URL such as s3://bucket/items/)")
     classify.add_argument("--json", action="store_true", help="one JSON object per item: label, votes, shares (per pack)")
     classify.add_argument("--out", default=None,
                           help="write one row per item to this file: *.parquet (flat columns) or *.jsonl (as --json)")

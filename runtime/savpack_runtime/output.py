@@ -16,9 +16,8 @@ from typing import Any, BinaryIO, Iterable
 
 from .errors import OutputPathError
 from .files import atomic_write, check_output_path
-from .items import PARQUET_SUFFIXES, require_pyarrow_parquet
+from .items import JSONL_SUFFIXES, PARQUET_SUFFIXES, require_pyarrow_parquet
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 SEPARATOR = "."
 
 Row = tuple[str, dict[str, Any]]  # (source, result record)

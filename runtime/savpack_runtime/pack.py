@@ -19,6 +19,8 @@ import numpy as np
 
 from . import files
 from . import format as fmt
+from .compat import RUNTIME_PACKAGE, version_refusal
+from . import prompt as prompt_fields
 from .errors import (
     PackMissingKeyError,
     PackShapeError,
@@ -61,7 +63,12 @@ class Pack:
     @property
     def token_position(self) -> str:
         """Which token's head outputs the pack uses: "last" (decoders) or "first" (an encoder's [CLS])."""
-        return self.prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION)
+        return prompt_fields.token_position(self.prompt)
+
+    @property
+    def video_frames(self) -> int:
+        """Frames sampled from each video item, as when the pack was built."""
+        return prompt_fields.video_frames(self.prompt)
 
     @property
     def deepest_layer(self) -> int:
@@ -165,6 +172,9 @@ class Pack:
         if prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION) not in fmt.TOKEN_POSITIONS:
             raise PackValueError(f"{fmt.META_PROMPT} {fmt.PROMPT_TOKEN_POSITION} is {prompt[fmt.PROMPT_TOKEN_POSITION]!r}, "
                                  f"expected one of {list(fmt.TOKEN_POSITIONS)}", path, fmt.META_PROMPT)
+        frames = prompt.get(fmt.PROMPT_VIDEO_FRAMES)
+        if frames is not None and (type(frames) is not int or frames < 1):
+            raise PackTypeError(f"{fmt.META_PROMPT} {fmt.PROMPT_VIDEO_FRAMES} must be a positive integer, got {frames!r}", path, fmt.META_PROMPT)
         for key in (fmt.META_NAME, fmt.META_VERSION):
             if key in metadata and not metadata[key]:
                 raise PackValueError(f"{key} is empty", path, key)
@@ -230,14 +240,9 @@ def _check_format(metadata: dict[str, str], path: object) -> int:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise PackTypeError(f"{fmt.META_FORMAT_VERSION} is {raw!r}, expected a decimal integer", path, fmt.META_FORMAT_VERSION)
     version = int(raw)
-    if version > max(fmt.SUPPORTED_VERSIONS):
-        raise PackVersionError(
-            f"pack format version {version} is newer than this reader's {fmt.FORMAT_VERSION}; "
-            "upgrade with: pip install --upgrade savpack-runtime",
-            path, fmt.META_FORMAT_VERSION,
-        )
-    if version not in fmt.SUPPORTED_VERSIONS:
-        raise PackVersionError(f"pack format version {version} is not supported (supported: {list(fmt.SUPPORTED_VERSIONS)})", path, fmt.META_FORMAT_VERSION)
+    refusal = version_refusal(version, fmt.SUPPORTED_VERSIONS, "pack format version", RUNTIME_PACKAGE)
+    if refusal:
+        raise PackVersionError(refusal, path, fmt.META_FORMAT_VERSION)
     return version
 
 

@@ -29,8 +29,8 @@ from ray.data.datasource import FileBasedDatasource
 
 from .bundle import Bundle
 from .classifier import Classifier
-from .errors import InputError, SavpackError
-from .items import PARQUET_SUFFIXES, jsonl_items, parquet_items
+from .errors import DataError, InputError, SavpackError
+from .items import JSONL_SUFFIXES, PARQUET_SUFFIXES, item_from_record, jsonl_records, parquet_records
 from .output import check_output, write_results
 
 BLOCK_ROWS = 4096  # rows per block a read task yields: reading streams, workers start before a file is read
@@ -95,17 +95,19 @@ class ItemsDatasource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         name = self._display_name(path)
         folder = Path(path).parent if self._local else None
-        if path.lower().endswith(PARQUET_SUFFIXES):
-            for batch in parquet_items(f, name, folder):
-                yield _rows_table(batch)
-            return
-        try:
-            lines = f.readall().decode("utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{name}: cannot read as UTF-8 text: {exc}") from None
+        suffix = Path(path).suffix.lower()
+        if suffix in PARQUET_SUFFIXES:
+            records = parquet_records(f, name)
+        elif suffix in JSONL_SUFFIXES:
+            try:
+                records = jsonl_records(f.readall().decode("utf-8").splitlines(), name)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        else:
+            raise DataError(f"{name}: --engine ray reads .jsonl and .parquet files, not {suffix or 'files without a suffix'}")
         block: list[tuple[str, dict[str, Any]]] = []
-        for row in jsonl_items(lines, name, folder):
-            block.append(row)
+        for source, record in records:
+            block.append((source, item_from_record(record, source, folder)))
             if len(block) == BLOCK_ROWS:
                 yield _rows_table(block)
                 block = []

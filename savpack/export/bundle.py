@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ import numpy as np
 import torch
 
 from savpack_runtime import bundle as fmt
-from savpack_runtime import graph_inputs
-from savpack_runtime.errors import OutputPathError
+from savpack_runtime import files, graph_inputs
 from savpack_runtime.pack import Pack
 from savpack_runtime.preprocess import SPEC_FILE, TOKENIZER_FILE
 from savpack_runtime.session import GraphSession
@@ -84,14 +82,14 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     names = list(names) if names is not None else [pack.name or f"pack{index}" for index, pack in enumerate(packs)]
     if len(names) != len(packs):
         raise ExportError(f"{len(names)} names for {len(packs)} packs")
-    _check_destination(out, force)
+    files.check_output_folder(out, force)
     if loaded.dtype != torch.float32 or loaded.device.type != "cpu":
         raise ExportError(f"{loaded.model_id} is loaded as {loaded.dtype} on {loaded.device}; export traces and "
                           "validates in float32 on the CPU (load with device='cpu', dtype='float32'; fp16=True halves the weights)")
     check_packs_agree(packs, names)
     for pack in packs:
         check_pack_fits(pack, loaded)
-    files = pack_file_names(names)
+    pack_files = pack_file_names(names)
     tolerance = tolerance if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
     prompt = packs[0].prompt
     image_count = int(prompt["image_count"])
@@ -105,8 +103,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
     say(f"exporting layers 0..{int(heads[:, 0].max())} of {loaded.model_id} ({graph.kind} graph, {len(heads)} heads) with the {exporter} exporter")
     model_info = dict(packs[0].model)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with files.staged_folder(out, force) as work:
         # The traced graph's own folder, beside the bundle (same disk): large weights stay in its files until saved.
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".trace", dir=out.parent) as traced:
             model = onnx_graph.trace_to_onnx(graph, feed, Path(traced), exporter)
@@ -116,7 +113,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
             onnx_graph.save(model, work / fmt.GRAPH_FILE, Path(traced))
         del model
         (work / fmt.PACKS_FOLDER).mkdir()
-        for pack, file in zip(packs, files):
+        for pack, file in zip(packs, pack_files):
             pack.save(work / file)
         write_preprocessing(loaded, prompt, work)  # checks the runtime reproduces the builder's inputs first
         preprocessing = {"files": {name: fmt.file_sha256(work / name) for name in (SPEC_FILE, TOKENIZER_FILE)}}
@@ -135,7 +132,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
                 "weights": "float16" if fp16 else "float32", "selected_heads_only": bool(selected_heads_only),
             },
             "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist()}
-                      for file, name, position in zip(files, names, positions)],
+                      for file, name, position in zip(pack_files, names, positions)],
             "preprocessing": preprocessing,
             "created_by": {**producer_versions(), "exporter": exporter, **_export_versions()},
         }
@@ -151,10 +148,6 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         del session
         seconds["validate"] = time.perf_counter() - started
         sizes = {str(path.relative_to(work)): path.stat().st_size for path in sorted(work.rglob("*")) if path.is_file()}
-        _move_into_place(work, out, force)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     if saved:
         say(f"float16 weights saved {saved / 1e6:.1f} MB")
     return ExportResult(out, info, report, sizes, seconds)
@@ -167,29 +160,3 @@ def _export_versions() -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _check_destination(out: Path, force: bool) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"{out}: folder {parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"{out}: exists and is not a folder")
-    if out.exists() and not force:
-        raise OutputPathError(f"{out}: exists; pass --force (force=True) to replace it")
-
-
-def _move_into_place(work: Path, out: Path, force: bool) -> None:
-    """Rename the finished folder onto `out`; an old bundle is first renamed aside, removed only after success."""
-    if not out.exists():
-        work.rename(out)
-        return
-    if not force:
-        raise OutputPathError(f"{out}: exists; pass --force (force=True) to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        work.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
