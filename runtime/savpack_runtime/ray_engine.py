@@ -13,6 +13,7 @@ Needs the extra `savpack-runtime[ray]` (Ray Data, pyarrow); this module imports 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,9 @@ from .errors import DataError, InputError, SavpackError
 from .items import JSONL_SUFFIXES, PARQUET_SUFFIXES, item_from_record, jsonl_records, parquet_records
 from .output import check_output, write_results
 
-BLOCK_ROWS = 4096  # rows per block a read task yields: reading streams, workers start before a file is read
+# Rows per block a read task yields: reading streams (workers start before a file is read), each block is a task an
+# idle actor can take, and a batch retried after a worker died redoes at most one block.
+BLOCK_ROWS = 1024
 ACTOR_NAME = "ClassifyActor"  # part of the worker processes' titles: ray::MapWorker(MapBatches(ClassifyActor))
 
 
@@ -143,7 +146,8 @@ def _rows_table(rows: list[tuple[str, dict[str, Any]]]) -> pa.Table:
 class Progress:
     """Rows done and rows per second on stderr: one updating line on a terminal, a line every `every` s otherwise."""
 
-    def __init__(self, stream: TextIO | None = None, every: float | None = None):
+    def __init__(self, stream: TextIO | None = None, every: float | None = None, verb: str = "classified"):
+        self.verb = verb
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = every if every is not None else (0.5 if self.tty else 10.0)
@@ -163,7 +167,7 @@ class Progress:
 
     def _print(self, now: float, end: str) -> None:
         elapsed = max(now - self.started, 1e-9)
-        print(f"classified {self.rows:,} rows in {elapsed:.0f} s ({self.rows / elapsed:,.0f} rows/s)",
+        print(f"{self.verb} {self.rows:,} rows in {elapsed:.0f} s ({self.rows / elapsed:,.0f} rows/s)",
               end=end, file=self.stream, flush=True)
 
 
@@ -232,33 +236,47 @@ def classify_to_file(bundle: str | os.PathLike, data: Sequence[str], out: str | 
     for path in data:
         if "://" not in path and not Path(path).exists():
             raise InputError(f"{path}: file does not exist")
-    started_ray = connect(options)
     started = time.perf_counter()
     progress = progress or Progress()
+    first_rows: list[float] = []
 
     def counted(rows: int) -> None:
+        if not first_rows:
+            first_rows.append(time.perf_counter() - started)
         progress.update(rows)
         if on_rows is not None:
             on_rows(rows)
 
-    try:
+    with session(options):
         rows = write_results(out, classify_dataset(bundle, data, options, counted), force)
+    progress.close()
+    seconds = time.perf_counter() - started
+    # seconds: from Ray's start (or connection) to the last row written; first_rows_seconds: until the first rows came
+    # back (Ray's start, the actors loading the bundle, the first batches).
+    return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds, "workers": options.workers,
+            "first_rows_seconds": first_rows[0] if first_rows else None}
+
+
+@contextlib.contextmanager
+def session(options: RayOptions) -> Iterator[None]:
+    """Ray connected for the block (and shut down after, if the block started it); a user error raised in a Ray task
+    or actor comes out as one SavpackError with its own message, not Ray's wrapping of it."""
+    started = connect(options)
+    try:
+        yield
     except Exception as exc:
         if isinstance(exc, SavpackError) and not isinstance(exc, ray.exceptions.RayError):
             raise
-        cause = _savpack_cause(exc)  # Ray wraps errors raised in read tasks and actors; show the user's part only
+        cause = user_error(exc)
         if cause is None:
             raise
-        raise InputError(cause) from None
+        raise SavpackError(cause) from None
     finally:
-        if started_ray:
+        if started:
             ray.shutdown()
-    progress.close()
-    seconds = time.perf_counter() - started
-    return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds, "workers": options.workers}
 
 
-def _savpack_cause(exc: BaseException) -> str | None:
+def user_error(exc: BaseException) -> str | None:
     """The message of the SavpackError inside a Ray error, if there is one."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
