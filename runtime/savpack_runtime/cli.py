@@ -60,7 +60,8 @@ def _classify_on_ray(args: argparse.Namespace) -> None:
                                     providers=args.providers, threads=args.threads)
     summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force)
     print(f"wrote {args.out}: {summary['rows']} rows in {summary['seconds']:.1f} s "
-          f"({summary['rows_per_second']:,.0f} rows/s, {options.workers} workers)", file=sys.stderr)
+          f"({summary['rows_per_second']:,.0f} rows/s, {options.workers} workers; first rows after "
+          f"{summary['first_rows_seconds']:.1f} s)", file=sys.stderr)
 
 
 def _info(args: argparse.Namespace) -> None:
