@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("ray.data", reason="needs the ray extra")
+# A local Ray and actors that each load a model; each test time-limited.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("time_limit")]
 
 from click.testing import CliRunner  # noqa: E402
 

@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="items per forward and per Ray batch, every run")
     parser.add_argument("--workers", default="1,2", help="Ray worker counts to run, comma-separated")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "savpack" / "bench_ray")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take before it is stopped")
     return parser.parse_args()
 
 
@@ -123,12 +124,18 @@ def _peak_rss(pid: int) -> int | None:
     return None
 
 
-def run(name: str, args: list[str], rows_expected: int) -> dict[str, Any]:
+def run(name: str, args: list[str], rows_expected: int, timeout: float) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     process = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = TreeSampler(process.pid)
-    out, err = process.communicate()
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]:
+            child.kill()  # the run this tool started, and the Ray processes it started
+        sampler.stop()
+        raise SystemExit(f"{name}: stopped after {timeout:.0f} s")
     wall = time.perf_counter() - started
     processes = sampler.stop()
     if process.returncode != 0:
@@ -165,7 +172,7 @@ def main() -> None:
         for name, extra in plan:
             out = Path(folder) / f"{len(runs)}.parquet"
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            runs.append(run(name, ["classify", *common, "--out", str(out), *extra], args.items))
+            runs.append(run(name, ["classify", *common, "--out", str(out), *extra], args.items, args.timeout))
             outputs[name] = pq.read_table(out)
         reference = outputs[plan[0][0]]
         for entry in runs:

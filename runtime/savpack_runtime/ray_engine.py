@@ -86,14 +86,18 @@ class ItemsDatasource(FileBasedDatasource):
     """JSONL or Parquet files as rows (source, text, images): the runtime's item reader, inside Ray's read tasks."""
 
     def __init__(self, paths: Sequence[str], **kwargs: Any):
-        super().__init__(list(paths), **kwargs)
-        self._names = [_resolved_prefix(path) for path in paths]  # (what Ray reads, what the user wrote)
+        self._user_names = [_resolved_prefix(path) for path in paths]  # (what Ray reads, what the user wrote)
+        # Local paths absolute: the read tasks of a running cluster do not share the driver's working folder.
+        super().__init__([path if "://" in path else resolved for (resolved, _), path in zip(self._user_names, paths)], **kwargs)
         self._local = all("://" not in path or path.startswith("file://") for path in paths)
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
-        if path.lower().endswith(PARQUET_SUFFIXES):
-            return filesystem.open_input_file(path)  # Parquet's footer comes first: random access, not a stream
-        return super()._open_input_source(filesystem, path, **open_args)
+        try:
+            if path.lower().endswith(PARQUET_SUFFIXES):
+                return filesystem.open_input_file(path)  # Parquet's footer comes first: random access, not a stream
+            return super()._open_input_source(filesystem, path, **open_args)
+        except OSError as exc:  # e.g. a path that exists for the driver but not on the worker's node
+            raise DataError(f"{self._display_name(path)}: cannot open on a Ray worker: {exc}") from None
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         name = self._display_name(path)
@@ -119,7 +123,7 @@ class ItemsDatasource(FileBasedDatasource):
 
     def _display_name(self, path: str) -> str:
         """The file as the user named it (relative path, or URL with its scheme), as the single-process run names it."""
-        for resolved, given in self._names:
+        for resolved, given in self._user_names:
             if path == resolved:
                 return given
             if path.startswith(resolved.rstrip("/") + "/"):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray.data", reason="needs the ray extra")
+# A local Ray and its worker processes (one Ray for the session, conftest.py); each test time-limited.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("time_limit")]
 
 import psutil  # noqa: E402  (a dependency of Ray)
 import pyarrow as pa  # noqa: E402
@@ -85,6 +87,23 @@ def test_parquet_input_named_by_row(ray_cluster, tmp_path, capsys):
     got = pq.read_table(on_ray)
     assert got.column("source").to_pylist()[:2] == [f"{data}[0]", f"{data}[1]"]
     assert got.to_pylist() == pq.read_table(single).to_pylist()
+
+
+def test_a_folder_of_jsonl_and_parquet_files(ray_cluster, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_text_items(folder / "a.jsonl", 40, seed=3)
+    pq.write_table(pa.table({"text": [" ".join(random.Random(i).choices(WORDS, k=4)) for i in range(30)]}), folder / "b.parquet")
+    out = tmp_path / "ray.parquet"
+    code, err = run(["classify", str(golden.bundle_dir("qwen2")), "--data", str(folder), "--out", str(out), "--engine", "ray"], capsys)
+    assert code == 0, err
+    got = {row["source"]: row for row in pq.read_table(out).to_pylist()}
+    assert len(got) == 70
+    for name in ("a.jsonl", "b.parquet"):
+        single = tmp_path / f"{name}.parquet"
+        assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(folder / name), "--out", str(single)]) == 0
+        for row in pq.read_table(single).to_pylist():
+            assert got[row["source"]] == row  # sources name each file under the folder as the user named it
 
 
 def test_a_killed_worker_loses_and_repeats_no_row(ray_cluster, tmp_path, capsys):
