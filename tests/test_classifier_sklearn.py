@@ -14,11 +14,11 @@ from sklearn.utils.estimator_checks import check_estimator
 from savpack.classifier import SavClassifier
 from savpack.errors import BuildError
 
-# The check scikit-learn itself skips here, and why it cannot apply (docs/architecture.md says the same); its pandas
-# check runs where pandas is installed (the lock installs it, for Ray Data).
+# Checks scikit-learn itself skips here, and why they cannot apply (docs/architecture.md says the same).
 SKIPPED = {"check_array_api_input": "savpack computes with numpy only; the check runs only with SCIPY_ARRAY_API=1"}
 if importlib.util.find_spec("pandas") is None:
-    SKIPPED["check_classifier_data_not_an_array"] = "its pandas half needs pandas"
+    # pandas comes with the ray extra (Ray Data); without it scikit-learn skips this check, with it the check must pass.
+    SKIPPED["check_classifier_data_not_an_array"] = "its pandas half needs pandas, which savpack does not use"
 
 
 def test_scikit_learns_estimator_checks_pass():
