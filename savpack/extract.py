@@ -85,7 +85,7 @@ def extract(
     layers, num_heads, head_dim = loaded.grid
     needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
     deepest = max(needed)
-    for path in sorted({path for example in examples for path in example.images}):
+    for path in sorted({path for example in examples for path in example.images}, key=str):
         check_image(path)  # fail before the first forward, not minutes into extraction
     for path in sorted({path for example in examples for path in example.videos}):
         check_video(path)

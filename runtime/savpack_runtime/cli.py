@@ -3,8 +3,9 @@
     savpack-run classify BUNDLE --data items.jsonl [--json] [--providers cuda] [--batch-size 8]
     savpack-run info BUNDLE [--json]
 
-Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV or a folder
-root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to the file); a `label` is
+Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV, Parquet, a saved Hugging
+Face dataset or a folder root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to
+the file, or image bytes in Parquet and datasets); `--text-field` and `--image-field` map other columns; a `label` is
 optional. argparse, not click: the runtime keeps its dependencies minimal.
 """
 
@@ -14,17 +15,16 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 from .errors import SavpackError, SavpackWarning
-from .items import read_items
+from .items import Fields, read_items
 
 def _classify(args: argparse.Namespace) -> None:
     from .classifier import Classifier
 
     classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size)
-    items = read_items(Path(args.data))
+    items = read_items(args.data, Fields(args.text_field, args.image_field, args.label_field))
     results = classifier.classify_batch([item for _, item in items])
     if args.json:
         for (source, _), result in zip(items, results):
@@ -58,12 +58,21 @@ def _info(args: argparse.Namespace) -> None:
         print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}")
 
 
+def add_field_options(parser: argparse.ArgumentParser) -> None:
+    """--text-field, --image-field, --label-field: the columns holding each part of an item (savpack_runtime.items.Fields)."""
+    for role, option in Fields.OPTIONS.items():
+        parser.add_argument(option, dest=f"{role}_field", default=None, metavar="COLUMN",
+                            help=f"column holding the item's {role} (default: {' or '.join(Fields().names(role))})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="savpack-run", description="Classify with a savpack bundle (no torch).")
     commands = parser.add_subparsers(dest="command", required=True)
     classify = commands.add_parser("classify", help="classify the items of a data file or folder")
     classify.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by `savpack export`")
-    classify.add_argument("--data", required=True, help="items: .jsonl, .json, .csv/.tsv or a folder root/<label>/<file>; text/question and image/images")
+    classify.add_argument("--data", required=True, help="items: .jsonl, .json, .csv/.tsv, .parquet, a saved Hugging Face "
+                          "dataset folder, hf:NAME[:CONFIG][:SPLIT] or a folder root/<label>/<file>; text/question and image/images")
+    add_field_options(classify)
     classify.add_argument("--json", action="store_true", help="one JSON object per item: label, votes, shares (per pack)")
     classify.add_argument("--providers", default="cpu", help="cpu or cuda (falls back to cpu with a warning)")
     classify.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")

@@ -1,9 +1,13 @@
 """The one reader of items to classify or learn from, shared by the builder (savpack build, eval, classify) and the
 runtime (savpack-run classify).
 
-Formats: JSONL (one object per line), a JSON list of objects, CSV/TSV with a header row, or a folder
-`root/<label>/<file>` (an image, a video or a .txt file per example). Field names follow the official SAVs data:
-`text` or `question`, `image` or `images` (paths relative to the data file), `video` or `videos`, `label` (a string).
+Formats: JSONL (one object per line), a JSON list of objects, CSV/TSV with a header row, Parquet (extra `parquet`),
+a Hugging Face dataset (extra `datasets`: a folder written by `save_to_disk`, or `hf:NAME[:CONFIG][:SPLIT]` from the
+hub where the network allows), or a folder `root/<label>/<file>` (an image, a video or a .txt file per example).
+Field names follow the official SAVs data: `text` or `question`, `image` or `images` (paths relative to the data
+file; in Parquet and datasets also encoded image bytes, or `{"bytes", "path"}` as the `datasets` Image feature stores
+them), `video` or `videos`, `label` (a string; a `datasets` ClassLabel gives its names). `Fields` maps other column
+names (`--text-field`, `--image-field`, `--label-field`), the way SetFit's column_mapping does.
 Several images and videos may be interleaved with the text: an `<image>` marker in the text stands for the next image,
 a `<video>` marker for the next video; without markers the videos, then the images, come before the text. Every
 problem raises DataError naming the file, line and field.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import re
 import warnings
@@ -24,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DataError, SavpackWarning
+from .errors import DataError, MissingExtraError, SavpackWarning
 from .files import file_sha256
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, ImageBytes
 
 TEXT_FIELDS = ("text", "question")
 IMAGE_FIELDS = ("images", "image")
@@ -35,17 +40,46 @@ LABEL_FIELD = "label"
 TEXT_SUFFIXES = (".txt",)
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+HUB_PREFIX = "hf:"
+# Files a `datasets` save_to_disk folder holds (a Dataset), or its DatasetDict parent.
+SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
+SAVED_DATASET_DICT_FILE = "dataset_dict.json"
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 _MARKER_PATTERN = re.compile(f"{re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)}")
 
 
 @dataclass(frozen=True)
+class Fields:
+    """Which column holds the text, the images and the label; None keeps the default names (text/question,
+    image/images, label). Given, a name is the only one read, and a name no item has is an error."""
+
+    text: str | None = None
+    image: str | None = None
+    label: str | None = None
+
+    OPTIONS = {"text": "--text-field", "image": "--image-field", "label": "--label-field"}
+
+    def names(self, role: str) -> tuple[str, ...]:
+        chosen = getattr(self, role)
+        return (chosen,) if chosen else {"text": TEXT_FIELDS, "image": IMAGE_FIELDS, "label": (LABEL_FIELD,)}[role]
+
+    def mapped(self) -> dict[str, str]:
+        """{role: column} for the roles given."""
+        return {role: getattr(self, role) for role in self.OPTIONS if getattr(self, role)}
+
+
+DEFAULT_FIELDS = Fields()
+
+
+@dataclass(frozen=True)
 class Example:
-    """One item of a data file: its text, media files (absolute or relative to the working folder) and label."""
+    """One item of a data file: its text, media (files, absolute or relative to the working folder, or in-memory
+    ImageBytes from a Parquet or datasets column) and label."""
 
     text: str
-    images: tuple[str, ...] = ()
+    images: tuple[str | ImageBytes, ...] = ()
     label: str | None = None
     source: str = ""  # "file:line", for messages
     videos: tuple[str, ...] = ()
@@ -93,32 +127,28 @@ def markers(text: str) -> list[str]:
     return [marker[1:-1] for marker in _MARKER_PATTERN.findall(text)]
 
 
-def _readable_sha256(path: str) -> str:
+def _readable_sha256(path: str | ImageBytes) -> str:
+    """sha256 of a file's bytes, or of in-memory image bytes (the same image gives the same digest either way)."""
+    if isinstance(path, ImageBytes):
+        return hashlib.sha256(path.data).hexdigest()
     try:
         return file_sha256(path)
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
 
 
-def load_examples(path: str | Path, require_labels: bool = True, videos: bool = True) -> list[Example]:
-    """Read a data file or folder. Texts are stripped; media paths are resolved and checked to exist.
+def load_examples(path: str | Path, require_labels: bool = True, videos: bool = True,
+                  fields: Fields = DEFAULT_FIELDS) -> list[Example]:
+    """Read a data file, folder or dataset. Texts are stripped; media paths are resolved and checked to exist.
 
     require_labels: every example needs a `label` (building, evaluating); else labels are optional but still checked.
     videos: accept video items (the builder); False refuses them by name (the runtime has no video decoder).
+    fields: other column names for the text, images and label.
     """
-    path = Path(path)
-    if path.is_dir():
-        examples = _read_folder(path, videos)
-    elif not path.exists():
-        raise DataError(f"{path}: dataset does not exist")
-    elif path.suffix.lower() in JSONL_SUFFIXES:
-        examples = _read_records(path, _jsonl_records(path), videos)
-    elif path.suffix.lower() == ".json":
-        examples = _read_records(path, _json_records(path), videos)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        examples = _read_records(path, _csv_records(path), videos)
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+        examples = _read_records(Path("."), _hub_records(path, fields), videos, fields, path)
     else:
-        raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv or a folder root/<label>/<file>")
+        examples = _read_path(Path(path), videos, fields)
     if not examples:
         raise DataError(f"{path}: dataset holds no examples")
     if require_labels:
@@ -127,6 +157,136 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
             raise DataError(f"{missing.source}: field {LABEL_FIELD!r} is missing")
     _warn_about_labels(path, examples)
     return examples
+
+
+def _read_path(path: Path, videos: bool, fields: Fields) -> list[Example]:
+    suffix = path.suffix.lower()
+    if path.is_dir() and _is_saved_dataset(path):
+        return _read_records(path, _saved_dataset_records(path, fields), videos, fields, path)
+    if path.is_dir():
+        if fields.mapped():
+            raise DataError(f"{path}: a folder root/<label>/<file> has no columns to map; "
+                            f"{', '.join(Fields.OPTIONS[role] for role in fields.mapped())} apply to files and datasets")
+        return _read_folder(path, videos)
+    if not path.exists():
+        raise DataError(f"{path}: dataset does not exist")
+    if suffix in JSONL_SUFFIXES:
+        return _read_records(path.parent, _jsonl_records(path), videos, fields, path)
+    if suffix == ".json":
+        return _read_records(path.parent, _json_records(path), videos, fields, path)
+    if suffix in (".csv", ".tsv"):
+        return _read_records(path.parent, _csv_records(path), videos, fields, path)
+    if suffix in PARQUET_SUFFIXES:
+        return _read_records(path.parent, _parquet_records(path, fields), videos, fields, path)
+    raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet, a saved "
+                    "Hugging Face dataset folder, hf:NAME[:CONFIG][:SPLIT] or a folder root/<label>/<file>")
+
+
+def _optional(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or say in one line which extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise MissingExtraError(f"{purpose} needs {package}: pip install 'savpack-runtime[{extra}]' "
+                                f"(or 'savpack[{extra}]' with the builder)") from None
+
+
+# -- columnar data: Parquet and Hugging Face datasets ----------------------------------------------------------------
+
+
+def _parquet_records(path: Path, fields: Fields) -> Iterator[tuple[str, Any]]:
+    parquet = _optional("pyarrow.parquet", "parquet", "reading Parquet")
+    try:
+        schema = parquet.read_schema(path)
+        columns = _wanted_columns(path, schema.names, fields)
+        table = parquet.read_table(path, columns=columns)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid and ArrowIOError derive from these
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    features = {}
+    if schema.metadata and b"huggingface" in schema.metadata:  # what `datasets` writes: ClassLabel names among it
+        try:
+            features = json.loads(schema.metadata[b"huggingface"]).get("info", {}).get("features", {}) or {}
+        except (ValueError, AttributeError):
+            features = {}
+    yield from _table_records(str(path), table, features, fields)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / SAVED_DATASET_DICT_FILE).is_file() or all((folder / name).is_file() for name in SAVED_DATASET_FILES)
+
+
+def _saved_dataset_records(folder: Path, fields: Fields) -> Iterator[tuple[str, Any]]:
+    if (folder / SAVED_DATASET_DICT_FILE).is_file():
+        splits = sorted(p.name for p in folder.iterdir() if p.is_dir() and _is_saved_dataset(p))
+        raise DataError(f"{folder}: a saved DatasetDict with splits {', '.join(splits) or '(none)'}; give one split's "
+                        f"folder, e.g. {folder / (splits[0] if splits else 'train')}")
+    datasets = _optional("datasets", "datasets", "reading a saved Hugging Face dataset")
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # datasets raises many types for a damaged folder; name the folder, keep its reason
+        raise DataError(f"{folder}: cannot load as a saved Hugging Face dataset: {_first_line(exc)}") from None
+    yield from _dataset_records(str(folder), dataset, fields)
+
+
+def _hub_records(reference: str, fields: Fields) -> Iterator[tuple[str, Any]]:
+    """hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT through datasets.load_dataset (needs the network)."""
+    parts = reference[len(HUB_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3 or not all(parts):
+        raise DataError(f"{reference}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else None
+    datasets = _optional("datasets", "datasets", "reading a Hugging Face hub dataset")
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown name, unknown split: one line naming the reference
+        raise DataError(f"{reference}: cannot load from the Hugging Face Hub (no network, or an unknown name, config "
+                        f"or split?): {_first_line(exc)}") from None
+    if isinstance(dataset, dict):  # a DatasetDict: every split
+        raise DataError(f"{reference}: holds splits {', '.join(sorted(dataset))}; choose one: {reference}:{sorted(dataset)[0]}")
+    yield from _dataset_records(reference, dataset, fields)
+
+
+def _dataset_records(where: str, dataset: Any, fields: Fields) -> Iterator[tuple[str, Any]]:
+    columns = _wanted_columns(where, dataset.column_names, fields)
+    # The arrow table as the dataset shows it (selections and shuffles applied); images stay undecoded bytes.
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    yield from _table_records(where, table, dataset.features.to_dict(), fields)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _wanted_columns(where: object, names: list[str], fields: Fields) -> list[str]:
+    """The columns an item is made of, checked: a mapped column must exist, and some text or image column must."""
+    for role, column in fields.mapped().items():
+        if column not in names:
+            raise DataError(f"{where}: no column {column!r} ({Fields.OPTIONS[role]}); its columns: {', '.join(names)}")
+    roles = [*fields.names("text"), *fields.names("image"), *VIDEO_FIELDS, *fields.names("label")]
+    wanted = [name for name in names if name in roles]
+    if not any(name in wanted for name in (*fields.names("text"), *fields.names("image"), *VIDEO_FIELDS)):
+        raise DataError(f"{where}: no text or image column (looked for {', '.join((*fields.names('text'), *fields.names('image')))}); "
+                        f"its columns: {', '.join(names)}; choose one with --text-field or --image-field")
+    return wanted
+
+
+def _table_records(where: str, table: Any, features: dict[str, Any], fields: Fields) -> Iterator[tuple[str, Any]]:
+    """(source, record) per row of an arrow table; a ClassLabel label column gives its names (-1: no label)."""
+    label_column = next((name for name in fields.names("label") if name in table.column_names), None)
+    feature = features.get(label_column) if label_column else None
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    for index, record in enumerate(table.to_pylist()):
+        source = f"{where}[{index}]"
+        if names is not None and isinstance(record.get(label_column), int):
+            value = record[label_column]
+            if value == -1:
+                record[label_column] = None
+            elif 0 <= value < len(names):
+                record[label_column] = names[value]
+            else:
+                raise DataError(f"{source}: field {label_column!r}: class id {value} is outside the ClassLabel's {len(names)} names")
+        yield source, record
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -170,35 +330,45 @@ def _open_text(path: Path):
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def _read_records(path: Path, records: Iterator[tuple[str, Any]], videos: bool) -> list[Example]:
-    examples = []
+def _read_records(base: Path, records: Iterator[tuple[str, Any]], videos: bool, fields: Fields,
+                  where: object) -> list[Example]:
+    """Examples from (source, record) pairs; media paths relative to `base`; `where` names the data in messages."""
     try:
-        for source, record in records:
-            examples.append(_example_from_record(path.parent, source, record, videos))
+        records = list(records)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return examples
+        raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if fields.mapped():  # a misspelt column is named as such, not as the first item's missing text
+        seen = {key for _, record in records if isinstance(record, dict) for key in record}
+        for role, column in fields.mapped().items():
+            if records and column not in seen:
+                raise DataError(f"{where}: no item has field {column!r} ({Fields.OPTIONS[role]}); "
+                                f"its fields: {', '.join(sorted(seen))}")
+    return [_example_from_record(base, source, record, videos, fields) for source, record in records]
 
 
-def _example_from_record(base: Path, source: str, record: object, videos_allowed: bool) -> Example:
+def _example_from_record(base: Path, source: str, record: object, videos_allowed: bool,
+                         fields: Fields = DEFAULT_FIELDS) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{source}: expected an object with fields text/question, image/images, label; got {type(record).__name__}")
-    text_field = next((name for name in TEXT_FIELDS if record.get(name) not in (None, "")), None)
+    text_field = next((name for name in fields.names("text") if record.get(name) not in (None, "")), None)
     text = record[text_field] if text_field else ""
     if not isinstance(text, str):
         raise DataError(f"{source}: field {text_field!r} must be a string, got {type(text).__name__}")
     if not videos_allowed and any(record.get(name) not in (None, "", []) for name in VIDEO_FIELDS):
         _refuse_video(source)
-    images = _paths(base, source, record, IMAGE_FIELDS, "image")
+    images = _paths(base, source, record, fields.names("image"), "image")
     videos = _paths(base, source, record, VIDEO_FIELDS, "video")
-    label = record.get(LABEL_FIELD)
+    label_field = fields.names("label")[0]
+    label = record.get(label_field)
     if label is not None and not isinstance(label, str):
-        raise DataError(f"{source}: field {LABEL_FIELD!r} must be a string, got {type(label).__name__} {label!r}")
+        raise DataError(f"{source}: field {label_field!r} must be a string, got {type(label).__name__} {label!r}"
+                        + ("" if fields.label else "; labels are class names (choose a column of names with --label-field)"))
     if label is not None and not label.strip():
-        raise DataError(f"{source}: field {LABEL_FIELD!r} is empty")
+        raise DataError(f"{source}: field {label_field!r} is empty")
     text = text.strip()
     if not text and not images and not videos:
-        raise DataError(f"{source}: item has no text (field 'text' or 'question' empty or only whitespace) and no image or video")
+        raise DataError(f"{source}: item has no text (field {' or '.join(map(repr, fields.names('text')))} empty or only "
+                        "whitespace) and no image or video")
     example = Example(text=text, images=images, label=label, source=source, videos=videos)
     if example.interleaved:
         found = markers(text)
@@ -211,16 +381,24 @@ def _example_from_record(base: Path, source: str, record: object, videos_allowed
     return example
 
 
-def _paths(base: Path, source: str, record: dict, fields: tuple[str, str], kind: str) -> tuple[str, ...]:
-    """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths)."""
+def _paths(base: Path, source: str, record: dict, fields: tuple[str, ...], kind: str) -> tuple[str | ImageBytes, ...]:
+    """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths); images
+    may also be encoded bytes, or the `datasets` Image feature's {"bytes", "path"} (bytes win when both are given)."""
     field = next((name for name in fields if record.get(name) not in (None, "", [])), None)
     paths = record[field] if field else []
-    if isinstance(paths, str):
+    if not isinstance(paths, list):
         paths = [paths]
-    if not (isinstance(paths, list) and all(isinstance(path, str) and path for path in paths)):
-        raise DataError(f"{source}: field {field!r} must be a path or a list of paths")
-    resolved = []
-    for path in paths:
+    if kind == "image":
+        paths = [(path.get("bytes") or path.get("path")) if isinstance(path, dict) else path for path in paths]
+    allowed = (str, bytes) if kind == "image" else (str,)
+    if not all(isinstance(path, allowed) and path for path in paths):
+        what = "a path, encoded image bytes, or a list of them" if kind == "image" else "a path or a list of paths"
+        raise DataError(f"{source}: field {field!r} must be {what}")
+    resolved: list[str | ImageBytes] = []
+    for number, path in enumerate(paths):
+        if isinstance(path, bytes):
+            resolved.append(ImageBytes(path, f"{source}: field {field!r}" + (f"[{number}]" if len(paths) > 1 else "")))
+            continue
         full = Path(path) if Path(path).is_absolute() else base / path
         if not full.is_file():
             raise DataError(f"{source}: field {field!r}: {kind} file {full} does not exist")
@@ -270,9 +448,9 @@ def _warn_about_labels(path: Path, examples: list[Example]) -> None:
         warnings.warn(f"{path}: {duplicates} duplicate example(s) (same text and images); each copy counts", SavpackWarning)
 
 
-def read_items(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+def read_items(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> list[tuple[str, dict[str, Any]]]:
     """The runtime's view of a data file: (source, {"text", "images"}) per item; labels optional, no videos, no markers."""
-    examples = load_examples(path, require_labels=False, videos=False)
+    examples = load_examples(path, require_labels=False, videos=False, fields=fields)
     interleaved = next((example for example in examples if example.interleaved), None)
     if interleaved is not None:
         raise DataError(f"{interleaved.source}: {IMAGE_MARKER} markers placing images inside the text are a builder "
