@@ -82,68 +82,112 @@ def extract(
     token_position: "last" real token, or "first" (an encoder's [CLS]); the family must offer it.
     """
     check_token_position(loaded, token_position)
-    layers, num_heads, head_dim = loaded.grid
-    needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
-    deepest = max(needed)
+    needed = list(range(loaded.grid[0])) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
+    check_media(examples)
+    rendered = [_render(loaded, template, example, video_frames) for example in examples]
+    image_counts = [example.image_count(video_frames) for example in examples]
+    batches = plan_batches(image_counts, _token_counts(loaded, rendered), batch_size)
+    collected = _Collected(len(examples), loaded.grid, heads, needed)
+    stop_after = None if final_hidden else max(needed)
+    with _HeadCapture(loaded, needed, stop_after) as capture, \
+            tqdm(total=len(examples), desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
+        for batch in batches:
+            inputs = _encode(loaded, [examples[i] for i in batch], [rendered[i] for i in batch], video_frames)
+            positions = token_positions(inputs["attention_mask"], token_position)
+            output = capture.forward(inputs, positions)
+            collected.add(batch, inputs, capture.per_layer(), output, positions)
+            bar.update(len(batch))
+    return collected.extraction(examples)
+
+
+def check_media(examples: Sequence[Example]) -> None:
+    """Every image and video opens (headers only): fail before the first forward, not minutes into extraction."""
     for path in sorted({path for example in examples for path in example.images}, key=str):
-        check_image(path)  # fail before the first forward, not minutes into extraction
+        check_image(path)
     for path in sorted({path for example in examples for path in example.videos}):
         check_video(path)
-    image_counts = [example.image_count(video_frames) for example in examples]
-    rendered = [_render(loaded, template, example, video_frames) for example in examples]
-    batches = plan_batches(image_counts, _token_counts(loaded, rendered), batch_size)
 
-    count = len(examples)
-    all_heads = np.zeros((count, layers, num_heads, head_dim), dtype=np.float32) if heads is None else None
-    chosen = np.zeros((count, len(heads), head_dim), dtype=np.float32) if heads is not None else None
-    hidden = None
-    input_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * count
-    captured: dict[int, torch.Tensor] = {}
-    state: dict[str, Any] = {}
 
-    def make_hook(layer: int):
+def _encode(loaded: LoadedModel, batch: list[Example], rendered: list[str], video_frames: int) -> dict[str, torch.Tensor]:
+    """One batch's model inputs: its pictures loaded (videos sampled to frames), its prompts encoded, lengths checked."""
+    inputs = loaded.encode(rendered, [load_media(example, video_frames) for example in batch])
+    _check_lengths(loaded, batch, inputs["attention_mask"])
+    return inputs
+
+
+class _HeadCapture:
+    """Forward pre-hooks on the attention output projections of the `needed` layers: each keeps its input (every
+    head's output) at one token per row; the hook of layer `stop_after` ends the forward there (None: run it all)."""
+
+    def __init__(self, loaded: LoadedModel, needed: list[int], stop_after: int | None):
+        self.loaded, self.needed, self.stop_after = loaded, needed, stop_after
+        self.captured: dict[int, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "_HeadCapture":
+        modules = self.loaded.attention_outputs
+        self.handles = [modules[layer].register_forward_pre_hook(self._hook(layer)) for layer in self.needed]
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, layer: int):
+        _, num_heads, head_dim = self.loaded.grid
+
         def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             per_token = args[0]  # (batch, seq, heads * head_dim): the attention output before its projection
             rows = torch.arange(per_token.shape[0], device=per_token.device)
-            captured[layer] = per_token[rows, state["position"]].float().reshape(-1, num_heads, head_dim).cpu()
-            if layer == deepest and not final_hidden:
+            self.captured[layer] = per_token[rows, self.positions].float().reshape(-1, num_heads, head_dim).cpu()
+            if layer == self.stop_after:
                 raise _StopForward
         return hook
 
-    base = loaded.model.base_model  # the decoder stack without the LM head
-    handles = [loaded.attention_outputs[layer].register_forward_pre_hook(make_hook(layer)) for layer in needed]
-    try:
-        with tqdm(total=count, desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
-            for batch in batches:
-                images = [load_media(examples[i], video_frames) for i in batch]
-                inputs = loaded.encode([rendered[i] for i in batch], images)
-                mask = inputs["attention_mask"]
-                _check_lengths(loaded, [examples[i] for i in batch], mask)
-                state["position"] = token_positions(mask, token_position)
-                captured.clear()
-                with torch.inference_mode():
-                    try:
-                        output = base(**inputs, use_cache=False)
-                    except _StopForward:
-                        output = None
-                for row, index in enumerate(batch):
-                    input_ids[index] = inputs["input_ids"][row][mask[row].bool()].cpu().numpy().astype(np.int64)
-                per_layer = torch.stack([captured[layer] for layer in needed], dim=1).numpy()  # (b, len(needed), H, D)
-                if heads is None:
-                    all_heads[batch] = per_layer
-                else:
-                    position = {layer: i for i, layer in enumerate(needed)}
-                    chosen[batch] = per_layer[:, [position[int(l)] for l in heads[:, 0]], heads[:, 1]]
-                if final_hidden:
-                    state_at = output.last_hidden_state[torch.arange(len(batch)), state["position"]].float().cpu().numpy()
-                    if hidden is None:
-                        hidden = np.zeros((count, state_at.shape[1]), dtype=np.float32)
-                    hidden[batch] = state_at
-                bar.update(len(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return Extraction(all_heads if heads is None else chosen, input_ids, hidden, list(examples))
+    def forward(self, inputs: dict[str, torch.Tensor], positions: torch.Tensor) -> Any:
+        """The base model's forward (no LM head) on one batch; its output, or None when a hook stopped it."""
+        self.positions = positions
+        self.captured.clear()
+        with torch.inference_mode():
+            try:
+                return self.loaded.model.base_model(**inputs, use_cache=False)
+            except _StopForward:
+                return None
+
+    def per_layer(self) -> np.ndarray:
+        """(batch, len(needed), heads, head_dim): what the last forward captured, layer by layer."""
+        return torch.stack([self.captured[layer] for layer in self.needed], dim=1).numpy()
+
+
+class _Collected:
+    """The extraction's arrays, filled batch by batch in the examples' order."""
+
+    def __init__(self, count: int, grid: tuple[int, int, int], heads: np.ndarray | None, needed: list[int]):
+        layers, num_heads, head_dim = grid
+        self.heads = heads
+        self.vectors = np.zeros((count, layers, num_heads, head_dim) if heads is None else (count, len(heads), head_dim),
+                                dtype=np.float32)
+        if heads is not None:
+            position = {layer: i for i, layer in enumerate(needed)}
+            self.chosen_layers = [position[int(layer)] for layer in heads[:, 0]]  # index into the needed layers
+        self.input_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * count
+        self.hidden: np.ndarray | None = None
+
+    def add(self, batch: list[int], inputs: dict[str, torch.Tensor], per_layer: np.ndarray, output: Any,
+            positions: torch.Tensor) -> None:
+        mask = inputs["attention_mask"]
+        for row, index in enumerate(batch):
+            self.input_ids[index] = inputs["input_ids"][row][mask[row].bool()].cpu().numpy().astype(np.int64)
+        self.vectors[batch] = per_layer if self.heads is None else per_layer[:, self.chosen_layers, self.heads[:, 1]]
+        if output is not None:  # the forward ran to the end: the final (normed) hidden state at the same token
+            state_at = output.last_hidden_state[torch.arange(len(batch)), positions].float().cpu().numpy()
+            if self.hidden is None:
+                self.hidden = np.zeros((len(self.input_ids), state_at.shape[1]), dtype=np.float32)
+            self.hidden[batch] = state_at
+
+    def extraction(self, examples: Sequence[Example]) -> Extraction:
+        return Extraction(self.vectors, self.input_ids, self.hidden, list(examples))
 
 
 def _render(loaded: LoadedModel, template: str, example: Example, video_frames: int) -> str:

@@ -15,18 +15,9 @@ from typing import Callable
 from savpack_runtime.files import check_output_folder, file_sha256, staged_folder
 
 from .errors import ModelError
+from .models import dequantised_load_kwargs, model_errors, quiet_transformers
 
 CONVERSION_RECORD = "savpack_conversion.json"
-
-
-def dequantised_load_kwargs() -> dict:
-    """from_pretrained arguments that unpack every GGUF weight into a plain float tensor. Newer transformers can keep
-    some architectures' weights packed in GGUF blocks (GgufLinear modules); savpack needs plain Linear layers to hook
-    and float weights to save."""
-    import transformers
-
-    config_class = getattr(transformers, "GgufConfig", None)
-    return {"quantization_config": config_class(dequantize=True)} if config_class is not None else {}
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False,
@@ -36,8 +27,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     import torch
     import transformers
 
-    from .models import _model_errors, _quiet_transformers
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ModelError(f"{gguf_path}: GGUF file does not exist")
@@ -45,7 +34,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
 
     source, name = str(gguf_path.parent), gguf_path.name
     echo(f"dequantising {gguf_path} (this takes a minute or two)")
-    with _quiet_transformers(), _model_errors(str(gguf_path)):
+    with quiet_transformers(), model_errors(str(gguf_path)):
         config = transformers.AutoConfig.from_pretrained(source, gguf_file=name)
         model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32,
                                                                   **dequantised_load_kwargs())
@@ -59,7 +48,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
               "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
 
     with staged_folder(out_dir, force) as temporary:
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
         saved = json.loads((temporary / "config.json").read_text())

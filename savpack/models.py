@@ -199,15 +199,13 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
-    with _quiet_transformers(), _model_errors(model):
+    with quiet_transformers(), model_errors(model):
         config = transformers.AutoConfig.from_pretrained(source, **hub_kwargs)
     chosen = _choose_family(config, family, model)
-    with _quiet_transformers(), _model_errors(model):
+    with quiet_transformers(), model_errors(model):
         auto_class = getattr(transformers, chosen.auto_class)
         weight_kwargs = dict(hub_kwargs)
         if gguf_file:
-            from .gguf import dequantised_load_kwargs
-
             weight_kwargs.update(dequantised_load_kwargs())
         network = auto_class.from_pretrained(source, dtype=torch_dtype, **weight_kwargs)
         processor, tokenizer = _load_preprocessor(chosen, source, hub_kwargs)
@@ -217,7 +215,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
 
     text_config = network.config.get_text_config(decoder=True)
-    grid = _grid_of(text_config, model)
+    grid = grid_of(text_config, model)
     outputs = find_attention_outputs(network, grid, model)
     return LoadedModel(
         model=network, family=chosen, processor=processor, tokenizer=tokenizer, model_id=model,
@@ -227,8 +225,19 @@ def load_model(
     )
 
 
+def dequantised_load_kwargs() -> dict:
+    """from_pretrained arguments that unpack every GGUF weight into a plain float tensor. Newer transformers can keep
+    some architectures' weights packed in GGUF blocks (GgufLinear modules); savpack needs plain Linear layers to hook
+    and float weights to save."""
+    import transformers
+
+    config_class = getattr(transformers, "GgufConfig", None)
+    return {"quantization_config": config_class(dequantize=True)} if config_class is not None else {}
+
+
 @contextmanager
-def _model_errors(model: str):
+def model_errors(model: str):
+    """Loading failures of transformers and the hub as one ModelError naming the model."""
     try:
         yield
     except ModelError:
@@ -241,7 +250,8 @@ def _model_errors(model: str):
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """transformers' warnings and progress bars off while loading (savpack reports what matters itself)."""
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
@@ -294,7 +304,8 @@ def _load_preprocessor(family: Family, source: str, hub_kwargs: dict[str, Any]) 
     return processor, tokenizer
 
 
-def _grid_of(text_config: Any, model: str) -> tuple[int, int, int]:
+def grid_of(text_config: Any, model: str) -> tuple[int, int, int]:
+    """(layers, heads, head_dim) of a text config; head_dim from the config when it sets one (Llama, Gemma 3)."""
     try:
         layers = int(text_config.num_hidden_layers)
         heads = int(text_config.num_attention_heads)

@@ -6,7 +6,6 @@ what they hold: heads, labels, counts, prompt, model identity and numbers within
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,23 +15,17 @@ import pytest
 import torch
 import transformers
 
+import make_exported
 from savpack_runtime import Pack
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTED = ROOT / "exported" / "bundles"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_exported", ROOT / "tools" / "make_exported.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
     out = tmp_path_factory.mktemp("regenerated") / "bundles"
-    return out, _tool().make_all(out)
+    return out, make_exported.make_all(out)
 
 
 def test_regenerated_golden_files_agree(regenerated):

@@ -78,7 +78,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
 def test_same_weights_elsewhere_warn_other_weights_refuse(model_dir, loaded_model, text_task, tmp_path):
     from savpack.data import load_examples
-    from savpack.fixtures import build_fixture
+    from savpack.testing import build_fixture
     from savpack.pipeline import check_pack_fits, extract_activations, pack_from_activations
 
     pack = pack_from_activations(extract_activations(loaded_model("qwen2"), load_examples(text_task[0]), progress=False), k=4)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+import make_golden_packs as golden_tool
+
 from savpack.cli import main
 from savpack.errors import IdentityError, SharingError
 from savpack.sharing import FolderRegistry, HubRef, RegistryRef, parse_ref
@@ -25,9 +26,6 @@ from savpack.versions import check_name, check_version, latest, sorted_versions
 from savpack_runtime import Pack
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_golden_packs", ROOT / "tools" / "make_golden_packs.py")
-golden_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden_tool)
 
 
 def cli(*args: str, ok: bool = True):
@@ -302,7 +300,7 @@ def test_registry_lock_serialises_pushes(tmp_path):
     registry = FolderRegistry.create_or_open(RegistryRef(tmp_path / "registry"))
     pack = write_pack(tmp_path)
     done = []
-    with registry._locked():
+    with registry.locked():
         pusher = threading.Thread(target=lambda: done.append(FolderRegistry(registry.root).push(pack)))
         pusher.start()
         time.sleep(0.5)

@@ -94,13 +94,12 @@ def cases(quick: bool) -> list[Case]:
 def model_folder(case: Case, cache: Path) -> Path:
     kind, _, name = case.model.partition(":")
     if kind == "fixture":
-        from savpack.fixtures import build_fixture
+        from savpack.testing import build_fixture
 
         folder = cache / f"fixture-{name}"
         return folder if (folder / "config.json").exists() else build_fixture(name, folder)
     if kind == "gemma":
         return gemma_folder(cache)
-    sys.path.insert(0, str(TOOLS))
     from real_configs import real_size_folder
 
     return real_size_folder(name, cache)
@@ -130,7 +129,7 @@ def write_data(case: Case, workdir: Path, seed: int = 0) -> tuple[Path, Path | N
     folder = workdir / case.slug
     folder.mkdir(parents=True, exist_ok=True)
     if case.data == "colour":
-        from savpack.demo import write_colour_task
+        from savpack.testing import write_colour_task
 
         return (write_colour_task(folder, case.shots, seed=1, name="train"),
                 write_colour_task(folder, case.test, seed=2, name="test") if case.test else None)
@@ -205,7 +204,6 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    sys.path.insert(0, str(TOOLS))
     import reference_sav
     from instrument import count_forwards
 
@@ -288,7 +286,6 @@ def scoring_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    sys.path.insert(0, str(TOOLS))
     import reference_sav
 
     from savpack.selection import head_scores

@@ -78,7 +78,7 @@ class Plan:
 @dataclass(frozen=True)
 class Case:
     name: str
-    model: str  # "fixture:<savpack.fixtures name>" or "real:<tools/real_configs.py name>"
+    model: str  # "fixture:<savpack.testing.FIXTURES name>" or "real:<tools/real_configs.py name>"
     image: tuple[int, int] | None  # (width, height) of every photo; None: a text-only prompt
     plans: tuple[Plan, ...]
     note: str = ""
@@ -529,10 +529,9 @@ class Worker:
 def model_folder(case: Case, cache: Path, workdir: Path) -> Path:
     kind, _, name = case.model.partition(":")
     if kind == "fixture":
-        from savpack.fixtures import build_fixture
+        from savpack.testing import build_fixture
 
         return build_fixture(name, workdir / f"model-{name}", seed=0)
-    sys.path.insert(0, str(TOOLS))
     from real_configs import real_size_folder
 
     return real_size_folder(name, cache)

@@ -95,9 +95,8 @@ def main() -> None:
     parser.add_argument("--no-builder", action="store_true", help="skip the builder side (no torch needed)")
     args = parser.parse_args()
 
-    from savpack.fixtures import build_fixture  # the golden cases' models, rebuilt from their seed
+    from savpack.testing import build_fixture  # the golden cases' models, rebuilt from their seed
 
-    sys.path.insert(0, str(ROOT / "tools"))
     from make_exported import CASES
 
     results = {"repeats": args.repeats, "python": sys.version.split()[0], "cases": {}}

@@ -66,8 +66,8 @@ def check(model: str, train_file: str, test_file: str, out: Path, shots: int, it
     started = time.perf_counter()
     results = classifier.classify_batch([{"text": example.text} for example in held])
     report["runtime_classify_s"] = time.perf_counter() - started
-    batched = classifier.head_vectors([classifier._item({"text": example.text}, 0) for example in held])
-    single = np.stack([classifier.head_vectors([classifier._item({"text": example.text}, 0)])[0] for example in held[:8]])
+    batched = classifier.head_vectors([example.text for example in held])
+    single = np.stack([classifier.head_vectors([example.text])[0] for example in held[:8]])
     report["runtime_vs_builder_max_difference"] = float(np.abs(batched - expected).max())
     report["runtime_batch1_vs_builder_max_difference"] = float(np.abs(single - expected[:8]).max())
     report["head_vector_max_magnitude"] = float(np.abs(expected).max())

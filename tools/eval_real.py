@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,17 +35,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from savpack.cache import cache_dir  # noqa: E402
-from savpack.ablations import K_VALUES, SEEDS, SHOTS, k_name, sav_ablation, summarise  # noqa: E402
-from savpack.baselines import (  # noqa: E402
+from savpack.ablations import K_VALUES, SEEDS, SHOTS, k_name, sav_ablation, summarise
+from savpack.baselines import (
     BASELINES, baseline_predictions, label_word_logits, reports, verbaliser_token_ids, verbaliser_words,
 )
-from savpack.classifier import DEFAULT_K, SavClassifier  # noqa: E402
-from savpack.data import Example, load_examples, sample_shots  # noqa: E402
-from savpack.extract import ActivationSet  # noqa: E402
+from savpack.cache import cache_dir
+from savpack.classifier import DEFAULT_K, SavClassifier
+from savpack.data import Example, load_examples, sample_shots
+from savpack.extract import ActivationSet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SPLIT_SEED = 20250101
 VALIDATION_SIZE = 200

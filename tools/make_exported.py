@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,7 @@ def _write_images(folder: Path, items: list[tuple[str, list]], stem: str) -> lis
 
 
 def _train_file(takes_images: bool, work: Path) -> Path:
-    from savpack.demo import write_colour_task
+    from savpack.testing import write_colour_task
 
     if takes_images:
         return write_colour_task(work, per_class=4, seed=1, name="train")
@@ -103,7 +102,7 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
     from savpack.export.bundle import export_bundle
     from savpack.export.validate import encode_examples
     from savpack.extract import extract
-    from savpack.fixtures import build_fixture
+    from savpack.testing import build_fixture
     from savpack.models import load_model
     from savpack.pipeline import classify, extract_activations, pack_from_activations
 

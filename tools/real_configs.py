@@ -64,14 +64,14 @@ def build_real_size(name: str, folder: Path) -> None:
     import transformers
 
     from savpack_runtime.files import staged_folder
-    from savpack.fixtures import _CHATML_TEMPLATE, _save, build_tokenizer
+    from savpack.testing import CHATML_TEMPLATE, build_tokenizer, save_model_folder
 
     torch.manual_seed(0)
     if name == "llava_ov_05b":
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
         specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
+        tokenizer = build_tokenizer(specials, CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
         config = transformers.LlavaOnevisionConfig(
             **LLAVA_OV_05B, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
@@ -83,7 +83,7 @@ def build_real_size(name: str, folder: Path) -> None:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>"))
+        tokenizer = build_tokenizer(specials, CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>"))
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
         config = transformers.Qwen2VLConfig(
             **QWEN2_VL_2B, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -94,7 +94,7 @@ def build_real_size(name: str, folder: Path) -> None:
     else:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
     with staged_folder(folder) as partial:
-        _save(partial, model, tokenizer, image_processor, processor_config)
+        save_model_folder(partial, model, tokenizer, image_processor, processor_config)
 
 
 if __name__ == "__main__":

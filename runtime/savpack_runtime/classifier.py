@@ -101,9 +101,11 @@ class Classifier:
             for entry in self.bundle.packs
         })
 
-    def head_vectors(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
-        """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
+    def head_vectors(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
+        """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form
+        classify_batch takes)."""
         batch_size = batch_size or self.batch_size
+        items = [self._item(item, index) for index, item in enumerate(items)]
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
         batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
         heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])

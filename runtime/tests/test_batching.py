@@ -27,7 +27,7 @@ def test_classifier_batches_by_token_count_as_the_builder_does():
     seen = []
     run = classifier.session.run
     classifier.session.run = lambda feed: seen.append(feed["input_ids"].shape) or run(feed)
-    batched = classifier.head_vectors([classifier._item(text, i) for i, text in enumerate(texts)], batch_size=2)
+    batched = classifier.head_vectors(texts, batch_size=2)
     assert sorted(seen) == [(2, tokens[2]), (2, tokens[3])]  # short pair, long pair: the least padding possible
-    single = classifier.head_vectors([classifier._item(text, i) for i, text in enumerate(texts)], batch_size=1)
+    single = classifier.head_vectors(texts, batch_size=1)
     assert np.abs(batched - single).max() <= 1e-5
