@@ -66,7 +66,9 @@ def test_bad_lines(tmp_path, line, message):
 def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="dataset does not exist"):
         load_examples(tmp_path / "none.jsonl")
-    with pytest.raises(DataError, match="unknown dataset format '.parquet'"):
+    with pytest.raises(DataError, match="unknown dataset format '.xlsx'"):
+        load_examples(write(tmp_path / "d.xlsx", "x"))
+    with pytest.raises(DataError, match="d.parquet: not a readable Parquet file"):
         load_examples(write(tmp_path / "d.parquet", "x"))
     with pytest.raises(DataError, match="holds no examples"):
         load_examples(write(tmp_path / "empty.jsonl", "\n"))
