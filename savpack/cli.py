@@ -16,6 +16,7 @@ from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
 from savpack_runtime.files import check_output_path
 from savpack_runtime.format import DEFAULT_VIDEO_FRAMES, TOKEN_POSITIONS
+from savpack_runtime.vote import VOTE_METHODS
 
 from . import __version__
 from .classifier import DEFAULT_K
@@ -136,6 +137,7 @@ token_position_option = click.option(
     "--token-position", type=click.Choice(TOKEN_POSITIONS), default=None,
     help="Token whose head outputs classify: last real token, or first ([CLS] of an encoder). Default: the family's.",
 )
+pack_vote_option = click.option("--vote", type=click.Choice(VOTE_METHODS), default=None, help="Override the pack's vote method.")
 video_frames_option = click.option(
     "--video-frames", type=click.IntRange(min=1), default=DEFAULT_VIDEO_FRAMES, show_default=True,
     help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
@@ -178,7 +180,7 @@ def extract(data: str, fields, out: str, prompt: str, shots: int | None, seed: i
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pack file to write (.safetensors).")
 @click.option("--k", "k", default=str(DEFAULT_K), show_default=True, help="Number of heads that vote, or 'all'.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default="majority", show_default=True, help="How the heads' choices combine.")
+@click.option("--vote", type=click.Choice(VOTE_METHODS), default="majority", show_default=True, help="How the heads' choices combine.")
 @prompt_option
 @shots_option
 @seed_option
@@ -262,7 +264,7 @@ def _load_pack(path: str) -> Pack:
 @model_options()
 @click.option("--data", required=True, help=f"Items to classify (labels optional): {DATA_HELP}.")
 @field_options
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@pack_vote_option
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Also write one row per item (its source and result) to this .jsonl or .parquet file.")
 @force_option
@@ -292,7 +294,7 @@ def classify(pack_path: str, data: str, fields, vote: str | None, out: str | Non
 @model_options()
 @click.option("--data", required=True, help=f"Labelled held-out data ({DATA_HELP}); examples the pack was built from are skipped.")
 @field_options
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@pack_vote_option
 @click.option("--baselines", is_flag=True,
               help="Also report zero-shot, kNN (k=1, 5), a linear probe, the best 2 layers and all heads, from the same single pass.")
 @click.option("--train", "train_data", default=None,
@@ -429,7 +431,7 @@ def _int_list(value: str, name: str, allow_all: bool = False) -> list:
 @click.option("--shots", default="5,10,20,50,100", show_default=True, help="Shots per class to try (comma-separated).")
 @click.option("--k", "ks", default="1,5,10,20,40,100,all", show_default=True, help="Numbers of heads to try.")
 @click.option("--scoring", "scorings", default="paper,loo", show_default=True, help="Head scorings to try.")
-@click.option("--vote", "votes", default="majority,cosine", show_default=True, help="Vote methods to try.")
+@click.option("--vote", "votes", default=",".join(VOTE_METHODS), show_default=True, help="Vote methods to try.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Seeds: each draws its own shots.")
 @click.option("--metric", type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]), default="accuracy", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print every run as JSON.")
