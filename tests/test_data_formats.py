@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from savpack.cli import main
 from savpack.extract import ActivationSet
 from savpack_runtime.items import Fields, load_examples
+from savpack_runtime.output import flat_row
 
 pyarrow = pytest.importorskip("pyarrow")
 parquet = pytest.importorskip("pyarrow.parquet")
@@ -98,12 +99,14 @@ def test_build_eval_classify_map_columns_and_classify_writes_parquet(model_dir, 
                  "--text-field", "body", "--out", tmp_path / "out.parquet")
     printed = [json.loads(line) for line in result.stdout.splitlines()]
     written = parquet.read_table(tmp_path / "out.parquet").to_pylist()
-    assert written == printed and len(written) == len(records_of(test))
+    # The runtime's writer (the one savpack-run --out uses): the record's fields as flat columns, one row per item.
+    assert written == [flat_row(row.pop("source"), row) for row in printed]
+    assert len(written) == len(records_of(test)) and "votes.warm" in written[0]
     assert [row["source"] for row in written] == [f"{test_table}[{i}]" for i in range(len(written))]
     run("classify", "--pack", tmp_path / "p.safetensors", "--model", model, "--data", test, "--out", tmp_path / "out.jsonl")
     from_jsonl = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in row.items() if k != "source"} for row in from_jsonl] == \
-        [{k: v for k, v in row.items() if k != "source"} for row in written]
+    assert [flat_row("", {k: v for k, v in row.items() if k != "source"}) for row in from_jsonl] == \
+        [{**row, "source": ""} for row in written]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -121,7 +124,7 @@ def test_bad_columns_are_one_line_errors_before_the_model_runs(model_dir, text_t
 def test_classify_out_refuses_a_bad_path_before_the_model_runs(text_task, tmp_path):
     result = run("classify", "--pack", tmp_path / "none.safetensors", "--model", "unused", "--data", text_task[1],
                  "--out", tmp_path / "out.csv", ok=False)
-    assert "out.csv: unknown results format '.csv'" in result.output
+    assert "out.csv: unknown output format '.csv'" in result.output
     (tmp_path / "out.jsonl").write_text("keep me\n")
     result = run("classify", "--pack", tmp_path / "none.safetensors", "--model", "unused", "--data", text_task[1],
                  "--out", tmp_path / "out.jsonl", ok=False)

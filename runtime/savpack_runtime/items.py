@@ -4,6 +4,7 @@ runtime (savpack-run classify).
 Formats: JSONL (one object per line), a JSON list of objects, CSV/TSV with a header row, Parquet (extra `parquet`),
 a Hugging Face dataset (extra `datasets`: a folder written by `save_to_disk`, or `hf:NAME[:CONFIG][:SPLIT]` from the
 hub where the network allows), or a folder `root/<label>/<file>` (an image, a video or a .txt file per example).
+Sources name each example: "file:line" (JSONL, CSV), "file[index]" (JSON list, Parquet row, dataset row, 0-based).
 Field names follow the official SAVs data: `text` or `question`, `image` or `images` (paths relative to the data
 file; in Parquet and datasets also encoded image bytes, or `{"bytes", "path"}` as the `datasets` Image feature stores
 them), `video` or `videos`, `label` (a string; a `datasets` ClassLabel gives its names). `Fields` maps other column
@@ -27,7 +28,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import DataError, MissingExtraError, SavpackWarning
 from .files import file_sha256
@@ -41,6 +42,7 @@ TEXT_SUFFIXES = (".txt",)
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_BATCH_ROWS = 4096  # rows decoded at a time: memory follows the batch, not the file
 HUB_PREFIX = "hf:"
 # Files a `datasets` save_to_disk folder holds (a Dataset), or its DatasetDict parent.
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
@@ -177,7 +179,7 @@ def _read_path(path: Path, videos: bool, fields: Fields) -> list[Example]:
     if suffix in (".csv", ".tsv"):
         return _read_records(path.parent, _csv_records(path), videos, fields, path)
     if suffix in PARQUET_SUFFIXES:
-        return _read_records(path.parent, _parquet_records(path, fields), videos, fields, path)
+        return _read_records(path.parent, parquet_records(str(path), path, fields), videos, fields, path)
     raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet, a saved "
                     "Hugging Face dataset folder, hf:NAME[:CONFIG][:SPLIT] or a folder root/<label>/<file>")
 
@@ -195,21 +197,37 @@ def _optional(module: str, extra: str, purpose: str):
 # -- columnar data: Parquet and Hugging Face datasets ----------------------------------------------------------------
 
 
-def _parquet_records(path: Path, fields: Fields) -> Iterator[tuple[str, Any]]:
-    parquet = _optional("pyarrow.parquet", "parquet", "reading Parquet")
+def parquet_records(handle: Any, name: object, fields: Fields = DEFAULT_FIELDS) -> Iterator[tuple[str, Any]]:
+    """("name[row]", record) per row of a Parquet file (a path or a random-access file), a batch of rows at a time;
+    only the columns an item is made of are decoded. A ClassLabel label column (as `datasets` writes it) gives names."""
+    parquet = require_pyarrow_parquet()
     try:
-        schema = parquet.read_schema(path)
-        columns = _wanted_columns(path, schema.names, fields)
-        table = parquet.read_table(path, columns=columns)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid and ArrowIOError derive from these
-        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
-    features = {}
-    if schema.metadata and b"huggingface" in schema.metadata:  # what `datasets` writes: ClassLabel names among it
-        try:
-            features = json.loads(schema.metadata[b"huggingface"]).get("info", {}).get("features", {}) or {}
-        except (ValueError, AttributeError):
-            features = {}
-    yield from _table_records(str(path), table, features, fields)
+        reader = parquet.ParquetFile(handle)
+        schema = reader.schema_arrow
+        columns = _wanted_columns(name, schema.names, fields)
+        names = _class_names(_parquet_features(schema.metadata), fields, schema.names)
+        row = 0
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for record in batch.to_pylist():
+                yield _with_class_name(f"{name}[{row}]", record, names)
+                row += 1
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError, ...) on a broken or foreign file
+        raise DataError(f"{name}: cannot read as Parquet: {exc}") from None
+
+
+def require_pyarrow_parquet():
+    """pyarrow.parquet, or a one-line error naming the extra that installs it."""
+    return _optional("pyarrow.parquet", "parquet", "Parquet")
+
+
+def _parquet_features(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """The `datasets` features a Parquet file's metadata carries (its ClassLabel names among them), else {}."""
+    try:
+        return json.loads((metadata or {})[b"huggingface"])["info"]["features"] or {}
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -272,33 +290,51 @@ def _wanted_columns(where: object, names: list[str], fields: Fields) -> list[str
 
 
 def _table_records(where: str, table: Any, features: dict[str, Any], fields: Fields) -> Iterator[tuple[str, Any]]:
-    """(source, record) per row of an arrow table; a ClassLabel label column gives its names (-1: no label)."""
-    label_column = next((name for name in fields.names("label") if name in table.column_names), None)
-    feature = features.get(label_column) if label_column else None
-    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    """(source, record) per row of an arrow table."""
+    names = _class_names(features, fields, table.column_names)
     for index, record in enumerate(table.to_pylist()):
-        source = f"{where}[{index}]"
-        if names is not None and isinstance(record.get(label_column), int):
-            value = record[label_column]
+        yield _with_class_name(f"{where}[{index}]", record, names)
+
+
+def _class_names(features: dict[str, Any], fields: Fields, columns: list[str]) -> tuple[str, list[str]] | None:
+    """(label column, its class names) when the label column is a `datasets` ClassLabel, else None."""
+    column = next((name for name in fields.names("label") if name in columns), None)
+    feature = features.get(column) if column else None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
+        return column, feature["names"]
+    return None
+
+
+def _with_class_name(source: str, record: dict[str, Any], names: tuple[str, list[str]] | None) -> tuple[str, Any]:
+    """The record with a ClassLabel id replaced by its name (-1, the `datasets` mark of "no label": none)."""
+    if names is not None:
+        column, classes = names
+        value = record.get(column)
+        if isinstance(value, int) and not isinstance(value, bool):
             if value == -1:
-                record[label_column] = None
-            elif 0 <= value < len(names):
-                record[label_column] = names[value]
+                record[column] = None
+            elif 0 <= value < len(classes):
+                record[column] = classes[value]
             else:
-                raise DataError(f"{source}: field {label_column!r}: class id {value} is outside the ClassLabel's {len(names)} names")
-        yield source, record
+                raise DataError(f"{source}: field {column!r}: class id {value} is outside the ClassLabel's {len(classes)} names")
+    return source, record
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno})") from None
-            yield f"{path}:{number}", record
+        yield from jsonl_records(handle, path)
+
+
+def jsonl_records(lines: Iterable[str], name: object) -> Iterator[tuple[str, Any]]:
+    """("name:line", record) per non-empty line of JSONL text (a file named `name`)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno})") from None
+        yield f"{name}:{number}", record
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -346,7 +382,7 @@ def _read_records(base: Path, records: Iterator[tuple[str, Any]], videos: bool, 
     return [_example_from_record(base, source, record, videos, fields) for source, record in records]
 
 
-def _example_from_record(base: Path, source: str, record: object, videos_allowed: bool,
+def _example_from_record(base: Path | None, source: str, record: object, videos_allowed: bool,
                          fields: Fields = DEFAULT_FIELDS) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{source}: expected an object with fields text/question, image/images, label; got {type(record).__name__}")
@@ -381,9 +417,10 @@ def _example_from_record(base: Path, source: str, record: object, videos_allowed
     return example
 
 
-def _paths(base: Path, source: str, record: dict, fields: tuple[str, ...], kind: str) -> tuple[str | ImageBytes, ...]:
+def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, ...], kind: str) -> tuple[str | ImageBytes, ...]:
     """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths); images
-    may also be encoded bytes, or the `datasets` Image feature's {"bytes", "path"} (bytes win when both are given)."""
+    may also be encoded bytes, or the `datasets` Image feature's {"bytes", "path"} (bytes win when both are given).
+    base None: the data file is remote, and only absolute paths can be resolved."""
     field = next((name for name in fields if record.get(name) not in (None, "", [])), None)
     paths = record[field] if field else []
     if not isinstance(paths, list):
@@ -399,6 +436,9 @@ def _paths(base: Path, source: str, record: dict, fields: tuple[str, ...], kind:
         if isinstance(path, bytes):
             resolved.append(ImageBytes(path, f"{source}: field {field!r}" + (f"[{number}]" if len(paths) > 1 else "")))
             continue
+        if base is None and not Path(path).is_absolute():
+            raise DataError(f"{source}: field {field!r}: {kind} path {path!r} is relative to a remote data file; give "
+                            "absolute paths that every worker can read")
         full = Path(path) if Path(path).is_absolute() else base / path
         if not full.is_file():
             raise DataError(f"{source}: field {field!r}: {kind} file {full} does not exist")
@@ -450,9 +490,18 @@ def _warn_about_labels(path: Path, examples: list[Example]) -> None:
 
 def read_items(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> list[tuple[str, dict[str, Any]]]:
     """The runtime's view of a data file: (source, {"text", "images"}) per item; labels optional, no videos, no markers."""
-    examples = load_examples(path, require_labels=False, videos=False, fields=fields)
-    interleaved = next((example for example in examples if example.interleaved), None)
-    if interleaved is not None:
-        raise DataError(f"{interleaved.source}: {IMAGE_MARKER} markers placing images inside the text are a builder "
+    return [(example.source, runtime_item(example))
+            for example in load_examples(path, require_labels=False, videos=False, fields=fields)]
+
+
+def item_from_record(record: object, source: str, base: Path | None, fields: Fields = DEFAULT_FIELDS) -> dict[str, Any]:
+    """The runtime's view of one record (what read_items gives per item), for readers that go record by record (the
+    Ray engine's read tasks). base: the data file's folder, None for a remote file."""
+    return runtime_item(_example_from_record(base, source, record, videos_allowed=False, fields=fields))
+
+
+def runtime_item(example: Example) -> dict[str, Any]:
+    if example.interleaved:
+        raise DataError(f"{example.source}: {IMAGE_MARKER} markers placing images inside the text are a builder "
                         "feature (savpack classify); the runtime's prompt puts the images before the text")
-    return [(example.source, {"text": example.text, "images": list(example.images)}) for example in examples]
+    return {"text": example.text, "images": list(example.images)}

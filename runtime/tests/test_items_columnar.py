@@ -1,5 +1,5 @@
 """The data people have: Parquet files and Hugging Face datasets (saved folders, the hub), image columns as bytes or
-paths, column mapping, and the one result writer (JSONL or Parquet). Same examples, same named errors as JSONL."""
+paths, column mapping. Same examples, same named errors as JSONL."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 from PIL import Image
 
 from savpack_runtime.cli import main
-from savpack_runtime.errors import DataError, MissingExtraError, OutputPathError
+from savpack_runtime.errors import DataError, MissingExtraError
 from savpack_runtime.images import ImageBytes, load_image
 from savpack_runtime.items import Fields, load_examples, read_items
-from savpack_runtime.output import result_rows, write_results
 
 import golden
 
@@ -127,7 +126,7 @@ def test_bad_columns_get_named_errors(tmp_path, columns, fields, message):
 
 def test_bad_files_and_mappings_get_named_errors(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(DataError, match=r"broken.parquet: not a readable Parquet file"):
+    with pytest.raises(DataError, match=r"broken.parquet: cannot read as Parquet"):
         load_examples(tmp_path / "broken.parquet")
     jsonl = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     with pytest.raises(DataError, match=r"d.jsonl: no item has field 'sentence' \(--text-field\); its fields: label, text"):
@@ -144,7 +143,7 @@ def test_bad_files_and_mappings_get_named_errors(tmp_path):
 def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch):
     path = write_parquet(tmp_path / "d.parquet", {"text": ["a"]})
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now fails as if pyarrow were not installed
-    with pytest.raises(MissingExtraError, match=r"^reading Parquet needs pyarrow: pip install 'savpack-runtime\[parquet\]' "
+    with pytest.raises(MissingExtraError, match=r"^Parquet needs pyarrow: pip install 'savpack-runtime\[parquet\]' "
                                                 r"\(or 'savpack\[parquet\]' with the builder\)$"):
         load_examples(path)
     monkeypatch.setitem(sys.modules, "datasets", None)
@@ -191,20 +190,6 @@ def test_a_hub_dataset_offline_is_one_clear_error(monkeypatch):
         load_examples("hf:savpack-tests/nothing-here:train")
     with pytest.raises(DataError, match=r"hf:a:b:c:d: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"):
         load_examples("hf:a:b:c:d")
-
-
-def test_result_writer_jsonl_and_parquet_hold_one_row_per_input(tmp_path):
-    records = [{"label": "warm", "votes": {"cold": 1, "warm": 3}, "shares": {"cold": 0.25, "warm": 0.75}},
-               {"label": "cold", "votes": {"cold": 4, "warm": 0}, "shares": {"cold": 1.0, "warm": 0.0}}]
-    rows = result_rows(["d.jsonl:1", "d.jsonl:2"], records)
-    write_results(tmp_path / "out.jsonl", rows)
-    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == rows
-    write_results(tmp_path / "out.parquet", rows)
-    assert parquet.read_table(tmp_path / "out.parquet").to_pylist() == rows
-    with pytest.raises(OutputPathError, match="out.parquet: exists; pass --force"):
-        write_results(tmp_path / "out.parquet", rows)
-    with pytest.raises(OutputPathError, match=r"out.txt: unknown results format '.txt'; use .jsonl, .ndjson, .parquet, .pq"):
-        write_results(tmp_path / "out.txt", rows)
 
 
 def test_runtime_cli_classifies_parquet_with_mapped_columns_like_jsonl(tmp_path, capsys):
