@@ -58,7 +58,8 @@ def _classify_on_ray(args: argparse.Namespace) -> None:
     options = ray_engine.RayOptions(address=args.address, workers=args.workers, batch_size=args.batch_size,
                                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                                     providers=args.providers, threads=args.threads)
-    summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force)
+    summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force,
+                                          fields=Fields(args.text_field, args.image_field, args.label_field))
     print(f"wrote {args.out}: {summary['rows']} rows in {summary['seconds']:.1f} s "
           f"({summary['rows_per_second']:,.0f} rows/s, {options.workers} workers; first rows after "
           f"{summary['first_rows_seconds']:.1f} s)", file=sys.stderr)

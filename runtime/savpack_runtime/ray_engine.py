@@ -31,7 +31,8 @@ from ray.data.datasource import FileBasedDatasource
 from .bundle import Bundle
 from .classifier import Classifier
 from .errors import DataError, InputError, SavpackError
-from .items import JSONL_SUFFIXES, PARQUET_SUFFIXES, item_from_record, jsonl_records, parquet_records
+from .images import ImageBytes
+from .items import DEFAULT_FIELDS, JSONL_SUFFIXES, PARQUET_SUFFIXES, Fields, item_from_record, jsonl_records, parquet_records
 from .output import check_output, write_results
 
 # Rows per block a read task yields: reading streams (workers start before a file is read), each block is a task an
@@ -59,7 +60,7 @@ class ClassifyActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         sources = batch.column("source").to_pylist()
-        items = [{"text": text, "images": images}
+        items = [{"text": text, "images": [_image(image) for image in images]}
                  for text, images in zip(batch.column("text").to_pylist(), batch.column("images").to_pylist())]
         try:
             results = self.classifier.classify_batch(items)
@@ -85,7 +86,8 @@ def _name_the_item(classifier: Classifier, sources: list[str], items: list[dict[
 class ItemsDatasource(FileBasedDatasource):
     """JSONL or Parquet files as rows (source, text, images): the runtime's item reader, inside Ray's read tasks."""
 
-    def __init__(self, paths: Sequence[str], **kwargs: Any):
+    def __init__(self, paths: Sequence[str], fields: Fields = DEFAULT_FIELDS, **kwargs: Any):
+        self._fields = fields
         self._user_names = [_resolved_prefix(path) for path in paths]  # (what Ray reads, what the user wrote)
         # Local paths absolute: the read tasks of a running cluster do not share the driver's working folder.
         super().__init__([path if "://" in path else resolved for (resolved, _), path in zip(self._user_names, paths)], **kwargs)
@@ -104,7 +106,7 @@ class ItemsDatasource(FileBasedDatasource):
         folder = Path(path).parent if self._local else None
         suffix = Path(path).suffix.lower()
         if suffix in PARQUET_SUFFIXES:
-            records = parquet_records(f, name)
+            records = parquet_records(f, name, self._fields)
         elif suffix in JSONL_SUFFIXES:
             try:
                 records = jsonl_records(f.readall().decode("utf-8").splitlines(), name)
@@ -114,7 +116,7 @@ class ItemsDatasource(FileBasedDatasource):
             raise DataError(f"{name}: --engine ray reads .jsonl and .parquet files, not {suffix or 'files without a suffix'}")
         block: list[tuple[str, dict[str, Any]]] = []
         for source, record in records:
-            block.append((source, item_from_record(record, source, folder)))
+            block.append((source, item_from_record(record, source, folder, self._fields)))
             if len(block) == BLOCK_ROWS:
                 yield _rows_table(block)
                 block = []
@@ -139,12 +141,22 @@ def _resolved_prefix(path: str) -> tuple[str, str]:
     return os.path.abspath(path), path
 
 
+# An image travels as a file path, or as its encoded bytes (a Parquet cell) with the name messages give it.
+IMAGE_TYPE = pa.struct([("path", pa.string()), ("data", pa.binary())])
+
+
 def _rows_table(rows: list[tuple[str, dict[str, Any]]]) -> pa.Table:
+    images = [[{"path": str(image), "data": image.data if isinstance(image, ImageBytes) else None} for image in item["images"]]
+              for _, item in rows]
     return pa.table({
         "source": pa.array([source for source, _ in rows], pa.string()),
         "text": pa.array([item["text"] for _, item in rows], pa.string()),
-        "images": pa.array([item["images"] for _, item in rows], pa.list_(pa.string())),
+        "images": pa.array(images, pa.list_(IMAGE_TYPE)),
     })
+
+
+def _image(cell: dict[str, Any]) -> str | ImageBytes:
+    return cell["path"] if cell["data"] is None else ImageBytes(cell["data"], cell["path"])
 
 
 class Progress:
@@ -197,7 +209,8 @@ def connect(options: RayOptions) -> bool:
 
 
 def classify_dataset(bundle: str | os.PathLike, data: Sequence[str], options: RayOptions,
-                     on_rows: Callable[[int], None] | None = None) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+                     on_rows: Callable[[int], None] | None = None,
+                     fields: Fields = DEFAULT_FIELDS) -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """Batches of (source, record), in input order, classified on Ray. Ray must be initialised (see `connect`)."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # output rows in input order, as the single-process run writes
@@ -205,7 +218,7 @@ def classify_dataset(bundle: str | os.PathLike, data: Sequence[str], options: Ra
     bundle = str(Path(bundle).resolve())  # actors may run in another working directory
     # Read tasks reserve no CPU: the actors may hold every CPU of a small cluster, and a read task waiting for one
     # would stall the run.
-    dataset = ray.data.read_datasource(ItemsDatasource(data), num_cpus=0)
+    dataset = ray.data.read_datasource(ItemsDatasource(data, fields), num_cpus=0)
     classified = dataset.map_batches(
         ClassifyActor,
         fn_constructor_kwargs={"bundle": bundle, "providers": options.providers,
@@ -233,7 +246,7 @@ def classify_dataset(bundle: str | os.PathLike, data: Sequence[str], options: Ra
 
 def classify_to_file(bundle: str | os.PathLike, data: Sequence[str], out: str | os.PathLike, options: RayOptions,
                      force: bool = False, progress: Progress | None = None,
-                     on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
+                     on_rows: Callable[[int], None] | None = None, fields: Fields = DEFAULT_FIELDS) -> dict[str, Any]:
     """Classify every item of `data` on Ray and write one row per item to `out`; returns a summary."""
     Bundle.load(bundle)  # a broken bundle fails here, before Ray starts
     check_output(out, force)
@@ -252,7 +265,7 @@ def classify_to_file(bundle: str | os.PathLike, data: Sequence[str], out: str | 
             on_rows(rows)
 
     with session(options):
-        rows = write_results(out, classify_dataset(bundle, data, options, counted), force)
+        rows = write_results(out, classify_dataset(bundle, data, options, counted, fields), force)
     progress.close()
     seconds = time.perf_counter() - started
     # seconds: from Ray's start (or connection) to the last row written; first_rows_seconds: until the first rows came

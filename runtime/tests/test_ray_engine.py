@@ -89,6 +89,29 @@ def test_parquet_input_named_by_row(ray_cluster, tmp_path, capsys):
     assert got.to_pylist() == pq.read_table(single).to_pylist()
 
 
+def test_image_bytes_in_parquet_and_a_column_mapping(ray_cluster, tmp_path, capsys):
+    folder = golden.case_dir("qwen2_vl")
+    records = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+    single_image = [record for record in records if len(record["images"]) == 1]
+    data = tmp_path / "photos.parquet"
+    pq.write_table(pa.table({
+        "prompt": [record["text"] for record in single_image] * 3,
+        # as the `datasets` Image feature stores them: encoded bytes, no path
+        "photo": [{"bytes": (folder / record["images"][0]).read_bytes(), "path": None} for record in single_image] * 3,
+    }), data)
+    mapping = ["--text-field", "prompt", "--image-field", "photo"]
+    single, on_ray = tmp_path / "single.parquet", tmp_path / "ray.parquet"
+    assert main(["classify", str(golden.bundle_dir("qwen2_vl")), "--data", str(data), "--out", str(single), *mapping]) == 0
+    code, err = run(["classify", str(golden.bundle_dir("qwen2_vl")), "--data", str(data), "--out", str(on_ray),
+                     "--engine", "ray", "--batch-size", "2", *mapping], capsys)
+    assert code == 0, err
+    got = pq.read_table(on_ray).to_pylist()
+    assert got == pq.read_table(single).to_pylist() and len(got) == 3 * len(single_image)
+    expected = golden.expected("qwen2_vl")["packs"]["colour"]["labels"]
+    assert [row["label"] for row in got[:len(single_image)]] == [label for label, record in zip(expected, records)
+                                                                 if len(record["images"]) == 1]
+
+
 def test_a_folder_of_jsonl_and_parquet_files(ray_cluster, tmp_path, capsys):
     folder = tmp_path / "data"
     folder.mkdir()
