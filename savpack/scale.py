@@ -25,7 +25,7 @@ import ray.data
 
 from savpack_runtime.errors import OutputPathError
 from savpack_runtime.items import Example
-from savpack_runtime.ray_engine import Progress, RayOptions, session
+from savpack_runtime.ray_engine import IMAGE_TYPE, Progress, RayOptions, image_cells, image_from_cell, session
 
 from .errors import DataError
 
@@ -48,8 +48,8 @@ class ExtractActor:
         from .pipeline import extract_activations
 
         rows = batch.to_pylist()
-        examples = [Example(text=row["text"], images=tuple(row["images"]), label=row["label"], source=row["source"],
-                            videos=tuple(row["videos"])) for row in rows]
+        examples = [Example(text=row["text"], images=tuple(image_from_cell(cell) for cell in row["images"]),
+                            label=row["label"], source=row["source"], videos=tuple(row["videos"])) for row in rows]
         try:
             shard = extract_activations(self.loaded, examples, progress=False, **self.extract_options).to_bytes()
         except DataError as exc:
@@ -72,12 +72,11 @@ def extract_to_shards(examples: Sequence[Example], out: str | os.PathLike, model
     partial = out.parent / f".{out.name}.{secrets.token_hex(6)}.partial"
     progress = progress or Progress(verb="extracted")
     started = time.perf_counter()
-    absolute = lambda paths: [os.path.abspath(path) for path in paths]  # noqa: E731  (actors may run elsewhere)
     table = pa.table({
-        "text": [example.text for example in examples], "images": [absolute(example.images) for example in examples],
-        "videos": [absolute(example.videos) for example in examples], "label": [example.label for example in examples],
-        "source": [example.source for example in examples],
-    }, schema=pa.schema([("text", pa.string()), ("images", pa.list_(pa.string())), ("videos", pa.list_(pa.string())),
+        "text": [example.text for example in examples], "images": [image_cells(example.images) for example in examples],
+        "videos": [[os.path.abspath(path) for path in example.videos] for example in examples],
+        "label": [example.label for example in examples], "source": [example.source for example in examples],
+    }, schema=pa.schema([("text", pa.string()), ("images", pa.list_(IMAGE_TYPE)), ("videos", pa.list_(pa.string())),
                          ("label", pa.string()), ("source", pa.string())]))
     shards = 0
     partial.mkdir()

@@ -60,7 +60,7 @@ class ClassifyActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         sources = batch.column("source").to_pylist()
-        items = [{"text": text, "images": [_image(image) for image in images]}
+        items = [{"text": text, "images": [image_from_cell(image) for image in images]}
                  for text, images in zip(batch.column("text").to_pylist(), batch.column("images").to_pylist())]
         try:
             results = self.classifier.classify_batch(items)
@@ -145,18 +145,22 @@ def _resolved_prefix(path: str) -> tuple[str, str]:
 IMAGE_TYPE = pa.struct([("path", pa.string()), ("data", pa.binary())])
 
 
+def image_cells(images: Sequence[str | ImageBytes]) -> list[dict[str, Any]]:
+    """Images as IMAGE_TYPE cells; local paths made absolute (actors may run in another working folder)."""
+    return [{"path": image.name, "data": image.data} if isinstance(image, ImageBytes)
+            else {"path": image if "://" in str(image) else os.path.abspath(image), "data": None} for image in images]
+
+
+def image_from_cell(cell: dict[str, Any]) -> str | ImageBytes:
+    return cell["path"] if cell["data"] is None else ImageBytes(cell["data"], cell["path"])
+
+
 def _rows_table(rows: list[tuple[str, dict[str, Any]]]) -> pa.Table:
-    images = [[{"path": str(image), "data": image.data if isinstance(image, ImageBytes) else None} for image in item["images"]]
-              for _, item in rows]
     return pa.table({
         "source": pa.array([source for source, _ in rows], pa.string()),
         "text": pa.array([item["text"] for _, item in rows], pa.string()),
-        "images": pa.array(images, pa.list_(IMAGE_TYPE)),
+        "images": pa.array([image_cells(item["images"]) for _, item in rows], pa.list_(IMAGE_TYPE)),
     })
-
-
-def _image(cell: dict[str, Any]) -> str | ImageBytes:
-    return cell["path"] if cell["data"] is None else ImageBytes(cell["data"], cell["path"])
 
 
 class Progress:
