@@ -25,7 +25,8 @@ import ray.data
 
 from savpack_runtime.errors import OutputPathError
 from savpack_runtime.items import Example
-from savpack_runtime.ray_engine import IMAGE_TYPE, Progress, RayOptions, image_cells, image_from_cell, session
+from savpack_runtime.ray_engine import (IMAGE_TYPE, Progress, RayOptions, image_cells, image_from_cell, pipeline_context,
+                                        session)
 
 from .errors import DataError
 
@@ -81,10 +82,7 @@ def extract_to_shards(examples: Sequence[Example], out: str | os.PathLike, model
     shards = 0
     partial.mkdir()
     try:
-        with session(options):
-            context = ray.data.DataContext.get_current()
-            context.execution_options.preserve_order = True  # shards in input order: the joined set is in input order
-            context.enable_progress_bars = False
+        with session(options), pipeline_context():  # shards in input order: the joined set is in input order
             # One block per shard: each is a task an idle actor can take (one block would keep one actor busy).
             blocks = [table.slice(start, shard_size) for start in range(0, table.num_rows, shard_size)]
             dataset = ray.data.from_arrow(blocks).map_batches(

@@ -102,9 +102,6 @@ def _check_classify_options(parser: argparse.ArgumentParser, args: argparse.Name
     given = [name for name, value in ray_only.items() if value is not None]
     if args.engine != "ray" and given:
         parser.error(f"{', '.join(given)} go(es) with --engine ray")
-    mapped = [option for role, option in Fields.OPTIONS.items() if getattr(args, f"{role}_field")]
-    if args.engine == "ray" and mapped:
-        parser.error(f"{', '.join(mapped)}: the Ray engine reads the default column names (text/question, image/images)")
     args.workers = 2 if args.workers is None else args.workers
     args.cpus_per_worker = 1.0 if args.cpus_per_worker is None else args.cpus_per_worker
     args.gpus_per_worker = 0.0 if args.gpus_per_worker is None else args.gpus_per_worker

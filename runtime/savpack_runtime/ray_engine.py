@@ -38,6 +38,10 @@ from .output import check_output, write_results
 # Rows per block a read task yields: reading streams (workers start before a file is read), each block is a task an
 # idle actor can take, and a batch retried after a worker died redoes at most one block.
 BLOCK_ROWS = 1024
+BLOCK_BYTES = 256 * 1024
+# Rows per actor call, in forwards of --batch-size items: the Classifier sorts a call's rows by token count before it
+# batches them (less padding, as the single-process command sorts all its items), and Ray's cost per call is shared.
+FORWARDS_PER_CALL = 16
 ACTOR_NAME = "ClassifyActor"  # part of the worker processes' titles: ray::MapWorker(MapBatches(ClassifyActor))
 
 
@@ -212,38 +216,52 @@ def connect(options: RayOptions) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def pipeline_context() -> Iterator[ray.data.DataContext]:
+    """Ray Data settings for savpack's pipelines, restored after (the caller's own Ray Data work keeps its own)."""
+    context = ray.data.DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars, context.target_max_block_size)
+    context.execution_options.preserve_order = True  # output rows in input order, as the single-process run writes
+    context.enable_progress_bars = False  # ours counts rows; Ray's per-operator bars would interleave with it
+    # Ray coalesces a read task's output up to 128 MiB per block: a 100,000-line file became one block, and no actor
+    # started before the file was read (76 s on this machine); blocks of BLOCK_BYTES stream (first rows after 15 s).
+    context.target_max_block_size = BLOCK_BYTES
+    try:
+        yield context
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars, context.target_max_block_size = saved
+
+
 def classify_dataset(bundle: str | os.PathLike, data: Sequence[str], options: RayOptions,
                      on_rows: Callable[[int], None] | None = None,
                      fields: Fields = DEFAULT_FIELDS) -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """Batches of (source, record), in input order, classified on Ray. Ray must be initialised (see `connect`)."""
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # output rows in input order, as the single-process run writes
-    context.enable_progress_bars = False  # ours counts rows; Ray's per-operator bars would interleave with it
     bundle = str(Path(bundle).resolve())  # actors may run in another working directory
-    # Read tasks reserve no CPU: the actors may hold every CPU of a small cluster, and a read task waiting for one
-    # would stall the run.
-    dataset = ray.data.read_datasource(ItemsDatasource(data, fields), num_cpus=0)
-    classified = dataset.map_batches(
-        ClassifyActor,
-        fn_constructor_kwargs={"bundle": bundle, "providers": options.providers,
-                               "threads": options.threads or max(1, int(options.cpus_per_worker)),
-                               "batch_size": options.batch_size},
-        batch_size=options.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=options.workers),
-        num_cpus=options.cpus_per_worker,
-        num_gpus=options.gpus_per_worker or None,
-    )
     total = 0
-    for batch in classified.iter_batches(batch_format="pyarrow", batch_size=None):
-        errors = [error for error in batch.column("error").to_pylist() if error]
-        if errors:
-            raise InputError(errors[0])
-        rows = list(zip(batch.column("source").to_pylist(), map(json.loads, batch.column("record").to_pylist())))
-        total += len(rows)
-        if on_rows is not None:
-            on_rows(len(rows))
-        yield rows
+    with pipeline_context():
+        # Read tasks reserve no CPU: the actors may hold every CPU of a small cluster, and a read task waiting for one
+        # would stall the run.
+        dataset = ray.data.read_datasource(ItemsDatasource(data, fields), num_cpus=0)
+        classified = dataset.map_batches(
+            ClassifyActor,
+            fn_constructor_kwargs={"bundle": bundle, "providers": options.providers,
+                                   "threads": options.threads or max(1, int(options.cpus_per_worker)),
+                                   "batch_size": options.batch_size},
+            batch_size=options.batch_size * FORWARDS_PER_CALL,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=options.workers),
+            num_cpus=options.cpus_per_worker,
+            num_gpus=options.gpus_per_worker or None,
+        )
+        for batch in classified.iter_batches(batch_format="pyarrow", batch_size=None):
+            errors = [error for error in batch.column("error").to_pylist() if error]
+            if errors:
+                raise InputError(errors[0])
+            rows = list(zip(batch.column("source").to_pylist(), map(json.loads, batch.column("record").to_pylist())))
+            total += len(rows)
+            if on_rows is not None:
+                on_rows(len(rows))
+            yield rows
     if not total:
         raise InputError(f"{', '.join(data)}: holds no items")
 
