@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -54,6 +54,15 @@ class Result:
         if len(self.by_pack) > 1:
             record["packs"] = {name: result.to_dict() for name, result in self.by_pack.items()}
         return record
+
+    def select(self, packs: Sequence[str]) -> "Result":
+        """This result as a bundle holding only `packs` would give it: the first named pack's result on top."""
+        unknown = [name for name in packs if name not in self.by_pack]
+        if not packs or unknown:
+            raise InputError(f"packs {unknown or list(packs)} are not in this bundle; it holds {list(self.by_pack)}")
+        by_pack = {name: self.by_pack[name] for name in packs}
+        first = by_pack[packs[0]]
+        return replace(self, **{item.name: getattr(first, item.name) for item in fields(first)}, by_pack=by_pack)
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ class Classifier:
 
     def classify_batch(self, items: Iterable[Any], batch_size: int | None = None) -> list[Result]:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
-        items = [self._item(item, index) for index, item in enumerate(items)]
+        items = [self.check_item(item, index) for index, item in enumerate(items)]
         vectors = self.head_vectors(items, batch_size)
         results_by_pack = []
         for entry in self.bundle.packs:
@@ -151,7 +160,9 @@ class Classifier:
             vectors[batch] = self.session.run(feed)
         return vectors
 
-    def _item(self, item: Any, index: int) -> Item:
+    def check_item(self, item: Any, index: int = 0) -> Item:
+        """One item in any accepted form, as an Item that fits this bundle's prompt; InputError("item {index}: ...")
+        otherwise. Images are not opened here."""
         if isinstance(item, str):
             item = Item(item)
         elif isinstance(item, dict):

@@ -61,6 +61,14 @@ class InputError(SavpackError):
     """An item to classify is unusable: missing or broken image, empty text. The message names the file or field."""
 
 
+class InputSizeError(InputError):
+    """An item is too large to classify: a prompt longer than the model's context, an image over the pixel limit."""
+
+
+class ImageSizeError(InputSizeError):
+    """An image declares more pixels than the limit (a decompression bomb declares a huge size in a few bytes)."""
+
+
 class PreprocessSpecError(SavpackError):
     """A preprocessing spec (preprocess.json) or its tokenizer.json is missing, unreadable or invalid; the message
     names the file and the field."""
@@ -84,6 +92,10 @@ class BundleVersionError(BundleError):
 
 class GraphError(SavpackError):
     """An ONNX graph cannot be used: unreadable, non-standard operators, or onnxruntime refuses it."""
+
+
+class MissingExtraError(SavpackError):
+    """A feature needs an optional extra that is not installed; the message names the extra and the pip command."""
 
 
 class SavpackWarning(UserWarning):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import ImageSizeError, InputError
 
 # 8000 x 8000: far above what any vision tower resizes to, far below what would exhaust memory (a decompression
 # bomb declares a huge size in a few bytes).
@@ -19,14 +20,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 @contextmanager
-def _image_errors(path: Path):
-    """PIL's many failure types, as one InputError naming the file."""
+def _image_errors(path: object):
+    """PIL's many failure types, as one InputError naming the file (or the request field an image came in)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{path}: image refused as a decompression bomb: {exc}") from None
+        raise ImageSizeError(f"{path}: image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file PIL can read (empty, corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -42,16 +43,36 @@ def check_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> 
     if not path.is_file():
         raise InputError(f"{path}: image file does not exist")
     with _image_errors(path), Image.open(path) as opened:
-        width, height = opened.size
-    if width * height > max_pixels:
-        raise InputError(f"{path}: image declares {width}x{height} pixels, more than the limit of {max_pixels}")
-    return width, height
+        return _check_size(opened, path, max_pixels)
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file as 8-bit RGB, upright as its EXIF orientation says; transparency is laid on white."""
     check_image(path, max_pixels)  # before decoding: a bomb must not be decoded at all
-    with _image_errors(Path(path)), Image.open(path) as opened:
+    return _decode(path, Path(path), max_pixels)
+
+
+def check_image_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """check_image for an image held in memory (an upload); `name` names it in errors. Returns (width, height)."""
+    with _image_errors(name), Image.open(io.BytesIO(data)) as opened:
+        return _check_size(opened, name, max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """load_image for an image held in memory (an upload, a base64 string): the same checks and conversion."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _check_size(opened: Image.Image, name: object, max_pixels: int) -> tuple[int, int]:
+    width, height = opened.size
+    if width * height > max_pixels:
+        raise ImageSizeError(f"{name}: image declares {width}x{height} pixels, more than the limit of {max_pixels}")
+    return width, height
+
+
+def _decode(source: str | os.PathLike | io.BytesIO, name: object, max_pixels: int) -> Image.Image:
+    with _image_errors(name), Image.open(source) as opened:
+        _check_size(opened, name, max_pixels)  # from the header, before decoding: a bomb is never decoded
         opened.load()
         image = ImageOps.exif_transpose(opened)
     return to_rgb(image)
