@@ -23,7 +23,6 @@ from savpack_runtime.vote import classify_vectors, unit
 from .classifier import SavClassifier
 from .errors import BuildError
 from .extract import ActivationSet
-from .media import DEFAULT_VIDEO_FRAMES
 from .metrics import classification_report
 
 KNN_NEIGHBOURS = (1, 5)
@@ -337,7 +336,7 @@ def evaluate_with_baselines(loaded: Any, pack: Any, examples: Sequence[Any], tra
     if train is not None:
         check_training_activations(train, pack, loaded.model_metadata())
     test = extract_activations(loaded, kept, pack.prompt["template"], batch_size=batch_size, final_hidden=True,
-                               progress=progress, video_frames=pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES),
+                               progress=progress, video_frames=pack.video_frames,
                                token_position=pack.token_position)
     method = vote or pack.selection.get("vote", "majority")
     skipped: dict[str, str] = {}

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from savpack_runtime.errors import InputError, SavpackError
+from savpack_runtime.errors import DataError, SavpackError
 
-
-class DataError(InputError):
-    """A dataset, an item in it, or an image it names is unusable. The message names the file, line and field."""
+__all__ = ["BuildError", "DataError", "ExportError", "IdentityError", "MissingExtraError", "ModelError", "SharingError"]
 
 
 class ModelError(SavpackError):

@@ -165,7 +165,7 @@ def test_zero_shot_equals_softmax_over_label_logits_of_a_full_forward(family, lo
 def test_zero_shot_applies_gemma_soft_capping(tmp_path):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from savpack.fixtures import build_tokenizer
+    from savpack.testing import build_tokenizer
     from savpack.models import load_model
 
     tokenizer = build_tokenizer([], None, bos="<bos>")

@@ -133,6 +133,6 @@ def test_cli_build_inspect_classify_eval(name, model_dir, colour_task, text_task
 def model_dir_grid(model: str) -> tuple[int, int, int]:
     from transformers import AutoConfig
 
-    from savpack.models import _grid_of
+    from savpack.models import grid_of
 
-    return _grid_of(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)
+    return grid_of(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)

@@ -69,6 +69,10 @@ class ImageSizeError(InputSizeError):
     """An image declares more pixels than the limit (a decompression bomb declares a huge size in a few bytes)."""
 
 
+class DataError(InputError):
+    """A dataset, an item in it, or a file it names is unusable. The message names the file, line and field."""
+
+
 class PreprocessSpecError(SavpackError):
     """A preprocessing spec (preprocess.json) or its tokenizer.json is missing, unreadable or invalid; the message
     names the file and the field."""

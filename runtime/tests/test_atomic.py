@@ -79,3 +79,40 @@ def test_written_files_get_umask_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_staged_folder_appears_whole_or_not_at_all(tmp_path):
+    import os
+
+    import pytest
+
+    from savpack_runtime.errors import OutputPathError
+
+    target = tmp_path / "bundle"
+    with pytest.raises(RuntimeError, match="midway"):
+        with files.staged_folder(target) as work:
+            (work / "half.bin").write_bytes(b"x")
+            raise RuntimeError("midway")
+    assert list(tmp_path.iterdir()) == []  # nothing at the target, no staging folder left behind
+
+    previous = os.umask(0o022)
+    try:
+        with files.staged_folder(target) as work:
+            (work / "a.bin").write_bytes(b"first")
+    finally:
+        os.umask(previous)
+    assert [p.name for p in target.iterdir()] == ["a.bin"] and target.stat().st_mode & 0o777 == 0o755
+    with pytest.raises(OutputPathError, match="exists; pass --force"):
+        with files.staged_folder(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with files.staged_folder(target, force=True) as work:
+            raise RuntimeError("replacement fails")
+    assert (target / "a.bin").read_bytes() == b"first"  # the old folder stays when its replacement fails
+    with files.staged_folder(target, force=True) as work:
+        (work / "b.bin").write_bytes(b"second")
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"] and [p.name for p in target.iterdir()] == ["b.bin"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="exists and is not a folder"):
+        with files.staged_folder(tmp_path / "file", force=True):
+            pass

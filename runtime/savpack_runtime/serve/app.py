@@ -24,10 +24,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..classifier import Classifier, Item, Result
+from ..classifier import Classifier, Item
+from ..result import Result
 from ..errors import InputError, InputSizeError
 from ..images import check_image_bytes, load_image_bytes
-from .batching import Batcher, QueueFull, ShuttingDown
+from .batcher import Batcher, QueueFull, ShuttingDown
 from .openapi import openapi_document
 from .payload import (INTERNAL, MEDIA_TYPE, NOT_FOUND, OVERLOADED, TOO_LARGE, UNAVAILABLE, VALIDATION, ApiError,
                       ClassifyRequest, Limits, parse_form, parse_json)
