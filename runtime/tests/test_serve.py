@@ -192,6 +192,8 @@ BAD_REQUESTS = [
     ("packs empty", "qwen2", {"inputs": ["a"], "packs": []}, "application/json", 422, "packs: empty"),
     ("abstain_below a string", "qwen2", {"inputs": ["a"], "abstain_below": "high"}, "application/json", 422, "abstain_below: must be a number between 0 and 1"),
     ("abstain_below above 1", "qwen2", {"inputs": ["a"], "abstain_below": 1.5}, "application/json", 422, "abstain_below: must be a number between 0 and 1"),
+    ("abstain_below before calibration", "qwen2", {"inputs": ["a"], "abstain_below": 0.5}, "application/json", 422,
+     "abstain_below: this runtime cannot abstain yet"),
     ("corrupt base64", "qwen2_vl", {"inputs": [{"images": ["iVBORw0KGgo!!!"]}]}, "application/json", 422, "inputs[0].images[0]: not valid base64"),
     ("base64 of no image", "qwen2_vl", {"inputs": [{"images": ["aGVsbG8gd29ybGQ="]}]}, "application/json", 422,
      "inputs[0].images[0]: not an image file PIL can read"),
@@ -360,3 +362,18 @@ def test_serve_reports_a_busy_port(capsys):
     finally:
         taken.close()
     assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_the_service_imports_no_torch():
+    """The serve extra keeps the runtime's promise: a fresh interpreter builds the app without torch, transformers
+    or onnx."""
+    script = (
+        "import sys\n"
+        "from savpack_runtime import Classifier\n"
+        "from savpack_runtime.serve import create_app\n"
+        f"create_app(Classifier.load({str(golden.bundle_dir('qwen2'))!r}, threads=1))\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'transformers', 'onnx')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

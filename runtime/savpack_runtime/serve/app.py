@@ -96,8 +96,17 @@ class _Service:
 
     # -- classification ---------------------------------------------------------------------------------------------
 
-    def _run_batch(self, items: Sequence[Item]) -> list[Result]:
-        return self.classifier.classify_batch(items, batch_size=self.options.max_batch)
+    def _run_batch(self, requests: Sequence[tuple[Item, float | None]]) -> list[Result]:
+        """(item, abstain_below) pairs -> results in order: one classifier call per threshold in the batch (one call
+        when every request asks the same, as is usual)."""
+        results: list[Result | None] = [None] * len(requests)
+        for threshold in dict.fromkeys(threshold for _, threshold in requests):
+            rows = [row for row, (_, wanted) in enumerate(requests) if wanted == threshold]
+            options = {} if threshold is None else {"abstain_below": threshold}
+            answered = self.classifier.classify_batch([requests[row][0] for row in rows], batch_size=self.options.max_batch, **options)
+            for row, result in zip(rows, answered):
+                results[row] = result
+        return results
 
     def _observe_batch(self, items: int, seconds: float) -> None:
         self.batch_items.observe(items)
@@ -107,6 +116,10 @@ class _Service:
     async def classify(self, request: Request) -> Response:
         try:
             parsed = await self._parse(request)
+            if parsed.abstain_below is not None:
+                # The Classifier's abstention arrives with calibrated packs (issue 14); until then say so.
+                raise ApiError(VALIDATION, "abstain_below: this runtime cannot abstain yet (it needs calibrated packs, "
+                                           "savpack pack format 2); leave abstain_below out")
             items = [self._check_item(item, index) for index, item in enumerate(parsed.items)]
             has_images = any(item.images for item in items)
             # Image headers and pixels are read on a worker thread (PIL work must not stall the event loop).
@@ -115,7 +128,7 @@ class _Service:
                 if has_images:
                     decoded = await run_in_threadpool(self._decode_images, parsed)
                     items = [Item(item.text, tuple(pictures)) for item, pictures in zip(items, decoded)]
-                results = await self.batcher.submit(items)
+                results = await self.batcher.submit([(item, parsed.abstain_below) for item in items])
         except ApiError as exc:
             return _error(exc)
         except QueueFull as exc:
