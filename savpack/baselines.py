@@ -179,10 +179,10 @@ class LayerClassifier:
         self.inner_ = SavClassifier(k=self.n_layers, scoring=self.scoring, vote=self.vote).fit(layer_vectors(X), y)
         self.layers_ = self.inner_.heads_[:, 0].copy()
         self.layer_scores_ = self.inner_.all_head_scores_[:, 0].copy()
-        self.labels_ = self.inner_.labels_
+        self.classes_ = self.inner_.classes_
         return self
 
-    def predict(self, X: np.ndarray) -> list[str]:
+    def predict(self, X: np.ndarray) -> np.ndarray:
         return self.inner_.predict(layer_vectors(np.asarray(X, np.float32)))
 
 

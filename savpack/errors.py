@@ -15,8 +15,9 @@ class ExportError(SavpackError):
     """An ONNX export failed or its graph disagrees with the model."""
 
 
-class BuildError(SavpackError):
-    """Head selection cannot run with these settings (k, scoring, classes)."""
+class BuildError(SavpackError, ValueError):
+    """Head selection cannot run with these settings (k, scoring, vote) or this data (one class, bad shapes). A
+    ValueError too, as scikit-learn's conventions expect of an estimator's bad input."""
 
 
 class IdentityError(SavpackError):

@@ -98,6 +98,7 @@ def test_real_size_configs_have_the_published_sizes(name, parameters):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_one_small_run_measures_all_three_methods(tmp_path, model_dir, monkeypatch):
     """The benchmark's machinery end to end on the tiny text fixture: packs, bundle, three worker processes, the
     runtime returning the truncated path's head vectors, RSS and FLOPs recorded."""

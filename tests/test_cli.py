@@ -107,5 +107,10 @@ def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path):
     assert Pack.load(tmp_path / "colour.pack.safetensors").k == 20
 
 
-def test_version():
-    assert "savpack, version" in run("--version").output
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    import savpack
+
+    assert savpack.__version__ == version("savpack")  # the code's version is the one pip installed
+    assert run("--version").output == f"savpack, version {version('savpack')}\n"

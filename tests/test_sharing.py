@@ -310,6 +310,7 @@ def test_registry_lock_serialises_pushes(tmp_path):
     assert "1.0.0" in registry.read_index()["packs"]["team/words"]
 
 
+@pytest.mark.slow
 def test_concurrent_pushes_from_processes_lose_nothing(tmp_path):
     registry = tmp_path / "registry"  # created by whichever push comes first
     workers, per_worker = 4, 5
@@ -343,6 +344,7 @@ def test_references_are_parsed_or_refused_clearly():
 
 # -- the hub -------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hub_offline_mode_gives_a_clear_error_not_a_traceback(tmp_path):
     pack = write_pack(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}

@@ -97,6 +97,7 @@ def test_regenerating_gives_the_same_bytes(tmp_path):
         assert (tmp_path / name).read_bytes() == (GOLDEN / name).read_bytes(), f"{name} changed: run tools/make_golden_packs.py"
 
 
+@pytest.mark.slow
 def test_reading_golden_packs_needs_no_torch():
     import subprocess
 

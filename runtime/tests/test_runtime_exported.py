@@ -82,6 +82,7 @@ print(json.dumps({"banned": banned, "labels": labels, "onnxruntime": "onnxruntim
 """
 
 
+@pytest.mark.slow
 def test_runtime_never_imports_torch_transformers_or_onnx():
     """A fresh interpreter loads every golden bundle and classifies; torch, transformers and onnx stay unimported."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # where `golden` lives

@@ -265,6 +265,7 @@ def test_unreadable_files_are_refused_naming_the_file(tmp_path):
         Preprocessor.load(folder)
 
 
+@pytest.mark.slow
 def test_preprocessing_imports_neither_torch_nor_transformers(tmp_path):
     folder = write_bundle(tmp_path / "bundle", make_spec("llava_onevision"), make_tokenizer())
     script = (
