@@ -22,7 +22,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from measure import machine_description, rss, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = ROOT / "exported" / "bundles" / "qwen2" / "bundle"
@@ -48,19 +49,12 @@ def read_payloads(items: Path) -> list[bytes]:
     return bodies
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
 class Server:
     """`savpack-run serve` in a child process on 127.0.0.1, port 0; the address is read from its first line."""
 
     def __init__(self, bundle: Path, max_batch: int, max_wait_ms: float, max_queue: int, threads: int | None, start_seconds: float):
         command = [sys.executable, "-m", "savpack_runtime.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
-                   "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", str(max_queue),
+                   "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", str(max_queue), "--max-inputs", "1",
                    "--no-access-log", "--log-level", "warning"]
         if threads:
             command += ["--threads", str(threads)]
@@ -86,7 +80,7 @@ class Server:
         raise SystemExit(f"{self.url}/health did not answer 200 within {start_seconds} s")
 
     def rss(self) -> int:
-        return rss_bytes(self.process.pid)
+        return rss("VmRSS", self.process.pid)
 
     def batch_stats(self) -> tuple[float, float]:
         """(batches, items) so far, from /metrics."""
@@ -201,7 +195,7 @@ async def run_level(server: Server, payloads: list[bytes], concurrency: int, tot
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle folder (default: the golden qwen2 text bundle)")
     parser.add_argument("--items", type=Path, default=None, help="JSONL items to send (default: items.jsonl beside the bundle folder)")
@@ -217,40 +211,41 @@ def main() -> int:
     parser.add_argument("--start-seconds", type=float, default=120.0, help="seconds for a server to start (default 120)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    levels = [int(level) for level in args.levels.split(",")]
-    modes = args.modes.split(",")
-    if args.requests < 1 or any(level < 1 for level in levels) or set(modes) - {"batched", "unbatched"}:
+    args.levels = [int(level) for level in args.levels.split(",")]
+    args.modes = args.modes.split(",")
+    if args.requests < 1 or any(level < 1 for level in args.levels) or set(args.modes) - {"batched", "unbatched"}:
         parser.error("--requests and --levels must be >= 1; --modes holds batched and/or unbatched")
-    items = args.items or args.bundle.parent / "items.jsonl"
-    payloads = read_payloads(items)
-    load_average = os.getloadavg()
+    args.items = args.items or args.bundle.parent / "items.jsonl"
+    return args
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Every mode's server, every level against it; the machine's load average before anything ran."""
+    payloads = read_payloads(args.items)
+    load_average = os.getloadavg()
     runs = {}
-    for mode in modes:
+    for mode in args.modes:
         max_batch = args.max_batch if mode == "batched" else 1
         server = Server(args.bundle, max_batch, args.max_wait_ms, args.max_queue, args.threads, args.start_seconds)
         try:
             runs[mode] = {"max_batch": max_batch, "rss_start": server.rss(), "levels": []}
-            for level in levels:
+            for level in args.levels:
                 result = asyncio.run(run_level(server, payloads, level, args.requests, args.timeout, args.level_seconds))
                 runs[mode]["levels"].append(result)
                 print(f"{mode:>9} c={level:<4} {result['requests']:>6} requests {result['throughput_rps']:>8.1f}/s "
                       f"p50 {result['p50_ms']} ms  unexpected {result['unexpected']}", file=sys.stderr, flush=True)
         finally:
             runs[mode]["exit_code"] = server.stop()
+    return {
+        "tool": "tools/load_serve.py", "bundle": str(args.bundle), "items": str(args.items), "requests_per_level": args.requests,
+        "levels": args.levels, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue,
+        "threads": args.threads, "machine": machine_description(), "load_average_at_start": load_average, "runs": runs,
+    }
 
-    table = [("mode", "conc.", "requests", "2xx", "429", "other", "req/s", "p50 ms", "p95 ms", "p99 ms", "batch",
-              "RSS@1k MB", "RSS@10k MB", "growth")]
-    for mode, run in runs.items():
-        for level in run["levels"]:
-            rss = level["rss_after"]
-            table.append((mode, level["concurrency"], level["requests"], level["ok"], level["rejected_429"], level["unexpected"],
-                          f"{level['throughput_rps']:.1f}", level["p50_ms"], level["p95_ms"], level["p99_ms"], level["mean_batch_items"],
-                          f"{rss['1000'] / 2**20:.1f}" if "1000" in rss else "-", f"{rss['10000'] / 2**20:.1f}" if "10000" in rss else "-",
-                          f"{100 * level['rss_growth']:+.1f}%" if level["rss_growth"] is not None else "-"))
-    widths = [max(len(str(row[column])) for row in table) for column in range(len(table[0]))]
-    for row in table:
-        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
+
+def check(report: dict) -> None:
+    """The ratios and the acceptance checks of issue 16, added to the report."""
+    runs = report["runs"]
 
     def throughput(mode: str, level: int) -> float | None:
         found = [entry for entry in runs.get(mode, {}).get("levels", []) if entry["concurrency"] == level]
@@ -262,7 +257,7 @@ def main() -> int:
         checks["c32_batched_at_least_3x_c1"] = ratios["batched_c32_over_batched_c1"] >= 3
     if throughput("batched", 32) and throughput("unbatched", 1):
         ratios["batched_c32_over_unbatched_c1"] = round(throughput("batched", 32) / throughput("unbatched", 1), 2)
-    for level in levels:
+    for level in report["levels"]:
         if throughput("batched", level) and throughput("unbatched", level):
             ratios[f"batched_over_unbatched_c{level}"] = round(throughput("batched", level) / throughput("unbatched", level), 2)
     every_level = [level for run in runs.values() for level in run["levels"]]
@@ -271,25 +266,36 @@ def main() -> int:
     growths = [level["rss_growth"] for level in every_level if level["rss_growth"] is not None]
     if growths:
         checks["rss_growth_within_10_percent"] = all(abs(growth) <= 0.10 for growth in growths)
-    for name, value in ratios.items():
+    report["ratios"], report["checks"] = ratios, checks
+
+
+def print_table(report: dict) -> None:
+    table = [("mode", "conc.", "requests", "2xx", "429", "other", "req/s", "p50 ms", "p95 ms", "p99 ms", "batch",
+              "RSS@1k MB", "RSS@10k MB", "growth")]
+    for mode, run in report["runs"].items():
+        for level in run["levels"]:
+            rss_after = level["rss_after"]
+            table.append((mode, level["concurrency"], level["requests"], level["ok"], level["rejected_429"], level["unexpected"],
+                          f"{level['throughput_rps']:.1f}", level["p50_ms"], level["p95_ms"], level["p99_ms"], level["mean_batch_items"],
+                          *(f"{rss_after[str(at)] / 2**20:.1f}" if str(at) in rss_after else "-" for at in RSS_AT),
+                          f"{100 * level['rss_growth']:+.1f}%" if level["rss_growth"] is not None else "-"))
+    widths = [max(len(str(row[column])) for row in table) for column in range(len(table[0]))]
+    for row in table:
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
+    for name, value in report["ratios"].items():
         print(f"{name}: {value}x")
-    for name, passed in checks.items():
+    for name, passed in report["checks"].items():
         print(f"{name}: {'yes' if passed else 'NO'}")
 
+
+def main() -> int:
+    args = parse_args()
+    report = run(args)
+    check(report)
+    print_table(report)
     if args.out:
-        record = {
-            "tool": "tools/load_serve.py", "bundle": str(args.bundle), "items": str(items), "requests_per_level": args.requests,
-            "levels": levels, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue,
-            "threads": args.threads, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                 "load_average_at_start": load_average},
-            "runs": runs, "ratios": ratios, "checks": checks,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.out.with_name(args.out.name + ".tmp")
-        temporary.write_text(json.dumps(record, indent=2) + "\n")
-        temporary.replace(args.out)
-        print(f"wrote {args.out}")
-    return 0 if all(checks.values()) else 1
+        print(f"wrote {write_results(args.out, report)}")
+    return 0 if all(report["checks"].values()) else 1
 
 
 if __name__ == "__main__":
