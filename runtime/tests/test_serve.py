@@ -204,7 +204,8 @@ BAD_REQUESTS = [
      "inputs[0].images[0]: image refused as a decompression bomb"),
     ("image over the pixel limit", "qwen2_vl", {"inputs": [{"images": [base64.b64encode(LARGE).decode()]}]}, "application/json", 413,
      "inputs[0].images[0]: image declares 5000x5000 pixels, more than the limit of 16777216"),
-    ("oversized body", "qwen2", {"inputs": ["x" * 300_000]}, "application/json", 413, "more than this server's limit of 262144"),
+    ("oversized body", "qwen2", {"inputs": ["x" * 300_000]}, "application/json", 413,
+     "request body of 300016 bytes is more than this server's limit of 262144"),
     ("too many inputs", "qwen2", {"inputs": ["a"] * 33}, "application/json", 413, "inputs: 33 items, more than this server's limit of 32 per request"),
     ("too many images", "qwen2_vl", {"inputs": [{"images": [b64(PICTURE)] * 9}]}, "application/json", 413, "inputs[0].images: 9 images, more than this server's limit of 8"),
     ("prompt too long", "qwen2", {"inputs": ["word " * 5000]}, "application/json", 413, "item 0: prompt is"),
@@ -233,6 +234,21 @@ def test_bad_requests(servers, name, case, body, content_type, status, words):
     error = answer.json()
     assert words in error["error"], error
     assert error["error_type"] == {413: "too_large", 415: "unsupported_media_type", 422: "validation"}[status]
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(servers):
+    """Without a Content-Length the body is read in chunks and refused as soon as it passes the limit."""
+    sent = 0
+
+    def chunks():
+        nonlocal sent
+        for _ in range(64):  # 64 x 16 KiB = 1 MiB offered, the limit is 256 KiB
+            sent += 16 * 1024
+            yield b'{"inputs": ["' if sent == 16 * 1024 else b"x" * 16 * 1024
+
+    answer = httpx.post(f"{servers['qwen2']}/v1/classify", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert answer.status_code == 413
+    assert answer.json()["error"] == "request body is more than this server's limit of 262144 bytes"
 
 
 def test_item_refusals_are_the_clis_messages(servers):
