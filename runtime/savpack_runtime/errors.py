@@ -99,7 +99,7 @@ class GraphError(SavpackError):
 
 
 class MissingExtraError(SavpackError):
-    """A feature needs an optional extra that is not installed; the message names the extra and the pip command."""
+    """An optional dependency is not installed; the message names the extra and gives the pip command."""
 
 
 class SavpackWarning(UserWarning):

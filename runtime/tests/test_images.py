@@ -106,25 +106,17 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
         load_image(path)
 
 
-def test_images_in_memory_get_the_same_checks_and_conversion(tmp_path):
-    """load_image_bytes / check_image_bytes (uploads): the same RGB conversion as files, the pixel limit read from the
-    header before decoding, errors naming the given field."""
+def test_images_in_memory_refuse_oversize_as_image_size_errors(tmp_path):
+    """ImageBytes (a Parquet cell, an upload to the service): the pixel limit is read from the header before decoding
+    and refused as ImageSizeError (the service's 413), naming the given field."""
     import io
 
     from savpack_runtime.errors import ImageSizeError
-    from savpack_runtime.images import check_image_bytes, load_image_bytes
+    from savpack_runtime.images import ImageBytes
 
-    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
-    rgba.putpixel((1, 0), (255, 0, 0, 255))
     buffer = io.BytesIO()
-    rgba.save(buffer, format="PNG")
-    data = buffer.getvalue()
-    assert np.asarray(load_image_bytes(data, "upload")).tolist() == np.asarray(load_image(save(rgba, tmp_path / "t.png"))).tolist()
-    assert check_image_bytes(data, "upload") == (2, 1)
-    with pytest.raises(ImageSizeError, match=r"^upload: image declares 2x1 pixels, more than the limit of 1$"):
-        load_image_bytes(data, "upload", max_pixels=1)
-    with pytest.raises(ImageSizeError, match="^upload: image declares 2x1 pixels"):
-        check_image_bytes(data, "upload", max_pixels=1)
-    with pytest.raises(InputError, match="^inputs\\[0\\]: not an image file PIL can read"):
-        load_image_bytes(b"not an image", "inputs[0]")
-
+    Image.new("RGB", (2, 1)).save(buffer, format="PNG")
+    upload = ImageBytes(buffer.getvalue(), "inputs[0].images[0]")
+    assert check_image(upload) == (2, 1) and load_image(upload).size == (2, 1)
+    with pytest.raises(ImageSizeError, match=r"^inputs\[0\]\.images\[0\]: image declares 2x1 pixels, more than the limit of 1$"):
+        load_image(upload, max_pixels=1)

@@ -27,7 +27,7 @@ from .. import __version__
 from ..classifier import Classifier, Item
 from ..result import Result
 from ..errors import InputError, InputSizeError
-from ..images import check_image_bytes, load_image_bytes
+from ..images import ImageBytes, check_image, load_image
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .openapi import openapi_document
 from .payload import (INTERNAL, MEDIA_TYPE, NOT_FOUND, OVERLOADED, TOO_LARGE, UNAVAILABLE, VALIDATION, ApiError,
@@ -175,7 +175,7 @@ class _Service:
         pixels = 0
         for item, names in zip(parsed.items, parsed.image_names):
             for data, name in zip(item["images"], names):
-                width, height = check_image_bytes(data, name, self.limits.max_image_pixels)
+                width, height = check_image(ImageBytes(data, name), self.limits.max_image_pixels)
                 pixels += width * height
         if pixels > self.limits.max_request_pixels:
             raise ApiError(TOO_LARGE, f"the request's images hold {pixels} pixels together, more than this server's "
@@ -183,7 +183,7 @@ class _Service:
         return pixels
 
     def _decode_images(self, parsed: ClassifyRequest) -> list[list[Any]]:
-        return [[load_image_bytes(data, name, self.limits.max_image_pixels) for data, name in zip(item["images"], names)]
+        return [[load_image(ImageBytes(data, name), self.limits.max_image_pixels) for data, name in zip(item["images"], names)]
                 for item, names in zip(parsed.items, parsed.image_names)]
 
     # -- the other routes -------------------------------------------------------------------------------------------
