@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -14,12 +15,13 @@ import click
 
 from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
-from savpack_runtime.files import check_output_path
+from savpack_runtime.bundle import BUNDLE_FILE
+from savpack_runtime.files import check_output_folder, check_output_path, file_sha256, read_bytes
 from savpack_runtime.format import TOKEN_POSITIONS
 
 from . import __version__
 from .classifier import DEFAULT_K
-from .media import DEFAULT_VIDEO_FRAMES
+from .media import DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES
 from .selection import SCORINGS
 from .versions import check_name, check_version
 
@@ -110,7 +112,7 @@ prompt_option = click.option(
     "--prompt", default="{text}", show_default=True,
     help="User text around each item's text; {text} is replaced by it. Rendered through the chat template.",
 )
-shots_option = click.option("--shots", type=int, default=None, help="Sample this many labelled examples per class (seeded).")
+shots_option = click.option("--shots", type=click.IntRange(min=1), default=None, help="Sample this many labelled examples per class (seeded).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shots sampling.")
 force_option = click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 token_position_option = click.option(
@@ -118,7 +120,7 @@ token_position_option = click.option(
     help="Token whose head outputs classify: last real token, or first ([CLS] of an encoder). Default: the family's.",
 )
 video_frames_option = click.option(
-    "--video-frames", type=click.IntRange(min=1), default=DEFAULT_VIDEO_FRAMES, show_default=True,
+    "--video-frames", type=click.IntRange(1, MAX_VIDEO_FRAMES), default=DEFAULT_VIDEO_FRAMES, show_default=True,
     help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
 )
 
@@ -139,7 +141,7 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
     """Run the model once per example and save every head's output at the last token."""
     from .pipeline import extract_activations
 
-    check_output_path(out, force)
+    check_output_path(out, force, inputs=[data, params["model"]])
     examples = _sampled(_examples(data), shots, seed)
     batch_size = params.pop("batch_size")
     loaded = _load(params)
@@ -155,7 +157,8 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
 @click.option("--data", default=None, help="Labelled dataset (with --model).")
 @click.option("--activations", default=None, type=click.Path(dir_okay=False), help="Build from `savpack extract` output instead of running the model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pack file to write (.safetensors).")
-@click.option("--k", "k", default=str(DEFAULT_K), show_default=True, help="Number of heads that vote, or 'all'.")
+@click.option("--k", "k", default=None,
+              help=f"Number of heads that vote, or 'all'. Default: {DEFAULT_K}, or every head of a model with fewer.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
 @click.option("--vote", type=click.Choice(["majority", "cosine"]), default="majority", show_default=True, help="How the heads' choices combine.")
 @prompt_option
@@ -181,7 +184,7 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
     if activations is not None and data is not None:
         raise click.UsageError("--data and --activations exclude each other")
     heads = _parse_k(k)
-    check_output_path(out, force)
+    check_output_path(out, force, inputs=[data, activations, params["model"]])
     if activations is not None:
         activation_set = ActivationSet.load(activations)
         if shots is not None:
@@ -203,7 +206,7 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
     pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
                                  version=pack_version, selection=selection)
     pack.save(out, force=force)
-    _print_summary(pack, out, as_json)
+    _print_summary(pack, out, as_json, file_sha256(out))
 
 
 def _identity(check: Callable[[str], str], value: str | None, param: click.Parameter) -> str | None:
@@ -216,7 +219,18 @@ def _identity(check: Callable[[str], str], value: str | None, param: click.Param
         raise click.BadParameter(str(exc), param=param) from None
 
 
-def _parse_k(value: str) -> int | None:
+def _tolerance(value: float | None, param: click.Parameter) -> float | None:
+    from .export.validate import check_tolerance
+
+    try:
+        return None if value is None else check_tolerance(value)
+    except SavpackError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _parse_k(value: str | None) -> int | None | str:
+    if value is None:
+        return "default"
     if value == "all":
         return None
     try:
@@ -378,16 +392,17 @@ def format_report(report: dict[str, Any]) -> str:
               help="Also draw every head's score as a layers x heads heatmap (PNG; needs savpack[plot]).")
 @force_option
 def inspect(pack_path: str, as_json: bool, plot_path: str | None, force: bool) -> None:
-    """Show what a pack classifies, its model, heads and metrics."""
-    pack = _load_pack(pack_path)
+    """Show what a pack classifies, its model, heads and metrics, and the file's sha256."""
+    data = bytes(read_bytes(pack_path))
+    pack = Pack.from_bytes(data, pack_path)
     if plot_path:
         from .plot import plot_head_map
 
-        check_output_path(plot_path, force)
+        check_output_path(plot_path, force, inputs=[pack_path])
         title = f"{pack.name or Path(pack_path).name}: {pack.model['id']} ({', '.join(pack.labels)})"
         plot_head_map(pack.all_head_scores, plot_path, pack.heads, title=title[:90], force=force)
         click.echo(f"wrote {plot_path}", err=True)
-    _print_summary(pack, pack_path, as_json)
+    _print_summary(pack, pack_path, as_json, hashlib.sha256(data).hexdigest())
 
 
 @main.command(name="convert-gguf")
@@ -457,7 +472,8 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
                    f"{row['mean']:.4f} +- {row['std']:.4f}")
 
 
-def pack_summary(pack: Pack) -> dict[str, Any]:
+def pack_summary(pack: Pack, sha256: str) -> dict[str, Any]:
+    """What inspect and build print. sha256 is the file's own (docs/format.md section 6: the content hash)."""
     return {
         "name": pack.name, "version": pack.version, "format_version": pack.format_version,
         "labels": list(pack.labels), "model": pack.model, "k": pack.k, "deepest_layer": pack.deepest_layer,
@@ -466,12 +482,12 @@ def pack_summary(pack: Pack) -> dict[str, Any]:
         "class_counts": dict(zip(pack.labels, pack.class_counts.tolist())),
         "prompt": pack.prompt, "selection": pack.selection, "metrics": pack.metrics,
         "dataset": {key: value for key, value in pack.dataset.items() if key != "example_digests"},
-        "created_by": pack.created_by, "content_sha256": pack.content_hash(),
+        "created_by": pack.created_by, "sha256": sha256,
     }
 
 
-def _print_summary(pack: Pack, path: str, as_json: bool) -> None:
-    summary = pack_summary(pack)
+def _print_summary(pack: Pack, path: str, as_json: bool, sha256: str) -> None:
+    summary = pack_summary(pack, sha256)
     if as_json:
         click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
@@ -486,7 +502,7 @@ def _print_summary(pack: Pack, path: str, as_json: bool) -> None:
         f"prompt      {pack.prompt['template']!r}, heads read at the {pack.token_position} token",
         f"examples    {summary['class_counts']}",
         f"metrics     {json.dumps(pack.metrics)}",
-        f"sha256      {summary['content_sha256']}",
+        f"sha256      {summary['sha256']}",
         "",
         "  layer  head  accuracy",
     ]
@@ -503,7 +519,8 @@ def _print_summary(pack: Pack, path: str, as_json: bool) -> None:
 @click.option("--selected-heads-only", is_flag=True, help="In the deepest layer compute only the packs' heads at the last token.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter; every graph is validated against the model either way.")
-@click.option("--tolerance", type=float, default=None, help="Validation tolerance (default 1e-4; 2e-2 with --fp16).")
+@click.option("--tolerance", type=float, default=None, callback=lambda ctx, param, value: _tolerance(value, param),
+              help="Validation tolerance, a number above 0 (default 1e-4; 2e-2 with --fp16).")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_heads_only: bool, exporter: str,
@@ -512,8 +529,12 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
 
     The graph is validated against the full model on fresh inputs before the bundle is written; classify with
     `savpack-run classify BUNDLE --data items.jsonl` (savpack-runtime, no torch)."""
+    from .export import require_export_extra
+
+    require_export_extra()
     from .export.bundle import export_bundle
 
+    check_output_folder(out, force, BUNDLE_FILE, inputs=[params["model"], *pack_paths])
     packs = [_load_pack(path) for path in pack_paths]
     names = [pack.name or Path(path).name.removesuffix(".safetensors").removesuffix(".pack") for pack, path in zip(packs, pack_paths)]
     # The graph is traced and validated in float32 on the CPU, where onnxruntime will compare it.
@@ -560,7 +581,7 @@ def card(pack_path: str, out: str | None, license_id: str | None, image: str | N
     data, pack = read_pack(pack_path)
     target = None if out == "-" else Path(out) if out else Path(pack_path).parent / "README.md"
     if target is not None:
-        check_output_path(target, force)
+        check_output_path(target, force, inputs=[pack_path, image])
     if image is not None and "://" not in image and not Path(image).is_file():
         raise click.BadParameter(f"{image}: file does not exist", param_hint="--image")
     text = render_card(pack, sha256_hex(data), Path(pack_path).name, license=license_id,

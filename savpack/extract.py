@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -120,7 +121,9 @@ def extract(
     base = loaded.model.base_model  # the decoder stack without the LM head
     handles = [loaded.attention_outputs[layer].register_forward_pre_hook(make_hook(layer)) for layer in needed]
     try:
-        with tqdm(total=count, desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
+        # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar fragments.
+        with tqdm(total=count, desc="extracting", unit="ex", disable=None if progress else True, leave=False,
+                  file=sys.stderr) as bar:
             for batch in batches:
                 images = [load_media(examples[i], video_frames) for i in batch]
                 inputs = loaded.encode([rendered[i] for i in batch], images)

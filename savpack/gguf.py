@@ -9,14 +9,11 @@ later loads in seconds and gives the same activations (and the same savpack fing
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from savpack_runtime.errors import OutputPathError
-from savpack_runtime.files import file_sha256
+from savpack_runtime.files import check_file, check_output_folder, file_sha256, staging_folder
 
 from .errors import ModelError
 
@@ -43,12 +40,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     from .models import _model_errors, _quiet_transformers
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise ModelError(f"{gguf_path}: GGUF file does not exist")
-    if out_dir.exists() and not force:
-        raise OutputPathError(f"{out_dir} exists; use --force to replace it")
-    if not out_dir.parent.is_dir():
-        raise OutputPathError(f"{out_dir.parent}: folder does not exist")
+    check_file(gguf_path, ModelError, "GGUF file")
+    check_output_folder(out_dir, force, CONVERSION_RECORD, inputs=[gguf_path])
 
     source, name = str(gguf_path.parent), gguf_path.name
     echo(f"dequantising {gguf_path} (this takes a minute or two)")
@@ -65,7 +58,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": file_sha256(gguf_path),
               "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
 
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    temporary = staging_folder(out_dir)
     try:
         with _quiet_transformers():
             model.save_pretrained(temporary)
@@ -74,7 +67,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
         if "quantization_config" in saved:
             raise ModelError(f"{gguf_path}: conversion kept a quantization_config; transformers changed how GGUF loads")
         (temporary / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _make_shareable(temporary)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         temporary.rename(out_dir)
@@ -83,12 +75,3 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
         raise
     echo(f"wrote {out_dir}")
     return out_dir
-
-
-def _make_shareable(folder: Path) -> None:
-    """mkdtemp makes the folder private (0700); give it, and its files, the permissions the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)

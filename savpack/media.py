@@ -17,6 +17,7 @@ from .data import Example
 from .errors import DataError
 
 DEFAULT_VIDEO_FRAMES = 8
+MAX_VIDEO_FRAMES = 256  # each frame is a full image for the model: more would only exhaust memory
 
 
 def frame_indices(total: int, count: int) -> list[int]:

@@ -133,6 +133,6 @@ def test_cli_build_inspect_classify_eval(name, model_dir, colour_task, text_task
 def model_dir_grid(model: str) -> tuple[int, int, int]:
     from transformers import AutoConfig
 
-    from savpack.models import _grid_of
+    from savpack.model_files import check_text_config
 
-    return _grid_of(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)
+    return check_text_config(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)

@@ -30,6 +30,10 @@ from .preprocess import Preprocessor
 from .session import GraphSession
 from .vote import classify_vectors
 
+# Items per forward. Padding makes a batch's memory grow with its longest item; past a few thousand items a batch
+# only costs memory.
+MAX_BATCH_SIZE = 4096
+
 @dataclass(frozen=True)
 class PackResult:
     label: str
@@ -74,12 +78,15 @@ class Classifier:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, providers: str | Sequence[str] = "cpu", threads: int | None = None,
-             batch_size: int = 8, check_weights: bool = False) -> "Classifier":
+             batch_size: int = 8, check_weights: bool = True) -> "Classifier":
         """Read and check the bundle, open its graph in onnxruntime, load its preprocessing.
 
         providers: "cpu", "cuda" or onnxruntime provider names (what really runs is in `.providers`).
-        check_weights: also hash the graph's weights file against bundle.json (a full read of the weights).
+        check_weights: hash the graph's weights file against bundle.json (a full read of the weights; see
+        docs/export.md for its cost). False skips that hash only, for a bundle verified once and kept where nobody
+        else writes; every other file is still checked.
         """
+        _check_batch_size(batch_size)
         timings, started = {}, time.perf_counter()
         bundle = Bundle.load(folder, check_weights=check_weights)
         timings["bundle"] = time.perf_counter() - started
@@ -136,7 +143,7 @@ class Classifier:
 
     def head_vectors(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
-        batch_size = batch_size or self.batch_size
+        batch_size = self.batch_size if batch_size is None else _check_batch_size(batch_size)
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
         # As the builder batches: similar prompts together (less padding; results do not depend on the batch), and a
         # batch holds items with one number of images.
@@ -172,6 +179,12 @@ class Classifier:
         if not item.text and not item.images:
             raise InputError(f"item {index}: has neither text nor images")
         return item
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if not (type(batch_size) is int and 1 <= batch_size <= MAX_BATCH_SIZE):
+        raise InputError(f"batch_size must be a whole number from 1 to {MAX_BATCH_SIZE}, got {batch_size!r}")
+    return batch_size
 
 
 def _open(image: Any, index: int) -> Image.Image:

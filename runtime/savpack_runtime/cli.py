@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import SavpackError, SavpackWarning
+from .classifier import MAX_BATCH_SIZE
 from .items import read_items
+from .session import MAX_THREADS
 
 def _classify(args: argparse.Namespace) -> None:
     from .classifier import Classifier
 
-    classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size)
+    classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size,
+                                 check_weights=args.check_weights)
     items = read_items(Path(args.data))
     results = classifier.classify_batch([item for _, item in items])
     if args.json:
@@ -38,7 +41,7 @@ def _classify(args: argparse.Namespace) -> None:
 def _info(args: argparse.Namespace) -> None:
     from .bundle import Bundle
 
-    bundle = Bundle.load(args.bundle)
+    bundle = Bundle.load(args.bundle, check_weights=args.check_weights)
     graph = bundle.graph
     summary = {
         "model": bundle.model, "prompt": bundle.prompt["template"], "image_count": bundle.prompt["image_count"],
@@ -57,6 +60,25 @@ def _info(args: argparse.Namespace) -> None:
         print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}")
 
 
+def _whole_number(low: int, high: int):
+    """argparse type: a whole number in [low, high] (a usage error, exit 2, otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+    return parse
+
+
+def _add_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-check-weights", dest="check_weights", action="store_false",
+                        help="skip hashing the graph weights against bundle.json (only for a bundle verified once and "
+                             "stored where nobody else writes; the other files are still checked)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="savpack-run", description="Classify with a savpack bundle (no torch).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,16 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     classify.add_argument("--data", required=True, help="JSONL file: text/question and image/images per line")
     classify.add_argument("--json", action="store_true", help="one JSON object per item: label, votes, shares (per pack)")
     classify.add_argument("--providers", default="cpu", help="cpu or cuda (falls back to cpu with a warning)")
-    classify.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    classify.add_argument("--batch-size", type=int, default=8, help="items per forward (default 8)")
+    classify.add_argument("--threads", type=_whole_number(1, MAX_THREADS), default=None,
+                          help="onnxruntime intra-op threads (default: all cores)")
+    classify.add_argument("--batch-size", type=_whole_number(1, MAX_BATCH_SIZE), default=8, help="items per forward (default 8)")
+    _add_weights_option(classify)
     classify.set_defaults(run=_classify)
     info = commands.add_parser("info", help="what a bundle holds")
     info.add_argument("bundle", metavar="BUNDLE")
     info.add_argument("--json", action="store_true")
+    _add_weights_option(info)
     info.set_defaults(run=_info)
     args = parser.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        parser.error("--batch-size must be >= 1")
     with warnings.catch_warnings():
         warnings.simplefilter("always", SavpackWarning)
         warnings.showwarning = lambda message, *rest, **kwargs: print(f"warning: {message}", file=sys.stderr)

@@ -11,10 +11,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .files import check_file
 
 # 8000 x 8000: far above what any vision tower resizes to, far below what would exhaust memory (a decompression
 # bomb declares a huge size in a few bytes).
 MAX_IMAGE_PIXELS = 64_000_000
+# An uncompressed 8000 x 8000 RGBA picture is 256 MB; no image file within the pixel limit needs more.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -39,8 +42,7 @@ def check_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> 
     Returns (width, height). Damage further inside the file shows when load_image decodes it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file does not exist")
+    check_file(path, InputError, "image file", MAX_IMAGE_BYTES)
     with _image_errors(path), Image.open(path) as opened:
         width, height = opened.size
     if width * height > max_pixels:

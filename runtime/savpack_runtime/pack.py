@@ -250,9 +250,12 @@ def _warn_unknown(tensors: dict[str, np.ndarray], metadata: dict[str, str], path
 
 def _load_json(metadata: dict[str, str], key: str, path: object) -> Any:
     try:
-        return json.loads(metadata[key], parse_constant=_refuse_constant)
+        value = json.loads(metadata[key], parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise PackTypeError(f"{key} is not valid JSON: {exc}", path, key) from None
+    if not files.is_valid_unicode(value):
+        raise PackTypeError(f"{key} holds invalid Unicode (a lone surrogate escape such as \\udc80)", path, key)
+    return value
 
 
 def _refuse_constant(name: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from savpack_runtime import bundle as fmt
 from savpack_runtime import graph_inputs
 from savpack_runtime.errors import OutputPathError
+from savpack_runtime.files import check_output_folder, staging_folder
 from savpack_runtime.pack import Pack
 from savpack_runtime.preprocess import SPEC_FILE, TOKENIZER_FILE
 from savpack_runtime.session import GraphSession
@@ -30,9 +31,10 @@ from ..errors import ExportError
 from ..models import LoadedModel
 from ..pipeline import check_pack_fits, producer_versions
 from ..preprocess_spec import write_preprocessing
-from . import onnx_graph
+from . import onnx_graph, require_export_extra
 from .forward import build_graph_module
-from .validate import DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, encode_examples, make_examples, validate_graph
+from .validate import (DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, check_tolerance, encode_examples,
+                       make_examples, validate_graph)
 
 
 @dataclass
@@ -79,12 +81,13 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`."""
     say = echo or (lambda message: None)
     out = Path(out)
+    require_export_extra()
     if not packs:
         raise ExportError("give at least one pack to export")
     names = list(names) if names is not None else [pack.name or f"pack{index}" for index, pack in enumerate(packs)]
     if len(names) != len(packs):
         raise ExportError(f"{len(names)} names for {len(packs)} packs")
-    _check_destination(out, force)
+    check_output_folder(out, force, fmt.BUNDLE_FILE, inputs=[loaded.model_id])
     if loaded.dtype != torch.float32 or loaded.device.type != "cpu":
         raise ExportError(f"{loaded.model_id} is loaded as {loaded.dtype} on {loaded.device}; export traces and "
                           "validates in float32 on the CPU (load with device='cpu', dtype='float32'; fp16=True halves the weights)")
@@ -92,7 +95,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     for pack in packs:
         check_pack_fits(pack, loaded)
     files = pack_file_names(names)
-    tolerance = tolerance if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
+    tolerance = check_tolerance(tolerance) if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
     prompt = packs[0].prompt
     image_count = int(prompt["image_count"])
     heads, positions = union_heads(packs)
@@ -105,7 +108,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
     say(f"exporting layers 0..{int(heads[:, 0].max())} of {loaded.model_id} ({graph.kind} graph, {len(heads)} heads) with the {exporter} exporter")
     model_info = dict(packs[0].model)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    work = staging_folder(out)
     try:
         # The traced graph's own folder, beside the bundle (same disk): large weights stay in its files until saved.
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".trace", dir=out.parent) as traced:
@@ -165,16 +168,6 @@ def _export_versions() -> dict[str, str]:
     import onnxruntime
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def _check_destination(out: Path, force: bool) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"{out}: folder {parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"{out}: exists and is not a folder")
-    if out.exists() and not force:
-        raise OutputPathError(f"{out}: exists; pass --force (force=True) to replace it")
 
 
 def _move_into_place(work: Path, out: Path, force: bool) -> None:
