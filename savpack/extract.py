@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from savpack_runtime import files
 from savpack_runtime import format as fmt
-from savpack_runtime.errors import PackError
+from savpack_runtime.errors import PackError, SavpackError
 from savpack_runtime.images import check_image
 
 from .data import Example, dataset_summary
@@ -126,7 +126,7 @@ def extract(
                   file=sys.stderr) as bar:
             for batch in batches:
                 images = [load_media(examples[i], video_frames) for i in batch]
-                inputs = loaded.encode([rendered[i] for i in batch], images)
+                inputs = _encode(loaded, [examples[i] for i in batch], [rendered[i] for i in batch], images)
                 mask = inputs["attention_mask"]
                 _check_lengths(loaded, [examples[i] for i in batch], mask)
                 state["position"] = token_positions(mask, token_position)
@@ -174,6 +174,32 @@ def check_token_position(loaded: LoadedModel, token_position: str) -> None:
 def _token_counts(loaded: LoadedModel, rendered: list[str]) -> list[int]:
     """Text tokens of each rendered prompt (image placeholders not expanded): the key that batches similar lengths."""
     return [len(ids) for ids in loaded.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+
+def _encode(loaded: LoadedModel, batch: list[Example], prompts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
+    """loaded.encode, with the processor's own refusals (an image of extreme aspect ratio, too small to patch, ...) as
+    a DataError naming the item: on failure each item is encoded alone to find it."""
+    try:
+        return loaded.encode(prompts, images)
+    except SavpackError:
+        raise
+    except Exception as batch_error:  # transformers' processors raise ValueError, TypeError, RuntimeError, ...
+        for example, prompt, pictures in zip(batch, prompts, images):
+            try:
+                loaded.encode([prompt], [pictures])
+            except SavpackError:
+                raise
+            except Exception as exc:
+                sizes = ", ".join(f"{width}x{height}" for width, height in (picture.size for picture in pictures))
+                raise DataError(f"{example.source}: the {loaded.family.name} processor refuses this item"
+                                f"{f' (image size {sizes})' if sizes else ''}: {_first_line(exc)}") from exc
+        raise DataError(f"the {loaded.family.name} processor refuses a batch of {len(batch)} items "
+                        f"({batch[0].source}, ...): {_first_line(batch_error)}") from batch_error
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_lengths(loaded: LoadedModel, batch: list[Example], mask: torch.Tensor) -> None:
