@@ -154,8 +154,9 @@ class LoadedModel:
             hasher = hashlib.sha256(json.dumps({"grid": list(self.grid), "fingerprint": FINGERPRINT_SCHEME}).encode())
             for name, parameter in sorted(self.model.named_parameters()):
                 flat = parameter.detach().reshape(-1)
-                spread = torch.linspace(0, max(flat.numel() - 1, 0), FINGERPRINT_SPREAD if flat.numel() else 0,
-                                        device=flat.device).long()
+                # Integer steps: a float linspace rounds indices of tensors above 2^24 values past the end.
+                steps = torch.arange(FINGERPRINT_SPREAD if flat.numel() else 0, dtype=torch.int64, device=flat.device)
+                spread = steps * (flat.numel() - 1) // (FINGERPRINT_SPREAD - 1)
                 sample = torch.cat([flat[:64], flat[spread], flat[-64:]])
                 hasher.update(f"{name}:{list(parameter.shape)}".encode())
                 hasher.update(np.packbits(torch.signbit(sample).cpu().numpy()).tobytes())

@@ -113,9 +113,6 @@ class Bundle:
         if size != graph["data_bytes"]:
             raise BundleError(f"graph weights file {graph['data_file']!r} is {size} bytes, bundle.json says "
                               f"{graph['data_bytes']} (truncated or replaced?)", path, "graph.data_bytes")
-        if check_weights and file_sha256(data) != graph["data_sha256"]:
-            raise BundleError(f"graph weights file {graph['data_file']!r} does not match its sha256 in bundle.json (altered "
-                              "or replaced; a bundle is checked in full before it classifies)", path, "graph.data_sha256")
 
         files = info["preprocessing"].get("files")
         if not isinstance(files, dict) or not files:
@@ -130,7 +127,18 @@ class Bundle:
         names = [entry.name for entry in packs]
         if len(set(names)) != len(names):
             raise BundleError(f"pack names repeat: {names}", path, "packs")
-        return cls(folder, info, packs)
+        bundle = cls(folder, info, packs)
+        if check_weights:
+            bundle.check_weights()
+        return bundle
+
+    def check_weights(self) -> None:
+        """Hash the graph's weights file against bundle.json (a full read: ~0.4 GB/s on one core)."""
+        name = self.graph["data_file"]
+        if file_sha256(self.folder / name) != self.graph["data_sha256"]:
+            raise BundleError(f"graph weights file {name!r} does not match its sha256 in bundle.json (altered or "
+                              "replaced; a bundle is checked in full before it classifies)", self.folder / BUNDLE_FILE,
+                              "graph.data_sha256")
 
 
 def _read_info(path: Path) -> dict[str, Any]:

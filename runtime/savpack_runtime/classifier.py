@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,7 +25,7 @@ from PIL import Image
 
 from . import graph_inputs
 from .bundle import Bundle, check_graph_metadata
-from .errors import InputError
+from .errors import InputError, SavpackError
 from .images import load_image, to_rgb
 from .preprocess import Preprocessor
 from .session import GraphSession
@@ -88,14 +89,25 @@ class Classifier:
         """
         _check_batch_size(batch_size)
         timings, started = {}, time.perf_counter()
-        bundle = Bundle.load(folder, check_weights=check_weights)
+        bundle = Bundle.load(folder, check_weights=False)
         timings["bundle"] = time.perf_counter() - started
         started = time.perf_counter()
-        session = GraphSession(bundle.graph_path, providers, threads)
+        # The weights are hashed while onnxruntime builds the session (both mostly outside the GIL): the check costs
+        # what the hash takes beyond the session's own load, and nothing classifies before it has passed.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="savpack-digest") as pool:
+            digest = pool.submit(bundle.check_weights) if check_weights else None
+            try:
+                session = GraphSession(bundle.graph_path, providers, threads)
+            except SavpackError:
+                if digest is not None:
+                    digest.result()  # altered weights explain a graph onnxruntime refuses: say so first
+                raise
+            if digest is not None:
+                digest.result()
+        timings["session"] = time.perf_counter() - started
         check_graph_metadata(bundle, session.metadata)
         if list(session.input_names) != list(bundle.graph["inputs"]):
             raise InputError(f"{bundle.graph_path}: graph inputs {list(session.input_names)} differ from bundle.json's {bundle.graph['inputs']}")
-        timings["session"] = time.perf_counter() - started
         started = time.perf_counter()
         preprocessor = Preprocessor.load(Path(folder))
         timings["preprocessor"] = time.perf_counter() - started

@@ -110,11 +110,17 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _writable_folder(path: Path) -> Path:
+    """The output's folder, proven writable by creating and removing a probe file in it: os.access() answers yes
+    to root everywhere, and no permission bit tells of a read-only mount or a full quota of files."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{path}: folder {folder} is not writable")
+    probe = folder / f".savpack-probe.{secrets.token_hex(6)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise OutputPathError(f"{path}: folder {folder} is not writable ({exc.strerror or exc})") from None
+    probe.unlink(missing_ok=True)
     return folder
 
 

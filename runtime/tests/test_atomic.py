@@ -62,7 +62,7 @@ def test_unwritable_folder_is_a_named_error(tmp_path):
 
     from savpack_runtime.errors import OutputPathError
 
-    with pytest.raises(OutputPathError, match="cannot write in folder /proc"):
+    with pytest.raises(OutputPathError, match="folder /proc is not writable"):
         files.atomic_write("/proc/savpack-test.bin", lambda handle: handle.write(b"x"))
     file_as_folder = tmp_path / "file"
     file_as_folder.write_text("x")
@@ -79,3 +79,15 @@ def test_written_files_get_umask_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_staging_folders_get_umask_permissions(tmp_path):
+    """Bundles and converted models are assembled in a staging folder renamed into place: it must not stay 0700."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        folder = files.staging_folder(tmp_path / "bundle")
+    finally:
+        os.umask(previous)
+    assert folder.parent == tmp_path and folder.name.startswith(".bundle.") and folder.stat().st_mode & 0o777 == 0o755
