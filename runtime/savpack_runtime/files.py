@@ -1,4 +1,4 @@
-"""Strict safetensors reading, deterministic writing, and atomic file replacement.
+"""Strict safetensors reading, deterministic writing, and atomic replacement of files and folders.
 
 The safetensors library writes metadata in hash-map order (a different byte layout in every process), so packs are
 serialised here: sorted keys, fixed separators, header padded to 8 bytes. Reading is strict in the same spirit as the
@@ -14,10 +14,13 @@ import json
 import math
 import os
 import secrets
+import shutil
 import stat
 import struct
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -165,9 +168,11 @@ def check_output_path(path: str | os.PathLike, force: bool = False, inputs: Sequ
     return path
 
 
-def check_output_folder(path: str | os.PathLike, force: bool, marker: str, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
-    """The folder-output form of check_output_path: an existing folder is replaced only with `force`, and only if it
-    holds `marker` (the file that says savpack wrote it: a bundle's bundle.json); never an input, a file, a link."""
+def check_output_folder(path: str | os.PathLike, force: bool = False, *, marker: str,
+                        inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Refuse early what `staged_folder` would refuse late, the folder form of check_output_path: an existing folder
+    is replaced only with `force`, and only if it holds `marker` (the file that says savpack wrote it: a bundle's
+    bundle.json); never an input, a file, a link."""
     path = _output(path, inputs)
     if os.path.lexists(path):
         if not path.is_dir():
@@ -178,24 +183,6 @@ def check_output_folder(path: str | os.PathLike, force: bool, marker: str, input
             raise OutputPathError(f"{path}: exists and holds no {marker}, so savpack did not write it; --force "
                                   "replaces only a folder savpack wrote: choose another path")
     return path
-
-
-def staging_folder(out: str | os.PathLike, suffix: str = ".tmp") -> Path:
-    """A new empty folder beside `out` (same disk, so it renames into place), named `.<out name>.<random><suffix>`.
-
-    Not tempfile.mkdtemp: it creates mode 0700, and a folder renamed into place would stay private to its writer.
-    os.mkdir with 0777 lets the umask decide, as for any new folder.
-    """
-    out = Path(out)
-    while True:
-        folder = out.parent / f".{out.name}.{secrets.token_hex(6)}{suffix}"
-        try:
-            folder.mkdir(0o777)
-            return folder
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OutputPathError(f"{out}: cannot write in folder {out.parent}: {exc.strerror or exc}") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], force: bool = False) -> Path:
@@ -226,6 +213,43 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
         raise
     _fsync_folder(path.parent)
     return path
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike, force: bool = False, *, marker: str,
+                  inputs: Sequence[str | os.PathLike | None] = ()) -> Iterator[Path]:
+    """A new empty folder beside `path` to fill; when the block succeeds it is renamed onto `path`, when it fails it
+    is removed. An existing `path` (force only, and only a folder holding `marker`: check_output_folder) is renamed
+    aside first and removed once the new folder is in place, so a crash leaves the old folder or the new one."""
+    path = check_output_folder(path, force, marker=marker, inputs=inputs)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield work
+        # mkdtemp makes the folder private (0700); the folder it becomes gets what the umask allows, as any new one.
+        umask = os.umask(0)
+        os.umask(umask)
+        work.chmod(0o777 & ~umask)
+        _move_into_place(work, path, force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _move_into_place(work: Path, path: Path, force: bool) -> None:
+    if not path.exists():
+        work.rename(path)
+        return
+    if not force:
+        raise OutputPathError(f"{path}: exists; pass --force (force=True) to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    old.rmdir()
+    path.rename(old)
+    try:
+        work.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_folder(folder: Path) -> None:

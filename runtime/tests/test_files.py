@@ -80,14 +80,14 @@ def test_output_folders_are_replaced_only_when_savpack_wrote_them(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     with pytest.raises(OutputPathError, match="the output is the input"):
-        files.check_output_folder(model, True, "bundle.json", inputs=[model])
+        files.check_output_folder(model, True, marker="bundle.json", inputs=[model])
     with pytest.raises(OutputPathError, match="the output holds the input"):
-        files.check_output_folder(tmp_path, True, "bundle.json", inputs=[model])
+        files.check_output_folder(tmp_path, True, marker="bundle.json", inputs=[model])
     with pytest.raises(OutputPathError, match="holds no bundle.json, so savpack did not write it"):
-        files.check_output_folder(model, True, "bundle.json")
+        files.check_output_folder(model, True, marker="bundle.json")
     with pytest.raises(OutputPathError, match="exists; pass --force"):
-        files.check_output_folder(model, False, "bundle.json")
+        files.check_output_folder(model, False, marker="bundle.json")
     (model / "bundle.json").write_text("{}")
-    assert files.check_output_folder(model, True, "bundle.json") == model
+    assert files.check_output_folder(model, True, marker="bundle.json") == model
     with pytest.raises(OutputPathError, match="folder /sys is not writable"):
-        files.check_output_folder("/sys/savpack-bundle", False, "bundle.json")
+        files.check_output_folder("/sys/savpack-bundle", False, marker="bundle.json")

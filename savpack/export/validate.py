@@ -21,9 +21,9 @@ from PIL import Image
 from savpack_runtime import graph_inputs
 from savpack_runtime.errors import SavpackError
 from savpack_runtime.images import load_image
+from savpack_runtime.items import Example
 from savpack_runtime.session import GraphSession
 
-from ..data import Example
 from ..errors import ExportError
 from ..extract import extract
 from ..models import LoadedModel
