@@ -72,6 +72,48 @@ TABLE = [
     Row("pack-activations-fifo", "savpack build --activations {fifo} --out {tmp}/out.safetensors", 1, "FIFO (named pipe)"),
     Row("pack-activations-dev", "savpack build --activations /dev/zero --out {tmp}/out.safetensors", 1, "character device"),
     Row("inspect-shows-file-sha256", "savpack inspect {foreign_layout}", 0, "sha256      {foreign_layout_sha256}"),
+    # -- data files ------------------------------------------------------------------------------------------------
+    Row("data-dev-zero", "savpack build --model {model} --data /dev/zero --out {tmp}/out.safetensors", 1,
+        "/dev/zero: dataset is a character device, not a regular file"),
+    Row("data-fifo", "savpack build --model {model} --data {fifo} --out {tmp}/out.safetensors", 1, "dataset is a FIFO"),
+    Row("data-link-loop", "savpack build --model {model} --data {loop} --out {tmp}/out.safetensors", 1,
+        "dataset is a symbolic link loop"),
+    Row("data-line-without-end", "savpack build --model {model} --data {nul_jsonl} --out {tmp}/out.safetensors", 1,
+        "nul.jsonl:1: line is longer than 16777216 characters"),
+    Row("data-json-huge", "savpack build --model {model} --data {huge_json} --out {tmp}/out.safetensors", 1,
+        "JSON dataset is 314572800 bytes, more than the limit of 268435456"),
+    Row("data-null-label", "savpack build --model {model} --data {d_null_label} --out {tmp}/out.safetensors", 1,
+        "null-label.jsonl:2: field 'label' is null; every example needs its class as a string"),
+    Row("data-duplicate-key", "savpack build --model {model} --data {d_duplicate_key} --out {tmp}/out.safetensors", 1,
+        "duplicate-key.jsonl:1: line gives the key 'label' twice; which value is meant is unclear"),
+    Row("data-label-newline", "savpack build --model {model} --data {d_label_newline} --out {tmp}/out.safetensors", 1,
+        "field 'label' 'warm\\nweather' holds U+000A (a control character); a label is one line of printable text"),
+    Row("data-label-control", "savpack build --model {model} --data {d_label_control} --out {tmp}/out.safetensors", 1,
+        "holds U+001B (a control character)"),
+    Row("data-folder-label-tab", "savpack build --model {model} --data {d_folder_tab} --out {tmp}/out.safetensors", 1,
+        "folder name (the label) 'cold\\tweather' holds U+0009"),
+    Row("data-text-surrogate", "savpack build --model {model} --data {d_text_surrogate} --out {tmp}/out.safetensors", 1,
+        "field 'text' holds invalid Unicode"),
+    Row("data-image-url", "savpack build --model {model_vl} --data {d_image_url} --out {tmp}/out.safetensors", 1,
+        "field 'image': 'https://example.com/cat.png' is a URL; savpack reads local image files only"),
+    Row("data-image-and-images", "savpack build --model {model_vl} --data {d_image_and_images} --out {tmp}/out.safetensors", 1,
+        "gives both 'images' and 'image'; use one"),
+    Row("data-image-fifo", "savpack build --model {model_vl} --data {d_image_fifo} --out {tmp}/out.safetensors", 1,
+        "field 'image': {fifo}: image file is a FIFO"),
+    Row("data-bom-jsonl", "savpack build --model {model} --data {d_bom_jsonl} --out {tmp}/bom-jsonl.safetensors --k 4", 0,
+        "labels      cold, shape, warm", seconds=30),
+    Row("data-bom-csv", "savpack build --model {model} --data {d_bom_csv} --out {tmp}/bom-csv.safetensors --k 4", 0,
+        "labels      cold, shape, warm", seconds=30),
+    Row("run-data-fifo", "savpack-run classify {bundle} --data {fifo}", 1, "dataset is a FIFO (named pipe)"),
+    Row("run-data-dev-zero", "savpack-run classify {bundle} --data /dev/zero", 1, "dataset is a character device"),
+    Row("run-data-bom", "savpack-run classify {bundle} --data {d_bom_jsonl} --json", 0, '"label"'),
+    Row("run-data-duplicate-key", "savpack-run classify {bundle} --data {d_duplicate_key}", 1, "gives the key 'label' twice"),
+    # -- folder registries ----------------------------------------------------------------------------------------
+    Row("registry-bad-entry", "savpack list {registry_bad_entry_uri}", 1,
+        "index.json: entry team/words@1.0.0: must be an object with 'file' (a path) and 'sha256' (64 hex digits)"),
+    Row("registry-entry-outside", "savpack pull {registry_outside_uri}/team/words@1.0.0 --out {tmp}", 1,
+        "index.json: entry team/words@1.0.0: file '../../kept.txt' points outside the registry"),
+    Row("registry-index-fifo", "savpack list {registry_fifo_uri}", 1, "index.json: registry index is a FIFO"),
     # -- model folders --------------------------------------------------------------------------------------------
     Row("model-dev-zero", "savpack build --model /dev/zero --data {train} --out {tmp}/out.safetensors", 1,
         "/dev/zero: model folder is a character device, expected a folder"),
@@ -264,7 +306,7 @@ def workspace(tmp_path_factory, model_dir, loaded_model, text_task, colour_task)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from savpack.data import load_examples
-    from savpack.fixtures import build_fixture
+    from savpack.testing import build_fixture
     from savpack.models import load_model
     from savpack.pipeline import extract_activations, pack_from_activations
 
@@ -354,6 +396,50 @@ def workspace(tmp_path_factory, model_dir, loaded_model, text_task, colour_task)
     ws["model_gpt2"] = build_fixture("gpt2", tmp / "gpt2")
     gpt2 = load_model(str(ws["model_gpt2"]), device="cpu")
     ws["pack_gpt2"] = pack_from_activations(extract_activations(gpt2, load_examples(text_task[0]), progress=False), k=2).save(tmp / "gpt2.safetensors")
+
+    # data files
+    def data(name: str, text: str) -> Path:
+        (tmp / name).write_text(text, encoding="utf-8")
+        return tmp / name
+
+    lines = [json.loads(line) for line in text_task[0].read_text().splitlines() if line.strip()]
+    ws["nul_jsonl"] = _sparse(tmp / "nul.jsonl", 300 << 20)  # 300 MB of NUL bytes and no line end
+    ws["huge_json"] = _sparse(tmp / "huge.json", 300 << 20)
+    ws["d_null_label"] = data("null-label.jsonl", '{"text": "red sun", "label": "warm"}\n{"text": "blue ice", "label": null}\n')
+    ws["d_duplicate_key"] = data("duplicate-key.jsonl", '{"text": "red sun", "label": "warm", "label": "cold"}\n')
+    ws["d_label_newline"] = data("label-newline.jsonl", json.dumps({"text": "red sun", "label": "warm\nweather"}) + "\n")
+    ws["d_label_control"] = data("label-control.jsonl", json.dumps({"text": "red sun", "label": "warm\x1b[31m"}) + "\n")
+    ws["d_text_surrogate"] = data("text-surrogate.jsonl", '{"text": "red \\udc80 sun", "label": "warm"}\n')
+    (tmp / "folder-tab" / "cold\tweather").mkdir(parents=True)
+    (tmp / "folder-tab" / "cold\tweather" / "a.txt").write_text("blue ice")
+    ws["d_folder_tab"] = tmp / "folder-tab"
+    ws["d_image_url"] = data("image-url.jsonl", '{"text": "what colour?", "image": "https://example.com/cat.png", "label": "red"}\n')
+    ws["d_image_and_images"] = data("image-and-images.jsonl", json.dumps(
+        {"text": "what colour?", "image": str(tmp / "kept.txt"), "images": [str(tmp / "kept.txt")], "label": "red"}) + "\n")
+    ws["d_image_fifo"] = data("image-fifo.jsonl", json.dumps({"text": "what colour?", "image": str(ws["fifo"]), "label": "red"}) + "\n")
+    ws["d_bom_jsonl"] = tmp / "bom.jsonl"
+    ws["d_bom_jsonl"].write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(line) + "\n" for line in lines).encode())
+    ws["d_bom_csv"] = tmp / "bom.csv"
+    ws["d_bom_csv"].write_bytes(b"\xef\xbb\xbf" + "".join(f"{line['text']},{line['label']}\n" for line in
+                                                            [{"text": "text", "label": "label"}] + lines).encode())
+
+    # folder registries
+    from savpack.sharing import FolderRegistry, RegistryRef
+
+    def registry(name: str, change) -> str:
+        root = tmp / name
+        FolderRegistry.create_or_open(RegistryRef(root)).push(ws["named_pack"])
+        index = json.loads((root / "index.json").read_text())
+        change(index["packs"]["team/words"]["1.0.0"])
+        (root / "index.json").write_text(json.dumps(index))
+        return root.as_uri()
+
+    ws["named_pack"] = pack.replace(name="team/words", version="1.0.0").save(tmp / "named.safetensors")
+    ws["registry_bad_entry_uri"] = registry("registry-bad", lambda entry: entry.pop("sha256"))
+    ws["registry_outside_uri"] = registry("registry-outside", lambda entry: entry.update(file="../../kept.txt"))
+    ws["registry_fifo_uri"] = registry("registry-fifo", lambda entry: None)
+    (tmp / "registry-fifo" / "index.json").unlink()
+    os.mkfifo(tmp / "registry-fifo" / "index.json")
 
     # images
     from PIL import Image

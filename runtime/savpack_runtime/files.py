@@ -134,7 +134,7 @@ def _refuse_inputs(path: Path, inputs: Sequence[str | os.PathLike | None]) -> No
         if given is None or not os.path.lexists(given):
             continue
         source = Path(os.path.realpath(given))
-        same = target == source or (target.exists() and os.path.samefile(target, source))
+        same = target == source or (target.exists() and source.exists() and os.path.samefile(target, source))
         if same or source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
             relation = "is" if same else "holds" if source.is_relative_to(target) else "lies inside"
             raise OutputPathError(f"{path}: the output {relation} the input {given}; savpack never writes over its "

@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import DataError, SavpackWarning
-from .files import file_sha256
+from .files import check_file, file_sha256, is_valid_unicode, read_file
 from .images import IMAGE_SUFFIXES
 
 TEXT_FIELDS = ("text", "question")
@@ -38,6 +40,13 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 PARQUET_BATCH_ROWS = 4096  # rows decoded at a time: memory follows the batch, not the file
+# Bounds on what is read at once: a JSONL line, a JSON list file, a folder's .txt example. A reader without them
+# would take a 10 GB line (or /dev/zero behind a .jsonl name) into memory whole.
+MAX_LINE_CHARS = 16 * 1024 * 1024
+MAX_JSON_BYTES = 256 * 1024 * 1024
+MAX_TEXT_FILE_BYTES = 16 * 1024 * 1024
+# Spreadsheet tools start CSV and JSONL files with a UTF-8 byte-order mark; it is not part of the first field's name.
+ENCODING = "utf-8-sig"
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 _MARKER_PATTERN = re.compile(f"{re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)}")
@@ -112,19 +121,9 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
     path = Path(path)
     if path.is_dir():
         examples = _read_folder(path, videos)
-    elif not path.exists():
-        raise DataError(f"{path}: dataset does not exist")
-    elif path.suffix.lower() in JSONL_SUFFIXES:
-        examples = _read_records(path, _jsonl_records(path), videos)
-    elif path.suffix.lower() == ".json":
-        examples = _read_records(path, _json_records(path), videos)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        examples = _read_records(path, _csv_records(path), videos)
-    elif path.suffix.lower() in PARQUET_SUFFIXES:
-        examples = _read_records(path, parquet_records(str(path), path), videos)
     else:
-        raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet or a "
-                        "folder root/<label>/<file>")
+        check_file(path, DataError, "dataset")  # a FIFO, a device or a link loop: refused before anything opens it
+        examples = _read_records(path, _records(path), videos, require_labels)
     if not examples:
         raise DataError(f"{path}: dataset holds no examples")
     if require_labels:
@@ -135,21 +134,63 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
     return examples
 
 
+def _records(path: Path) -> Iterator[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_records(path)
+    if suffix == ".json":
+        return _json_records(path)
+    if suffix in (".csv", ".tsv"):
+        return _csv_records(path)
+    if suffix in PARQUET_SUFFIXES:
+        return parquet_records(str(path), path)
+    raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet or a "
+                    "folder root/<label>/<file>")
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as handle:
-        yield from jsonl_records(handle, path)
+        yield from jsonl_records(_bounded_lines(handle, path), path)
+
+
+def _bounded_lines(handle: Any, name: object) -> Iterator[str]:
+    """The lines of a text file, each read with a bound (iterating a file reads a line whole, however long)."""
+    number = 0
+    while line := handle.readline(MAX_LINE_CHARS + 1):
+        number += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{name}:{number}: line is longer than {MAX_LINE_CHARS} characters (not JSONL, or a "
+                            "runaway field)")
+        yield line
 
 
 def jsonl_records(lines: Iterable[str], name: object) -> Iterator[tuple[str, Any]]:
     """("name:line", record) per non-empty line of JSONL text (a file named `name`)."""
     for number, line in enumerate(lines, 1):
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark the reader did not strip (a remote file)
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno})") from None
-        yield f"{name}:{number}", record
+        yield f"{name}:{number}", _parse_json(line, f"{name}:{number}: line")
+
+
+def _parse_json(text: str, what: str) -> Any:
+    """json.loads, refusing what it would silently accept: a key given twice (the last would win)."""
+    try:
+        return json.loads(text, object_pairs_hook=lambda pairs: _one_value_per_key(pairs, what))
+    except json.JSONDecodeError as exc:
+        where = f"at column {exc.colno}" if what.endswith("line") else f"at line {exc.lineno}"
+        raise DataError(f"{what} is not valid JSON ({exc.msg} {where})") from None
+    except RecursionError:
+        raise DataError(f"{what} nests too deeply to be a data record") from None
+
+
+def _one_value_per_key(pairs: list[tuple[str, Any]], what: str) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(key for key in keys if keys.count(key) > 1)
+        raise DataError(f"{what} gives the key {twice!r} twice; which value is meant is unclear")
+    return dict(pairs)
 
 
 def parquet_records(handle: Any, name: object) -> Iterator[tuple[str, Any]]:
@@ -184,11 +225,8 @@ def require_pyarrow_parquet():
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as handle:
-        try:
-            records = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    text = read_file(path, MAX_JSON_BYTES, DataError, "JSON dataset").decode(ENCODING)
+    records = _parse_json(text, f"{path}: file")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
     for number, record in enumerate(records):
@@ -207,37 +245,45 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _open_text(path: Path):
     try:
-        return open(path, encoding="utf-8", newline="" if path.suffix.lower() in (".csv", ".tsv") else None)
+        return open(path, encoding=ENCODING, newline="" if path.suffix.lower() in (".csv", ".tsv") else None)
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def _read_records(path: Path, records: Iterator[tuple[str, Any]], videos: bool) -> list[Example]:
+def _read_records(path: Path, records: Iterator[tuple[str, Any]], videos: bool, require_labels: bool) -> list[Example]:
     examples = []
     try:
         for source, record in records:
-            examples.append(_example_from_record(path.parent, source, record, videos))
+            examples.append(_example_from_record(path.parent, source, record, videos, require_labels))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return examples
 
 
-def _example_from_record(base: Path | None, source: str, record: object, videos_allowed: bool) -> Example:
+def _example_from_record(base: Path | None, source: str, record: object, videos_allowed: bool,
+                         require_labels: bool = False) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{source}: expected an object with fields text/question, image/images, label; got {type(record).__name__}")
+    for pair in (TEXT_FIELDS, IMAGE_FIELDS, VIDEO_FIELDS):
+        given = [name for name in pair if record.get(name) not in (None, "", [])]
+        if len(given) > 1:
+            raise DataError(f"{source}: gives both {given[0]!r} and {given[1]!r}; use one (a list of paths for several)")
     text_field = next((name for name in TEXT_FIELDS if record.get(name) not in (None, "")), None)
     text = record[text_field] if text_field else ""
     if not isinstance(text, str):
         raise DataError(f"{source}: field {text_field!r} must be a string, got {type(text).__name__}")
+    if not is_valid_unicode(text):
+        raise DataError(f"{source}: field {text_field!r} holds invalid Unicode (a lone surrogate escape such as \\udc80)")
     if not videos_allowed and any(record.get(name) not in (None, "", []) for name in VIDEO_FIELDS):
         _refuse_video(source)
     images = _paths(base, source, record, IMAGE_FIELDS, "image")
     videos = _paths(base, source, record, VIDEO_FIELDS, "video")
     label = record.get(LABEL_FIELD)
-    if label is not None and not isinstance(label, str):
-        raise DataError(f"{source}: field {LABEL_FIELD!r} must be a string, got {type(label).__name__} {label!r}")
-    if label is not None and not label.strip():
-        raise DataError(f"{source}: field {LABEL_FIELD!r} is empty")
+    if label is None and require_labels:
+        state = "is null" if LABEL_FIELD in record else "is missing"
+        raise DataError(f"{source}: field {LABEL_FIELD!r} {state}; every example needs its class as a string")
+    if label is not None:
+        check_label(label, f"{source}: field {LABEL_FIELD!r}")
     text = text.strip()
     if not text and not images and not videos:
         raise DataError(f"{source}: item has no text (field 'text' or 'question' empty or only whitespace) and no image or video")
@@ -253,6 +299,23 @@ def _example_from_record(base: Path | None, source: str, record: object, videos_
     return example
 
 
+def check_label(label: Any, where: str) -> str:
+    """A label is a class name: a non-empty string on one line, of printable characters (a newline, a tab or another
+    control character would break every report, file name and JSON line that shows it)."""
+    if not isinstance(label, str):
+        raise DataError(f"{where} must be a string, got {type(label).__name__} {label!r}")
+    if not label.strip():
+        raise DataError(f"{where} is empty")
+    if not is_valid_unicode(label):
+        raise DataError(f"{where} holds invalid Unicode (a lone surrogate escape such as \\udc80)")
+    bad = next((char for char in label if unicodedata.category(char) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        name = unicodedata.name(bad, "a control character")
+        raise DataError(f"{where} {label!r} holds U+{ord(bad):04X} ({name.lower()}); a label is one line of printable "
+                        "text")
+    return label
+
+
 def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, str], kind: str) -> tuple[str, ...]:
     """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths).
     base None: the data file is remote, and only absolute paths can be resolved."""
@@ -264,14 +327,24 @@ def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, str]
         raise DataError(f"{source}: field {field!r} must be a path or a list of paths")
     resolved = []
     for path in paths:
+        if _URL.match(path):
+            raise DataError(f"{source}: field {field!r}: {path!r} is a URL; savpack reads local {kind} files only "
+                            "(download it first, and give its path)")
         if base is None and not Path(path).is_absolute():
             raise DataError(f"{source}: field {field!r}: {kind} path {path!r} is relative to a remote data file; give "
                             "absolute paths that every worker can read")
         full = Path(path) if Path(path).is_absolute() else base / path
-        if not full.is_file():
+        if not os.path.lexists(full):
             raise DataError(f"{source}: field {field!r}: {kind} file {full} does not exist")
+        try:
+            check_file(full, DataError, f"{kind} file")  # a FIFO, a device or a link loop, named here
+        except DataError as exc:
+            raise DataError(f"{source}: field {field!r}: {exc}") from None
         resolved.append(str(full))
     return tuple(resolved)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _refuse_video(source: str) -> None:
@@ -281,6 +354,7 @@ def _refuse_video(source: str) -> None:
 def _read_folder(root: Path, videos: bool) -> list[Example]:
     examples = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        check_label(label_dir.name, f"{label_dir}: folder name (the label)")
         for file in sorted(p for p in label_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
             suffix = file.suffix.lower()
             if suffix in IMAGE_SUFFIXES:
@@ -291,8 +365,8 @@ def _read_folder(root: Path, videos: bool) -> list[Example]:
                 examples.append(Example(text="", videos=(str(file),), label=label_dir.name, source=str(file)))
             elif suffix in TEXT_SUFFIXES:
                 try:
-                    text = file.read_text(encoding="utf-8").strip()
-                except (OSError, UnicodeDecodeError) as exc:
+                    text = read_file(file, MAX_TEXT_FILE_BYTES, DataError, "text file").decode(ENCODING).strip()
+                except UnicodeDecodeError as exc:
                     raise DataError(f"{file}: cannot read as UTF-8 text: {exc}") from None
                 if not text:
                     raise DataError(f"{file}: text file is empty")
