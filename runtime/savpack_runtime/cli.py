@@ -60,7 +60,7 @@ def _classify_on_ray(args: argparse.Namespace) -> None:
         raise SavpackError(f"--engine ray needs Ray Data ({exc.name} is missing): pip install 'savpack-runtime[ray]'") from None
     options = ray_engine.RayOptions(address=args.address, workers=args.workers, batch_size=args.batch_size,
                                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                    providers=args.providers, threads=args.threads)
+                                    providers=args.providers, threads=args.threads, check_weights=args.check_weights)
     summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force)
     print(f"wrote {args.out}: {summary['rows']} rows in {summary['seconds']:.1f} s "
           f"({summary['rows_per_second']:,.0f} rows/s, {options.workers} workers)", file=sys.stderr)
