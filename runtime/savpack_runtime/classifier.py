@@ -26,7 +26,7 @@ from . import graph_inputs
 from .batching import plan_batches
 from .bundle import Bundle, check_graph_metadata
 from .errors import InputError, SavpackError
-from .images import load_image, to_rgb
+from .images import ImageBytes, load_image, to_rgb
 from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
 from .result import PackResult, Result, results_from_votes
@@ -172,6 +172,6 @@ def _check_batch_size(batch_size: Any) -> int:
 def _open(image: Any, index: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, ImageBytes)):
         return load_image(image)
-    raise InputError(f"item {index}: an image must be a file path or a PIL image, got {type(image).__name__}")
+    raise InputError(f"item {index}: an image must be a file path, ImageBytes or a PIL image, got {type(image).__name__}")
