@@ -93,7 +93,7 @@ class Classifier:
 
     def classify_batch(self, items: Iterable[Any], batch_size: int | None = None) -> list[Result]:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
-        items = [self._item(item, index) for index, item in enumerate(items)]
+        items = [self.check_item(item, index) for index, item in enumerate(items)]
         vectors = self.head_vectors(items, batch_size)
         return results_from_votes({
             entry.name: (entry.pack.labels, classify_vectors(vectors[:, entry.positions], entry.pack.centroids,
@@ -105,7 +105,7 @@ class Classifier:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form
         classify_batch takes)."""
         batch_size = batch_size or self.batch_size
-        items = [self._item(item, index) for index, item in enumerate(items)]
+        items = [self.check_item(item, index) for index, item in enumerate(items)]
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
         batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
         heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])
@@ -117,7 +117,9 @@ class Classifier:
             vectors[batch] = self.session.run(feed)
         return vectors
 
-    def _item(self, item: Any, index: int) -> Item:
+    def check_item(self, item: Any, index: int = 0) -> Item:
+        """One item in any accepted form, as an Item that fits this bundle's prompt; InputError("item {index}: ...")
+        otherwise. Images are not opened here."""
         if isinstance(item, str):
             item = Item(item)
         elif isinstance(item, dict):
