@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import BundleError, BundleVersionError, ModelMismatchError, PackError
 from .files import file_sha256
+from .format import DEFAULT_TOKEN_POSITION, PROMPT_TOKEN_POSITION
 from .graph_inputs import GRAPH_INPUTS, OUTPUT_NAME, input_names
 from .pack import Pack
 
@@ -126,7 +127,7 @@ class Bundle:
         heads = np.asarray(graph["heads"], dtype=np.int64).reshape(-1, 2)
         if not isinstance(info["packs"], list) or not info["packs"]:
             raise BundleError("'packs' must be a non-empty list", path, "packs")
-        packs = [_load_pack(folder, entry, index, heads, info["model"], path) for index, entry in enumerate(info["packs"])]
+        packs = [_load_pack(folder, entry, index, heads, info, path) for index, entry in enumerate(info["packs"])]
         names = [entry.name for entry in packs]
         if len(set(names)) != len(names):
             raise BundleError(f"pack names repeat: {names}", path, "packs")
@@ -201,7 +202,7 @@ def _check_file(folder: Path, name: Any, sha256: Any, path: Path, key: str) -> P
     return target
 
 
-def _load_pack(folder: Path, entry: Any, index: int, heads: np.ndarray, model: dict[str, Any], path: Path) -> BundlePack:
+def _load_pack(folder: Path, entry: Any, index: int, heads: np.ndarray, info: dict[str, Any], path: Path) -> BundlePack:
     key = f"packs[{index}]"
     if not isinstance(entry, dict) or any(field not in entry for field in PACK_FIELDS):
         raise BundleError(f"{key} must be an object with {PACK_FIELDS}", path, key)
@@ -210,11 +211,12 @@ def _load_pack(folder: Path, entry: Any, index: int, heads: np.ndarray, model: d
         pack = Pack.load(pack_path)
     except PackError as exc:
         raise BundleError(f"{key}: {exc}", path, key) from None
-    check_model(pack.model, model, f"pack {entry['name']!r}", "the bundle")
-    if pack.token_position != "last":
-        # Exported graphs read the last real token (only decoders export); a pack read elsewhere would get other vectors.
-        raise BundleError(f"{key}: pack {entry['name']!r} reads heads at the {pack.token_position!r} token; exported graphs "
-                          "give the last real token's", path, key)
+    check_model(pack.model, info["model"], f"pack {entry['name']!r}", "the bundle")
+    graph_position = info["prompt"].get(PROMPT_TOKEN_POSITION, DEFAULT_TOKEN_POSITION)
+    if pack.token_position != graph_position:
+        # The graph returns one token's head outputs; a pack read at another token would get other vectors.
+        raise BundleError(f"{key}: pack {entry['name']!r} reads heads at the {pack.token_position!r} token; the bundle's "
+                          f"graph gives the {graph_position!r} token's", path, key)
     positions = np.asarray(entry["positions"])
     if positions.shape != (pack.k,) or not np.issubdtype(positions.dtype, np.integer) or (positions < 0).any() or (positions >= len(heads)).any():
         raise BundleError(f"{key}.positions must be {pack.k} indices into graph.heads ({len(heads)} heads)", path, f"{key}.positions")

@@ -106,7 +106,7 @@ class Classifier:
 
     @property
     def takes_images(self) -> bool:
-        return self.bundle.graph["kind"] != graph_inputs.TEXT
+        return self.bundle.graph["kind"] not in graph_inputs.TEXT_KINDS
 
     def classify(self, text: str = "", images: Sequence[Any] = ()) -> Result:
         """One item: text and images (file paths or PIL images)."""

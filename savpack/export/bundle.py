@@ -71,6 +71,9 @@ def check_packs_agree(packs: Sequence[Pack], names: Sequence[str]) -> None:
             if pack.prompt[key] != first.prompt[key]:
                 raise ExportError(f"pack {name!r} has prompt {key} {pack.prompt[key]!r}, pack {names[0]!r} "
                                   f"{first.prompt[key]!r}; packs in one bundle must share one prompt (one forward)")
+        if pack.token_position != first.token_position:
+            raise ExportError(f"pack {name!r} reads heads at the {pack.token_position} token, pack {names[0]!r} at the "
+                              f"{first.token_position}; packs in one bundle must read the same token (one graph output)")
 
 
 def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, names: Sequence[str] | None = None,
@@ -99,7 +102,8 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    graph = build_graph_module(loaded, heads, image_count, selected_heads_only)
+    token_position = packs[0].token_position
+    graph = build_graph_module(loaded, heads, image_count, selected_heads_only, token_position)
     with tempfile.TemporaryDirectory(prefix="savpack-example-") as tmp:
         example = make_examples(3, image_count, EXAMPLE_SIZES, Path(tmp), seed=7, extra_image_item=0 if image_count else None)
         feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
@@ -132,7 +136,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
                 "dynamic_axes": {name: {str(axis): label for axis, label in graph_inputs.GRAPH_INPUTS[graph.kind][name].items()}
                                  for name in graph.input_names},
                 "opset": onnx_graph.OPSET, "heads": heads.tolist(),
-                "weights": "float16" if fp16 else "float32", "selected_heads_only": bool(selected_heads_only),
+                "weights": "float16" if fp16 else "float32", "selected_heads_only": graph.selected_heads_only,
             },
             "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist()}
                       for file, name, position in zip(files, names, positions)],
@@ -147,7 +151,8 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         session = GraphSession(written.graph_path, "cpu")
         fmt.check_graph_metadata(written, session.metadata)
         say(f"validating against {loaded.model_id} on fresh inputs (tolerance {tolerance:g})")
-        report = validate_graph(session, loaded, graph.kind, graph.plan_config, heads, prompt["template"], image_count, tolerance)
+        report = validate_graph(session, loaded, graph.kind, graph.plan_config, heads, prompt["template"], image_count,
+                                tolerance, token_position=token_position)
         del session
         seconds["validate"] = time.perf_counter() - started
         sizes = {str(path.relative_to(work)): path.stat().st_size for path in sorted(work.rglob("*")) if path.is_file()}

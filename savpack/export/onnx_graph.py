@@ -48,6 +48,9 @@ def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], folder: Path,
 
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter {exporter!r} is not one of {EXPORTERS}")
+    # torch.onnx.export restores the module's training flag afterwards, recursively: a wrapper left in training mode
+    # would switch the loaded model's dropout on (BERT's) for every later forward.
+    graph.module.eval()
     names = list(graph.input_names)
     args = tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in names)
     axes = {name: dict(graph_inputs.GRAPH_INPUTS[graph.kind][name]) for name in names}

@@ -112,14 +112,15 @@ def validation_batches(image_count: int, folder: Path) -> dict[str, list[Example
 
 def validate_graph(session: GraphSession, loaded: LoadedModel, kind: str, plan_config: dict[str, Any],
                    heads: np.ndarray, template: str, image_count: int, tolerance: float = DEFAULT_TOLERANCE,
-                   batches: dict[str, list[Example]] | None = None) -> ValidationReport:
+                   batches: dict[str, list[Example]] | None = None, token_position: str = "last") -> ValidationReport:
     """Run graph and model on fresh batches; raise ExportValidationError listing every mismatch."""
     heads = np.asarray(heads)
     report, mismatches = ValidationReport(tolerance=tolerance), []
     with tempfile.TemporaryDirectory(prefix="savpack-validate-") as tmp:
         batches = batches if batches is not None else validation_batches(image_count, Path(tmp))
         for name, examples in batches.items():
-            expected = extract(loaded, examples, template, heads=heads, batch_size=len(examples), progress=False).vectors
+            expected = extract(loaded, examples, template, heads=heads, batch_size=len(examples), progress=False,
+                               token_position=token_position).vectors
             try:
                 feed = graph_inputs.plan(kind, plan_config, encode_examples(loaded, examples, template))
                 found = session.run(feed)
