@@ -23,6 +23,7 @@ from savpack.models import load_model
 from savpack.pipeline import extract_activations, pack_from_activations
 from savpack_runtime import graph_inputs
 from savpack_runtime.bundle import Bundle
+from savpack_runtime.pack import Pack
 from savpack_runtime.errors import ModelMismatchError, OutputPathError
 from savpack_runtime.session import GraphSession
 
@@ -293,7 +294,7 @@ def test_validation_catches_a_wrong_graph(loaded_model, packs, tmp_path):
     with pytest.raises(ExportValidationError) as caught:
         validate_graph(GraphSession(tmp_path / "wrong.onnx"), loaded, kind, plan, heads, pack.prompt["template"], 0)
     batches = {mismatch.batch for mismatch in caught.value.mismatches}
-    assert batches == {"batch of 1", "mixed batch of 3"}
+    assert batches == {"batch of 1", "mixed batch of 4"}
     assert len(caught.value.mismatches) >= len(heads)
     assert "disagrees with the model" in str(caught.value) and "head [" in str(caught.value)
 
@@ -450,3 +451,41 @@ def test_dynamo_exporter(loaded_model, packs, tmp_path, name):
     result = export_bundle(loaded_model(name), packs(name), tmp_path / "bundle", exporter="dynamo", selected_heads_only=True)
     assert result.validation.max_difference < 1e-5
     assert result.info["created_by"]["exporter"] == "dynamo"
+
+
+@pytest.mark.parametrize("vote", ["majority", "cosine"])
+def test_the_vote_inside_the_graph_equals_the_numpy_vote(vote, tmp_path):
+    """PackScores exported alone, on random vectors and on vectors made to tie: votes, prediction (tie-breaks
+    included) and cosines equal savpack_runtime.vote's."""
+    import onnxruntime
+
+    from savpack.export.scores import PackScores
+    from savpack_runtime.vote import classify_vectors, cosine_to_centroids
+
+    rng = np.random.default_rng(3)
+    k, classes, d = 6, 3, 8
+    centroids = rng.normal(size=(k, classes, d)).astype(np.float32)
+    pack = Pack(heads=np.stack([np.arange(k), np.zeros(k)], axis=1).astype(np.int32), centroids=centroids,
+                head_scores=np.ones(k, np.float32), class_counts=np.ones(classes, np.int32),
+                all_head_scores=np.ones((k, 1), np.float32), labels=("a", "b", "c"),
+                model={"id": "m", "revision": "r", "family": "qwen2", "grid": [k, 1, d], "fingerprint": "f"},
+                prompt={"template": "{text}", "rendered": "{text}", "image_count": 0, "chat_template_sha256": None},
+                selection={"k": k, "vote": vote})
+    positions = np.array([5, 0, 3, 1, 2, 4])  # the pack's heads sit in another order in the graph
+    torch.onnx.export(PackScores(pack, positions).eval(), (torch.zeros(2, k, d),), str(tmp_path / "scores.onnx"),
+                      input_names=["head_vectors"], output_names=["cosines", "votes", "prediction"],
+                      dynamic_axes={"head_vectors": {0: "batch"}}, opset_version=onnx_graph.OPSET, dynamo=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / "scores.onnx"))
+    vectors = rng.normal(size=(200, k, d)).astype(np.float32)
+    # Ties: items whose heads copy centroids so that two classes get 3 votes each (and a zero vector).
+    for item in range(50):
+        first, second = rng.choice(classes, 2, replace=False)
+        for slot, head in enumerate(positions):
+            vectors[item, head] = centroids[slot, first if slot < 3 else second] * rng.uniform(0.5, 2)
+    vectors[50] = 0.0
+    cosines, votes, prediction = session.run(None, {"head_vectors": vectors})
+    reference = classify_vectors(vectors[:, positions], centroids, vote)
+    assert np.abs(cosines - cosine_to_centroids(vectors[:, positions], centroids)).max() <= 1e-6
+    assert np.array_equal(votes, reference.votes) and np.array_equal(prediction, reference.predictions)
+    tied = (reference.votes == reference.votes.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    assert tied.sum() >= 50  # the tie-break really ran

@@ -7,7 +7,9 @@
     result.label, result.votes, result.shares, result.by_pack   # by_pack: one result per pack in the bundle
     results = classifier.classify_batch([{"text": "...", "images": ["a.png"]}, ("another", ["b.png"])])
 
-One forward serves every pack of the bundle: the graph returns the union of their heads, each pack votes with its own.
+One forward serves every pack of the bundle: the graph returns the union of their heads and (bundle format 2) each
+pack's vote, computed inside the graph. The numpy vote (savpack_runtime.vote) is the reference the in-graph vote is
+tested against; the classifier uses it only for format-1 bundles, whose graphs return head vectors alone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 
 from . import graph_inputs
 from .bundle import Bundle, check_graph_metadata
-from .errors import InputError
+from .errors import GraphError, InputError
 from .images import load_image, to_rgb
 from .preprocess import Preprocessor
 from .session import GraphSession
@@ -88,6 +90,11 @@ class Classifier:
         check_graph_metadata(bundle, session.metadata)
         if list(session.input_names) != list(bundle.graph["inputs"]):
             raise InputError(f"{bundle.graph_path}: graph inputs {list(session.input_names)} differ from bundle.json's {bundle.graph['inputs']}")
+        for entry in bundle.packs:
+            absent = [name for name in (entry.outputs or {}).values() if name not in session.output_names]
+            if absent:
+                raise GraphError(f"{bundle.graph_path}: pack {entry.name!r} reads graph outputs {absent}, which the graph "
+                                 f"does not have ({list(session.output_names)})")
         timings["session"] = time.perf_counter() - started
         started = time.perf_counter()
         preprocessor = Preprocessor.load(Path(folder))
@@ -115,20 +122,25 @@ class Classifier:
     def classify_batch(self, items: Iterable[Any], batch_size: int | None = None) -> list[Result]:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
         items = [self._item(item, index) for index, item in enumerate(items)]
-        vectors = self.head_vectors(items, batch_size)
+        outputs = self.graph_outputs(items, batch_size)
         results_by_pack = []
         for entry in self.bundle.packs:
-            votes = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
-            results_by_pack.append((entry, votes))
+            if entry.outputs is not None:  # the graph voted
+                votes, predictions = outputs[entry.outputs["votes"]], outputs[entry.outputs["prediction"]]
+            else:  # a format-1 bundle: the reference vote on the graph's head vectors
+                reference = classify_vectors(outputs[graph_inputs.OUTPUT_NAME][:, entry.positions], entry.pack.centroids,
+                                             entry.pack.selection.get("vote", "majority"))
+                votes, predictions = reference.votes, reference.predictions
+            results_by_pack.append((entry, votes, predictions))
         results = []
         for row in range(len(items)):
             by_pack = {}
-            for entry, votes in results_by_pack:
-                labels = entry.pack.labels
+            for entry, votes, predictions in results_by_pack:
+                labels, k = entry.pack.labels, entry.pack.k
                 by_pack[entry.name] = PackResult(
-                    labels[int(votes.predictions[row])],
-                    {label: int(count) for label, count in zip(labels, votes.votes[row])},
-                    {label: float(share) for label, share in zip(labels, votes.shares[row])},
+                    labels[int(predictions[row])],
+                    {label: int(count) for label, count in zip(labels, votes[row])},
+                    {label: int(count) / k for label, count in zip(labels, votes[row])},
                 )
             first = by_pack[self.bundle.packs[0].name]
             results.append(Result(first.label, first.votes, first.shares, by_pack))
@@ -136,20 +148,26 @@ class Classifier:
 
     def head_vectors(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
+        return self.graph_outputs(items, batch_size)[graph_inputs.OUTPUT_NAME]
+
+    def graph_outputs(self, items: Sequence[Item], batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (head vectors, each pack's in-graph vote), rows in the order of `items`."""
         batch_size = batch_size or self.batch_size
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
         # As the builder batches: similar prompts together (less padding; results do not depend on the batch), and a
         # batch holds items with one number of images.
         order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(prompts[i])))
         groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(items[i].images))]
-        heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])
-        vectors = np.zeros((len(items), heads, head_dim), dtype=np.float32)
+        outputs: dict[str, np.ndarray] = {}
         for batch in (group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)):
             images = [[_open(image, i) for image in items[i].images] for i in batch]
             encoded = self.preprocessor.encode([prompts[i] for i in batch], images)
             feed = graph_inputs.plan(self.bundle.graph["kind"], self.bundle.graph["plan"], encoded)
-            vectors[batch] = self.session.run(feed)
-        return vectors
+            for name, value in self.session.run_all(feed).items():
+                if name not in outputs:
+                    outputs[name] = np.zeros((len(items),) + value.shape[1:], dtype=value.dtype)
+                outputs[name][batch] = value
+        return outputs
 
     def _item(self, item: Any, index: int) -> Item:
         if isinstance(item, str):

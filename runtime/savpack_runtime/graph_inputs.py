@@ -78,6 +78,14 @@ GRAPH_INPUTS: dict[str, dict[str, dict[int, str]]] = {
 }
 OUTPUT_NAME = "head_vectors"  # (B, k, head_dim) float32
 OUTPUT_AXES = {0: "batch"}
+# The vote inside the graph (bundle format 2): per pack, in the bundle's pack order, these outputs (batch first).
+# cosines (B, k, C) float32, votes (B, C) int64, prediction (B,) int64 (savpack.export.scores).
+SCORE_ROLES = ("cosines", "votes", "prediction")
+
+
+def score_outputs(pack_index: int) -> dict[str, str]:
+    """The graph output name of each scoring role of the bundle's pack number `pack_index`."""
+    return {role: f"pack{pack_index}.{role}" for role in SCORE_ROLES}
 
 
 def input_names(kind: str) -> tuple[str, ...]:

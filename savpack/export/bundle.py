@@ -26,12 +26,14 @@ from savpack_runtime.pack import Pack
 from savpack_runtime.preprocess import SPEC_FILE, TOKENIZER_FILE
 from savpack_runtime.session import GraphSession
 
+from ..data import Example
 from ..errors import ExportError
 from ..models import LoadedModel
 from ..pipeline import check_pack_fits, producer_versions
 from ..preprocess_spec import write_preprocessing
 from . import onnx_graph
 from .forward import build_graph_module
+from .quantize import DEFAULT_MIN_AGREEMENT, QUANTIZE_TYPES, QuantizationReport, packs_examples, quantize_bundle
 from .validate import DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, encode_examples, make_examples, validate_graph
 
 
@@ -42,6 +44,7 @@ class ExportResult:
     validation: ValidationReport
     sizes: dict[str, int] = field(default_factory=dict)  # file (relative) -> bytes
     seconds: dict[str, float] = field(default_factory=dict)  # step -> wall time
+    quantization: QuantizationReport | None = None  # the int8 check, when the graph was quantized
 
 
 def union_heads(packs: Sequence[Pack]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -78,8 +81,15 @@ def check_packs_agree(packs: Sequence[Pack], names: Sequence[str]) -> None:
 
 def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, names: Sequence[str] | None = None,
                   fp16: bool = False, selected_heads_only: bool = False, force: bool = False,
-                  exporter: str = "torchscript", tolerance: float | None = None, echo=None) -> ExportResult:
-    """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`."""
+                  exporter: str = "torchscript", tolerance: float | None = None, echo=None, scores: bool = True,
+                  quantize: str | None = None, examples: Sequence[Example] = (), per_channel: bool = True,
+                  min_agreement: float = DEFAULT_MIN_AGREEMENT) -> ExportResult:
+    """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`.
+
+    scores: the packs' votes inside the graph (bundle format 2, the default: measured to cost nothing, docs/export.md);
+    False writes a format-1 bundle whose graph returns head vectors only (the runtime then votes in numpy).
+    quantize "int8": the validated float32 graph is quantized (savpack.export.quantize) and kept only if each pack
+    labels its own examples (found among `examples`) as the float32 graph does, at least `min_agreement` of them."""
     say = echo or (lambda message: None)
     out = Path(out)
     if not packs:
@@ -95,6 +105,12 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     for pack in packs:
         check_pack_fits(pack, loaded)
     files = pack_file_names(names)
+    if quantize is not None:
+        if quantize not in QUANTIZE_TYPES:
+            raise ExportError(f"--quantize {quantize!r} is not one of {QUANTIZE_TYPES}")
+        if fp16:
+            raise ExportError("--fp16 and --quantize int8 exclude each other: int8 replaces the float32 weights")
+        own_examples = packs_examples(packs, names, examples)
     tolerance = tolerance if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
     prompt = packs[0].prompt
     image_count = int(prompt["image_count"])
@@ -104,6 +120,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     started = time.perf_counter()
     token_position = packs[0].token_position
     graph = build_graph_module(loaded, heads, image_count, selected_heads_only, token_position)
+    graph = graph.scored(packs, positions) if scores else graph
     with tempfile.TemporaryDirectory(prefix="savpack-example-") as tmp:
         example = make_examples(3, image_count, EXAMPLE_SIZES, Path(tmp), seed=7, extra_image_item=0 if image_count else None)
         feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
@@ -115,7 +132,8 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".trace", dir=out.parent) as traced:
             model = onnx_graph.trace_to_onnx(graph, feed, Path(traced), exporter)
             saved = onnx_graph.float16_weights(model, Path(traced)) if fp16 else 0
-            onnx_graph.finish(model, fmt.graph_metadata(model_info, heads, [pack.content_hash() for pack in packs]))
+            version = fmt.FORMAT_VERSION if scores else 1
+            onnx_graph.finish(model, fmt.graph_metadata(model_info, heads, [pack.content_hash() for pack in packs], version))
             seconds["export"] = time.perf_counter() - started
             onnx_graph.save(model, work / fmt.GRAPH_FILE, Path(traced))
         del model
@@ -125,21 +143,22 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         write_preprocessing(loaded, prompt, work)  # checks the runtime reproduces the builder's inputs first
         preprocessing = {"files": {name: fmt.file_sha256(work / name) for name in (SPEC_FILE, TOKENIZER_FILE)}}
         info = {
-            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+            "format": fmt.FORMAT_NAME, "format_version": version,
             "model": model_info, "prompt": prompt,
             "graph": {
                 "file": fmt.GRAPH_FILE, "sha256": fmt.file_sha256(work / fmt.GRAPH_FILE),
                 "data_file": fmt.GRAPH_DATA_FILE, "data_bytes": (work / fmt.GRAPH_DATA_FILE).stat().st_size,
                 "data_sha256": fmt.file_sha256(work / fmt.GRAPH_DATA_FILE),
                 "kind": graph.kind, "plan": graph.plan_config,
-                "inputs": list(graph.input_names), "output": graph_inputs.OUTPUT_NAME,
+                "inputs": list(graph.input_names), "output": graph_inputs.OUTPUT_NAME, "outputs": list(graph.output_names),
                 "dynamic_axes": {name: {str(axis): label for axis, label in graph_inputs.GRAPH_INPUTS[graph.kind][name].items()}
                                  for name in graph.input_names},
                 "opset": onnx_graph.OPSET, "heads": heads.tolist(),
                 "weights": "float16" if fp16 else "float32", "selected_heads_only": graph.selected_heads_only,
             },
-            "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist()}
-                      for file, name, position in zip(files, names, positions)],
+            "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist(),
+                       **({"labels": list(pack.labels), "outputs": graph_inputs.score_outputs(index)} if scores else {})}
+                      for index, (pack, file, name, position) in enumerate(zip(packs, files, names, positions))],
             "preprocessing": preprocessing,
             "created_by": {**producer_versions(), "exporter": exporter, **_export_versions()},
         }
@@ -152,9 +171,14 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         fmt.check_graph_metadata(written, session.metadata)
         say(f"validating against {loaded.model_id} on fresh inputs (tolerance {tolerance:g})")
         report = validate_graph(session, loaded, graph.kind, graph.plan_config, heads, prompt["template"], image_count,
-                                tolerance, token_position=token_position)
+                                tolerance, token_position=token_position, packs=list(zip(packs, positions)) if scores else ())
         del session
         seconds["validate"] = time.perf_counter() - started
+        if quantize is not None:
+            started = time.perf_counter()
+            quantization = quantize_bundle(work, names, own_examples, per_channel, min_agreement, say)
+            info = json.loads((work / fmt.BUNDLE_FILE).read_text(encoding="utf-8"))
+            seconds["quantize"] = time.perf_counter() - started
         sizes = {str(path.relative_to(work)): path.stat().st_size for path in sorted(work.rglob("*")) if path.is_file()}
         _move_into_place(work, out, force)
     except BaseException:
@@ -162,7 +186,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         raise
     if saved:
         say(f"float16 weights saved {saved / 1e6:.1f} MB")
-    return ExportResult(out, info, report, sizes, seconds)
+    return ExportResult(out, info, report, sizes, seconds, quantization if quantize is not None else None)
 
 
 def _export_versions() -> dict[str, str]:

@@ -206,7 +206,7 @@ class HeadDecoder(nn.Module):
             cos, sin = tables[self.layer_types[index]]
             normed = layer.input_layernorm(hidden)
             if index == self.deepest and self.selected_only:
-                captured.append(self._deepest_selected(normed, real, last, rows, cos, sin, window, ordered))
+                captured.append(self._deepest_selected(normed, real, last, rows, cos, sin, window, ordered, image_blocks is not None))
                 break
             if window not in masks:  # causal, real keys only, and within the window if the layer slides
                 allowed = ordered if window is None else ordered & (distance < window)[None]
@@ -250,7 +250,8 @@ class HeadDecoder(nn.Module):
         return states[:, :, None].expand(batch, kv_heads, group, length, d).reshape(batch, kv_heads * group, length, d)
 
     def _deepest_selected(self, normed: torch.Tensor, real: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, window: int | None, ordered: torch.Tensor) -> torch.Tensor:
+                          cos: torch.Tensor, sin: torch.Tensor, window: int | None, ordered: torch.Tensor,
+                          per_item: bool) -> torch.Tensor:
         """Layer L*'s chosen heads at the last position: one query row per item, keys over the real tokens before it."""
         batch, length, _ = normed.shape
         chosen, d = len(self.capture[self.deepest]), self.head_dim
@@ -263,7 +264,8 @@ class HeadDecoder(nn.Module):
         key = apply_rotary(key, cos[:, None], sin[:, None])
         key, value = key[:, self.kv_of_chosen], value[:, self.kv_of_chosen]  # (B, chosen, S, d)
         steps = torch.arange(length, device=normed.device)
-        allowed = real & ordered.expand(len(last), -1, -1)[rows, last]  # (B, S): the last token's row of the mask
+        # (B, S): the last token's row of the mask (ordered is (1, S, S) without image blocks, else (B, S, S)).
+        allowed = real & (ordered[rows, last] if per_item else ordered[0][last])
         if window is not None:
             allowed = allowed & (last[:, None] - steps[None, :] < window)
         allowed = allowed[:, None, None]  # (B, 1, 1, S)

@@ -9,19 +9,21 @@ Shapes: B batch, S sequence, N images, P patches per image (padded), T tiles, D 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from savpack_runtime import graph_inputs
+from savpack_runtime.pack import Pack
 
 from ..errors import ExportError
 from ..models import LoadedModel, find_decoder_layers
 from .decoder import HeadDecoder, RotaryTables, apply_rotary, attend, check_text_model
 from .learned_positions import BertGraph, GPT2Graph
+from .scores import ScoredGraph, output_names
 
 # Language-model types the export decoder reproduces: Llama-style layers (RMSNorm, q/k/v/o, rotary, gated MLP), with
 # per-head q/k norms (Qwen3, Gemma 3), scaled embeddings (Gemma), norms around attention and MLP and logit soft-capping
@@ -36,6 +38,7 @@ class GraphModule:
     kind: str  # a graph_inputs kind: which planner feeds it
     plan_config: dict[str, Any]  # what the planner needs from the model config (stored in bundle.json)
     selected_heads_only: bool = False  # layer L* computes only the chosen heads at the last position
+    output_names: tuple[str, ...] = (graph_inputs.OUTPUT_NAME,)
 
     def __post_init__(self) -> None:
         self.module.eval()  # the wrapper is new (training); the model's own modules stay in eval mode
@@ -43,6 +46,11 @@ class GraphModule:
     @property
     def input_names(self) -> tuple[str, ...]:
         return graph_inputs.input_names(self.kind)
+
+    def scored(self, packs: Sequence[Pack], positions: Sequence[np.ndarray]) -> "GraphModule":
+        """The same graph followed by each pack's vote (savpack.export.scores): head_vectors, then per pack its
+        graph_inputs.SCORE_ROLES outputs."""
+        return replace(self, module=ScoredGraph(self.module, packs, positions), output_names=tuple(output_names(len(packs))))
 
 
 def build_graph_module(loaded: LoadedModel, heads: np.ndarray, image_count: int, selected_only: bool = False,
