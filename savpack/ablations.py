@@ -74,7 +74,7 @@ def sav_ablation(pool: ActivationSet, test: ActivationSet, shots: Iterable[int] 
                         continue
                     for method in votes:
                         predicted = vote(similarities[:, : k or layers * heads], method).predictions
-                        report = classification_report(test.labels, [ranked.labels_[i] for i in predicted], ranked.labels_)
+                        report = classification_report(test.labels, ranked.classes_[predicted], ranked.classes_)
                         runs.append(Run(shot_count, seed, scoring, k, method, {name: report[name] for name in METRICS}))
     return runs
 

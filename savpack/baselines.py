@@ -23,7 +23,6 @@ from savpack_runtime.vote import classify_vectors, unit
 from .classifier import SavClassifier
 from .errors import BuildError
 from .extract import ActivationSet
-from .media import DEFAULT_VIDEO_FRAMES
 from .metrics import classification_report
 
 KNN_NEIGHBOURS = (1, 5)
@@ -180,10 +179,10 @@ class LayerClassifier:
         self.inner_ = SavClassifier(k=self.n_layers, scoring=self.scoring, vote=self.vote).fit(layer_vectors(X), y)
         self.layers_ = self.inner_.heads_[:, 0].copy()
         self.layer_scores_ = self.inner_.all_head_scores_[:, 0].copy()
-        self.labels_ = self.inner_.labels_
+        self.classes_ = self.inner_.classes_
         return self
 
-    def predict(self, X: np.ndarray) -> list[str]:
+    def predict(self, X: np.ndarray) -> np.ndarray:
         return self.inner_.predict(layer_vectors(np.asarray(X, np.float32)))
 
 
@@ -337,7 +336,7 @@ def evaluate_with_baselines(loaded: Any, pack: Any, examples: Sequence[Any], tra
     if train is not None:
         check_training_activations(train, pack, loaded.model_metadata())
     test = extract_activations(loaded, kept, pack.prompt["template"], batch_size=batch_size, final_hidden=True,
-                               progress=progress, video_frames=pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES),
+                               progress=progress, video_frames=pack.video_frames,
                                token_position=pack.token_position)
     method = vote or pack.selection.get("vote", "majority")
     skipped: dict[str, str] = {}

@@ -1,16 +1,26 @@
-"""SavClassifier: the SAV method as a scikit-learn style estimator over head activations (numpy only).
+"""SavClassifier: the SAV method as a scikit-learn estimator over head activations (numpy only).
 
-`fit(X, y)` takes every head's vector at the last token, X (N, layers, heads, head_dim), and string labels y; it
-selects k heads and stores their class centroids. Learned attributes end in `_`.
+`fit(X, y)` takes every head's output at the classified token and the labels; it scores every head, keeps the k best
+and stores their class centroids. X is 2-D, (examples, layers * heads * head_dim) with `grid=(layers, heads,
+head_dim)` saying how the columns split into heads (grid=None: the columns are one head); for convenience X may also
+be 4-D, (examples, layers, heads, head_dim), as `savpack extract` stores activations. Learned attributes end in `_`.
+
+scikit-learn is not a dependency: the estimator follows its conventions (get_params/set_params, classes_,
+n_features_in_, NotFittedError, ValueError on bad input) and `sklearn.utils.estimator_checks.check_estimator`
+passes on it (tests/test_classifier_sklearn.py); where scikit-learn is installed, its own exception and warning
+classes are raised, so its tools and `except` clauses recognise them.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from savpack_runtime import Pack
+from savpack_runtime.errors import SavpackWarning
 from savpack_runtime.vote import VOTE_METHODS, Votes, classify_vectors
 
 from .errors import BuildError
@@ -20,50 +30,88 @@ DEFAULT_K = 20
 
 
 class SavClassifier:
-    def __init__(self, k: int | None = DEFAULT_K, scoring: str = "paper", vote: str = "majority"):
-        self.k = k  # None: every head votes
+    """Select the k attention heads whose class centroids classify the labelled set best; predict by their vote.
+
+    k: heads that vote (None: every head). scoring: "paper" (in-sample nearest-centroid accuracy) or "loo"
+    (leave-one-out). vote: "majority" or "cosine" (docs/format.md section 5). grid: (layers, heads, head_dim) of
+    2-D X's columns, None for one head of all columns (4-D X carries its grid).
+    """
+
+    def __init__(self, k: int | None = DEFAULT_K, scoring: str = "paper", vote: str = "majority",
+                 grid: tuple[int, int, int] | None = None):
+        self.k = k
         self.scoring = scoring
         self.vote = vote
+        self.grid = grid
 
-    def fit(self, X: np.ndarray, y: Sequence[str]) -> "SavClassifier":
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 4:
-            raise BuildError(f"X must be (examples, layers, heads, head_dim), got shape {list(X.shape)}")
-        if len(y) != X.shape[0]:
-            raise BuildError(f"{X.shape[0]} activation rows but {len(y)} labels")
+    # -- scikit-learn's estimator protocol ----------------------------------------------------------------------
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _parameter_names(type(self))}
+
+    def set_params(self, **params: Any) -> "SavClassifier":
+        valid = _parameter_names(type(self))
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"Invalid parameter {name!r} for estimator {type(self).__name__}; valid: {list(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {name: parameter.default for name, parameter in inspect.signature(type(self)).parameters.items()}
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items() if value != defaults[name]]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags  # only scikit-learn itself asks
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    classifier_tags=ClassifierTags(), input_tags=InputTags())
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "heads_")
+
+    # -- learning and predicting ----------------------------------------------------------------------------------
+
+    def fit(self, X: Any, y: Any) -> "SavClassifier":
+        """X (N, layers * heads * head_dim) or (N, layers, heads, head_dim); y (N,) labels. Returns self."""
         if self.scoring not in SCORINGS:
             raise BuildError(f"scoring {self.scoring!r} is not one of {SCORINGS}")
         if self.vote not in VOTE_METHODS:
             raise BuildError(f"vote {self.vote!r} is not one of {VOTE_METHODS}")
-        self.labels_ = tuple(sorted(set(y)))
-        if len(self.labels_) < 2:
-            raise BuildError(f"only one class ({self.labels_[0]!r}) in the labelled data; a classifier needs at least 2")
-        count, layers, heads, head_dim = X.shape
+        activations, grid, features = self._activations(X, fitting=True)
+        labels = _labels(y, len(activations))
+        self.classes_, label_index = np.unique(labels, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise BuildError(f"only one class ({self.classes_[0]!r}) in the labelled data; a classifier needs at least 2")
+        self.n_features_in_, self.grid_ = features, grid
+        count, layers, heads, head_dim = activations.shape
         k = layers * heads if self.k is None else self.k
-        label_index = np.array([self.labels_.index(label) for label in y])
-        correct = head_scores(X.reshape(count, layers * heads, head_dim), label_index, len(self.labels_), self.scoring)
+        correct = head_scores(activations.reshape(count, layers * heads, head_dim), label_index, len(self.classes_),
+                              self.scoring)
         self.all_head_scores_ = (correct / count).reshape(layers, heads).astype(np.float32)  # accuracy of each head
         self.heads_ = top_heads(self.all_head_scores_, k)
-        means = class_means(self._select(X), label_index, len(self.labels_))  # (C, k, D)
+        means = class_means(self._select(activations), label_index, len(self.classes_))  # (C, k, D)
         self.centroids_ = np.ascontiguousarray(means.transpose(1, 0, 2))  # (k, C, D)
         self.head_scores_ = self.all_head_scores_[self.heads_[:, 0], self.heads_[:, 1]]
-        self.class_counts_ = np.bincount(label_index, minlength=len(self.labels_)).astype(np.int32)
+        self.class_counts_ = np.bincount(label_index, minlength=len(self.classes_)).astype(np.int32)
         return self
-
-    def _select(self, X: np.ndarray) -> np.ndarray:
-        """(N, layers, heads, D) -> (N, k, D): the selected heads' vectors, in vote order."""
-        return X[:, self.heads_[:, 0], self.heads_[:, 1]]
 
     def decide(self, head_vectors: np.ndarray) -> Votes:
         """The vote for vectors of the selected heads only, (N, k, D)."""
         return classify_vectors(head_vectors, self.centroids_, self.vote)
 
-    def predict(self, X: np.ndarray) -> list[str]:
-        """Labels for full activations (N, layers, heads, D)."""
-        return [self.labels_[i] for i in self.decide(self._select(np.asarray(X, np.float32))).predictions]
+    def predict(self, X: Any) -> np.ndarray:
+        """Labels (N,), one of classes_ each, for X shaped as in fit."""
+        activations, _, _ = self._activations(X, fitting=False)
+        return self.classes_[self.decide(self._select(activations)).predictions]
 
-    def score(self, X: np.ndarray, y: Sequence[str]) -> float:
-        return float(np.mean([p == t for p, t in zip(self.predict(X), y)]))
+    def score(self, X: Any, y: Any) -> float:
+        """Accuracy of predict(X) against y."""
+        predicted = self.predict(X)
+        return float(np.mean(predicted == _labels(y, len(predicted))))
+
+    # predict_proba: calibrated probabilities come with the pack's scoring model (issue 14).
 
     # -- packs ---------------------------------------------------------------------------------------------------
 
@@ -72,17 +120,114 @@ class SavClassifier:
                      "head_score": "labelled-set accuracy", **fields.pop("selection", {})}
         return Pack(
             heads=self.heads_, centroids=self.centroids_, head_scores=self.head_scores_,
-            class_counts=self.class_counts_, all_head_scores=self.all_head_scores_, labels=self.labels_,
-            model=model, prompt=prompt, selection=selection, **fields,
+            class_counts=self.class_counts_, all_head_scores=self.all_head_scores_,
+            labels=tuple(str(label) for label in self.classes_), model=model, prompt=prompt, selection=selection,
+            **fields,
         )
 
     @classmethod
     def from_pack(cls, pack: Pack) -> "SavClassifier":
-        classifier = cls(k=pack.k, scoring=pack.selection.get("scoring", "paper"), vote=pack.selection.get("vote", "majority"))
-        classifier.labels_ = tuple(pack.labels)
+        classifier = cls(k=pack.k, scoring=pack.selection.get("scoring", "paper"),
+                         vote=pack.selection.get("vote", "majority"), grid=pack.grid)
+        classifier.classes_ = np.array(pack.labels)
+        classifier.grid_ = pack.grid
+        classifier.n_features_in_ = int(np.prod(pack.grid))
         classifier.heads_ = np.asarray(pack.heads)
         classifier.centroids_ = np.asarray(pack.centroids)
         classifier.head_scores_ = np.asarray(pack.head_scores)
         classifier.all_head_scores_ = np.asarray(pack.all_head_scores)
         classifier.class_counts_ = np.asarray(pack.class_counts)
         return classifier
+
+    # -- input checks --------------------------------------------------------------------------------------------
+
+    def _select(self, activations: np.ndarray) -> np.ndarray:
+        """(N, layers, heads, D) -> (N, k, D): the selected heads' vectors, in vote order."""
+        return activations[:, self.heads_[:, 0], self.heads_[:, 1]]
+
+    def _activations(self, X: Any, fitting: bool) -> tuple[np.ndarray, tuple[int, int, int], int]:
+        """X as float32 (N, layers, heads, head_dim), its grid and its feature count; ValueError (or scikit-learn's
+        NotFittedError before fit) naming what is wrong."""
+        name = type(self).__name__
+        if not fitting and not self.__sklearn_is_fitted__():
+            raise _not_fitted(f"This {name} instance is not fitted yet; call fit first")
+        if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
+            raise TypeError(f"{name} does not take sparse input: head activations are dense; pass X.toarray()")
+        array = np.asarray(X)
+        if np.iscomplexobj(array):
+            raise BuildError("Complex data not supported: head activations are real numbers")
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim not in (2, 4):
+            raise BuildError(f"X must be 2-D (examples, layers * heads * head_dim) or 4-D (examples, layers, heads, "
+                             f"head_dim), got shape {list(array.shape)}. Reshape your data: one example is X.reshape(1, -1)")
+        if array.shape[0] == 0:
+            raise BuildError(f"X has 0 samples (shape {list(array.shape)}); at least 1 is required")
+        if not np.isfinite(array).all():
+            raise BuildError("X holds NaN or infinity; head activations must be finite numbers")
+        features = int(np.prod(array.shape[1:]))
+        if not fitting and features != self.n_features_in_:
+            raise BuildError(f"X has {features} features, but {name} is expecting {self.n_features_in_} features as input")
+        if features == 0:
+            raise BuildError(f"X has 0 feature(s) (shape={array.shape}) while a minimum of 1 is required.")
+        grid = self._grid(array) if fitting else self.grid_
+        return array.reshape(array.shape[0], *grid), grid, features
+
+    def _grid(self, array: np.ndarray) -> tuple[int, int, int]:
+        if array.ndim == 4:
+            if self.grid is not None and tuple(self.grid) != array.shape[1:]:
+                raise BuildError(f"grid {tuple(self.grid)} differs from 4-D X's {array.shape[1:]}")
+            return tuple(int(size) for size in array.shape[1:])
+        if self.grid is None:
+            return 1, 1, array.shape[1]  # every column belongs to one head
+        grid = tuple(int(size) for size in self.grid)
+        if len(grid) != 3 or min(grid) < 1 or int(np.prod(grid)) != array.shape[1]:
+            raise BuildError(f"grid {self.grid} must be (layers, heads, head_dim) whose product is X's "
+                             f"{array.shape[1]} columns")
+        return grid
+
+
+def _parameter_names(cls: type) -> tuple[str, ...]:
+    return tuple(name for name in inspect.signature(cls).parameters)
+
+
+def _labels(y: Any, count: int | None) -> np.ndarray:
+    """y as a 1-D array of class labels (strings or integers), checked against X's length when `count` is given."""
+    if y is None:
+        raise BuildError("SavClassifier requires y to be passed, but the target y is None")
+    labels = np.asarray(y)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        warnings.warn("A column-vector y was passed when a 1d array was expected; it is flattened",
+                      _data_conversion_warning(), stacklevel=3)
+        labels = labels.ravel()
+    if labels.ndim != 1:
+        raise BuildError(f"y should be a 1d array of labels, got shape {list(labels.shape)}")
+    if np.iscomplexobj(labels):
+        raise BuildError("Complex data not supported: labels are class names or integers")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+            raise BuildError("Unknown label type: continuous values; a classifier takes class labels (strings or integers)")
+    if count is not None and len(labels) != count:
+        raise BuildError(f"{count} activation rows but {len(labels)} labels")
+    return labels
+
+
+def _not_fitted(message: str) -> Exception:
+    """scikit-learn's NotFittedError where it is installed (its tools check for it), else the same kind of error."""
+    try:
+        from sklearn.exceptions import NotFittedError
+    except ImportError:
+        return _NotFittedError(message)
+    return NotFittedError(message)
+
+
+def _data_conversion_warning() -> type[Warning]:
+    """scikit-learn's DataConversionWarning where it is installed, else savpack's warning class."""
+    try:
+        from sklearn.exceptions import DataConversionWarning
+    except ImportError:
+        return SavpackWarning
+    return DataConversionWarning
+
+
+class _NotFittedError(BuildError, AttributeError):
+    """Used before fit where scikit-learn is not installed (a ValueError and an AttributeError, as scikit-learn's)."""

@@ -15,11 +15,12 @@ import click
 from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
 from savpack_runtime.files import check_output_path
-from savpack_runtime.format import TOKEN_POSITIONS
+from savpack_runtime.format import DEFAULT_VIDEO_FRAMES, TOKEN_POSITIONS
+from savpack_runtime.vote import VOTE_METHODS
 
 from . import __version__
 from .classifier import DEFAULT_K
-from .media import DEFAULT_VIDEO_FRAMES
+from .report import format_baselines, format_pack_summary, format_report, pack_summary
 from .selection import SCORINGS
 from .versions import check_name, check_version
 
@@ -92,7 +93,8 @@ def _load(params: dict[str, Any]):
 
 
 def _examples(path: str, require_labels: bool = True):
-    from .data import load_examples
+    from savpack_runtime.items import load_examples
+
 
     return load_examples(path, require_labels=require_labels)
 
@@ -117,6 +119,7 @@ token_position_option = click.option(
     "--token-position", type=click.Choice(TOKEN_POSITIONS), default=None,
     help="Token whose head outputs classify: last real token, or first ([CLS] of an encoder). Default: the family's.",
 )
+pack_vote_option = click.option("--vote", type=click.Choice(VOTE_METHODS), default=None, help="Override the pack's vote method.")
 video_frames_option = click.option(
     "--video-frames", type=click.IntRange(min=1), default=DEFAULT_VIDEO_FRAMES, show_default=True,
     help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
@@ -157,7 +160,7 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pack file to write (.safetensors).")
 @click.option("--k", "k", default=str(DEFAULT_K), show_default=True, help="Number of heads that vote, or 'all'.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default="majority", show_default=True, help="How the heads' choices combine.")
+@click.option("--vote", type=click.Choice(VOTE_METHODS), default="majority", show_default=True, help="How the heads' choices combine.")
 @prompt_option
 @shots_option
 @seed_option
@@ -203,7 +206,11 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
     pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
                                  version=pack_version, selection=selection)
     pack.save(out, force=force)
-    _print_summary(pack, out, as_json)
+    _echo_summary(pack, out, as_json)
+
+
+def _echo_summary(pack: Pack, path: str, as_json: bool) -> None:
+    click.echo(json.dumps(pack_summary(pack), indent=2, ensure_ascii=False) if as_json else format_pack_summary(pack, path))
 
 
 def _identity(check: Callable[[str], str], value: str | None, param: click.Parameter) -> str | None:
@@ -236,7 +243,7 @@ def _load_pack(path: str) -> Pack:
 @click.option("--pack", "pack_path", required=True, help="Pack file.")
 @model_options()
 @click.option("--data", required=True, help="Items to classify (.jsonl, .json, .csv or folder); labels optional.")
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@pack_vote_option
 def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None:
     """Classify items; prints one JSON line per item (label, votes and vote shares per class)."""
     from .pipeline import classify as run_classify
@@ -253,7 +260,7 @@ def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None
 @click.option("--pack", "pack_path", required=True, help="Pack file.")
 @model_options()
 @click.option("--data", required=True, help="Labelled held-out data; examples the pack was built from are skipped.")
-@click.option("--vote", type=click.Choice(["majority", "cosine"]), default=None, help="Override the pack's vote method.")
+@pack_vote_option
 @click.option("--baselines", is_flag=True,
               help="Also report zero-shot, kNN (k=1, 5), a linear probe, the best 2 layers and all heads, from the same single pass.")
 @click.option("--train", "train_data", default=None,
@@ -324,7 +331,7 @@ def _training_activations(pack: Pack, loaded, train_data: str | None, train_acti
         if pack.selection.get("shots") is not None:
             examples = _sampled(examples, int(pack.selection["shots"]), int(pack.selection.get("seed", 0)))
         train = extract_activations(loaded, examples, pack.prompt["template"], batch_size=batch_size, final_hidden=True,
-                                    video_frames=pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES),
+                                    video_frames=pack.video_frames,
                                     token_position=pack.token_position)
     else:
         return None
@@ -332,43 +339,6 @@ def _training_activations(pack: Pack, loaded, train_data: str | None, train_acti
         warnings.warn("the training examples differ from those the pack was built from; the baselines learn from "
                       "other examples than SAV did", SavpackWarning)
     return train
-
-
-BASELINE_NAMES = {"zero_shot": "zero-shot (label words)", "knn_1": "kNN k=1 (final hidden)",
-                  "knn_5": "kNN k=5 (final hidden)", "linear_probe": "linear probe (final hidden)",
-                  "best_2_layers": "best 2 layers", "all_heads": "all heads vote"}
-
-
-def format_baselines(report: dict[str, Any], k: int) -> str:
-    rows = [(f"SAV pack (k={k})", report)] + [(BASELINE_NAMES.get(name, name), values)
-                                              for name, values in report["baselines"].items()]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'method':<{width}}  accuracy  balanced  macro-F1"]
-    lines += [f"{name:<{width}}  {values['accuracy']:>8.4f}  {values['balanced_accuracy']:>8.4f}  {values['macro_f1']:>8.4f}"
-              for name, values in rows]
-    lines += [f"{BASELINE_NAMES.get(name, name):<{width}}  not run: {reason}" for name, reason in report["baselines_skipped"].items()]
-    return "\n".join(lines)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    labels = report["labels"]
-    lines = [
-        f"examples           {report['examples']}" + (f"  ({report['skipped_training_examples']} training examples skipped)" if report.get("skipped_training_examples") else ""),
-        f"accuracy           {report['accuracy']:.4f}",
-        f"balanced accuracy  {report['balanced_accuracy']:.4f}",
-        f"macro F1           {report['macro_f1']:.4f}",
-        "",
-        "per-class accuracy",
-    ]
-    width = max(len(label) for label in labels)
-    for label, accuracy in report["per_class_accuracy"].items():
-        lines.append(f"  {label:<{width}}  {accuracy:.4f}")
-    lines += ["", "confusion (rows: true, columns: predicted)"]
-    cell = max(6, max(len(label) for label in labels))
-    lines.append(" " * (width + 2) + "".join(f"{label[:cell]:>{cell + 1}}" for label in labels))
-    for label, row in zip(labels, report["confusion"]):
-        lines.append(f"  {label:<{width}}" + "".join(f"{count:>{cell + 1}}" for count in row))
-    return "\n".join(lines)
 
 
 @main.command()
@@ -387,7 +357,7 @@ def inspect(pack_path: str, as_json: bool, plot_path: str | None, force: bool) -
         title = f"{pack.name or Path(pack_path).name}: {pack.model['id']} ({', '.join(pack.labels)})"
         plot_head_map(pack.all_head_scores, plot_path, pack.heads, title=title[:90], force=force)
         click.echo(f"wrote {plot_path}", err=True)
-    _print_summary(pack, pack_path, as_json)
+    _echo_summary(pack, pack_path, as_json)
 
 
 @main.command(name="convert-gguf")
@@ -425,7 +395,7 @@ def _int_list(value: str, name: str, allow_all: bool = False) -> list:
 @click.option("--shots", default="5,10,20,50,100", show_default=True, help="Shots per class to try (comma-separated).")
 @click.option("--k", "ks", default="1,5,10,20,40,100,all", show_default=True, help="Numbers of heads to try.")
 @click.option("--scoring", "scorings", default="paper,loo", show_default=True, help="Head scorings to try.")
-@click.option("--vote", "votes", default="majority,cosine", show_default=True, help="Vote methods to try.")
+@click.option("--vote", "votes", default=",".join(VOTE_METHODS), show_default=True, help="Vote methods to try.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Seeds: each draws its own shots.")
 @click.option("--metric", type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]), default="accuracy", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print every run as JSON.")
@@ -455,43 +425,6 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
     for row in summarise(runs, ("shots", "scoring", "vote", "k"), metric):
         click.echo(f"{row['shots']:>5}  {row['scoring']:<7}  {row['vote']:<8}  {k_name(row['k']):>4}  "
                    f"{row['mean']:.4f} +- {row['std']:.4f}")
-
-
-def pack_summary(pack: Pack) -> dict[str, Any]:
-    return {
-        "name": pack.name, "version": pack.version, "format_version": pack.format_version,
-        "labels": list(pack.labels), "model": pack.model, "k": pack.k, "deepest_layer": pack.deepest_layer,
-        "heads": [{"layer": int(layer), "head": int(head), "score": round(float(score), 6)}
-                  for (layer, head), score in zip(pack.heads.tolist(), pack.head_scores)],
-        "class_counts": dict(zip(pack.labels, pack.class_counts.tolist())),
-        "prompt": pack.prompt, "selection": pack.selection, "metrics": pack.metrics,
-        "dataset": {key: value for key, value in pack.dataset.items() if key != "example_digests"},
-        "created_by": pack.created_by, "content_sha256": pack.content_hash(),
-    }
-
-
-def _print_summary(pack: Pack, path: str, as_json: bool) -> None:
-    summary = pack_summary(pack)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
-        return
-    layers, heads, head_dim = pack.grid
-    model = pack.model
-    lines = [
-        f"pack        {path}" + (f"  ({pack.name} {pack.version or ''})" if pack.name else ""),
-        f"labels      {', '.join(pack.labels)}",
-        f"model       {model['id']}  [{model['family']}, revision {str(model['revision'])[:20]}]",
-        f"grid        {layers} layers x {heads} heads x {head_dim} head_dim",
-        f"heads       k = {pack.k}, deepest layer {pack.deepest_layer}, scoring {pack.selection.get('scoring')}, vote {pack.selection.get('vote')}",
-        f"prompt      {pack.prompt['template']!r}, heads read at the {pack.token_position} token",
-        f"examples    {summary['class_counts']}",
-        f"metrics     {json.dumps(pack.metrics)}",
-        f"sha256      {summary['content_sha256']}",
-        "",
-        "  layer  head  accuracy",
-    ]
-    lines += [f"  {h['layer']:>5}  {h['head']:>4}  {h['score']:.4f}" for h in summary["heads"]]
-    click.echo("\n".join(lines))
 
 
 @main.command(name="export")
@@ -571,7 +504,7 @@ def demo(workdir: str | None) -> None:
     run_demo(Path(workdir) if workdir else None)
 
 
-# -- sharing: card, verify, push, pull, list (logic in savpack/sharing.py and savpack/card.py) ----------------------
+# -- sharing: card, verify, push, pull, list (logic in savpack/sharing/ and savpack/card.py) ----------------------
 
 @main.command()
 @click.argument("pack_path", metavar="PACK")

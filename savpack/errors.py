@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from savpack_runtime.errors import InputError, SavpackError
+from savpack_runtime.errors import DataError, SavpackError
 
-
-class DataError(InputError):
-    """A dataset, an item in it, or an image it names is unusable. The message names the file, line and field."""
+__all__ = ["BuildError", "DataError", "ExportError", "IdentityError", "MissingExtraError", "ModelError", "SharingError"]
 
 
 class ModelError(SavpackError):
@@ -17,8 +15,9 @@ class ExportError(SavpackError):
     """An ONNX export failed or its graph disagrees with the model."""
 
 
-class BuildError(SavpackError):
-    """Head selection cannot run with these settings (k, scoring, classes)."""
+class BuildError(SavpackError, ValueError):
+    """Head selection cannot run with these settings (k, scoring, vote) or this data (one class, bad shapes). A
+    ValueError too, as scikit-learn's conventions expect of an estimator's bad input."""
 
 
 class IdentityError(SavpackError):

@@ -5,7 +5,6 @@ last real token (or, for encoders, at the first: [CLS]). Also the activations fi
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -17,17 +16,22 @@ import torch
 from tqdm.auto import tqdm
 
 from savpack_runtime import files
+from savpack_runtime.batching import plan_batches
+from savpack_runtime.compat import BUILDER_PACKAGE, version_refusal
 from savpack_runtime import format as fmt
+from savpack_runtime import prompt as prompt_fields
 from savpack_runtime.errors import PackError
 from savpack_runtime.images import check_image
+from savpack_runtime.items import Example
 
-from .data import Example, dataset_summary
+from .data import dataset_summary
 from .errors import DataError
-from .media import DEFAULT_VIDEO_FRAMES, check_video, load_media
+from .media import check_video, load_media
 from .models import LoadedModel
 
 ACTIVATIONS_FORMAT = "savpack-activations"
 ACTIVATIONS_VERSION = 1
+ACTIVATIONS_SUPPORTED_VERSIONS = (1,)
 
 
 class _StopForward(Exception):
@@ -66,7 +70,7 @@ def extract(
     batch_size: int = 8,
     final_hidden: bool = False,
     progress: bool = True,
-    video_frames: int = DEFAULT_VIDEO_FRAMES,
+    video_frames: int = fmt.DEFAULT_VIDEO_FRAMES,
     token_position: str = fmt.DEFAULT_TOKEN_POSITION,
 ) -> Extraction:
     """Run the model once per example (batched) and return head vectors at the last (or first) real token.
@@ -77,80 +81,113 @@ def extract(
     video_frames: frames sampled from each video, shown to the model as images.
     token_position: "last" real token, or "first" (an encoder's [CLS]); the family must offer it.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     check_token_position(loaded, token_position)
-    layers, num_heads, head_dim = loaded.grid
-    needed = list(range(layers)) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
-    deepest = max(needed)
+    needed = list(range(loaded.grid[0])) if heads is None else sorted({int(layer) for layer in heads[:, 0]})
+    check_media(examples)
+    rendered = [_render(loaded, template, example, video_frames) for example in examples]
+    image_counts = [example.image_count(video_frames) for example in examples]
+    batches = plan_batches(image_counts, _token_counts(loaded, rendered), batch_size)
+    collected = _Collected(len(examples), loaded.grid, heads, needed)
+    stop_after = None if final_hidden else max(needed)
+    with _HeadCapture(loaded, needed, stop_after) as capture, \
+            tqdm(total=len(examples), desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
+        for batch in batches:
+            inputs = _encode(loaded, [examples[i] for i in batch], [rendered[i] for i in batch], video_frames)
+            positions = token_positions(inputs["attention_mask"], token_position)
+            output = capture.forward(inputs, positions)
+            collected.add(batch, inputs, capture.per_layer(), output, positions)
+            bar.update(len(batch))
+    return collected.extraction(examples)
+
+
+def check_media(examples: Sequence[Example]) -> None:
+    """Every image and video opens (headers only): fail before the first forward, not minutes into extraction."""
     for path in sorted({path for example in examples for path in example.images}):
-        check_image(path)  # fail before the first forward, not minutes into extraction
+        check_image(path)
     for path in sorted({path for example in examples for path in example.videos}):
         check_video(path)
-    image_counts = [example.image_count(video_frames) for example in examples]
-    rendered = [_render(loaded, template, example, video_frames) for example in examples]
-    # Similar token counts together: less padding, same results (tests check batched == one by one). The forward's cost
-    # is linear in padded tokens, and character counts order them badly. A batch holds items with the same number of
-    # images: processors pair images with prompts in nested lists of one shape.
-    lengths = _token_counts(loaded, rendered)
-    order = sorted(range(len(examples)), key=lambda i: (image_counts[i], lengths[i]))
-    batches = [
-        group[start : start + batch_size]
-        for group in (list(items) for _, items in itertools.groupby(order, key=lambda i: image_counts[i]))
-        for start in range(0, len(group), batch_size)
-    ]
 
-    count = len(examples)
-    all_heads = np.zeros((count, layers, num_heads, head_dim), dtype=np.float32) if heads is None else None
-    chosen = np.zeros((count, len(heads), head_dim), dtype=np.float32) if heads is not None else None
-    hidden = None
-    input_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * count
-    captured: dict[int, torch.Tensor] = {}
-    state: dict[str, Any] = {}
 
-    def make_hook(layer: int):
+def _encode(loaded: LoadedModel, batch: list[Example], rendered: list[str], video_frames: int) -> dict[str, torch.Tensor]:
+    """One batch's model inputs: its pictures loaded (videos sampled to frames), its prompts encoded, lengths checked."""
+    inputs = loaded.encode(rendered, [load_media(example, video_frames) for example in batch])
+    _check_lengths(loaded, batch, inputs["attention_mask"])
+    return inputs
+
+
+class _HeadCapture:
+    """Forward pre-hooks on the attention output projections of the `needed` layers: each keeps its input (every
+    head's output) at one token per row; the hook of layer `stop_after` ends the forward there (None: run it all)."""
+
+    def __init__(self, loaded: LoadedModel, needed: list[int], stop_after: int | None):
+        self.loaded, self.needed, self.stop_after = loaded, needed, stop_after
+        self.captured: dict[int, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "_HeadCapture":
+        modules = self.loaded.attention_outputs
+        self.handles = [modules[layer].register_forward_pre_hook(self._hook(layer)) for layer in self.needed]
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, layer: int):
+        _, num_heads, head_dim = self.loaded.grid
+
         def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             per_token = args[0]  # (batch, seq, heads * head_dim): the attention output before its projection
             rows = torch.arange(per_token.shape[0], device=per_token.device)
-            captured[layer] = per_token[rows, state["position"]].float().reshape(-1, num_heads, head_dim).cpu()
-            if layer == deepest and not final_hidden:
+            self.captured[layer] = per_token[rows, self.positions].float().reshape(-1, num_heads, head_dim).cpu()
+            if layer == self.stop_after:
                 raise _StopForward
         return hook
 
-    base = loaded.model.base_model  # the decoder stack without the LM head
-    handles = [loaded.attention_outputs[layer].register_forward_pre_hook(make_hook(layer)) for layer in needed]
-    try:
-        with tqdm(total=count, desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
-            for batch in batches:
-                images = [load_media(examples[i], video_frames) for i in batch]
-                inputs = loaded.encode([rendered[i] for i in batch], images)
-                mask = inputs["attention_mask"]
-                _check_lengths(loaded, [examples[i] for i in batch], mask)
-                state["position"] = token_positions(mask, token_position)
-                captured.clear()
-                with torch.inference_mode():
-                    try:
-                        output = base(**inputs, use_cache=False)
-                    except _StopForward:
-                        output = None
-                for row, index in enumerate(batch):
-                    input_ids[index] = inputs["input_ids"][row][mask[row].bool()].cpu().numpy().astype(np.int64)
-                per_layer = torch.stack([captured[layer] for layer in needed], dim=1).numpy()  # (b, len(needed), H, D)
-                if heads is None:
-                    all_heads[batch] = per_layer
-                else:
-                    position = {layer: i for i, layer in enumerate(needed)}
-                    chosen[batch] = per_layer[:, [position[int(l)] for l in heads[:, 0]], heads[:, 1]]
-                if final_hidden:
-                    state_at = output.last_hidden_state[torch.arange(len(batch)), state["position"]].float().cpu().numpy()
-                    if hidden is None:
-                        hidden = np.zeros((count, state_at.shape[1]), dtype=np.float32)
-                    hidden[batch] = state_at
-                bar.update(len(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return Extraction(all_heads if heads is None else chosen, input_ids, hidden, list(examples))
+    def forward(self, inputs: dict[str, torch.Tensor], positions: torch.Tensor) -> Any:
+        """The base model's forward (no LM head) on one batch; its output, or None when a hook stopped it."""
+        self.positions = positions
+        self.captured.clear()
+        with torch.inference_mode():
+            try:
+                return self.loaded.model.base_model(**inputs, use_cache=False)
+            except _StopForward:
+                return None
+
+    def per_layer(self) -> np.ndarray:
+        """(batch, len(needed), heads, head_dim): what the last forward captured, layer by layer."""
+        return torch.stack([self.captured[layer] for layer in self.needed], dim=1).numpy()
+
+
+class _Collected:
+    """The extraction's arrays, filled batch by batch in the examples' order."""
+
+    def __init__(self, count: int, grid: tuple[int, int, int], heads: np.ndarray | None, needed: list[int]):
+        layers, num_heads, head_dim = grid
+        self.heads = heads
+        self.vectors = np.zeros((count, layers, num_heads, head_dim) if heads is None else (count, len(heads), head_dim),
+                                dtype=np.float32)
+        if heads is not None:
+            position = {layer: i for i, layer in enumerate(needed)}
+            self.chosen_layers = [position[int(layer)] for layer in heads[:, 0]]  # index into the needed layers
+        self.input_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * count
+        self.hidden: np.ndarray | None = None
+
+    def add(self, batch: list[int], inputs: dict[str, torch.Tensor], per_layer: np.ndarray, output: Any,
+            positions: torch.Tensor) -> None:
+        mask = inputs["attention_mask"]
+        for row, index in enumerate(batch):
+            self.input_ids[index] = inputs["input_ids"][row][mask[row].bool()].cpu().numpy().astype(np.int64)
+        self.vectors[batch] = per_layer if self.heads is None else per_layer[:, self.chosen_layers, self.heads[:, 1]]
+        if output is not None:  # the forward ran to the end: the final (normed) hidden state at the same token
+            state_at = output.last_hidden_state[torch.arange(len(batch)), positions].float().cpu().numpy()
+            if self.hidden is None:
+                self.hidden = np.zeros((len(self.input_ids), state_at.shape[1]), dtype=np.float32)
+            self.hidden[batch] = state_at
+
+    def extraction(self, examples: Sequence[Example]) -> Extraction:
+        return Extraction(self.vectors, self.input_ids, self.hidden, list(examples))
 
 
 def _render(loaded: LoadedModel, template: str, example: Example, video_frames: int) -> str:
@@ -208,7 +245,7 @@ class ActivationSet:
     @property
     def token_position(self) -> str:
         """Which token's head outputs these are, read as a pack reads it (absent means the last token)."""
-        return self.prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION)
+        return prompt_fields.token_position(self.prompt)
 
     def subset(self, indices: Sequence[int]) -> "ActivationSet":
         rows = list(indices)
@@ -260,8 +297,11 @@ class ActivationSet:
         if metadata.get("savpack.activations_format") != ACTIVATIONS_FORMAT:
             raise DataError(f"{path}: not a savpack activations file (written by `savpack extract`)")
         version = metadata.get("savpack.activations_version", "")
-        if version != str(ACTIVATIONS_VERSION):
-            raise DataError(f"{path}: activations format version {version!r}; this savpack reads {ACTIVATIONS_VERSION}")
+        if not (version.isascii() and version.isdigit()) or len(version) > 9:
+            raise DataError(f"{path}: activations format version is {version!r}, expected a decimal integer")
+        refusal = version_refusal(int(version), ACTIVATIONS_SUPPORTED_VERSIONS, "activations format version", BUILDER_PACKAGE)
+        if refusal:
+            raise DataError(f"{path}: {refusal}")
         try:
             labels = json.loads(metadata["savpack.example_labels"])
             sources = json.loads(metadata["savpack.example_sources"])

@@ -4,7 +4,7 @@ A family says which transformers Auto class loads the model, how its inputs are 
 and how many images an item may carry. Everything else (finding the decoder layers and their attention output
 projections, the head grid) is read from the model's structure and config, the same for every family.
 
-Adding a family: write a `Family(...)` below and register it in FAMILIES; add its tiny fixture in fixtures.py.
+Adding a family: write a `Family(...)` below and register it in FAMILIES; add its tiny fixture in savpack/testing/fixtures.py.
 """
 
 from __future__ import annotations

@@ -9,28 +9,15 @@ later loads in seconds and gives the same activations (and the same savpack fing
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from savpack_runtime.errors import OutputPathError
-from savpack_runtime.files import file_sha256
+from savpack_runtime.files import check_output_folder, file_sha256, staged_folder
 
 from .errors import ModelError
+from .models import dequantised_load_kwargs, model_errors, quiet_transformers
 
 CONVERSION_RECORD = "savpack_conversion.json"
-
-
-def dequantised_load_kwargs() -> dict:
-    """from_pretrained arguments that unpack every GGUF weight into a plain float tensor. Newer transformers can keep
-    some architectures' weights packed in GGUF blocks (GgufLinear modules); savpack needs plain Linear layers to hook
-    and float weights to save."""
-    import transformers
-
-    config_class = getattr(transformers, "GgufConfig", None)
-    return {"quantization_config": config_class(dequantize=True)} if config_class is not None else {}
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False,
@@ -40,19 +27,14 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     import torch
     import transformers
 
-    from .models import _model_errors, _quiet_transformers
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ModelError(f"{gguf_path}: GGUF file does not exist")
-    if out_dir.exists() and not force:
-        raise OutputPathError(f"{out_dir} exists; use --force to replace it")
-    if not out_dir.parent.is_dir():
-        raise OutputPathError(f"{out_dir.parent}: folder does not exist")
+    check_output_folder(out_dir, force)
 
     source, name = str(gguf_path.parent), gguf_path.name
     echo(f"dequantising {gguf_path} (this takes a minute or two)")
-    with _quiet_transformers(), _model_errors(str(gguf_path)):
+    with quiet_transformers(), model_errors(str(gguf_path)):
         config = transformers.AutoConfig.from_pretrained(source, gguf_file=name)
         model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32,
                                                                   **dequantised_load_kwargs())
@@ -65,30 +47,13 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": file_sha256(gguf_path),
               "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
 
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with _quiet_transformers():
+    with staged_folder(out_dir, force) as temporary:
+        with quiet_transformers():
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
         saved = json.loads((temporary / "config.json").read_text())
         if "quantization_config" in saved:
             raise ModelError(f"{gguf_path}: conversion kept a quantization_config; transformers changed how GGUF loads")
         (temporary / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _make_shareable(temporary)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     echo(f"wrote {out_dir}")
     return out_dir
-
-
-def _make_shareable(folder: Path) -> None:
-    """mkdtemp makes the folder private (0700); give it, and its files, the permissions the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)

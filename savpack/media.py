@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from savpack_runtime.format import DEFAULT_VIDEO_FRAMES
 from savpack_runtime.images import load_image, to_rgb
+from savpack_runtime.items import Example
 
-from .data import Example
 from .errors import DataError
 
-DEFAULT_VIDEO_FRAMES = 8
 
 
 def frame_indices(total: int, count: int) -> list[int]:

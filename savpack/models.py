@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 
 from savpack_runtime import format as fmt
+from savpack_runtime.items import IMAGE_MARKER
 
-from .data import IMAGE_MARKER
 from .errors import DataError, ModelError
 from .families import CAUSAL_LM, FAMILIES, Family, family_for_model_type, supported_summary
 
@@ -199,15 +199,13 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
-    with _quiet_transformers(), _model_errors(model):
+    with quiet_transformers(), model_errors(model):
         config = transformers.AutoConfig.from_pretrained(source, **hub_kwargs)
     chosen = _choose_family(config, family, model)
-    with _quiet_transformers(), _model_errors(model):
+    with quiet_transformers(), model_errors(model):
         auto_class = getattr(transformers, chosen.auto_class)
         weight_kwargs = dict(hub_kwargs)
         if gguf_file:
-            from .gguf import dequantised_load_kwargs
-
             weight_kwargs.update(dequantised_load_kwargs())
         network = auto_class.from_pretrained(source, dtype=torch_dtype, **weight_kwargs)
         processor, tokenizer = _load_preprocessor(chosen, source, hub_kwargs)
@@ -217,7 +215,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
 
     text_config = network.config.get_text_config(decoder=True)
-    grid = _grid_of(text_config, model)
+    grid = grid_of(text_config, model)
     outputs = find_attention_outputs(network, grid, model)
     return LoadedModel(
         model=network, family=chosen, processor=processor, tokenizer=tokenizer, model_id=model,
@@ -227,8 +225,19 @@ def load_model(
     )
 
 
+def dequantised_load_kwargs() -> dict:
+    """from_pretrained arguments that unpack every GGUF weight into a plain float tensor. Newer transformers can keep
+    some architectures' weights packed in GGUF blocks (GgufLinear modules); savpack needs plain Linear layers to hook
+    and float weights to save."""
+    import transformers
+
+    config_class = getattr(transformers, "GgufConfig", None)
+    return {"quantization_config": config_class(dequantize=True)} if config_class is not None else {}
+
+
 @contextmanager
-def _model_errors(model: str):
+def model_errors(model: str):
+    """Loading failures of transformers and the hub as one ModelError naming the model."""
     try:
         yield
     except ModelError:
@@ -241,7 +250,8 @@ def _model_errors(model: str):
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """transformers' warnings and progress bars off while loading (savpack reports what matters itself)."""
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
@@ -294,7 +304,8 @@ def _load_preprocessor(family: Family, source: str, hub_kwargs: dict[str, Any]) 
     return processor, tokenizer
 
 
-def _grid_of(text_config: Any, model: str) -> tuple[int, int, int]:
+def grid_of(text_config: Any, model: str) -> tuple[int, int, int]:
+    """(layers, heads, head_dim) of a text config; head_dim from the config when it sets one (Llama, Gemma 3)."""
     try:
         layers = int(text_config.num_hidden_layers)
         heads = int(text_config.num_attention_heads)
@@ -361,13 +372,35 @@ def _revision_of(config: Any, source: str, revision: str | None, gguf_file: str 
     return revision or "unknown"
 
 
+# A local folder's revision covers the files that decide what the model computes and how its inputs are made
+# (docs/format.md, "Model revision"): weights, configs, tokenizer, processor and chat template. Files that do not
+# (generation_config.json, README, licences, .gitattributes) are left out, and JSON files are hashed without the
+# `transformers_version` key, which names the library that wrote them, not the model: re-saving a model with a newer
+# transformers keeps its revision.
+REVISION_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".jinja", ".model", ".txt", ".tiktoken")
+REVISION_EXCLUDED = ("generation_config.json",)
+WRITER_KEYS = ("transformers_version",)
+_CANONICAL_JSON_MAX_BYTES = 64 << 20  # configs, tokenizers and weight indexes are far smaller
+
+
+def revision_files(folder: Path) -> list[str]:
+    """The names of the files a local folder's revision covers, sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in REVISION_SUFFIXES and p.name not in REVISION_EXCLUDED
+                  and not p.name.lower().startswith(("readme", "license", "licence", "notice")))
+
+
 def folder_digest(folder: Path, only: list[str] | None = None) -> str:
-    """sha256 over the names, sizes and first and last MiB of the model files in a folder (not a full read)."""
+    """sha256 over the revision files of a model folder: per file its name, then for JSON its content without writer
+    keys, for other files their size and first and last MiB (not a full read of the weights)."""
     hasher = hashlib.sha256()
-    names = only or sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    for file_name in names:
+    for file_name in only or revision_files(folder):
         path = folder / file_name
         size = path.stat().st_size
+        if path.suffix.lower() == ".json" and size <= _CANONICAL_JSON_MAX_BYTES:
+            hasher.update(f"{file_name}:json:".encode())
+            hasher.update(_canonical_json(path.read_bytes()))
+            continue
         hasher.update(f"{file_name}:{size}".encode())
         with open(path, "rb") as handle:
             hasher.update(handle.read(1 << 20))
@@ -375,4 +408,15 @@ def folder_digest(folder: Path, only: list[str] | None = None) -> str:
                 handle.seek(-(1 << 20), os.SEEK_END)
                 hasher.update(handle.read())
     return hasher.hexdigest()
+
+
+def _canonical_json(data: bytes) -> bytes:
+    """The JSON document without writer keys, serialised canonically; bytes that are not JSON stay as they are."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return data
+    if isinstance(value, dict):
+        value = {key: item for key, item in value.items() if key not in WRITER_KEYS}
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

@@ -14,13 +14,15 @@ import numpy as np
 from savpack_runtime import Pack
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import ModelMismatchError, SavpackWarning
+from savpack_runtime.items import Example
+from savpack_runtime.prompt import prompt_record
+from savpack_runtime.result import Result, results_from_votes
 from savpack_runtime.vote import Votes, classify_vectors
 
 from .classifier import DEFAULT_K, SavClassifier
-from .data import DIGEST_CHARS, Example, labels_of
+from .data import DIGEST_CHARS, labels_of
 from .errors import BuildError, DataError
 from .extract import ActivationSet, Extraction, check_token_position, extract
-from .media import DEFAULT_VIDEO_FRAMES
 from .metrics import classification_report
 from .models import LoadedModel
 from .versions import check_name, check_version
@@ -59,18 +61,13 @@ def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_
     """What a pack records of its prompt; video_frames (frames sampled per video) only when the data had videos;
     token_position only when it is not the default last token, so a decoder's pack keeps the bytes, and therefore
     the sha256 identity, that savpack versions without the field give it."""
-    prompt = {"template": template, "rendered": loaded.render_template(template, image_count),
-              "image_count": image_count, "chat_template_sha256": loaded.chat_template_sha256()}
-    if token_position != fmt.DEFAULT_TOKEN_POSITION:
-        prompt[fmt.PROMPT_TOKEN_POSITION] = token_position
-    if video_frames is not None:
-        prompt["video_frames"] = video_frames
-    return prompt
+    return prompt_record(template, loaded.render_template(template, image_count), image_count,
+                         loaded.chat_template_sha256(), token_position, video_frames)
 
 
 def extract_activations(loaded: LoadedModel, examples: Sequence[Example], template: str = fmt.TEXT_PLACEHOLDER,
                         batch_size: int = 8, final_hidden: bool = False, progress: bool = True,
-                        video_frames: int = DEFAULT_VIDEO_FRAMES, token_position: str | None = None) -> ActivationSet:
+                        video_frames: int = fmt.DEFAULT_VIDEO_FRAMES, token_position: str | None = None) -> ActivationSet:
     """Every head's vector for labelled examples (one forward each, batched), with what a pack needs to record.
     token_position None takes the family's default (the last real token, or [CLS] for encoders)."""
     if any(example.label is None for example in examples):
@@ -142,24 +139,21 @@ class Classification:
     votes: Votes
     extraction: Extraction
 
+    def results(self, pack: Pack) -> list[Result]:
+        """One result per example, the record every savpack consumer shares (savpack_runtime.result)."""
+        return results_from_votes({pack.name or "pack": (pack.labels, self.votes)})
+
     def records(self, pack: Pack) -> list[dict[str, Any]]:
         """One JSON-ready result per example: label, votes and vote shares per class."""
-        return [
-            {"label": label,
-             "votes": {name: int(v) for name, v in zip(pack.labels, self.votes.votes[row])},
-             "shares": {name: round(float(s), 6) for name, s in zip(pack.labels, self.votes.shares[row])}}
-            for row, label in enumerate(self.labels)
-        ]
+        return [result.to_dict() for result in self.results(pack)]
 
 
 def classify(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch_size: int = 8,
              vote: str | None = None, progress: bool = True) -> Classification:
     """Extract only the pack's heads (stopping after its deepest layer) and vote."""
     check_pack_fits(pack, loaded)
-    # Videos are sampled as when the pack was built.
-    video_frames = pack.prompt.get("video_frames", DEFAULT_VIDEO_FRAMES)
     extraction = extract(loaded, examples, pack.prompt["template"], heads=np.asarray(pack.heads),
-                         batch_size=batch_size, progress=progress, video_frames=video_frames,
+                         batch_size=batch_size, progress=progress, video_frames=pack.video_frames,
                          token_position=pack.token_position)
     votes = classify_vectors(extraction.vectors, pack.centroids, vote or pack.selection.get("vote", "majority"))
     return Classification([pack.labels[i] for i in votes.predictions], votes, extraction)

@@ -24,7 +24,7 @@ from savpack_runtime import files
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import PreprocessSpecError, SavpackError
 from savpack_runtime.image_processing import (
-    Gemma3Images, Idefics3Images, LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages,
+    Gemma3Images, Idefics3Images, LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages, anyres_max_patches,
 )
 from savpack_runtime.preprocess import SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TOKENIZER_FILE, Preprocessor, RenderRule, TextRule
 
@@ -203,8 +203,15 @@ def _llava_onevision_rule(processor: Any, common: dict[str, Any]) -> LlavaOnevis
         pad_color=tuple(int(value * 255) for value in _three(image_processor.image_mean)),
         num_image_tokens=int(processor.num_image_tokens),
         vision_feature_select_strategy="default" if processor.vision_feature_select_strategy == "default" else "full",
-        max_num_patches=int(processor.vision_aspect_ratio.strip("anyres_max_")),
+        max_num_patches=_max_num_patches(processor.vision_aspect_ratio),
     )
+
+
+def _max_num_patches(vision_aspect_ratio: str) -> int:
+    try:
+        return anyres_max_patches(vision_aspect_ratio)
+    except ValueError as exc:
+        raise ExportError(f"processor: {exc}; the runtime reproduces anyres_max_N only") from None
 
 
 def _llava_rule(processor: Any, common: dict[str, Any]) -> LlavaImages:

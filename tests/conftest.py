@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from savpack.demo import write_colour_task
-from savpack.fixtures import FIXTURES, build_fixture
+from savpack.testing import build_fixture, write_colour_task
 
 # Tiny models run fastest single-threaded, and a busy 2-core machine makes threads fight.
 torch.set_num_threads(1)

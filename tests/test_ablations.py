@@ -8,6 +8,7 @@ import pytest
 from savpack.ablations import sav_ablation, summarise
 from savpack.classifier import SavClassifier
 from savpack.data import sample_shots
+from savpack.errors import DataError
 from savpack.extract import ActivationSet
 from savpack.metrics import classification_report
 
@@ -36,7 +37,7 @@ def test_every_run_equals_fitting_that_setting_alone(pool_and_test):
     for run in runs:
         train = pool.subset(sample_shots(pool.labels, run.shots, run.seed)[0])
         alone = SavClassifier(k=run.k, scoring=run.scoring, vote=run.vote).fit(train.activations, train.labels)
-        report = classification_report(test.labels, alone.predict(test.activations), alone.labels_)
+        report = classification_report(test.labels, alone.predict(test.activations), alone.classes_)
         assert run.metrics["accuracy"] == pytest.approx(report["accuracy"]), run
 
 
@@ -68,5 +69,5 @@ def test_activation_sets_extracted_in_chunks_join_into_one(pool_and_test):
     assert joined.labels == pool.labels and joined.digests == pool.digests and joined.sources == pool.sources
     other = pool.subset(range(3))
     other.prompt = {"template": "Review: {text}"}
-    with pytest.raises(Exception, match="different models or prompts"):
+    with pytest.raises(DataError, match="activation sets from different models or prompts cannot be joined"):
         ActivationSet.concatenate([pool.subset(range(3)), other])

@@ -116,7 +116,7 @@ def test_layer_selection_scores_concatenated_heads_and_votes_like_heads():
     cosines = np.stack(cosines, axis=1)  # (B, 2, C)
     choices = cosines.argmax(axis=2)
     expected_predictions = np.where(choices[:, 0] == choices[:, 1], choices[:, 0], cosines.sum(axis=1).argmax(axis=1))
-    assert model.predict(test) == [("no", "yes")[i] for i in expected_predictions]
+    assert model.predict(test).tolist() == [("no", "yes")[i] for i in expected_predictions]
 
 
 def test_all_heads_vote_is_every_head():
@@ -138,7 +138,7 @@ def test_all_heads_vote_is_every_head():
             votes[np.arange(10), cosine.argmax(axis=1)] += 1
             sums += cosine
     expected = np.where(votes == votes.max(axis=1, keepdims=True), sums, -np.inf).argmax(axis=1)
-    assert model.predict(test) == [("a", "b", "c")[i] for i in expected]
+    assert model.predict(test).tolist() == [("a", "b", "c")[i] for i in expected]
 
 
 def test_verbaliser_words_default_to_label_names_and_refuse_unknown_labels():
@@ -165,7 +165,7 @@ def test_zero_shot_equals_softmax_over_label_logits_of_a_full_forward(family, lo
 def test_zero_shot_applies_gemma_soft_capping(tmp_path):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from savpack.fixtures import build_tokenizer
+    from savpack.testing import build_tokenizer
     from savpack.models import load_model
 
     tokenizer = build_tokenizer([], None, bos="<bos>")

@@ -4,8 +4,6 @@ small end-to-end run of its three methods (full forward, truncated PyTorch path,
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
+import bench_classify as bench
 
 
-def _tool(name: str):
-    sys.path.insert(0, str(ROOT / "tools"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
-
-bench = _tool("bench_classify")
 
 
 def _inputs(loaded, image_size):
@@ -97,7 +86,7 @@ def test_real_size_configs_have_the_published_sizes(name, parameters):
     meta device, so nothing is allocated."""
     import transformers
 
-    configs = _tool("real_configs")
+    import real_configs as configs
     if name == "llava_ov_05b":
         config = transformers.LlavaOnevisionConfig(**configs.LLAVA_OV_05B)
         model_class = transformers.LlavaOnevisionForConditionalGeneration
@@ -109,6 +98,7 @@ def test_real_size_configs_have_the_published_sizes(name, parameters):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_one_small_run_measures_all_three_methods(tmp_path, model_dir, monkeypatch):
     """The benchmark's machinery end to end on the tiny text fixture: packs, bundle, three worker processes, the
     runtime returning the truncated path's head vectors, RSS and FLOPs recorded."""

@@ -86,7 +86,7 @@ def test_errors_are_one_line_messages(args, message, model_dir, text_task, tmp_p
 
 def test_pack_for_another_model_is_refused(model_dir, text_task, tmp_path):
     run("build", "--model", model_dir("qwen2"), "--data", text_task[0], "--out", tmp_path / "p.safetensors", "--k", 4)
-    from savpack.fixtures import build_fixture
+    from savpack.testing import build_fixture
 
     other = build_fixture("qwen2", tmp_path / "other-qwen2", seed=1)  # same architecture, other weights
     result = run("classify", "--pack", tmp_path / "p.safetensors", "--model", other, "--data", text_task[1], ok=False)
@@ -107,5 +107,10 @@ def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path):
     assert Pack.load(tmp_path / "colour.pack.safetensors").k == 20
 
 
-def test_version():
-    assert "savpack, version" in run("--version").output
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    import savpack
+
+    assert savpack.__version__ == version("savpack")  # the code's version is the one pip installed
+    assert run("--version").output == f"savpack, version {version('savpack')}\n"

@@ -444,6 +444,7 @@ def test_output_path_errors(loaded_model, packs, tmp_path):
         export_bundle(loaded_model("qwen2"), packs("qwen2"), tmp_path / "file", force=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SAVPACK_SLOW_TESTS"), reason="the dynamo exporter takes ~1 min per graph; SAVPACK_SLOW_TESTS=1 runs it")
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "qwen2", "qwen2_5_vl", "llava", "gemma3_text", "bert",
                                   "gpt2", "gemma3", "smolvlm", "qwen3_vl"])

@@ -4,11 +4,13 @@ padding), and the command-line flow build -> inspect -> classify -> eval on its 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from savpack.cli import main
 from savpack.data import Example, load_examples
@@ -93,8 +95,28 @@ def test_gpt2_mlp_c_proj_is_not_taken_for_attention(loaded_model):
     assert loaded.attention_outputs == [block.attn.c_proj for block in blocks]
 
 
+def hand_vote(vectors: np.ndarray, heads: np.ndarray, centroids: np.ndarray) -> list[int]:
+    """The pack's vote written out from docs/format.md section 5, one item and one head at a time: vectors (N, L, H, D)
+    of every head, centroids (k, C, D). Each head picks its most cosine-similar class (lower index on ties); most
+    votes win, ties to the larger summed cosine, then the lower class index."""
+    def cosine(a, b):
+        return float(a @ b) / (max(float(np.linalg.norm(a)), 1e-8) * max(float(np.linalg.norm(b)), 1e-8))
+
+    winners = []
+    for item in vectors.astype(np.float64):
+        classes = centroids.shape[1]
+        votes, sums = [0] * classes, [0.0] * classes
+        for position, (layer, head) in enumerate(heads.tolist()):
+            similarity = [cosine(item[layer, head], centroids[position, c].astype(np.float64)) for c in range(classes)]
+            votes[similarity.index(max(similarity))] += 1
+            sums = [total + value for total, value in zip(sums, similarity)]
+        tied = [c for c in range(classes) if votes[c] == max(votes)]
+        winners.append(max(tied, key=lambda c: (sums[c], -c)))
+    return winners
+
+
 @pytest.mark.parametrize("name", ALL_FAMILIES)
-def test_cli_build_inspect_classify_eval(name, model_dir, colour_task, text_task, tmp_path):
+def test_cli_build_inspect_classify_eval(name, model_dir, loaded_model, colour_task, text_task, tmp_path):
     model = str(model_dir(name))
     train, test = task_for(name, colour_task, text_task)
     pack = tmp_path / "pack.safetensors"
@@ -105,34 +127,46 @@ def test_cli_build_inspect_classify_eval(name, model_dir, colour_task, text_task
     assert built.exit_code == 0, built.output
     assert pack.is_file()
 
+    # inspect against the file read by the safetensors library itself, not by savpack's reader
     inspected = runner.invoke(main, ["inspect", str(pack), "--json"])
     assert inspected.exit_code == 0, inspected.output
     summary = json.loads(inspected.stdout)
+    with safe_open(str(pack), framework="numpy") as stored:
+        metadata, heads = stored.metadata(), stored.get_tensor("heads")
+        centroids = stored.get_tensor("centroids")
+    assert summary["content_sha256"] == json.loads(built.stdout)["content_sha256"] == hashlib.sha256(pack.read_bytes()).hexdigest()
+    assert [[head["layer"], head["head"]] for head in summary["heads"]] == heads.tolist() and len(heads) == 5
+    assert summary["labels"] == json.loads(metadata["savpack.labels"]) == sorted({e.label for e in load_examples(train)})
+    assert summary["model"] == json.loads(metadata["savpack.model"])
     assert summary["model"]["family"] == FAMILY_OF_FIXTURE.get(name, name)
     assert summary["model"]["grid"] == list(model_dir_grid(model))
-    assert len(summary["heads"]) == 5
-    assert summary == json.loads(built.stdout)
 
     classified = runner.invoke(main, ["classify", "--pack", str(pack), *common, "--data", str(test)])
     assert classified.exit_code == 0, classified.output
     records = {record["source"]: record for record in map(json.loads, classified.stdout.splitlines())}
     test_examples = load_examples(test)
     assert list(records) == [example.source for example in test_examples]
-    assert all(record["label"] in summary["labels"] and sum(record["votes"].values()) == 5 for record in records.values())
+    assert all(sum(record["votes"].values()) == 5 for record in records.values())
+
+    # The oracle: every head from a full forward (no early stop) and the vote written out by hand.
+    built_pack = Pack.load(pack)
+    every_head = extract(loaded_model(name), test_examples, built_pack.prompt["template"], progress=False,
+                         token_position=built_pack.token_position).vectors
+    expected = [summary["labels"][c] for c in hand_vote(every_head, heads, centroids)]
+    assert [records[example.source]["label"] for example in test_examples] == expected
 
     evaluated = runner.invoke(main, ["eval", "--pack", str(pack), *common, "--data", str(test), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
-    kept, skipped = held_out(Pack.load(pack), test_examples)  # eval skips items the pack was built from
+    kept, skipped = held_out(built_pack, test_examples)  # eval skips items the pack was built from
     assert (report["examples"], report["skipped_training_examples"]) == (len(kept), skipped)
-    # eval and classify run the same model on the same items: eval's accuracy is classify's labels scored.
-    agreed = sum(records[example.source]["label"] == example.label for example in kept)
-    assert report["accuracy"] == pytest.approx(agreed / len(kept))
+    by_source = dict(zip((example.source for example in test_examples), expected))
+    assert report["accuracy"] == pytest.approx(np.mean([by_source[example.source] == example.label for example in kept]))
 
 
 def model_dir_grid(model: str) -> tuple[int, int, int]:
     from transformers import AutoConfig
 
-    from savpack.models import _grid_of
+    from savpack.models import grid_of
 
-    return _grid_of(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)
+    return grid_of(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)

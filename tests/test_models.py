@@ -1,5 +1,6 @@
 """Model loading: families, devices, dtypes, and the errors a user meets."""
 
+import json
 import shutil
 import warnings
 
@@ -77,7 +78,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
 def test_same_weights_elsewhere_warn_other_weights_refuse(model_dir, loaded_model, text_task, tmp_path):
     from savpack.data import load_examples
-    from savpack.fixtures import build_fixture
+    from savpack.testing import build_fixture
     from savpack.pipeline import check_pack_fits, extract_activations, pack_from_activations
 
     pack = pack_from_activations(extract_activations(loaded_model("qwen2"), load_examples(text_task[0]), progress=False), k=4)
@@ -94,3 +95,29 @@ def test_same_weights_elsewhere_warn_other_weights_refuse(model_dir, loaded_mode
     other.processor.chat_template = other.tokenizer.chat_template = "{{ messages[0]['content'] }}!"
     with pytest.raises(ModelMismatchError, match="renders the pack's prompt differently"):
         check_pack_fits(pack.replace(model={**pack.model, "fingerprint": other.fingerprint()}), other)
+
+
+def test_local_revision_covers_what_the_model_computes_not_who_wrote_it(model_dir, tmp_path):
+    from savpack.models import folder_digest
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("qwen2"), folder)
+    revision = folder_digest(folder)
+    config = json.loads((folder / "config.json").read_text())
+
+    # Another transformers release writes its own version into the JSON files, and other files come and go.
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}, indent=4))
+    (folder / "README.md").write_text("a model card\n")
+    (folder / "generation_config.json").write_text('{"max_new_tokens": 5}')
+    assert folder_digest(folder) == revision
+
+    # A setting that changes the computation changes the revision; so do other weights.
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": config["rms_norm_eps"] * 10}))
+    assert folder_digest(folder) != revision
+    (folder / "config.json").write_text(json.dumps(config))
+    assert folder_digest(folder) == revision
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert folder_digest(folder) != revision

@@ -3,31 +3,16 @@ default build and classify on tiny fixtures, and really does the original's work
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+import instrument
+import reference_sav
 from conftest import task_for
 from savpack.data import load_examples
 from savpack.pipeline import classify, extract_activations, pack_from_activations
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-reference_sav = _load_tool("reference_sav")
-instrument = _load_tool("instrument")
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen2_vl"])

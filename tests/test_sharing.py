@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+import make_golden_packs as golden_tool
+
 from savpack.cli import main
 from savpack.errors import IdentityError, SharingError
 from savpack.sharing import FolderRegistry, HubRef, RegistryRef, parse_ref
@@ -25,9 +26,6 @@ from savpack.versions import check_name, check_version, latest, sorted_versions
 from savpack_runtime import Pack
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_golden_packs", ROOT / "tools" / "make_golden_packs.py")
-golden_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden_tool)
 
 
 def cli(*args: str, ok: bool = True):
@@ -258,6 +256,20 @@ def test_a_pushed_version_is_immutable_unless_forced(tmp_path):
     assert index["packs"]["team/words"]["1.0.0"]["sha256"] == Pack.load(second).content_hash()
 
 
+@pytest.mark.parametrize("version, message", [
+    (2, "registry format version 2 is newer than this reader's 1; upgrade with: pip install --upgrade savpack"),
+    (0, "registry format version 0 is not supported: this savpack reads version(s) [1], an earlier release wrote it"),
+    ("1", "registry format_version is '1', expected an integer"),
+])
+def test_a_registry_of_another_format_version_is_refused_with_the_right_advice(tmp_path, version, message):
+    registry = tmp_path / "registry"
+    cli("push", write_pack(tmp_path), f"file://{registry}")
+    index = json.loads((registry / "index.json").read_text())
+    (registry / "index.json").write_text(json.dumps({**index, "format_version": version}))
+    result = cli("list", f"file://{registry}", ok=False)
+    assert result.exit_code == 1 and message in result.output
+
+
 def test_pull_refuses_a_corrupted_registry_file_and_writes_nothing(tmp_path):
     registry = tmp_path / "registry"
     cli("push", write_pack(tmp_path), registry.as_uri())
@@ -288,7 +300,7 @@ def test_registry_lock_serialises_pushes(tmp_path):
     registry = FolderRegistry.create_or_open(RegistryRef(tmp_path / "registry"))
     pack = write_pack(tmp_path)
     done = []
-    with registry._locked():
+    with registry.locked():
         pusher = threading.Thread(target=lambda: done.append(FolderRegistry(registry.root).push(pack)))
         pusher.start()
         time.sleep(0.5)
@@ -298,6 +310,7 @@ def test_registry_lock_serialises_pushes(tmp_path):
     assert "1.0.0" in registry.read_index()["packs"]["team/words"]
 
 
+@pytest.mark.slow
 def test_concurrent_pushes_from_processes_lose_nothing(tmp_path):
     registry = tmp_path / "registry"  # created by whichever push comes first
     workers, per_worker = 4, 5
@@ -331,6 +344,7 @@ def test_references_are_parsed_or_refused_clearly():
 
 # -- the hub -------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hub_offline_mode_gives_a_clear_error_not_a_traceback(tmp_path):
     pack = write_pack(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}

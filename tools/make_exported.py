@@ -9,8 +9,8 @@ on a generated labelled set, export a bundle, and record what the builder comput
 
     exported/bundles/<case>/bundle/        the bundle (savpack export)
     exported/bundles/<case>/items.jsonl    the items (text, images relative to the file), images in items/
-    exported/bundles/<case>/inputs.npz     the items encoded by LoadedModel.encode: "all.*" one mixed batch in the order the
-                                   runtime batches them ("all.order" = item indices), "first.*" item 0 alone
+    exported/bundles/<case>/inputs.npz     the items encoded by LoadedModel.encode: "all.*" every item in one batch, image
+                                   counts mixed ("all.order" = item indices), "first.*" item 0 alone
     exported/bundles/<case>/expected.npz   head_vectors (items, k, head_dim) from hooks on the PyTorch model (graph heads)
     exported/bundles/<case>/expected.json  prompts, and each pack's labels, votes and shares from savpack.pipeline.classify
     exported/bundles/manifest.json         versions used, file sizes, graph digests
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from savpack_runtime.errors import OutputPathError
+from savpack_runtime.files import staged_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,7 +100,7 @@ def _write_images(folder: Path, items: list[tuple[str, list]], stem: str) -> lis
 
 
 def _train_file(takes_images: bool, work: Path) -> Path:
-    from savpack.demo import write_colour_task
+    from savpack.testing import write_colour_task
 
     if takes_images:
         return write_colour_task(work, per_class=4, seed=1, name="train")
@@ -115,7 +116,7 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
     from savpack.export.bundle import export_bundle
     from savpack.export.validate import encode_examples
     from savpack.extract import extract
-    from savpack.fixtures import build_fixture
+    from savpack.testing import build_fixture
     from savpack.models import load_model
     from savpack.pipeline import classify, extract_activations, pack_from_activations
 
@@ -174,30 +175,20 @@ def make_all(out: Path, force: bool = False, cases: list[str] | None = None) -> 
 
     torch.set_num_threads(1)
     out = Path(out)
-    if out.exists() and not force:
-        raise SystemExit(f"{out} exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     manifest: dict[str, Any] = {
         "made_by": "tools/make_exported.py",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
         "cases": {},
     }
-    try:
-        with tempfile.TemporaryDirectory(prefix="savpack-golden-") as work:
-            for name in cases or list(CASES):
-                manifest["cases"][name] = make_case(name, CASES[name], staging / name, Path(work) / name)
+    with staged_folder(out, force) as staging, tempfile.TemporaryDirectory(prefix="savpack-golden-") as work:
+        for name in cases or list(CASES):
+            manifest["cases"][name] = make_case(name, CASES[name], staging / name, Path(work) / name)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(
             "# exported/bundles/\n\nGolden bundles made by `python tools/make_exported.py --force` from tiny random-weight "
             "fixtures (see the tool's docstring for the layout). Do not edit by hand: regenerate.\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -206,7 +197,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "exported" / "bundles"), help="folder to write (default: exported/bundles)")
     parser.add_argument("--force", action="store_true", help="replace the folder if it exists")
     args = parser.parse_args()
-    manifest = make_all(Path(args.out), args.force)
+    try:
+        manifest = make_all(Path(args.out), args.force)
+    except OutputPathError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(f"{'case':<16} {'heads':>5} {'bundle bytes':>13} {'max |graph - model|':>20}")
     for name, case in manifest["cases"].items():
         size = sum(size for path, size in case["bytes"].items())

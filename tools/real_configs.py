@@ -3,7 +3,7 @@ matter for speed or memory). Shared by the benchmarks (tools/bench_classify.py; 
 values) so both measure the same models.
 
     from real_configs import real_size_folder
-    folder = real_size_folder("qwen2_vl_2b", Path("/work/cache/bench2"))   # built once, then reused
+    folder = real_size_folder("qwen2_vl_2b", cache_dir("bench-classify"))   # built once, then reused
 
 Each model is built in a child process (its memory is returned before the benchmark runs) and saved in float32
 (a bfloat16 copy converted on load peaked at 13.3 GB RSS for Qwen2-VL-2B instead of ~9.7 GB).
@@ -11,10 +11,8 @@ Each model is built in a child process (its memory is returned before the benchm
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # llava-hf/llava-onevision-qwen2-0.5b-ov-hf: Qwen2-0.5B-Instruct language model (vocabulary padded to 152000 for the
@@ -65,14 +63,15 @@ def build_real_size(name: str, folder: Path) -> None:
     import torch
     import transformers
 
-    from savpack.fixtures import _CHATML_TEMPLATE, _save, build_tokenizer
+    from savpack_runtime.files import staged_folder
+    from savpack.testing import CHATML_TEMPLATE, build_tokenizer, save_model_folder
 
     torch.manual_seed(0)
     if name == "llava_ov_05b":
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
         specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
+        tokenizer = build_tokenizer(specials, CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
         config = transformers.LlavaOnevisionConfig(
             **LLAVA_OV_05B, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
@@ -84,7 +83,7 @@ def build_real_size(name: str, folder: Path) -> None:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-        tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>"))
+        tokenizer = build_tokenizer(specials, CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>"))
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
         config = transformers.Qwen2VLConfig(
             **QWEN2_VL_2B, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -94,14 +93,8 @@ def build_real_size(name: str, folder: Path) -> None:
         processor_config = None
     else:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        _save(partial, model, tokenizer, image_processor, processor_config)
-        partial.chmod(0o755)
-        partial.rename(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with staged_folder(folder) as partial:
+        save_model_folder(partial, model, tokenizer, image_processor, processor_config)
 
 
 if __name__ == "__main__":

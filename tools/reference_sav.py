@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from savpack.data import Example
-from savpack.media import DEFAULT_VIDEO_FRAMES, load_media
+from savpack.media import load_media
+from savpack_runtime.format import DEFAULT_VIDEO_FRAMES
 from savpack.models import LoadedModel
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .compat import RUNTIME_PACKAGE, version_refusal
 from .errors import BundleError, BundleVersionError, ModelMismatchError, PackError
 from .files import file_sha256
 from .format import DEFAULT_TOKEN_POSITION, PROMPT_TOKEN_POSITION
@@ -157,11 +158,9 @@ def _read_info(path: Path) -> dict[str, Any]:
     version = info.get("format_version")
     if type(version) is not int:
         raise BundleError(f"'format_version' is {version!r}, expected an integer", path, "format_version")
-    if version > max(SUPPORTED_VERSIONS):
-        raise BundleVersionError(f"bundle format version {version} is newer than this reader's {FORMAT_VERSION}; "
-                                 "upgrade with: pip install --upgrade savpack-runtime", path, "format_version")
-    if version not in SUPPORTED_VERSIONS:
-        raise BundleVersionError(f"bundle format version {version} is not supported ({list(SUPPORTED_VERSIONS)})", path, "format_version")
+    refusal = version_refusal(version, SUPPORTED_VERSIONS, "bundle format version", RUNTIME_PACKAGE)
+    if refusal:
+        raise BundleVersionError(refusal, path, "format_version")
     missing = [key for key in BUNDLE_FIELDS if key not in info]
     if missing:
         raise BundleError(f"lacks {missing}", path, missing[0])

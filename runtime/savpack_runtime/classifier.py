@@ -14,10 +14,9 @@ tested against; the classifier uses it only for format-1 bundles, whose graphs r
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,37 +24,17 @@ import numpy as np
 from PIL import Image
 
 from . import graph_inputs
-from .bundle import Bundle, check_graph_metadata
+from .batching import plan_batches
+from .bundle import Bundle, BundlePack, check_graph_metadata
 from .errors import GraphError, InputError
 from .images import load_image, to_rgb
+from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
+from .result import PackResult, Result, results_from_votes
 from .session import GraphSession
-from .vote import classify_vectors
+from .vote import Votes, classify_vectors
 
-@dataclass(frozen=True)
-class PackResult:
-    label: str
-    votes: dict[str, int]  # heads voting for each class
-    shares: dict[str, float]  # votes / k
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "votes": self.votes, "shares": {key: round(value, 6) for key, value in self.shares.items()}}
-
-
-@dataclass(frozen=True)
-class Result:
-    """The first pack's label, votes and shares; `by_pack` holds every pack's result by pack name."""
-
-    label: str
-    votes: dict[str, int]
-    shares: dict[str, float]
-    by_pack: dict[str, PackResult] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        record = PackResult(self.label, self.votes, self.shares).to_dict()
-        if len(self.by_pack) > 1:
-            record["packs"] = {name: result.to_dict() for name, result in self.by_pack.items()}
-        return record
+__all__ = ["Classifier", "Item", "PackResult", "Result"]
 
 
 @dataclass(frozen=True)
@@ -123,43 +102,33 @@ class Classifier:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
         items = [self._item(item, index) for index, item in enumerate(items)]
         outputs = self.graph_outputs(items, batch_size)
-        results_by_pack = []
-        for entry in self.bundle.packs:
-            if entry.outputs is not None:  # the graph voted
-                votes, predictions = outputs[entry.outputs["votes"]], outputs[entry.outputs["prediction"]]
-            else:  # a format-1 bundle: the reference vote on the graph's head vectors
-                reference = classify_vectors(outputs[graph_inputs.OUTPUT_NAME][:, entry.positions], entry.pack.centroids,
-                                             entry.pack.selection.get("vote", "majority"))
-                votes, predictions = reference.votes, reference.predictions
-            results_by_pack.append((entry, votes, predictions))
-        results = []
-        for row in range(len(items)):
-            by_pack = {}
-            for entry, votes, predictions in results_by_pack:
-                labels, k = entry.pack.labels, entry.pack.k
-                by_pack[entry.name] = PackResult(
-                    labels[int(predictions[row])],
-                    {label: int(count) for label, count in zip(labels, votes[row])},
-                    {label: int(count) / k for label, count in zip(labels, votes[row])},
-                )
-            first = by_pack[self.bundle.packs[0].name]
-            results.append(Result(first.label, first.votes, first.shares, by_pack))
-        return results
+        return results_from_votes({entry.name: (entry.pack.labels, self._votes(entry, outputs)) for entry in self.bundle.packs})
 
-    def head_vectors(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
-        """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items`."""
+    @staticmethod
+    def _votes(entry: BundlePack, outputs: dict[str, np.ndarray]) -> Votes:
+        """A pack's vote over the batch: the graph's own (bundle format 2), or the reference numpy vote on the graph's
+        head vectors (format 1, whose graphs return head vectors only)."""
+        if entry.outputs is None:
+            return classify_vectors(outputs[graph_inputs.OUTPUT_NAME][:, entry.positions], entry.pack.centroids,
+                                    entry.pack.selection.get("vote", "majority"))
+        cosines, votes = outputs[entry.outputs["cosines"]], outputs[entry.outputs["votes"]]
+        return Votes(outputs[entry.outputs["prediction"]], votes, votes / entry.pack.k,
+                     cosines.sum(axis=1, dtype=np.float64), cosines.argmax(axis=-1))
+
+    def head_vectors(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
+        """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form
+        classify_batch takes)."""
         return self.graph_outputs(items, batch_size)[graph_inputs.OUTPUT_NAME]
 
-    def graph_outputs(self, items: Sequence[Item], batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Every output of the graph by name (head vectors, each pack's in-graph vote), rows in the order of `items`."""
+    def graph_outputs(self, items: Iterable[Any], batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (head vectors, each pack's in-graph vote), rows in the order of `items`
+        (any form classify_batch takes)."""
         batch_size = batch_size or self.batch_size
+        items = [self._item(item, index) for index, item in enumerate(items)]
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
-        # As the builder batches: similar prompts together (less padding; results do not depend on the batch), and a
-        # batch holds items with one number of images.
-        order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(prompts[i])))
-        groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(items[i].images))]
+        batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
         outputs: dict[str, np.ndarray] = {}
-        for batch in (group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)):
+        for batch in batches:
             images = [[_open(image, i) for image in items[i].images] for i in batch]
             encoded = self.preprocessor.encode([prompts[i] for i in batch], images)
             feed = graph_inputs.plan(self.bundle.graph["kind"], self.bundle.graph["plan"], encoded)
@@ -189,6 +158,10 @@ class Classifier:
             raise InputError(f"item {index}: this bundle's prompt is text-only; the item has {len(item.images)} image(s)")
         if not item.text and not item.images:
             raise InputError(f"item {index}: has neither text nor images")
+        if item.images and has_markers(item.text):
+            # The builder would place the images at the markers; this prompt rule puts them first: refuse, not differ.
+            raise InputError(f"item {index}: {IMAGE_MARKER} markers placing images inside the text are a builder feature "
+                             "(savpack classify); the runtime's prompt puts the images before the text")
         return item
 
 

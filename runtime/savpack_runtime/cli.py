@@ -3,8 +3,9 @@
     savpack-run classify BUNDLE --data items.jsonl [--json] [--providers cuda] [--batch-size 8]
     savpack-run info BUNDLE [--json]
 
-Items are JSON lines with `text` (or `question`) and `image` / `images` (paths relative to the file), as the
-builder reads them; a `label` field is ignored. argparse, not click: the runtime keeps its dependencies minimal.
+Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV or a folder
+root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to the file); a `label` is
+optional. argparse, not click: the runtime keeps its dependencies minimal.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def _info(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="savpack-run", description="Classify with a savpack bundle (no torch).")
     commands = parser.add_subparsers(dest="command", required=True)
-    classify = commands.add_parser("classify", help="classify the items of a JSONL file")
+    classify = commands.add_parser("classify", help="classify the items of a data file or folder")
     classify.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by `savpack export`")
-    classify.add_argument("--data", required=True, help="JSONL file: text/question and image/images per line")
+    classify.add_argument("--data", required=True, help="items: .jsonl, .json, .csv/.tsv or a folder root/<label>/<file>; text/question and image/images")
     classify.add_argument("--json", action="store_true", help="one JSON object per item: label, votes, shares (per pack)")
     classify.add_argument("--providers", default="cpu", help="cpu or cuda (falls back to cpu with a warning)")
     classify.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")

@@ -61,6 +61,10 @@ class InputError(SavpackError):
     """An item to classify is unusable: missing or broken image, empty text. The message names the file or field."""
 
 
+class DataError(InputError):
+    """A dataset, an item in it, or a file it names is unusable. The message names the file, line and field."""
+
+
 class PreprocessSpecError(SavpackError):
     """A preprocessing spec (preprocess.json) or its tokenizer.json is missing, unreadable or invalid; the message
     names the file and the field."""

@@ -1,4 +1,4 @@
-"""Strict safetensors reading, deterministic writing, and atomic file replacement.
+"""Strict safetensors reading, deterministic writing, and atomic replacement of files and folders.
 
 The safetensors library writes metadata in hash-map order (a different byte layout in every process), so packs are
 serialised here: sorted keys, fixed separators, header padded to 8 bytes. Reading is strict in the same spirit as the
@@ -13,9 +13,12 @@ import json
 import math
 import os
 import secrets
+import shutil
 import struct
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, BinaryIO
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -78,6 +81,56 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def check_output_folder(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse early what `staged_folder` would refuse late: a missing parent folder, a file in the way, or an
+    existing folder without force."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"{path}: folder {parent} does not exist")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{path}: exists and is not a folder")
+    if path.exists() and not force:
+        raise OutputPathError(f"{path}: exists; pass --force (force=True) to replace it")
+    return path
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A new empty folder beside `path` to fill; when the block succeeds it is renamed onto `path`, when it fails it
+    is removed. An existing `path` (force only) is renamed aside first and removed once the new folder is in place,
+    so a crash leaves the old folder or the new one, never a mix."""
+    path = check_output_folder(path, force)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield work
+        # mkdtemp makes the folder private (0700); the folder it becomes gets what the umask allows, as any new one.
+        umask = os.umask(0)
+        os.umask(umask)
+        work.chmod(0o777 & ~umask)
+        _move_into_place(work, path, force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _move_into_place(work: Path, path: Path, force: bool) -> None:
+    if not path.exists():
+        work.rename(path)
+        return
+    if not force:
+        raise OutputPathError(f"{path}: exists; pass --force (force=True) to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    old.rmdir()
+    path.rename(old)
+    try:
+        work.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -51,6 +51,10 @@ TEXT_PLACEHOLDER = "{text}"
 PROMPT_TOKEN_POSITION = "token_position"
 TOKEN_POSITIONS = ("last", "first")
 DEFAULT_TOKEN_POSITION = "last"
+# Optional prompt field: frames sampled from each video item (shown to the model as images). Present only in packs
+# built from videos; classifying samples the same number, DEFAULT_VIDEO_FRAMES when the pack does not say.
+PROMPT_VIDEO_FRAMES = "video_frames"
+DEFAULT_VIDEO_FRAMES = 8
 
 # safetensors dtype names this project reads and writes.
 DTYPES = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I64": "<i8", "U8": "|u1"}

@@ -15,13 +15,12 @@ Shapes: B items, S tokens, N images, P patches per image (padded), D feature wid
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import numpy as np
 
 from .errors import InputError
-from .image_processing import best_resolution
+from .image_processing import anyres_max_patches, anyres_tile_features, best_resolution
 
 # Graph kinds: which planner feeds a graph.
 TEXT = "text"
@@ -313,7 +312,10 @@ def _plan_llava_onevision(config: dict[str, Any], encoded: dict[str, np.ndarray]
     image_token_id = int(config["image_token_id"])
     tile_size, patch = int(config["image_size"]), int(config["patch_size"])
     pinpoints = tuple(tuple(int(v) for v in point) for point in config["image_grid_pinpoints"])
-    max_tiles = int(str(config["vision_aspect_ratio"]).removeprefix("anyres_max_"))
+    try:
+        max_tiles = anyres_max_patches(config["vision_aspect_ratio"])
+    except ValueError as exc:
+        raise InputError(f"graph plan: {exc}") from None
     pixel_values = _float_array(encoded, "pixel_values", 5)
     sizes = _int_array(encoded, "image_sizes", 2)
     per_item = encoded.get("batch_num_images")
@@ -342,7 +344,7 @@ def _plan_llava_onevision(config: dict[str, Any], encoded: dict[str, np.ndarray]
         token_rows.append(np.stack([base] + [base * 0] * 3, axis=1))
         token_weights.append(np.tile([1.0, 0, 0, 0], (per_tile, 1)))
         if tiled:
-            rows, weights = _anyres_tokens(tiles_so_far, grid_rows, grid_cols, side, (height, width), max_tiles)
+            rows, weights = _anyres_token_rows(tiles_so_far, grid_rows, grid_cols, side, (height, width), max_tiles)
             token_rows.append(rows)
             token_weights.append(weights)
         else:
@@ -364,31 +366,21 @@ def _plan_llava_onevision(config: dict[str, Any], encoded: dict[str, np.ndarray]
             "image_token_index": index, "image_token_weight": weight}
 
 
-def _anyres_tokens(first_tile: int, grid_rows: int, grid_cols: int, side: int, image_size: tuple[int, int],
-                   max_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+def _anyres_token_rows(first_tile: int, grid_rows: int, grid_cols: int, side: int, image_size: tuple[int, int],
+                       max_tiles: int) -> tuple[np.ndarray, np.ndarray]:
     """The tokens after the base view: the tiles' feature map (grid_rows*side x grid_cols*side), cropped to the
     image's aspect ratio, shrunk bilinearly when larger than max_tiles tiles allow, each row ending in the newline.
     Returns (tokens, 4) feature rows and their weights."""
     per_tile = side * side
-    height, width = grid_rows * side, grid_cols * side
-    y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    y, x = np.meshgrid(np.arange(grid_rows * side), np.arange(grid_cols * side), indexing="ij")
     tile = (y // side) * grid_cols + (x // side)
     source = (first_tile + 1 + tile) * per_tile + (y % side) * side + (x % side)  # (height, width)
-
-    original_height, original_width = image_size
-    if original_width / original_height > width / height:
-        new_height = int(round(original_height * (width / original_width), 7))
-        pad = (height - new_height) // 2
-        source = source[pad : height - pad]
-    else:
-        new_width = int(round(original_width * (height / original_height), 7))
-        pad = (width - new_width) // 2
-        source = source[:, pad : width - pad]
+    features = anyres_tile_features(image_size, grid_rows, grid_cols, side, max_tiles)
+    source = source[features.rows, features.columns]
 
     current_height, current_width = source.shape
-    ratio = math.sqrt(current_height * current_width / (max_tiles * side**2))
-    if ratio > 1.1:
-        out_height, out_width = int(current_height // ratio), int(current_width // ratio)
+    if features.size != source.shape:
+        out_height, out_width = features.size
         (y0, y1, wy), (x0, x1, wx) = _bilinear(current_height, out_height), _bilinear(current_width, out_width)
         rows = np.stack([source[y0][:, x0], source[y0][:, x1], source[y1][:, x0], source[y1][:, x1]], axis=-1)
         weights = np.stack([np.outer(1 - wy, 1 - wx), np.outer(1 - wy, wx), np.outer(wy, 1 - wx), np.outer(wy, wx)], axis=-1)

@@ -1,4 +1,4 @@
-"""Image preprocessing in numpy and PIL, equal to the Hugging Face image processors' PIL backend (transformers 5.23).
+"""Image preprocessing in numpy and PIL, equal to the Hugging Face image processors' PIL backend (transformers 5.24).
 
 Each family's class reproduces its transformers counterpart step by step: the same PIL resize of the 8-bit RGB
 picture, the same float64 rescale cast to float32, the same float32 normalisation, the same patch layout. The values
@@ -191,21 +191,11 @@ class LlavaOnevisionImages(PixelSteps):
     def _anyres_tokens(self, height: int, width: int) -> int:
         """LlavaOnevisionProcessor._get_number_of_features: base view + unpadded tiles + one newline per row."""
         best_height, best_width = best_resolution((height, width), self.image_grid_pinpoints)
-        scale_height, scale_width = best_height // self.size[0], best_width // self.size[1]
-        side = int(math.sqrt(self.num_image_tokens))
-        current_height, current_width = side * scale_height, side * scale_width
-        if width / height > current_width / current_height:
-            new_height = int(round(height * (current_width / width), 7))
-            current_height -= (current_height - new_height) // 2 * 2
-        else:
-            new_width = int(round(width * (current_height / height), 7))
-            current_width -= (current_width - new_width) // 2 * 2
-        unpadded, newlines = current_height * current_width, current_height
-        ratio = math.sqrt(current_height * current_width / (self.max_num_patches * side**2))
-        if ratio > 1.1:
-            unpadded = int(current_height // ratio) * int(current_width // ratio)
-            newlines = int(current_height // ratio)
-        return unpadded + newlines + self.num_image_tokens
+        side = math.isqrt(self.num_image_tokens)
+        tiles = anyres_tile_features((height, width), best_height // self.size[0], best_width // self.size[1], side,
+                                     self.max_num_patches)
+        rows, columns = tiles.size
+        return rows * (columns + 1) + self.num_image_tokens
 
 
 @dataclass(frozen=True)
@@ -428,6 +418,48 @@ def best_resolution(size: tuple[int, int], resolutions: tuple[tuple[int, int], .
         if kept > most_kept or (kept == most_kept and wasted < least_wasted):
             best, most_kept, least_wasted = (res_height, res_width), kept, wasted
     return best
+
+
+@dataclass(frozen=True)
+class AnyresFeatures:
+    """Where LLaVA-OneVision's tile features land: the crop of the tiles' feature map that holds the image, and the
+    size that crop is shrunk to (bilinearly) when it exceeds what `max_num_patches` tiles allow."""
+
+    rows: slice  # of the (grid_rows * side, grid_columns * side) tile feature map
+    columns: slice
+    size: tuple[int, int]  # (rows, columns) after the shrink; the crop's own size when there is none
+
+
+def anyres_tile_features(image_size: tuple[int, int], grid_rows: int, grid_columns: int, side: int,
+                         max_num_patches: int) -> AnyresFeatures:
+    """transformers' unpad_image and pack_image_features' downsizing for one image of `image_size` (height, width)
+    whose tiles form a grid_rows x grid_columns grid of side x side features each. Shared by the token count (here)
+    and the graph's feature gather (graph_inputs), so both cut and shrink the same way."""
+    height, width = grid_rows * side, grid_columns * side
+    original_height, original_width = image_size
+    rows, columns = slice(0, height), slice(0, width)
+    if original_width / original_height > width / height:
+        new_height = int(round(original_height * (width / original_width), 7))
+        pad = (height - new_height) // 2
+        rows = slice(pad, height - pad)
+    else:
+        new_width = int(round(original_width * (height / original_height), 7))
+        pad = (width - new_width) // 2
+        columns = slice(pad, width - pad)
+    current_height, current_width = rows.stop - rows.start, columns.stop - columns.start
+    ratio = math.sqrt(current_height * current_width / (max_num_patches * side**2))
+    if ratio > 1.1:
+        return AnyresFeatures(rows, columns, (int(current_height // ratio), int(current_width // ratio)))
+    return AnyresFeatures(rows, columns, (current_height, current_width))
+
+
+def anyres_max_patches(vision_aspect_ratio: str) -> int:
+    """"anyres_max_9" -> 9: the most tiles LLaVA-OneVision's feature map keeps before shrinking."""
+    prefix = "anyres_max_"
+    number = str(vision_aspect_ratio).removeprefix(prefix)
+    if not (str(vision_aspect_ratio).startswith(prefix) and number.isascii() and number.isdigit() and int(number) > 0):
+        raise ValueError(f"vision_aspect_ratio {vision_aspect_ratio!r} is not {prefix}N with N >= 1")
+    return int(number)
 
 
 def fitted_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:

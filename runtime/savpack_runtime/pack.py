@@ -19,6 +19,8 @@ import numpy as np
 
 from . import files
 from . import format as fmt
+from .compat import RUNTIME_PACKAGE, version_refusal
+from . import prompt as prompt_fields
 from .errors import (
     PackMissingKeyError,
     PackShapeError,
@@ -61,7 +63,12 @@ class Pack:
     @property
     def token_position(self) -> str:
         """Which token's head outputs the pack uses: "last" (decoders) or "first" (an encoder's [CLS])."""
-        return self.prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION)
+        return prompt_fields.token_position(self.prompt)
+
+    @property
+    def video_frames(self) -> int:
+        """Frames sampled from each video item, as when the pack was built."""
+        return prompt_fields.video_frames(self.prompt)
 
     @property
     def deepest_layer(self) -> int:
@@ -133,119 +140,177 @@ class Pack:
 
     @classmethod
     def _from_parts(cls, tensors: dict[str, np.ndarray], metadata: dict[str, str], path: object) -> "Pack":
-        version = _check_format(metadata, path)
-        for name in fmt.REQUIRED_TENSORS:
-            if name not in tensors:
-                raise PackMissingKeyError(f"required tensor {name!r} is missing", path, name)
-        for key in fmt.REQUIRED_META:
-            if key not in metadata:
-                raise PackMissingKeyError(f"required metadata key {key!r} is missing", path, key)
-        _warn_unknown(tensors, metadata, path)
-
-        values = {key: _load_json(metadata, key, path) for key in fmt.JSON_META if key in metadata}
-        labels = values[fmt.META_LABELS]
-        if not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
-            raise PackTypeError(f"{fmt.META_LABELS} must be a JSON list of strings", path, fmt.META_LABELS)
-        model = _check_object(values, fmt.META_MODEL, fmt.MODEL_FIELDS, path)
-        prompt = _check_object(values, fmt.META_PROMPT, fmt.PROMPT_FIELDS, path)
-        selection = _check_object(values, fmt.META_SELECTION, (), path)
-        optional = {key: _check_object(values, key, (), path) if key in values else {} for key in
-                    (fmt.META_METRICS, fmt.META_CREATED_BY, fmt.META_DATASET)}
-        grid = model["grid"]
-        if not (isinstance(grid, list) and len(grid) == 3 and all(type(n) is int and n > 0 for n in grid)):
-            raise PackTypeError(f"{fmt.META_MODEL} grid must be [layers, heads, head_dim] of positive integers, got {grid!r}", path, fmt.META_MODEL)
-        for key in ("id", "family"):
-            if not isinstance(model[key], str) or not model[key]:
-                raise PackTypeError(f"{fmt.META_MODEL} {key} must be a non-empty string", path, fmt.META_MODEL)
-        for key in ("template", "rendered"):
-            if not isinstance(prompt[key], str):
-                raise PackTypeError(f"{fmt.META_PROMPT} {key} must be a string", path, fmt.META_PROMPT)
-        if type(prompt["image_count"]) is not int or prompt["image_count"] < 0:
-            raise PackTypeError(f"{fmt.META_PROMPT} image_count must be a non-negative integer", path, fmt.META_PROMPT)
-        if prompt.get(fmt.PROMPT_TOKEN_POSITION, fmt.DEFAULT_TOKEN_POSITION) not in fmt.TOKEN_POSITIONS:
-            raise PackValueError(f"{fmt.META_PROMPT} {fmt.PROMPT_TOKEN_POSITION} is {prompt[fmt.PROMPT_TOKEN_POSITION]!r}, "
-                                 f"expected one of {list(fmt.TOKEN_POSITIONS)}", path, fmt.META_PROMPT)
-        for key in (fmt.META_NAME, fmt.META_VERSION):
-            if key in metadata and not metadata[key]:
-                raise PackValueError(f"{key} is empty", path, key)
-
-        expected_dtypes = {fmt.HEADS: np.int32, fmt.CENTROIDS: np.float32, fmt.HEAD_SCORES: np.float32,
-                           fmt.CLASS_COUNTS: np.int32, fmt.ALL_HEAD_SCORES: np.float32}
-        expected_ranks = {fmt.HEADS: 2, fmt.CENTROIDS: 3, fmt.HEAD_SCORES: 1, fmt.CLASS_COUNTS: 1, fmt.ALL_HEAD_SCORES: 2}
-        for name, dtype in expected_dtypes.items():
-            if tensors[name].dtype != np.dtype(dtype):
-                raise PackTypeError(f"tensor {name!r} is {tensors[name].dtype}, expected {np.dtype(dtype)}", path, name)
-            if tensors[name].ndim != expected_ranks[name]:
-                raise PackTypeError(f"tensor {name!r} has rank {tensors[name].ndim}, expected {expected_ranks[name]}", path, name)
-
-        heads, centroids = tensors[fmt.HEADS], tensors[fmt.CENTROIDS]
-        k, classes, head_dim = centroids.shape
-        layers, num_heads, grid_head_dim = grid
-        if heads.shape != (k, 2) or k == 0:
-            raise PackShapeError(f"tensor 'heads' has shape {list(heads.shape)}, expected [{k}, 2] with k >= 1 (k from 'centroids')", path, fmt.HEADS)
-        if tensors[fmt.HEAD_SCORES].shape != (k,):
-            raise PackShapeError(f"tensor 'head_scores' has shape {list(tensors[fmt.HEAD_SCORES].shape)}, expected [{k}]", path, fmt.HEAD_SCORES)
-        if len(labels) != classes:
-            raise PackShapeError(f"{fmt.META_LABELS} has {len(labels)} labels but 'centroids' has {classes} classes", path, fmt.META_LABELS)
-        if tensors[fmt.CLASS_COUNTS].shape != (classes,):
-            raise PackShapeError(f"tensor 'class_counts' has shape {list(tensors[fmt.CLASS_COUNTS].shape)}, expected [{classes}]", path, fmt.CLASS_COUNTS)
-        if head_dim != grid_head_dim:
-            raise PackShapeError(f"'centroids' head_dim {head_dim} differs from the model grid's {grid_head_dim}", path, fmt.CENTROIDS)
-        if tensors[fmt.ALL_HEAD_SCORES].shape != (layers, num_heads):
-            raise PackShapeError(f"tensor 'all_head_scores' has shape {list(tensors[fmt.ALL_HEAD_SCORES].shape)}, expected the grid's [{layers}, {num_heads}]", path, fmt.ALL_HEAD_SCORES)
-
-        if classes < 2:
-            raise PackValueError(f"{fmt.META_LABELS} has {classes} class; a classifier needs at least 2", path, fmt.META_LABELS)
-        if len(set(labels)) != len(labels) or not all(labels):
-            raise PackValueError(f"{fmt.META_LABELS} must be unique non-empty strings, got {labels!r}", path, fmt.META_LABELS)
-        outside = (heads[:, 0] < 0) | (heads[:, 0] >= layers) | (heads[:, 1] < 0) | (heads[:, 1] >= num_heads)
-        if outside.any():
-            bad = heads[np.argmax(outside)].tolist()
-            raise PackValueError(f"tensor 'heads' holds {bad}, outside the model grid of {layers} layers x {num_heads} heads", path, fmt.HEADS)
-        if len({(int(a), int(b)) for a, b in heads}) != k:
-            raise PackValueError("tensor 'heads' lists a head twice", path, fmt.HEADS)
-        if (tensors[fmt.CLASS_COUNTS] < 1).any():
-            raise PackValueError("tensor 'class_counts' must be >= 1 for every class", path, fmt.CLASS_COUNTS)
-        for name in (fmt.CENTROIDS, fmt.HEAD_SCORES, fmt.ALL_HEAD_SCORES):
-            if not np.isfinite(tensors[name]).all():
-                raise PackValueError(f"tensor {name!r} holds NaN or Inf", path, name)
-
+        """Validate parsed tensors and metadata, then trust them. Rows 1-6 of docs/format.md section 4 (the byte
+        layout) are files.loads'; rows 7-15 are VALIDATION_ROWS, run here in the table's order."""
+        reading = _Reading(tensors, metadata, path)
+        for _, check in VALIDATION_ROWS:
+            check(reading)
+        values, optional = reading.values, {key: reading.values.get(key, {}) for key in _OPTIONAL_OBJECTS}
         return cls(
-            heads=tensors[fmt.HEADS], centroids=centroids, head_scores=tensors[fmt.HEAD_SCORES],
+            heads=tensors[fmt.HEADS], centroids=tensors[fmt.CENTROIDS], head_scores=tensors[fmt.HEAD_SCORES],
             class_counts=tensors[fmt.CLASS_COUNTS], all_head_scores=tensors[fmt.ALL_HEAD_SCORES],
-            labels=tuple(labels), model=model, prompt=prompt, selection=selection,
-            metrics=optional[fmt.META_METRICS], name=metadata.get(fmt.META_NAME), version=metadata.get(fmt.META_VERSION),
-            created_by=optional[fmt.META_CREATED_BY], dataset=optional[fmt.META_DATASET], format_version=version,
+            labels=tuple(values[fmt.META_LABELS]), model=values[fmt.META_MODEL], prompt=values[fmt.META_PROMPT],
+            selection=values[fmt.META_SELECTION], metrics=optional[fmt.META_METRICS], name=metadata.get(fmt.META_NAME),
+            version=metadata.get(fmt.META_VERSION), created_by=optional[fmt.META_CREATED_BY],
+            dataset=optional[fmt.META_DATASET], format_version=reading.version,
         )
 
 
-def _check_format(metadata: dict[str, str], path: object) -> int:
-    if metadata.get(fmt.META_FORMAT) != fmt.FORMAT_NAME:
-        if fmt.META_FORMAT not in metadata:
-            raise PackMissingKeyError(f"required metadata key {fmt.META_FORMAT!r} is missing: not a SAV pack", path, fmt.META_FORMAT)
+# -- validation, row by row as docs/format.md section 4 lists it ----------------------------------------------------
+
+_OPTIONAL_OBJECTS = (fmt.META_METRICS, fmt.META_CREATED_BY, fmt.META_DATASET)
+_TENSOR_TYPES = {fmt.HEADS: (np.int32, 2), fmt.CENTROIDS: (np.float32, 3), fmt.HEAD_SCORES: (np.float32, 1),
+                 fmt.CLASS_COUNTS: (np.int32, 1), fmt.ALL_HEAD_SCORES: (np.float32, 2)}  # dtype, rank
+
+
+@dataclass
+class _Reading:
+    """What the rows have established so far about one pack being read."""
+
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str]
+    path: object
+    version: int = 0  # row 8
+    values: dict[str, Any] = field(default_factory=dict)  # row 11: parsed JSON metadata by key
+
+
+def _check_format_name(reading: _Reading) -> None:
+    """Row 7: `savpack.format` is `savpack` (absent: not a SAV pack)."""
+    metadata, path = reading.metadata, reading.path
+    if fmt.META_FORMAT not in metadata:
+        raise PackMissingKeyError(f"required metadata key {fmt.META_FORMAT!r} is missing: not a SAV pack", path, fmt.META_FORMAT)
+    if metadata[fmt.META_FORMAT] != fmt.FORMAT_NAME:
         raise PackValueError(f"{fmt.META_FORMAT} is {metadata[fmt.META_FORMAT]!r}, expected {fmt.FORMAT_NAME!r}", path, fmt.META_FORMAT)
-    raw = metadata.get(fmt.META_FORMAT_VERSION)
+
+
+def _check_format_version(reading: _Reading) -> None:
+    """Row 8: `savpack.format_version` is present, decimal digits, and a version this reader supports."""
+    raw, path = reading.metadata.get(fmt.META_FORMAT_VERSION), reading.path
     if raw is None:
         raise PackMissingKeyError(f"required metadata key {fmt.META_FORMAT_VERSION!r} is missing", path, fmt.META_FORMAT_VERSION)
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise PackTypeError(f"{fmt.META_FORMAT_VERSION} is {raw!r}, expected a decimal integer", path, fmt.META_FORMAT_VERSION)
-    version = int(raw)
-    if version > max(fmt.SUPPORTED_VERSIONS):
-        raise PackVersionError(
-            f"pack format version {version} is newer than this reader's {fmt.FORMAT_VERSION}; "
-            "upgrade with: pip install --upgrade savpack-runtime",
-            path, fmt.META_FORMAT_VERSION,
-        )
-    if version not in fmt.SUPPORTED_VERSIONS:
-        raise PackVersionError(f"pack format version {version} is not supported (supported: {list(fmt.SUPPORTED_VERSIONS)})", path, fmt.META_FORMAT_VERSION)
-    return version
+    refusal = version_refusal(int(raw), fmt.SUPPORTED_VERSIONS, "pack format version", RUNTIME_PACKAGE)
+    if refusal:
+        raise PackVersionError(refusal, path, fmt.META_FORMAT_VERSION)
+    reading.version = int(raw)
 
 
-def _warn_unknown(tensors: dict[str, np.ndarray], metadata: dict[str, str], path: object) -> None:
+def _check_required_keys(reading: _Reading) -> None:
+    """Row 9: the required tensors and metadata keys are present."""
+    for name in fmt.REQUIRED_TENSORS:
+        if name not in reading.tensors:
+            raise PackMissingKeyError(f"required tensor {name!r} is missing", reading.path, name)
+    for key in fmt.REQUIRED_META:
+        if key not in reading.metadata:
+            raise PackMissingKeyError(f"required metadata key {key!r} is missing", reading.path, key)
+
+
+def _warn_unknown_keys(reading: _Reading) -> None:
+    """Row 10: unknown tensors or `savpack.*` keys give one warning listing them all; reading continues."""
     known = set(fmt.REQUIRED_META) | set(fmt.OPTIONAL_META)
-    unknown = sorted(set(tensors) - set(fmt.REQUIRED_TENSORS)) + sorted(set(metadata) - known)
+    unknown = sorted(set(reading.tensors) - set(fmt.REQUIRED_TENSORS)) + sorted(set(reading.metadata) - known)
     if unknown:
-        warnings.warn(f"{path}: ignoring unknown pack keys {unknown} (written by a newer savpack?)", SavpackWarning, stacklevel=4)
+        warnings.warn(f"{reading.path}: ignoring unknown pack keys {unknown} (written by a newer savpack?)", SavpackWarning, stacklevel=4)
+
+
+def _parse_json_values(reading: _Reading) -> None:
+    """Row 11: JSON values parse (no NaN/Infinity); labels are strings; the objects have their required fields."""
+    path = reading.path
+    values = {key: _load_json(reading.metadata, key, path) for key in fmt.JSON_META if key in reading.metadata}
+    labels = values[fmt.META_LABELS]
+    if not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
+        raise PackTypeError(f"{fmt.META_LABELS} must be a JSON list of strings", path, fmt.META_LABELS)
+    required = {fmt.META_MODEL: fmt.MODEL_FIELDS, fmt.META_PROMPT: fmt.PROMPT_FIELDS, fmt.META_SELECTION: ()}
+    for key in (*required, *_OPTIONAL_OBJECTS):
+        if key in values:
+            _check_object(values, key, required.get(key, ()), path)
+    reading.values = values
+
+
+def _check_metadata_values(reading: _Reading) -> None:
+    """Row 12: grid, model id and family, prompt fields (token_position, video_frames), name and version."""
+    model, prompt, path = reading.values[fmt.META_MODEL], reading.values[fmt.META_PROMPT], reading.path
+    grid = model["grid"]
+    if not (isinstance(grid, list) and len(grid) == 3 and all(type(n) is int and n > 0 for n in grid)):
+        raise PackTypeError(f"{fmt.META_MODEL} grid must be [layers, heads, head_dim] of positive integers, got {grid!r}", path, fmt.META_MODEL)
+    for key in ("id", "family"):
+        if not isinstance(model[key], str) or not model[key]:
+            raise PackTypeError(f"{fmt.META_MODEL} {key} must be a non-empty string", path, fmt.META_MODEL)
+    for key in ("template", "rendered"):
+        if not isinstance(prompt[key], str):
+            raise PackTypeError(f"{fmt.META_PROMPT} {key} must be a string", path, fmt.META_PROMPT)
+    if type(prompt["image_count"]) is not int or prompt["image_count"] < 0:
+        raise PackTypeError(f"{fmt.META_PROMPT} image_count must be a non-negative integer", path, fmt.META_PROMPT)
+    if prompt_fields.token_position(prompt) not in fmt.TOKEN_POSITIONS:
+        raise PackValueError(f"{fmt.META_PROMPT} {fmt.PROMPT_TOKEN_POSITION} is {prompt[fmt.PROMPT_TOKEN_POSITION]!r}, "
+                             f"expected one of {list(fmt.TOKEN_POSITIONS)}", path, fmt.META_PROMPT)
+    frames = prompt.get(fmt.PROMPT_VIDEO_FRAMES)
+    if frames is not None and (type(frames) is not int or frames < 1):
+        raise PackTypeError(f"{fmt.META_PROMPT} {fmt.PROMPT_VIDEO_FRAMES} must be a positive integer, got {frames!r}", path, fmt.META_PROMPT)
+    for key in (fmt.META_NAME, fmt.META_VERSION):
+        if key in reading.metadata and not reading.metadata[key]:
+            raise PackValueError(f"{key} is empty", path, key)
+
+
+def _check_tensor_types(reading: _Reading) -> None:
+    """Row 13: tensor dtypes and ranks as in section 2."""
+    for name, (dtype, rank) in _TENSOR_TYPES.items():
+        tensor = reading.tensors[name]
+        if tensor.dtype != np.dtype(dtype):
+            raise PackTypeError(f"tensor {name!r} is {tensor.dtype}, expected {np.dtype(dtype)}", reading.path, name)
+        if tensor.ndim != rank:
+            raise PackTypeError(f"tensor {name!r} has rank {tensor.ndim}, expected {rank}", reading.path, name)
+
+
+def _check_shapes(reading: _Reading) -> None:
+    """Row 14: shapes agree with each other, with the labels and with the model grid."""
+    tensors, path = reading.tensors, reading.path
+    heads, labels = tensors[fmt.HEADS], reading.values[fmt.META_LABELS]
+    k, classes, head_dim = tensors[fmt.CENTROIDS].shape
+    layers, num_heads, grid_head_dim = reading.values[fmt.META_MODEL]["grid"]
+    if heads.shape != (k, 2) or k == 0:
+        raise PackShapeError(f"tensor 'heads' has shape {list(heads.shape)}, expected [{k}, 2] with k >= 1 (k from 'centroids')", path, fmt.HEADS)
+    if tensors[fmt.HEAD_SCORES].shape != (k,):
+        raise PackShapeError(f"tensor 'head_scores' has shape {list(tensors[fmt.HEAD_SCORES].shape)}, expected [{k}]", path, fmt.HEAD_SCORES)
+    if len(labels) != classes:
+        raise PackShapeError(f"{fmt.META_LABELS} has {len(labels)} labels but 'centroids' has {classes} classes", path, fmt.META_LABELS)
+    if tensors[fmt.CLASS_COUNTS].shape != (classes,):
+        raise PackShapeError(f"tensor 'class_counts' has shape {list(tensors[fmt.CLASS_COUNTS].shape)}, expected [{classes}]", path, fmt.CLASS_COUNTS)
+    if head_dim != grid_head_dim:
+        raise PackShapeError(f"'centroids' head_dim {head_dim} differs from the model grid's {grid_head_dim}", path, fmt.CENTROIDS)
+    if tensors[fmt.ALL_HEAD_SCORES].shape != (layers, num_heads):
+        raise PackShapeError(f"tensor 'all_head_scores' has shape {list(tensors[fmt.ALL_HEAD_SCORES].shape)}, expected the grid's [{layers}, {num_heads}]", path, fmt.ALL_HEAD_SCORES)
+
+
+def _check_values(reading: _Reading) -> None:
+    """Row 15: at least 2 classes, unique labels, heads inside the grid and distinct, counts >= 1, finite floats."""
+    tensors, path = reading.tensors, reading.path
+    heads, labels = tensors[fmt.HEADS], reading.values[fmt.META_LABELS]
+    layers, num_heads, _ = reading.values[fmt.META_MODEL]["grid"]
+    if len(labels) < 2:
+        raise PackValueError(f"{fmt.META_LABELS} has {len(labels)} class; a classifier needs at least 2", path, fmt.META_LABELS)
+    if len(set(labels)) != len(labels) or not all(labels):
+        raise PackValueError(f"{fmt.META_LABELS} must be unique non-empty strings, got {labels!r}", path, fmt.META_LABELS)
+    outside = (heads[:, 0] < 0) | (heads[:, 0] >= layers) | (heads[:, 1] < 0) | (heads[:, 1] >= num_heads)
+    if outside.any():
+        bad = heads[np.argmax(outside)].tolist()
+        raise PackValueError(f"tensor 'heads' holds {bad}, outside the model grid of {layers} layers x {num_heads} heads", path, fmt.HEADS)
+    if len({(int(a), int(b)) for a, b in heads}) != len(heads):
+        raise PackValueError("tensor 'heads' lists a head twice", path, fmt.HEADS)
+    if (tensors[fmt.CLASS_COUNTS] < 1).any():
+        raise PackValueError("tensor 'class_counts' must be >= 1 for every class", path, fmt.CLASS_COUNTS)
+    for name in (fmt.CENTROIDS, fmt.HEAD_SCORES, fmt.ALL_HEAD_SCORES):
+        if not np.isfinite(tensors[name]).all():
+            raise PackValueError(f"tensor {name!r} holds NaN or Inf", path, name)
+
+
+# (row, check) in the order docs/format.md section 4 gives them; tests/test_specs.py holds the table to this list.
+VALIDATION_ROWS = (
+    (7, _check_format_name), (8, _check_format_version), (9, _check_required_keys), (10, _warn_unknown_keys),
+    (11, _parse_json_values), (12, _check_metadata_values), (13, _check_tensor_types), (14, _check_shapes),
+    (15, _check_values),
+)
 
 
 def _load_json(metadata: dict[str, str], key: str, path: object) -> Any:

@@ -21,6 +21,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from . import format as fmt
+from .compat import RUNTIME_PACKAGE, version_refusal
 from .errors import InputError, PreprocessSpecError
 from .image_processing import Gemma3Images, Idefics3Images, LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages
 from .images import to_rgb
@@ -160,6 +161,11 @@ class Preprocessor:
             allowed = "no images" if limit == 0 else f"at most {limit} images" if limit is not None else f"at least {least} image"
             raise InputError(f"the {self.family} prompt takes {allowed}, got {image_count}")
         return self.render_rule.template(image_count).replace(fmt.TEXT_PLACEHOLDER, text)
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Text tokens of each rendered prompt, image placeholders not expanded: the key batches are ordered by, as
+        the builder counts them (its tokenizer, no special tokens)."""
+        return [len(encoding.ids) for encoding in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
 
     def encode(self, prompts: list[str], images: list[list[Image.Image]] | None = None) -> dict[str, np.ndarray]:
         """Rendered prompts and their images -> the family's model inputs, padded to the longest prompt.
@@ -303,13 +309,9 @@ def _check_version(spec: dict[str, Any], where: object) -> None:
     version = _field(spec, "format_version", where)
     if not isinstance(version, int) or isinstance(version, bool):
         raise PreprocessSpecError(f"{where}: format_version must be an integer, got {version!r}")
-    if version > max(SUPPORTED_SPEC_VERSIONS):
-        raise PreprocessSpecError(
-            f"{where}: format_version {version} is newer than this runtime's {SPEC_VERSION}; "
-            "upgrade with: pip install --upgrade savpack-runtime"
-        )
-    if version not in SUPPORTED_SPEC_VERSIONS:
-        raise PreprocessSpecError(f"{where}: format_version {version} is not supported ({list(SUPPORTED_SPEC_VERSIONS)})")
+    refusal = version_refusal(version, SUPPORTED_SPEC_VERSIONS, "format_version", RUNTIME_PACKAGE)
+    if refusal:
+        raise PreprocessSpecError(f"{where}: {refusal}")
 
 
 def _read_json(path: Path) -> Any:

@@ -42,7 +42,7 @@ def test_classify_table_and_info(capsys):
     ('{"text": "a", "image": "missing.png"}\n', "missing.png does not exist"),
     ("not json\n", ":1: line is not valid JSON"),
     ('{"text": 3}\n', "field 'text' must be a string"),
-    ("\n", "holds no items"),
+    ("\n", "holds no examples"),
     ('{"text": "a", "video": "clip.mp4"}\n', "videos are a builder feature"),
 ])
 def test_bad_items_give_one_line(tmp_path, capsys, content, words):

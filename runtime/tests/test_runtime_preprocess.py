@@ -17,7 +17,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from savpack_runtime.errors import InputError, PreprocessSpecError
-from savpack_runtime.image_processing import best_resolution
+from savpack_runtime.image_processing import anyres_max_patches, anyres_tile_features, best_resolution
 from savpack_runtime.preprocess import SPEC_FILE, TOKENIZER_FILE, Preprocessor
 
 WORDS = ["<pad>", "<s>", "<|image_pad|>", "<image>", "[UNK]", "user", "what", "is", "it", "red", "a", "circle", ":", "?"]
@@ -171,6 +171,28 @@ def test_llava_onevision_single_image_is_tiled_and_several_are_squared(tmp_path)
     assert tokens[0] == 2 * (4 + 1)
 
 
+@pytest.mark.parametrize("value, expected", [("anyres_max_9", 9), ("anyres_max_16", 16)])
+def test_anyres_max_is_parsed_in_one_place(value, expected):
+    assert anyres_max_patches(value) == expected
+
+
+@pytest.mark.parametrize("value", ["anyres", "anyres_max_", "anyres_max_0", "anyres_max_x9", "max_9", "anyres_max_-1"])
+def test_malformed_anyres_max_is_refused_by_name(value):
+    with pytest.raises(ValueError, match=f"vision_aspect_ratio '{value}' is not anyres_max_N"):
+        anyres_max_patches(value)
+
+
+def test_anyres_crop_and_shrink_are_the_token_count_and_the_gather():
+    """The token count (image_processing) and the graph's gather (graph_inputs) use one arithmetic: a wide image
+    crops rows, a tall one columns, and a map beyond max_num_patches tiles shrinks."""
+    wide = anyres_tile_features((100, 400), 1, 2, 4, 9)  # a 4 x 8 map holding a 1:4 picture: 2 rows kept
+    assert (wide.rows, wide.columns, wide.size) == (slice(1, 3), slice(0, 8), (2, 8))
+    tall = anyres_tile_features((400, 100), 2, 1, 4, 9)
+    assert (tall.rows, tall.columns, tall.size) == (slice(0, 8), slice(1, 3), (8, 2))
+    shrunk = anyres_tile_features((300, 300), 3, 3, 4, 1)  # 12 x 12 features, 1 tile allowed: ratio 3
+    assert shrunk.size == (4, 4)
+
+
 def test_placeholders_must_match_the_images(tmp_path):
     runtime = load("llava_onevision", tmp_path)
     with pytest.raises(InputError, match="item 0: the prompt holds 1 image placeholder"):
@@ -243,6 +265,7 @@ def test_unreadable_files_are_refused_naming_the_file(tmp_path):
         Preprocessor.load(folder)
 
 
+@pytest.mark.slow
 def test_preprocessing_imports_neither_torch_nor_transformers(tmp_path):
     folder = write_bundle(tmp_path / "bundle", make_spec("llava_onevision"), make_tokenizer())
     script = (

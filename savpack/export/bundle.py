@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,19 +19,18 @@ import numpy as np
 import torch
 
 from savpack_runtime import bundle as fmt
-from savpack_runtime import graph_inputs
-from savpack_runtime.errors import OutputPathError
+from savpack_runtime import files, graph_inputs
+from savpack_runtime.items import Example
 from savpack_runtime.pack import Pack
 from savpack_runtime.preprocess import SPEC_FILE, TOKENIZER_FILE
 from savpack_runtime.session import GraphSession
 
-from ..data import Example
 from ..errors import ExportError
 from ..models import LoadedModel
 from ..pipeline import check_pack_fits, producer_versions
 from ..preprocess_spec import write_preprocessing
 from . import onnx_graph
-from .forward import build_graph_module
+from .forward import GraphModule, build_graph_module
 from .quantize import DEFAULT_MIN_AGREEMENT, QUANTIZE_TYPES, QuantizationReport, packs_examples, quantize_bundle
 from .validate import DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, encode_examples, make_examples, validate_graph
 
@@ -92,87 +90,31 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     labels its own examples (found among `examples`) as the float32 graph does, at least `min_agreement` of them."""
     say = echo or (lambda message: None)
     out = Path(out)
-    if not packs:
-        raise ExportError("give at least one pack to export")
-    names = list(names) if names is not None else [pack.name or f"pack{index}" for index, pack in enumerate(packs)]
-    if len(names) != len(packs):
-        raise ExportError(f"{len(names)} names for {len(packs)} packs")
-    _check_destination(out, force)
-    if loaded.dtype != torch.float32 or loaded.device.type != "cpu":
-        raise ExportError(f"{loaded.model_id} is loaded as {loaded.dtype} on {loaded.device}; export traces and "
-                          "validates in float32 on the CPU (load with device='cpu', dtype='float32'; fp16=True halves the weights)")
-    check_packs_agree(packs, names)
-    for pack in packs:
-        check_pack_fits(pack, loaded)
-    files = pack_file_names(names)
-    if quantize is not None:
-        if quantize not in QUANTIZE_TYPES:
-            raise ExportError(f"--quantize {quantize!r} is not one of {QUANTIZE_TYPES}")
-        if fp16:
-            raise ExportError("--fp16 and --quantize int8 exclude each other: int8 replaces the float32 weights")
-        own_examples = packs_examples(packs, names, examples)
+    names = check_export(loaded, packs, names, out, force)
+    own_examples = check_quantize(packs, names, quantize, fp16, examples)
     tolerance = tolerance if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
     prompt = packs[0].prompt
-    image_count = int(prompt["image_count"])
     heads, positions = union_heads(packs)
     seconds: dict[str, float] = {}
+    version = fmt.FORMAT_VERSION if scores else 1
 
     started = time.perf_counter()
-    token_position = packs[0].token_position
-    graph = build_graph_module(loaded, heads, image_count, selected_heads_only, token_position)
+    graph = build_graph_module(loaded, heads, int(prompt["image_count"]), selected_heads_only, packs[0].token_position)
     graph = graph.scored(packs, positions) if scores else graph
-    with tempfile.TemporaryDirectory(prefix="savpack-example-") as tmp:
-        example = make_examples(3, image_count, EXAMPLE_SIZES, Path(tmp), seed=7, extra_image_item=0 if image_count else None)
-        feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
     say(f"exporting layers 0..{int(heads[:, 0].max())} of {loaded.model_id} ({graph.kind} graph, {len(heads)} heads) with the {exporter} exporter")
-    model_info = dict(packs[0].model)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        # The traced graph's own folder, beside the bundle (same disk): large weights stay in its files until saved.
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".trace", dir=out.parent) as traced:
-            model = onnx_graph.trace_to_onnx(graph, feed, Path(traced), exporter)
-            saved = onnx_graph.float16_weights(model, Path(traced)) if fp16 else 0
-            version = fmt.FORMAT_VERSION if scores else 1
-            onnx_graph.finish(model, fmt.graph_metadata(model_info, heads, [pack.content_hash() for pack in packs], version))
-            seconds["export"] = time.perf_counter() - started
-            onnx_graph.save(model, work / fmt.GRAPH_FILE, Path(traced))
-        del model
-        (work / fmt.PACKS_FOLDER).mkdir()
-        for pack, file in zip(packs, files):
-            pack.save(work / file)
+    quantization = None
+    with files.staged_folder(out, force) as work:
+        metadata = fmt.graph_metadata(packs[0].model, heads, [pack.content_hash() for pack in packs], version)
+        saved = write_graph(loaded, graph, prompt, work, metadata, exporter, fp16)
+        seconds["export"] = time.perf_counter() - started
+        pack_files = write_packs(work, packs, names)
         write_preprocessing(loaded, prompt, work)  # checks the runtime reproduces the builder's inputs first
-        preprocessing = {"files": {name: fmt.file_sha256(work / name) for name in (SPEC_FILE, TOKENIZER_FILE)}}
-        info = {
-            "format": fmt.FORMAT_NAME, "format_version": version,
-            "model": model_info, "prompt": prompt,
-            "graph": {
-                "file": fmt.GRAPH_FILE, "sha256": fmt.file_sha256(work / fmt.GRAPH_FILE),
-                "data_file": fmt.GRAPH_DATA_FILE, "data_bytes": (work / fmt.GRAPH_DATA_FILE).stat().st_size,
-                "data_sha256": fmt.file_sha256(work / fmt.GRAPH_DATA_FILE),
-                "kind": graph.kind, "plan": graph.plan_config,
-                "inputs": list(graph.input_names), "output": graph_inputs.OUTPUT_NAME, "outputs": list(graph.output_names),
-                "dynamic_axes": {name: {str(axis): label for axis, label in graph_inputs.GRAPH_INPUTS[graph.kind][name].items()}
-                                 for name in graph.input_names},
-                "opset": onnx_graph.OPSET, "heads": heads.tolist(),
-                "weights": "float16" if fp16 else "float32", "selected_heads_only": graph.selected_heads_only,
-            },
-            "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist(),
-                       **({"labels": list(pack.labels), "outputs": graph_inputs.score_outputs(index)} if scores else {})}
-                      for index, (pack, file, name, position) in enumerate(zip(packs, files, names, positions))],
-            "preprocessing": preprocessing,
-            "created_by": {**producer_versions(), "exporter": exporter, **_export_versions()},
-        }
+        info = bundle_info(work, packs, names, pack_files, positions, graph, heads, fp16, exporter, version)
         (work / fmt.BUNDLE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
-        # Read back with the runtime's own reader and session: never ship what the runtime would refuse.
         started = time.perf_counter()
-        written = fmt.Bundle.load(work, check_weights=True)
-        session = GraphSession(written.graph_path, "cpu")
-        fmt.check_graph_metadata(written, session.metadata)
         say(f"validating against {loaded.model_id} on fresh inputs (tolerance {tolerance:g})")
-        report = validate_graph(session, loaded, graph.kind, graph.plan_config, heads, prompt["template"], image_count,
-                                tolerance, token_position=token_position, packs=list(zip(packs, positions)) if scores else ())
-        del session
+        report = read_back_and_validate(work, loaded, graph, heads, prompt, tolerance, list(zip(packs, positions)) if scores else [])
         seconds["validate"] = time.perf_counter() - started
         if quantize is not None:
             started = time.perf_counter()
@@ -180,13 +122,105 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
             info = json.loads((work / fmt.BUNDLE_FILE).read_text(encoding="utf-8"))
             seconds["quantize"] = time.perf_counter() - started
         sizes = {str(path.relative_to(work)): path.stat().st_size for path in sorted(work.rglob("*")) if path.is_file()}
-        _move_into_place(work, out, force)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     if saved:
         say(f"float16 weights saved {saved / 1e6:.1f} MB")
-    return ExportResult(out, info, report, sizes, seconds, quantization if quantize is not None else None)
+    return ExportResult(out, info, report, sizes, seconds, quantization)
+
+
+def check_export(loaded: LoadedModel, packs: Sequence[Pack], names: Sequence[str] | None, out: Path, force: bool) -> list[str]:
+    """Everything that can be refused before tracing: the packs, their names, the destination, the model's
+    placement, and that every pack fits the model. Returns the packs' names."""
+    if not packs:
+        raise ExportError("give at least one pack to export")
+    names = list(names) if names is not None else [pack.name or f"pack{index}" for index, pack in enumerate(packs)]
+    if len(names) != len(packs):
+        raise ExportError(f"{len(names)} names for {len(packs)} packs")
+    files.check_output_folder(out, force)
+    if loaded.dtype != torch.float32 or loaded.device.type != "cpu":
+        raise ExportError(f"{loaded.model_id} is loaded as {loaded.dtype} on {loaded.device}; export traces and "
+                          "validates in float32 on the CPU (load with device='cpu', dtype='float32'; fp16=True halves the weights)")
+    check_packs_agree(packs, names)
+    for pack in packs:
+        check_pack_fits(pack, loaded)
+    pack_file_names(names)  # refuses names that collide as file names, before any work
+    return names
+
+
+def check_quantize(packs: Sequence[Pack], names: Sequence[str], quantize: str | None, fp16: bool,
+                   examples: Sequence[Example]) -> dict[str, list[Example]]:
+    """With `quantize`: refuses what cannot be quantized and returns each pack's own examples among `examples`."""
+    if quantize is None:
+        return {}
+    if quantize not in QUANTIZE_TYPES:
+        raise ExportError(f"--quantize {quantize!r} is not one of {QUANTIZE_TYPES}")
+    if fp16:
+        raise ExportError("--fp16 and --quantize int8 exclude each other: int8 replaces the float32 weights")
+    return packs_examples(packs, names, examples)
+
+
+def write_graph(loaded: LoadedModel, graph: GraphModule, prompt: dict[str, Any], work: Path, metadata: dict[str, str],
+                exporter: str, fp16: bool) -> int:
+    """Trace `graph` on example inputs of the packs' prompt and save it (its weights as external data) into `work`;
+    returns the bytes float16 weights saved."""
+    image_count = int(prompt["image_count"])
+    with tempfile.TemporaryDirectory(prefix="savpack-example-") as tmp:
+        example = make_examples(3, image_count, EXAMPLE_SIZES, Path(tmp), seed=7, extra_image_item=0 if image_count else None)
+        feed = graph_inputs.plan(graph.kind, graph.plan_config, encode_examples(loaded, example, prompt["template"]))
+    # The traced graph's own folder, beside the bundle (same disk): large weights stay in its files until saved.
+    with tempfile.TemporaryDirectory(prefix=f".{work.name}.", suffix=".trace", dir=work.parent) as traced:
+        model = onnx_graph.trace_to_onnx(graph, feed, Path(traced), exporter)
+        saved = onnx_graph.float16_weights(model, Path(traced)) if fp16 else 0
+        onnx_graph.finish(model, metadata)
+        onnx_graph.save(model, work / fmt.GRAPH_FILE, Path(traced))
+    return saved
+
+
+def write_packs(work: Path, packs: Sequence[Pack], names: Sequence[str]) -> list[str]:
+    """Each pack into packs/; returns their file names (relative to the bundle)."""
+    pack_files = pack_file_names(names)
+    (work / fmt.PACKS_FOLDER).mkdir()
+    for pack, file in zip(packs, pack_files):
+        pack.save(work / file)
+    return pack_files
+
+
+def bundle_info(work: Path, packs: Sequence[Pack], names: Sequence[str], pack_files: Sequence[str],
+                positions: Sequence[np.ndarray], graph: GraphModule, heads: np.ndarray, fp16: bool, exporter: str,
+                version: int = fmt.FORMAT_VERSION) -> dict[str, Any]:
+    """bundle.json for the files written into `work` (their digests read from disk). Format 2 lists each pack's
+    labels and its vote's graph outputs; format 1 (a graph without the vote) neither."""
+    return {
+        "format": fmt.FORMAT_NAME, "format_version": version,
+        "model": dict(packs[0].model), "prompt": packs[0].prompt,
+        "graph": {
+            "file": fmt.GRAPH_FILE, "sha256": fmt.file_sha256(work / fmt.GRAPH_FILE),
+            "data_file": fmt.GRAPH_DATA_FILE, "data_bytes": (work / fmt.GRAPH_DATA_FILE).stat().st_size,
+            "data_sha256": fmt.file_sha256(work / fmt.GRAPH_DATA_FILE),
+            "kind": graph.kind, "plan": graph.plan_config,
+            "inputs": list(graph.input_names), "output": graph_inputs.OUTPUT_NAME, "outputs": list(graph.output_names),
+            "dynamic_axes": {name: {str(axis): label for axis, label in graph_inputs.GRAPH_INPUTS[graph.kind][name].items()}
+                             for name in graph.input_names},
+            "opset": onnx_graph.OPSET, "heads": heads.tolist(),
+            "weights": "float16" if fp16 else "float32", "selected_heads_only": graph.selected_heads_only,
+        },
+        "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist(),
+                   **({"labels": list(pack.labels), "outputs": graph_inputs.score_outputs(index)} if version >= 2 else {})}
+                  for index, (pack, file, name, position) in enumerate(zip(packs, pack_files, names, positions))],
+        "preprocessing": {"files": {name: fmt.file_sha256(work / name) for name in (SPEC_FILE, TOKENIZER_FILE)}},
+        "created_by": {**producer_versions(), "exporter": exporter, **_export_versions()},
+    }
+
+
+def read_back_and_validate(work: Path, loaded: LoadedModel, graph: GraphModule, heads: np.ndarray, prompt: dict[str, Any],
+                           tolerance: float, packs: Sequence[tuple[Pack, np.ndarray]] = ()) -> ValidationReport:
+    """Read the written folder with the runtime's own reader and session (never ship what the runtime would refuse),
+    then compare the graph with the model on fresh inputs (and each pack's in-graph vote with the numpy vote)."""
+    written = fmt.Bundle.load(work, check_weights=True)
+    session = GraphSession(written.graph_path, "cpu")
+    fmt.check_graph_metadata(written, session.metadata)
+    return validate_graph(session, loaded, graph.kind, graph.plan_config, heads, prompt["template"],
+                          int(prompt["image_count"]), tolerance, token_position=written.packs[0].pack.token_position,
+                          packs=packs)
 
 
 def _export_versions() -> dict[str, str]:
@@ -196,29 +230,3 @@ def _export_versions() -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _check_destination(out: Path, force: bool) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"{out}: folder {parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"{out}: exists and is not a folder")
-    if out.exists() and not force:
-        raise OutputPathError(f"{out}: exists; pass --force (force=True) to replace it")
-
-
-def _move_into_place(work: Path, out: Path, force: bool) -> None:
-    """Rename the finished folder onto `out`; an old bundle is first renamed aside, removed only after success."""
-    if not out.exists():
-        work.rename(out)
-        return
-    if not force:
-        raise OutputPathError(f"{out}: exists; pass --force (force=True) to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        work.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,11 +20,11 @@ from PIL import Image
 from savpack_runtime import graph_inputs
 from savpack_runtime.errors import SavpackError
 from savpack_runtime.images import load_image
+from savpack_runtime.items import Example
 from savpack_runtime.pack import Pack
 from savpack_runtime.session import GraphSession
 from savpack_runtime.vote import classify_vectors, cosine_to_centroids
 
-from ..data import Example
 from ..errors import ExportError
 from ..extract import extract
 from ..models import LoadedModel

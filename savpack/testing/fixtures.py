@@ -3,6 +3,8 @@
 They stand in for hub checkpoints in the demo, the tests and the tools: each fixture is a folder that
 `from_pretrained` loads like a downloaded model (config, weights, tokenizer, image processor, chat template).
 Weights are random, so what a pack built on them classifies is only as good as chance allows; the pipeline is real.
+`build_tokenizer`, `save_model_folder`, `text_config` and `CHATML_TEMPLATE` are the pieces the tools reuse to build
+models of other sizes (tools/real_configs.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ _CHAT_ROLES = ("system", "user", "assistant")
 
 # ChatML, the template family of Qwen2 / Qwen2-VL / LLaVA-OneVision; images are rendered as the family's
 # placeholder so the processor can expand them.
-_CHATML_TEMPLATE = (
+CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
@@ -77,7 +79,8 @@ def build_tokenizer(special_tokens: list[str], chat_template: str | None, bos: s
     return tokenizer
 
 
-def _save(folder: Path, model, tokenizer, image_processor=None, processor_config: dict | None = None) -> Path:
+def save_model_folder(folder: Path, model, tokenizer, image_processor=None, processor_config: dict | None = None) -> Path:
+    """Save a model with its tokenizer (and image processor, chat template, processor config) as a hub folder."""
     from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
@@ -97,7 +100,8 @@ def _save(folder: Path, model, tokenizer, image_processor=None, processor_config
     return folder
 
 
-def _text_config(tokenizer, layers: int = 4, heads: int = 8, kv_heads: int = 4, hidden: int = 64, **extra) -> dict:
+def text_config(tokenizer, layers: int = 4, heads: int = 8, kv_heads: int = 4, hidden: int = 64, **extra) -> dict:
+    """A small decoder config for `tokenizer`: 4 layers x 8 heads of head_dim 8 unless told otherwise."""
     return dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -109,12 +113,12 @@ def _qwen2_vl(folder: Path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    template = _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>")
+    template = CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>")
     tokenizer = build_tokenizer(specials, template)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
     config = Qwen2VLConfig(
         # mrope_section sums to head_dim / 2 = 4
-        text_config=_text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        text_config=text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -122,7 +126,7 @@ def _qwen2_vl(folder: Path):
     )
     # 56x56 .. 112x112 pixels: 16 to 64 patches, 4 to 16 image tokens.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    return _save(folder, Qwen2VLForConditionalGeneration(config), tokenizer, image_processor)
+    return save_model_folder(folder, Qwen2VLForConditionalGeneration(config), tokenizer, image_processor)
 
 
 def _llava_onevision(folder: Path):
@@ -130,11 +134,11 @@ def _llava_onevision(folder: Path):
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-    tokenizer = build_tokenizer(specials, _CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
+    tokenizer = build_tokenizer(specials, CHATML_TEMPLATE.replace("{IMAGE}", "<image>\n"))
     # anyres: a 28x28 base view plus a grid of 28x28 tiles; the pinpoints must agree between model and processor.
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
     config = LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", **_text_config(tokenizer)),
+        text_config=dict(model_type="qwen2", **text_config(tokenizer)),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=28, patch_size=14),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -145,14 +149,14 @@ def _llava_onevision(folder: Path):
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints)
     processor_config = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 4,
                         "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}
-    return _save(folder, LlavaOnevisionForConditionalGeneration(config), tokenizer, image_processor, processor_config)
+    return save_model_folder(folder, LlavaOnevisionForConditionalGeneration(config), tokenizer, image_processor, processor_config)
 
 
 def _qwen2(folder: Path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_tokenizer(["<|im_start|>", "<|im_end|>"], _CHATML_TEMPLATE.replace("{IMAGE}", ""))
-    return _save(folder, Qwen2ForCausalLM(Qwen2Config(**_text_config(tokenizer))), tokenizer)
+    tokenizer = build_tokenizer(["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE.replace("{IMAGE}", ""))
+    return save_model_folder(folder, Qwen2ForCausalLM(Qwen2Config(**text_config(tokenizer))), tokenizer)
 
 
 def _llama(folder: Path):
@@ -161,8 +165,8 @@ def _llama(folder: Path):
     # No chat template: the prompt is the text as is, with the tokenizer's BOS. head_dim 12 != hidden / heads = 8.
     tokenizer = build_tokenizer([], None, bos="<s>")
     tokenizer.add_bos_token = True
-    config = LlamaConfig(**_text_config(tokenizer, kv_heads=8, head_dim=12))
-    return _save(folder, LlamaForCausalLM(config), tokenizer)
+    config = LlamaConfig(**text_config(tokenizer, kv_heads=8, head_dim=12))
+    return save_model_folder(folder, LlamaForCausalLM(config), tokenizer)
 
 
 # -- the families of issue 7 ----------------------------------------------------------------------------------------
@@ -171,7 +175,7 @@ _QWEN_VL_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision
 
 
 def _qwen_vl_tokenizer():
-    template = _CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>")
+    template = CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>")
     tokenizer = build_tokenizer(_QWEN_VL_SPECIALS, template)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_VL_SPECIALS}
     token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -185,7 +189,7 @@ def _qwen2_5_vl(folder: Path):
 
     tokenizer, token_ids = _qwen_vl_tokenizer()
     config = Qwen2_5_VLConfig(
-        text_config=_text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        text_config=text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         # Window attention over 2x2 merged patches (window_size 56 px = 2 x patch 14 x merge 2), full attention in
         # the last block: images of 3x3 merged patches and more span several windows.
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
@@ -194,7 +198,7 @@ def _qwen2_5_vl(folder: Path):
         **token_ids,
     )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    return _save(folder, Qwen2_5_VLForConditionalGeneration(config), tokenizer, image_processor)
+    return save_model_folder(folder, Qwen2_5_VLForConditionalGeneration(config), tokenizer, image_processor)
 
 
 def _qwen3_vl(folder: Path):
@@ -206,7 +210,7 @@ def _qwen3_vl(folder: Path):
     # Interleaved mrope: its sections sum to head_dim / 2.
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2], "mrope_interleaved": True}
     config = Qwen3VLConfig(
-        text_config=_text_config(tokenizer, heads=4, kv_heads=2, head_dim=12, rope_parameters=rope),
+        text_config=text_config(tokenizer, heads=4, kv_heads=2, head_dim=12, rope_parameters=rope),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                            deepstack_visual_indexes=[0]),
@@ -214,7 +218,7 @@ def _qwen3_vl(folder: Path):
     )
     # Patch 16 x merge 2: 64x64 .. 128x128 pixels give 4 to 16 image tokens.
     image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128)
-    return _save(folder, Qwen3VLForConditionalGeneration(config), tokenizer, image_processor)
+    return save_model_folder(folder, Qwen3VLForConditionalGeneration(config), tokenizer, image_processor)
 
 
 # LLaVA-1.5's own prompt format ("USER: <image>\n... ASSISTANT:").
@@ -233,7 +237,7 @@ def _llava(folder: Path):
 
     tokenizer = build_tokenizer(["<image>"], _LLAVA_TEMPLATE, bos="<s>")
     config = LlavaConfig(
-        text_config=dict(model_type="llama", **_text_config(tokenizer)),
+        text_config=dict(model_type="llama", **text_config(tokenizer)),
         # CLIP at 28 px, patch 14: 4 patches + CLS; the "default" strategy drops CLS, so 4 image tokens.
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
@@ -243,7 +247,7 @@ def _llava(folder: Path):
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor_config = {"processor_class": "LlavaProcessor", "patch_size": 14, "num_additional_image_tokens": 1,
                         "vision_feature_select_strategy": "default"}
-    return _save(folder, LlavaForConditionalGeneration(config), tokenizer, image_processor, processor_config)
+    return save_model_folder(folder, LlavaForConditionalGeneration(config), tokenizer, image_processor, processor_config)
 
 
 # Idefics3 / SmolVLM prompt format: "User:<image>text<end_of_utterance>\nAssistant:".
@@ -264,7 +268,7 @@ def _idefics3_parts(smolvlm: bool):
     specials = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *_IDEFICS3_GRID_TOKENS]
     tokenizer = build_tokenizer(specials, _IDEFICS3_TEMPLATE.replace("{BOS}", bos), bos=bos)
     config = dict(
-        text_config=dict(model_type="llama", **_text_config(tokenizer)),
+        text_config=dict(model_type="llama", **text_config(tokenizer)),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8),
         scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -280,7 +284,7 @@ def _idefics3(folder: Path):
     tokenizer, config, image_options = _idefics3_parts(smolvlm=False)
     model = Idefics3ForConditionalGeneration(Idefics3Config(**config))
     processor_config = {"processor_class": "Idefics3Processor", "image_seq_len": 4}
-    return _save(folder, model, tokenizer, Idefics3ImageProcessorPil(**image_options), processor_config)
+    return save_model_folder(folder, model, tokenizer, Idefics3ImageProcessorPil(**image_options), processor_config)
 
 
 def _smolvlm(folder: Path):
@@ -290,7 +294,7 @@ def _smolvlm(folder: Path):
     tokenizer, config, image_options = _idefics3_parts(smolvlm=True)
     model = SmolVLMForConditionalGeneration(SmolVLMConfig(**config))
     processor_config = {"processor_class": "SmolVLMProcessor", "image_seq_len": 4}
-    return _save(folder, model, tokenizer, SmolVLMImageProcessorPil(**image_options), processor_config)
+    return save_model_folder(folder, model, tokenizer, SmolVLMImageProcessorPil(**image_options), processor_config)
 
 
 _GEMMA3_TEMPLATE = (
@@ -312,7 +316,7 @@ def _gemma3(folder: Path):
     tokenizer = build_tokenizer(specials, _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>", named_tokens=named)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in named.items()}
     # Sliding window 16 < the prompt length, alternating with full attention: both masks are exercised.
-    text = _text_config(tokenizer, heads=4, kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+    text = text_config(tokenizer, heads=4, kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                         layer_types=["sliding_attention", "full_attention"] * 2)
     config = Gemma3Config(
         text_config=dict(model_type="gemma3_text", **text),
@@ -327,7 +331,7 @@ def _gemma3(folder: Path):
     torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
     image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
     processor_config = {"processor_class": "Gemma3Processor", "image_seq_length": 4}
-    return _save(folder, model, tokenizer, image_processor, processor_config)
+    return save_model_folder(folder, model, tokenizer, image_processor, processor_config)
 
 
 def _gemma3_text(folder: Path):
@@ -339,7 +343,7 @@ def _gemma3_text(folder: Path):
     tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>"], _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}
-    config = Gemma3TextConfig(**_text_config(tokenizer, heads=4, kv_heads=1, head_dim=16, query_pre_attn_scalar=16,
+    config = Gemma3TextConfig(**text_config(tokenizer, heads=4, kv_heads=1, head_dim=16, query_pre_attn_scalar=16,
                                              sliding_window=6, rope_parameters=rope,
                                              layer_types=["sliding_attention"] * 2 + ["full_attention", "sliding_attention"]))
     model = Gemma3ForCausalLM(config)
@@ -347,7 +351,7 @@ def _gemma3_text(folder: Path):
     for name, parameter in model.named_parameters():
         if name.endswith("norm.weight"):
             torch.nn.init.normal_(parameter, std=0.3)
-    return _save(folder, model, tokenizer)
+    return save_model_folder(folder, model, tokenizer)
 
 
 def _gpt2(folder: Path):
@@ -358,7 +362,7 @@ def _gpt2(folder: Path):
     tokenizer.pad_token = None
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=4, n_head=8, n_positions=1024,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return _save(folder, GPT2LMHeadModel(config), tokenizer)
+    return save_model_folder(folder, GPT2LMHeadModel(config), tokenizer)
 
 
 def _qwen3(folder: Path):
@@ -413,7 +417,7 @@ def _bert(folder: Path):
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(specials + pieces)})
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-    return _save(folder, BertModel(config), tokenizer)
+    return save_model_folder(folder, BertModel(config), tokenizer)
 
 
 FIXTURES = {"qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision, "qwen2": _qwen2, "llama": _llama,
