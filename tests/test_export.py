@@ -21,10 +21,11 @@ from savpack.export.validate import ExportValidationError, encode_examples, make
 from savpack.extract import extract
 from savpack.models import load_model
 from savpack.pipeline import extract_activations, pack_from_activations
-from savpack_runtime import graph_inputs
+from savpack_runtime import Classifier, graph_inputs
 from savpack_runtime.bundle import Bundle
-from savpack_runtime.pack import Pack
 from savpack_runtime.errors import ModelMismatchError, OutputPathError
+from savpack_runtime.items import Example
+from savpack_runtime.pack import Pack
 from savpack_runtime.session import GraphSession
 
 from conftest import task_for
@@ -490,3 +491,68 @@ def test_the_vote_inside_the_graph_equals_the_numpy_vote(vote, tmp_path):
     assert np.array_equal(votes, reference.votes) and np.array_equal(prediction, reference.predictions)
     tied = (reference.votes == reference.votes.max(axis=1, keepdims=True)).sum(axis=1) > 1
     assert tied.sum() >= 50  # the tie-break really ran
+
+
+def test_int8_export_is_checked_on_the_packs_own_examples(loaded_model, packs, text_task, tmp_path):
+    """--quantize int8: standard operators only, int8 weights, the vote kept in float32, each pack's agreement with
+    the float32 graph on its own training examples recorded; held-out examples are not a pack's own."""
+    import onnx
+
+    from savpack.export import quantize
+
+    loaded = loaded_model("qwen2")
+    train, test = (load_examples(path) for path in text_task)
+    result = export_bundle(loaded, packs("qwen2"), tmp_path / "int8", quantize="int8", examples=train + test)
+    report = result.quantization
+    assert result.info["graph"]["weights"] == "int8" and result.info["graph"]["quantization"] == report.to_dict()
+    own = len({example.text for example in train})  # each example once (the generated set repeats a few)
+    assert report.examples == {"qwen2-paper": own, "qwen2-loo": own}  # the test items (not theirs) are left out
+    assert all(value >= quantize.DEFAULT_MIN_AGREEMENT for value in report.agreement.values())
+    model = onnx.load(str(result.folder / "graph.onnx"), load_external_data=False)
+    operators = {node.op_type for node in model.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= operators and {opset.domain for opset in model.opset_import} <= {"", "ai.onnx"}
+    assert all(node.op_type != "MatMulInteger" for node in model.graph.node if node.name.startswith("/scores"))
+    float32 = export_bundle(loaded, packs("qwen2"), tmp_path / "float32")
+    assert result.sizes["graph.onnx.data"] < 0.5 * float32.sizes["graph.onnx.data"]
+    labels = Classifier.load(result.folder).classify_batch([example.text for example in train])
+    assert np.mean([result.label == example.label for result, example in zip(labels, train)]) > 0.5
+    unseen = [Example(f"a text never seen {index}", label="warm") for index in range(3)]
+    with pytest.raises(ExportError, match="none of the 3 given examples belong to pack"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "none", quantize="int8", examples=unseen)
+    with pytest.raises(ExportError, match="exclude each other"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "both", quantize="int8", examples=train, fp16=True)
+
+
+def test_an_int8_graph_that_moves_the_labels_is_refused(loaded_model, packs, text_task, tmp_path, monkeypatch):
+    """A quantized graph that labels the packs' own examples differently is refused (nothing written) unless the
+    threshold is lowered; the message gives each pack's agreement."""
+    import onnx
+    from onnx import numpy_helper
+
+    from savpack.export import quantize
+
+    def damaging(source, target, per_channel):  # the float32 graph with its token embeddings flattened to one row
+        model = onnx.load(str(source))
+        table = next(tensor for tensor in model.graph.initializer if "embed_tokens" in tensor.name)
+        values = numpy_helper.to_array(table)
+        table.CopyFrom(numpy_helper.from_array(np.broadcast_to(values[:1], values.shape).copy(), table.name))
+        onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
+
+    monkeypatch.setattr(quantize, "quantize_graph", damaging)
+    loaded, train = loaded_model("qwen2"), load_examples(text_task[0])
+    with pytest.raises(ExportError, match=r"labels the packs' own examples differently .*qwen2-paper: \d+\.\d% of \d+"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "bundle", quantize="int8", examples=train)
+    assert not (tmp_path / "bundle").exists()
+    accepted = export_bundle(loaded, packs("qwen2"), tmp_path / "bundle", quantize="int8", examples=train, min_agreement=0.0)
+    assert min(accepted.quantization.agreement.values()) < quantize.DEFAULT_MIN_AGREEMENT
+
+
+def test_savpack_export_quantize_command(model_dir, packs, text_task, tmp_path):
+    path = packs("qwen2")[0].save(tmp_path / "a.safetensors")
+    base = ["export", "--pack", str(path), "--model", str(model_dir("qwen2")), "--out", str(tmp_path / "bundle")]
+    missing = CliRunner().invoke(main, base + ["--quantize", "int8"])
+    assert missing.exit_code == 2 and "needs --data" in missing.output
+    done = CliRunner().invoke(main, base + ["--quantize", "int8", "--data", str(text_task[0]), "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["weights"] == "int8" and summary["quantization"]["agreement"]["qwen2-paper"] >= 0.98

@@ -15,6 +15,7 @@ the share of equal labels must reach `min_agreement` (DEFAULT_MIN_AGREEMENT) or 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,9 @@ import numpy as np
 
 from savpack_runtime import bundle as fmt
 from savpack_runtime.classifier import Classifier
+from savpack_runtime.items import Example
 from savpack_runtime.pack import Pack
 
-from ..data import Example
 from ..errors import ExportError
 from ..pipeline import training_examples
 from . import onnx_graph
@@ -104,11 +105,16 @@ def quantize_graph(source: Path, target: Path, per_channel: bool) -> None:
     model = onnx.load(str(source), load_external_data=False)
     keep = onnx_graph.scoring_nodes(model)
     del model
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice on pre-processing (for static quantization) on every call
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
                          op_types_to_quantize=list(OP_TYPES), nodes_to_exclude=keep, use_external_data_format=True)
     except Exception as exc:  # onnxruntime's quantizer raises many types; the message is what the user needs
         raise ExportError(f"onnxruntime could not quantize the graph: {str(exc).strip().splitlines()[0]}") from exc
+    finally:
+        root.setLevel(level)
 
 
 def _install(quantized: Path, folder: Path) -> None:

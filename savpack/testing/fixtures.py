@@ -369,10 +369,10 @@ def _qwen3(folder: Path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     # Qwen3: per-head q/k norms; head_dim 12 != hidden / heads = 8, as its config allows.
-    tokenizer = build_tokenizer(["<|im_start|>", "<|im_end|>"], _CHATML_TEMPLATE.replace("{IMAGE}", ""))
-    model = Qwen3ForCausalLM(Qwen3Config(**_text_config(tokenizer, head_dim=12)))
+    tokenizer = build_tokenizer(["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE.replace("{IMAGE}", ""))
+    model = Qwen3ForCausalLM(Qwen3Config(**text_config(tokenizer, head_dim=12)))
     _randomise_norms(model)
-    return _save(folder, model, tokenizer)
+    return save_model_folder(folder, model, tokenizer)
 
 
 def _gemma(folder: Path):
@@ -380,9 +380,9 @@ def _gemma(folder: Path):
 
     # Gemma (1): scaled embeddings, RMSNorm scales of 1 + w, one key/value head.
     tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>"], _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
-    model = GemmaForCausalLM(GemmaConfig(**_text_config(tokenizer, heads=4, kv_heads=1, head_dim=16)))
+    model = GemmaForCausalLM(GemmaConfig(**text_config(tokenizer, heads=4, kv_heads=1, head_dim=16)))
     _randomise_norms(model)
-    return _save(folder, model, tokenizer)
+    return save_model_folder(folder, model, tokenizer)
 
 
 def _gemma2(folder: Path):
@@ -391,12 +391,12 @@ def _gemma2(folder: Path):
     # Gemma 2: attention logit soft-capping (a low cap, so it bites), norms around attention and MLP, sliding-window
     # layers (window 6 < the test prompts) alternating with global ones, query_pre_attn_scalar != head_dim.
     tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>"], _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
-    config = Gemma2Config(**_text_config(tokenizer, heads=4, kv_heads=2, head_dim=16, query_pre_attn_scalar=32,
+    config = Gemma2Config(**text_config(tokenizer, heads=4, kv_heads=2, head_dim=16, query_pre_attn_scalar=32,
                                          sliding_window=6, attn_logit_softcapping=0.02,
                                          layer_types=["sliding_attention", "full_attention"] * 2))
     model = Gemma2ForCausalLM(config)
     _randomise_norms(model)
-    return _save(folder, model, tokenizer)
+    return save_model_folder(folder, model, tokenizer)
 
 
 def _randomise_norms(model) -> None:
