@@ -85,11 +85,15 @@ def _add_model_options(func: Callable, required: bool, placement: bool) -> Calla
 def _load(params: dict[str, Any]):
     from .models import load_model
 
-    return load_model(
-        params.pop("model"), revision=params.pop("revision"), gguf_file=params.pop("gguf_file"),
-        device=params.pop("device"), dtype=params.pop("dtype"), trust_remote_code=params.pop("trust_remote_code"),
-        family=params.pop("family"), use_chat_template=not params.pop("no_chat_template"),
-    )
+    return load_model(**_model_options(params))
+
+
+def _model_options(params: dict[str, Any]) -> dict[str, Any]:
+    """load_model's arguments from the model options (taken out of params)."""
+    return {"model": params.pop("model"), "revision": params.pop("revision"), "gguf_file": params.pop("gguf_file"),
+            "device": params.pop("device"), "dtype": params.pop("dtype"),
+            "trust_remote_code": params.pop("trust_remote_code"), "family": params.pop("family"),
+            "use_chat_template": not params.pop("no_chat_template")}
 
 
 def _examples(path: str, require_labels: bool = True):
@@ -128,8 +132,9 @@ video_frames_option = click.option(
 
 @main.command()
 @model_options()
-@click.option("--data", required=True, help="Labelled dataset: .jsonl, .json, .csv, or folder root/<label>/<file>.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Activations file to write (.safetensors).")
+@click.option("--data", required=True, help="Labelled dataset: .jsonl, .json, .csv, .parquet, or folder root/<label>/<file>.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Activations file to write (.safetensors); with --engine ray a folder of shards.")
 @prompt_option
 @shots_option
 @seed_option
@@ -137,14 +142,40 @@ video_frames_option = click.option(
 @token_position_option
 @video_frames_option
 @force_option
+@click.option("--engine", type=click.Choice(["single", "ray"]), default="single", show_default=True,
+              help="single: this process; ray: Ray Data actors, one model each, writing shards (savpack[ray], docs/scale.md).")
+@click.option("--address", default=None, help="With --engine ray: the cluster to join (auto or ray://HOST:PORT); default a local Ray.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="With --engine ray: actors, one model each [default: 2].")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --engine ray: CPUs Ray reserves per actor (torch threads) [default: 1].")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None, help="With --engine ray: GPUs Ray reserves per actor.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="With --engine ray: examples per shard (one actor call) [default: 256].")
 def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, token_position: str | None,
-            video_frames: int, force: bool, **params: Any) -> None:
+            video_frames: int, force: bool, engine: str, address: str | None, workers: int | None,
+            cpus_per_worker: float | None, gpus_per_worker: float | None, shard_size: int | None,
+            **params: Any) -> None:
     """Run the model once per example and save every head's output at the last token."""
-    from .pipeline import extract_activations
+    from .pipeline import extract_activations, prompt_shape
 
-    check_output_path(out, force)
+    ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
+                   "--gpus-per-worker": gpus_per_worker, "--shard-size": shard_size}
+    if engine != "ray":
+        given = [name for name, value in ray_options.items() if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} go(es) with --engine ray")
+        check_output_path(out, force)
     examples = _sampled(_examples(data), shots, seed)
     batch_size = params.pop("batch_size")
+    if engine == "ray":
+        summary = _extract_on_ray(examples, out, params, force, address, workers or 2, cpus_per_worker or 1.0,
+                                  gpus_per_worker or 0.0, shard_size or 256,
+                                  {"template": prompt, "batch_size": batch_size, "final_hidden": hidden,
+                                   "video_frames": video_frames, "token_position": token_position,
+                                   "shape": prompt_shape(examples, video_frames)})
+        click.echo(f"wrote {out}/: {summary['examples']} examples in {summary['shards']} shards, "
+                   f"{summary['seconds']:.1f} s on {summary['workers']} workers", err=True)
+        return
     loaded = _load(params)
     activations = extract_activations(loaded, examples, prompt, batch_size=batch_size, final_hidden=hidden,
                                       video_frames=video_frames, token_position=token_position)
@@ -153,10 +184,27 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
     click.echo(f"wrote {out}: {len(examples)} examples x {layers} layers x {heads} heads x {head_dim}", err=True)
 
 
+def _extract_on_ray(examples: list, out: str, params: dict[str, Any], force: bool, address: str | None, workers: int,
+                    cpus_per_worker: float, gpus_per_worker: float, shard_size: int,
+                    extract_options: dict[str, Any]) -> dict[str, Any]:
+    try:
+        from savpack_runtime.ray_engine import RayOptions
+
+        from .scale import extract_to_shards
+    except ImportError as exc:
+        raise click.ClickException(f"--engine ray needs Ray Data ({exc.name} is missing): pip install 'savpack[ray]'") from None
+    model_options = _model_options(params)
+    if "://" not in model_options["model"] and Path(model_options["model"]).exists():
+        model_options["model"] = str(Path(model_options["model"]).resolve())  # actors may run in another folder
+    options = RayOptions(address=address, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    return extract_to_shards(examples, out, model_options, extract_options, options, shard_size=shard_size, force=force)
+
+
 @main.command()
 @model_options(required=False)
 @click.option("--data", default=None, help="Labelled dataset (with --model).")
-@click.option("--activations", default=None, type=click.Path(dir_okay=False), help="Build from `savpack extract` output instead of running the model.")
+@click.option("--activations", default=None, type=click.Path(),
+              help="Build from `savpack extract` output (a file, or a folder of shards) instead of running the model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pack file to write (.safetensors).")
 @click.option("--k", "k", default=str(DEFAULT_K), show_default=True, help="Number of heads that vote, or 'all'.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
@@ -265,7 +313,7 @@ def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None
               help="Also report zero-shot, kNN (k=1, 5), a linear probe, the best 2 layers and all heads, from the same single pass.")
 @click.option("--train", "train_data", default=None,
               help="With --baselines: the labelled data the pack was built from (sampled again with the pack's shots and seed).")
-@click.option("--train-activations", default=None, type=click.Path(dir_okay=False),
+@click.option("--train-activations", default=None, type=click.Path(),
               help="With --baselines: `savpack extract --hidden` output for the training examples, instead of --train.")
 @click.option("--verbalizer", "verbalizers", multiple=True, metavar="LABEL=WORD",
               help="With --baselines: the word zero-shot reads for LABEL (default: the label itself). Repeatable.")
@@ -389,9 +437,9 @@ def _int_list(value: str, name: str, allow_all: bool = False) -> list:
 
 
 @main.command()
-@click.option("--train", "train_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--train", "train_path", required=True, type=click.Path(),
               help="`savpack extract` output of a labelled pool; each seed samples its shots from it.")
-@click.option("--test", "test_path", required=True, type=click.Path(dir_okay=False), help="`savpack extract` output of held-out data.")
+@click.option("--test", "test_path", required=True, type=click.Path(), help="`savpack extract` output of held-out data (a file or a folder of shards).")
 @click.option("--shots", default="5,10,20,50,100", show_default=True, help="Shots per class to try (comma-separated).")
 @click.option("--k", "ks", default="1,5,10,20,40,100,all", show_default=True, help="Numbers of heads to try.")
 @click.option("--scoring", "scorings", default="paper,loo", show_default=True, help="Head scorings to try.")

@@ -269,6 +269,13 @@ class ActivationSet:
                    None if first.final_hidden is None else np.concatenate([part.final_hidden for part in parts]))
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        return files.write(path, *self._tensors_and_metadata(), force)
+
+    def to_bytes(self) -> bytes:
+        """The bytes `save` writes (a shard that `savpack extract --engine ray` sends to the driver)."""
+        return files.dumps(*self._tensors_and_metadata())
+
+    def _tensors_and_metadata(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         offsets = np.cumsum([0] + [len(ids) for ids in self.input_ids]).astype(np.int64)
         tensors = {
             "activations": self.activations.astype(np.float32, copy=False),
@@ -286,10 +293,16 @@ class ActivationSet:
             fmt.META_MODEL: json.dumps(self.model, sort_keys=True),
             fmt.META_PROMPT: json.dumps(self.prompt, sort_keys=True, ensure_ascii=False),
         }
-        return files.write(path, tensors, metadata, force)
+        return tensors, metadata
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ActivationSet":
+        """An activations file, or a folder of shards (`savpack extract --engine ray`) joined in file-name order."""
+        if Path(path).is_dir():
+            shards = sorted(Path(path).glob("*.safetensors"))
+            if not shards:
+                raise DataError(f"{path}: folder holds no activation shards (*.safetensors)")
+            return cls.concatenate([cls.load(shard) for shard in shards])
         try:
             tensors, metadata = files.read(path, max_bytes=None)
         except PackError as exc:

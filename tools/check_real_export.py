@@ -13,11 +13,12 @@ batches of 8 and batch 1). Prints a table; writes the JSON given with --json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+
+from measure import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "Review: {text}\nIs this review positive or negative? Answer:"
@@ -98,8 +99,7 @@ def main() -> None:
             (f"runtime classify {report['items']} s", f"{report['runtime_classify_s']:.1f}")]
     for name, value in rows:
         print(f"{name:<42} {value:>12}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.json, report)
     print(f"wrote {args.json}")
 
 

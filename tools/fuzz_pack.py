@@ -26,6 +26,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
 from hypothesis import strategies as st
 
+from measure import write_results
 from savpack_runtime import Pack, files
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import PackError
@@ -183,8 +184,7 @@ def main() -> int:
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     report = run(args.cases, args.seed, args.time_limit)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(args.out, lambda handle: handle.write(json.dumps(report, indent=2).encode() + b"\n"), force=True)
+    write_results(args.out, report)
     print("| outcome | cases |\n|---|---|")
     for outcome, count in report["outcomes"].items():
         print(f"| {outcome} | {count} |")

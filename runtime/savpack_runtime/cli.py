@@ -1,11 +1,13 @@
 """savpack-run: classify with a bundle from the command line (numpy + onnxruntime, no torch).
 
-    savpack-run classify BUNDLE --data items.jsonl [--json] [--providers cuda] [--batch-size 8]
+    savpack-run classify BUNDLE --data items.jsonl [--json | --out results.parquet] [--providers cuda] [--batch-size 8]
+    savpack-run classify BUNDLE --data items.parquet --out results.parquet --engine ray [--workers 2] [--address auto]
     savpack-run info BUNDLE [--json]
 
-Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV or a folder
+Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV, Parquet or a folder
 root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to the file); a `label` is
-optional. argparse, not click: the runtime keeps its dependencies minimal.
+optional. `--engine ray` (extra savpack-runtime[ray], docs/scale.md) reads JSONL and Parquet files, folders of them
+and filesystem URLs. argparse, not click: the runtime keeps its dependencies minimal.
 """
 
 from __future__ import annotations
@@ -19,13 +21,23 @@ from typing import Sequence
 
 from .errors import SavpackError, SavpackWarning
 from .items import read_items
+from .output import check_output, write_results
 
 def _classify(args: argparse.Namespace) -> None:
+    if args.engine == "ray":
+        _classify_on_ray(args)
+        return
     from .classifier import Classifier
 
+    if args.out:
+        check_output(args.out, args.force)
     classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size)
     items = read_items(Path(args.data))
     results = classifier.classify_batch([item for _, item in items])
+    if args.out:
+        rows = write_results(args.out, [[(source, result.to_dict()) for (source, _), result in zip(items, results)]], args.force)
+        print(f"wrote {args.out}: {rows} rows", file=sys.stderr)
+        return
     if args.json:
         for (source, _), result in zip(items, results):
             print(json.dumps({"source": source, **result.to_dict()}, ensure_ascii=False))
@@ -34,6 +46,21 @@ def _classify(args: argparse.Namespace) -> None:
     for (source, _), result in zip(items, results):
         cells = [f"{name}={value.label} ({value.shares[value.label]:.2f})" for name, value in result.by_pack.items()]
         print(f"{source:<{width}}  " + "  ".join(cells))
+
+
+def _classify_on_ray(args: argparse.Namespace) -> None:
+    if not args.out:
+        raise SavpackError("--engine ray writes its rows to a file: give --out results.parquet (or .jsonl)")
+    try:
+        from . import ray_engine
+    except ImportError as exc:
+        raise SavpackError(f"--engine ray needs Ray Data ({exc.name} is missing): pip install 'savpack-runtime[ray]'") from None
+    options = ray_engine.RayOptions(address=args.address, workers=args.workers, batch_size=args.batch_size,
+                                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                    providers=args.providers, threads=args.threads)
+    summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force)
+    print(f"wrote {args.out}: {summary['rows']} rows in {summary['seconds']:.1f} s "
+          f"({summary['rows_per_second']:,.0f} rows/s, {options.workers} workers)", file=sys.stderr)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -60,16 +87,52 @@ def _info(args: argparse.Namespace) -> None:
         print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}{voted}")
 
 
+def _check_classify_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.json and args.out:
+        parser.error("--json prints rows, --out writes them: choose one")
+    ray_only = {"--address": args.address, "--workers": args.workers, "--cpus-per-worker": args.cpus_per_worker,
+                "--gpus-per-worker": args.gpus_per_worker}
+    given = [name for name, value in ray_only.items() if value is not None]
+    if args.engine != "ray" and given:
+        parser.error(f"{', '.join(given)} go(es) with --engine ray")
+    args.workers = 2 if args.workers is None else args.workers
+    args.cpus_per_worker = 1.0 if args.cpus_per_worker is None else args.cpus_per_worker
+    args.gpus_per_worker = 0.0 if args.gpus_per_worker is None else args.gpus_per_worker
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if not args.cpus_per_worker > 0:
+        parser.error("--cpus-per-worker must be > 0")
+    if not args.gpus_per_worker >= 0:
+        parser.error("--gpus-per-worker must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="savpack-run", description="Classify with a savpack bundle (no torch).")
     commands = parser.add_subparsers(dest="command", required=True)
     classify = commands.add_parser("classify", help="classify the items of a data file or folder")
     classify.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by `savpack export`")
-    classify.add_argument("--data", required=True, help="items: .jsonl, .json, .csv/.tsv or a folder root/<label>/<file>; text/question and image/images")
+    classify.add_argument("--data", required=True,
+                          help="items: .jsonl, .json, .csv/.tsv, .parquet or a folder root/<label>/<file>; "
+                               "text/question and image/images (--engine ray: .jsonl or .parquet files, folders of "
+                               "them, or a filesystem URL such as s3://bucket/items/)")
     classify.add_argument("--json", action="store_true", help="one JSON object per item: label, votes, shares (per pack)")
+    classify.add_argument("--out", default=None,
+                          help="write one row per item to this file: *.parquet (flat columns) or *.jsonl (as --json)")
+    classify.add_argument("--force", action="store_true", help="replace --out if it exists")
     classify.add_argument("--providers", default="cpu", help="cpu or cuda (falls back to cpu with a warning)")
-    classify.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    classify.add_argument("--batch-size", type=int, default=8, help="items per forward (default 8)")
+    classify.add_argument("--threads", type=int, default=None,
+                          help="onnxruntime intra-op threads (default: all cores; --engine ray: --cpus-per-worker)")
+    classify.add_argument("--batch-size", type=int, default=8, help="items per forward, and per Ray batch (default 8)")
+    engine = classify.add_argument_group("Ray Data engine (savpack-runtime[ray], docs/scale.md)")
+    engine.add_argument("--engine", choices=("single", "ray"), default="single",
+                        help="single: this process (default); ray: one Classifier per Ray actor")
+    engine.add_argument("--address", default=None,
+                        help="Ray cluster to join: auto or ray://HOST:PORT (default: start a local Ray)")
+    engine.add_argument("--workers", type=int, default=None, help="Ray actors, one Classifier each (default 2)")
+    engine.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs Ray reserves per actor (default 1)")
+    engine.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs Ray reserves per actor (with --providers cuda)")
     classify.set_defaults(run=_classify)
     info = commands.add_parser("info", help="what a bundle holds")
     info.add_argument("bundle", metavar="BUNDLE")
@@ -78,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         parser.error("--batch-size must be >= 1")
+    if args.command == "classify":
+        _check_classify_options(parser, args)
     with warnings.catch_warnings():
         warnings.simplefilter("always", SavpackWarning)
         warnings.showwarning = lambda message, *rest, **kwargs: print(f"warning: {message}", file=sys.stderr)

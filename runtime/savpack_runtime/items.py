@@ -1,8 +1,9 @@
 """The one reader of items to classify or learn from, shared by the builder (savpack build, eval, classify) and the
 runtime (savpack-run classify).
 
-Formats: JSONL (one object per line), a JSON list of objects, CSV/TSV with a header row, or a folder
-`root/<label>/<file>` (an image, a video or a .txt file per example). Field names follow the official SAVs data:
+Formats: JSONL (one object per line), a JSON list of objects, CSV/TSV with a header row, Parquet (one row per
+example; needs pyarrow, extra `parquet`), or a folder `root/<label>/<file>` (an image, a video or a .txt file per
+example). Sources name each example: "file:line" (JSONL, CSV), "file[index]" (JSON list, Parquet row, 0-based). Field names follow the official SAVs data:
 `text` or `question`, `image` or `images` (paths relative to the data file), `video` or `videos`, `label` (a string).
 Several images and videos may be interleaved with the text: an `<image>` marker in the text stands for the next image,
 a `<video>` marker for the next video; without markers the videos, then the images, come before the text. Every
@@ -22,7 +23,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import DataError, SavpackWarning
 from .files import file_sha256
@@ -35,6 +36,8 @@ LABEL_FIELD = "label"
 TEXT_SUFFIXES = (".txt",)
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_BATCH_ROWS = 4096  # rows decoded at a time: memory follows the batch, not the file
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 _MARKER_PATTERN = re.compile(f"{re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)}")
@@ -117,8 +120,11 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
         examples = _read_records(path, _json_records(path), videos)
     elif path.suffix.lower() in (".csv", ".tsv"):
         examples = _read_records(path, _csv_records(path), videos)
+    elif path.suffix.lower() in PARQUET_SUFFIXES:
+        examples = _read_records(path, parquet_records(str(path), path), videos)
     else:
-        raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv or a folder root/<label>/<file>")
+        raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet or a "
+                        "folder root/<label>/<file>")
     if not examples:
         raise DataError(f"{path}: dataset holds no examples")
     if require_labels:
@@ -131,14 +137,50 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno})") from None
-            yield f"{path}:{number}", record
+        yield from jsonl_records(handle, path)
+
+
+def jsonl_records(lines: Iterable[str], name: object) -> Iterator[tuple[str, Any]]:
+    """("name:line", record) per non-empty line of JSONL text (a file named `name`)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno})") from None
+        yield f"{name}:{number}", record
+
+
+def parquet_records(handle: Any, name: object) -> Iterator[tuple[str, Any]]:
+    """("name[row]", record) per row of a Parquet file (a path or a random-access file), a batch of rows at a time."""
+    parquet = require_pyarrow_parquet()
+    try:
+        reader = parquet.ParquetFile(handle)
+        wanted = TEXT_FIELDS + IMAGE_FIELDS + VIDEO_FIELDS + (LABEL_FIELD,)
+        columns = [column for column in reader.schema_arrow.names if column in wanted]
+        if not any(column in TEXT_FIELDS + IMAGE_FIELDS + VIDEO_FIELDS for column in columns):
+            raise DataError(f"{name}: has no column {', '.join(TEXT_FIELDS + IMAGE_FIELDS)} "
+                            f"(its columns: {reader.schema_arrow.names[:20]})")
+        batches = reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{name}[{row}]", record
+                row += 1
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError, ...) on a broken or foreign file
+        raise DataError(f"{name}: cannot read as Parquet: {exc}") from None
+
+
+def require_pyarrow_parquet():
+    """pyarrow.parquet, or a one-line error naming the extra that installs it."""
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise DataError("Parquet needs pyarrow: pip install 'savpack-runtime[parquet]'") from None
+    return parquet
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -180,7 +222,7 @@ def _read_records(path: Path, records: Iterator[tuple[str, Any]], videos: bool) 
     return examples
 
 
-def _example_from_record(base: Path, source: str, record: object, videos_allowed: bool) -> Example:
+def _example_from_record(base: Path | None, source: str, record: object, videos_allowed: bool) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{source}: expected an object with fields text/question, image/images, label; got {type(record).__name__}")
     text_field = next((name for name in TEXT_FIELDS if record.get(name) not in (None, "")), None)
@@ -211,8 +253,9 @@ def _example_from_record(base: Path, source: str, record: object, videos_allowed
     return example
 
 
-def _paths(base: Path, source: str, record: dict, fields: tuple[str, str], kind: str) -> tuple[str, ...]:
-    """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths)."""
+def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, str], kind: str) -> tuple[str, ...]:
+    """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths).
+    base None: the data file is remote, and only absolute paths can be resolved."""
     field = next((name for name in fields if record.get(name) not in (None, "", [])), None)
     paths = record[field] if field else []
     if isinstance(paths, str):
@@ -221,6 +264,9 @@ def _paths(base: Path, source: str, record: dict, fields: tuple[str, str], kind:
         raise DataError(f"{source}: field {field!r} must be a path or a list of paths")
     resolved = []
     for path in paths:
+        if base is None and not Path(path).is_absolute():
+            raise DataError(f"{source}: field {field!r}: {kind} path {path!r} is relative to a remote data file; give "
+                            "absolute paths that every worker can read")
         full = Path(path) if Path(path).is_absolute() else base / path
         if not full.is_file():
             raise DataError(f"{source}: field {field!r}: {kind} file {full} does not exist")
@@ -272,9 +318,17 @@ def _warn_about_labels(path: Path, examples: list[Example]) -> None:
 
 def read_items(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """The runtime's view of a data file: (source, {"text", "images"}) per item; labels optional, no videos, no markers."""
-    examples = load_examples(path, require_labels=False, videos=False)
-    interleaved = next((example for example in examples if example.interleaved), None)
-    if interleaved is not None:
-        raise DataError(f"{interleaved.source}: {IMAGE_MARKER} markers placing images inside the text are a builder "
+    return [(example.source, runtime_item(example)) for example in load_examples(path, require_labels=False, videos=False)]
+
+
+def item_from_record(record: object, source: str, base: Path | None) -> dict[str, Any]:
+    """The runtime's view of one record (what read_items gives per item), for readers that go record by record (the
+    Ray engine's read tasks). base: the data file's folder, None for a remote file."""
+    return runtime_item(_example_from_record(base, source, record, videos_allowed=False))
+
+
+def runtime_item(example: Example) -> dict[str, Any]:
+    if example.interleaved:
+        raise DataError(f"{example.source}: {IMAGE_MARKER} markers placing images inside the text are a builder "
                         "feature (savpack classify); the runtime's prompt puts the images before the text")
-    return [(example.source, {"text": example.text, "images": list(example.images)}) for example in examples]
+    return {"text": example.text, "images": list(example.images)}

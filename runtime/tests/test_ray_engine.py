@@ -1,0 +1,159 @@
+"""savpack-run classify --engine ray: the same rows as the single-process run, in input order, exactly once, even
+when a worker dies mid-run; bad input still gives one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.data", reason="needs the ray extra")
+
+import psutil  # noqa: E402  (a dependency of Ray)
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+import golden  # noqa: E402
+from savpack_runtime.cli import main  # noqa: E402
+from savpack_runtime.ray_engine import ACTOR_NAME, Progress, RayOptions, classify_to_file  # noqa: E402
+
+WORDS = "the red sun is here blue ice and snow a circle square triangle dot yellow fire cold warm green".split()
+
+
+def write_text_items(path: Path, count: int, seed: int = 0) -> Path:
+    """JSONL of generated text items, a blank line and a labelled line among them (the reader skips / ignores them)."""
+    rng = random.Random(seed)
+    lines = [json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(1, 12))), "label": "x"}) for _ in range(count)]
+    lines.insert(count // 2, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def single_and_ray(bundle: Path, data: Path, tmp_path: Path, capsys, suffix: str, batch: str = "8") -> tuple[Path, Path]:
+    single, on_ray = tmp_path / f"single{suffix}", tmp_path / f"ray{suffix}"
+    code, err = run(["classify", str(bundle), "--data", str(data), "--out", str(single), "--threads", "1"], capsys)
+    assert code == 0, err
+    code, err = run(["classify", str(bundle), "--data", str(data), "--out", str(on_ray), "--engine", "ray",
+                     "--workers", "2", "--batch-size", batch], capsys)
+    assert code == 0, err
+    assert "rows/s" in err
+    return single, on_ray
+
+
+def test_text_rows_equal_the_single_process_run(ray_cluster, tmp_path, capsys):
+    data = write_text_items(tmp_path / "items.jsonl", 600)
+    single, on_ray = single_and_ray(golden.bundle_dir("qwen2"), data, tmp_path, capsys, ".parquet", batch="16")
+    expected, got = pq.read_table(single), pq.read_table(on_ray)
+    assert got.num_rows == 600
+    assert got.column_names == ["source", "label", "votes.cold", "votes.shape", "votes.warm",
+                                "shares.cold", "shares.shape", "shares.warm"]
+    # Item by item, in input order: sources (file:line, the blank line 301 skipped), labels, votes.
+    assert got.column("source").to_pylist()[299:301] == [f"{data}:300", f"{data}:302"]
+    assert got.to_pylist() == expected.to_pylist()
+    assert len(set(got.column("label").to_pylist())) > 1  # the generated items do not all get one label
+
+
+def test_image_bundle_with_two_packs_jsonl_out(ray_cluster, tmp_path, capsys):
+    folder = golden.case_dir("qwen2_vl")
+    lines = (folder / "items.jsonl").read_text().splitlines() * 6
+    data = tmp_path / "items.jsonl"
+    # Image paths absolute: the data file lives elsewhere than the images.
+    data.write_text("\n".join(json.dumps({**json.loads(line), "images": [str(folder / image) for image in json.loads(line)["images"]]})
+                              for line in lines) + "\n")
+    single, on_ray = single_and_ray(golden.bundle_dir("qwen2_vl"), data, tmp_path, capsys, ".jsonl", batch="4")
+    expected = [json.loads(line) for line in single.read_text().splitlines()]
+    got = [json.loads(line) for line in on_ray.read_text().splitlines()]
+    assert got == expected and len(got) == 30
+    assert set(got[0]["packs"]) == {"colour", "colour-loo"}
+    assert [row["label"] for row in got[:5]] == golden.expected("qwen2_vl")["packs"]["colour"]["labels"]
+
+
+def test_parquet_input_named_by_row(ray_cluster, tmp_path, capsys):
+    texts = [" ".join(random.Random(i).choices(WORDS, k=5)) for i in range(50)]
+    data = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"id": list(range(50)), "question": texts}), data, row_group_size=16)
+    single, on_ray = single_and_ray(golden.bundle_dir("gemma3_text"), data, tmp_path, capsys, ".parquet")
+    got = pq.read_table(on_ray)
+    assert got.column("source").to_pylist()[:2] == [f"{data}[0]", f"{data}[1]"]
+    assert got.to_pylist() == pq.read_table(single).to_pylist()
+
+
+def test_a_killed_worker_loses_and_repeats_no_row(ray_cluster, tmp_path, capsys):
+    data = write_text_items(tmp_path / "items.jsonl", 3000, seed=1)
+    single = tmp_path / "single.parquet"
+    assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(single), "--threads", "1"]) == 0
+    killed: list[tuple[int, int]] = []  # (pid, rows done when it was killed)
+    done = 0
+
+    def kill_one_worker(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if killed:
+            return
+        workers = [process for process in psutil.Process().children(recursive=True)
+                   if ACTOR_NAME in " ".join(_cmdline(process))]
+        assert len(workers) == 2, [_cmdline(process) for process in workers]
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed.append((workers[0].pid, done))
+
+    out = tmp_path / "ray.parquet"
+    summary = classify_to_file(golden.bundle_dir("qwen2"), [str(data)], out, RayOptions(workers=2, batch_size=8),
+                               progress=Progress(every=1e9), on_rows=kill_one_worker)
+    pid, rows_at_kill = killed[0]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert rows_at_kill < 3000  # killed mid-run, with rows still to come
+    got, expected = pq.read_table(out).to_pylist(), pq.read_table(single).to_pylist()
+    assert summary["rows"] == len(got) == 3000
+    assert len({row["source"] for row in got}) == 3000  # every row exactly once
+    assert got == expected
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"text": "a"}\nnot json\n', "items.jsonl:2: line is not valid JSON"),
+    ('{"text": "a", "image": "missing.png"}\n', "items.jsonl:1: field 'image': image file"),
+    ('{"text": "fine"}\n{"text": "has a picture", "images": ["%s"]}\n', "items.jsonl:2: this bundle's prompt is text-only"),
+])
+def test_bad_items_give_one_line_on_ray(ray_cluster, tmp_path, capsys, content, words):
+    data = tmp_path / "items.jsonl"
+    picture = golden.case_dir("qwen2_vl") / "items" / "qwen2_vl-0-0.png"
+    data.write_text(content.replace("%s", str(picture)))
+    out = tmp_path / "out.parquet"
+    code, err = run(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(out), "--engine", "ray"], capsys)
+    assert code == 1
+    assert words in err and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.parquet*"))  # nothing half-written
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--workers", "3"], "--workers go(es) with --engine ray"),
+    (["--json", "--out", "x.parquet"], "choose one"),
+    (["--engine", "ray", "--workers", "0", "--out", "x.parquet"], "--workers must be >= 1"),
+])
+def test_option_errors(args, words, capsys):
+    with pytest.raises(SystemExit):
+        main(["classify", str(golden.bundle_dir("qwen2")), "--data", "items.jsonl", *args])
+    assert words in capsys.readouterr().err
+
+
+def test_ray_needs_an_output_file_and_a_known_format(tmp_path, capsys):
+    data = write_text_items(tmp_path / "items.jsonl", 3)
+    code, err = run(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--engine", "ray"], capsys)
+    assert code == 1 and "give --out" in err
+    code, err = run(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(tmp_path / "x.csv")], capsys)
+    assert code == 1 and "name it *.parquet or *.jsonl" in err
