@@ -18,6 +18,8 @@ from savpack_runtime import Classifier
 
 import golden
 
+pytestmark = pytest.mark.slow  # each test spawns Node.js
+
 EXAMPLE = golden.ROOT / "examples" / "node"
 # Every text graph kind and preprocessing the client handles: left padding with a chat template (qwen2, Gemma 3),
 # positions counted from the mask (GPT-2), an encoder read at [CLS] with right padding and segment ids (BERT).
