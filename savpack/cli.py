@@ -96,11 +96,29 @@ def _model_options(params: dict[str, Any]) -> dict[str, Any]:
             "use_chat_template": not params.pop("no_chat_template")}
 
 
-def _examples(path: str, require_labels: bool = True):
+def _examples(path: str, fields, require_labels: bool = True):
     from savpack_runtime.items import load_examples
 
+    return load_examples(path, require_labels=require_labels, fields=fields)
 
-    return load_examples(path, require_labels=require_labels)
+
+def field_options(func: Callable) -> Callable:
+    """--text-field, --image-field, --label-field for every command that reads data; they arrive as one `fields`
+    argument (savpack_runtime.items.Fields)."""
+    from savpack_runtime.items import Fields
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, text_field: str | None, image_field: str | None, label_field: str | None, **kwargs: Any):
+        return func(*args, fields=Fields(text_field, image_field, label_field), **kwargs)
+
+    for role, option in reversed(Fields.OPTIONS.items()):
+        wrapper = click.option(option, f"{role}_field", default=None, metavar="COLUMN",
+                               help=f"Column holding each item's {role} (default: {' or '.join(Fields().names(role))}).")(wrapper)
+    return wrapper
+
+
+DATA_HELP = (".jsonl, .json, .csv/.tsv, .parquet, a saved Hugging Face dataset folder, hf:NAME[:CONFIG][:SPLIT], "
+             "or a folder root/<label>/<file>")
 
 
 def _sampled(examples: list, shots: int | None, seed: int) -> list:
@@ -132,7 +150,8 @@ video_frames_option = click.option(
 
 @main.command()
 @model_options()
-@click.option("--data", required=True, help="Labelled dataset: .jsonl, .json, .csv, .parquet, or folder root/<label>/<file>.")
+@click.option("--data", required=True, help=f"Labelled dataset: {DATA_HELP}.")
+@field_options
 @click.option("--out", required=True, type=click.Path(),
               help="Activations file to write (.safetensors); with --engine ray a folder of shards.")
 @prompt_option
@@ -151,7 +170,7 @@ video_frames_option = click.option(
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None, help="With --engine ray: GPUs Ray reserves per actor.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="With --engine ray: examples per shard (one actor call) [default: 256].")
-def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, token_position: str | None,
+def extract(data: str, fields, out: str, prompt: str, shots: int | None, seed: int, hidden: bool, token_position: str | None,
             video_frames: int, force: bool, engine: str, address: str | None, workers: int | None,
             cpus_per_worker: float | None, gpus_per_worker: float | None, shard_size: int | None,
             **params: Any) -> None:
@@ -165,7 +184,7 @@ def extract(data: str, out: str, prompt: str, shots: int | None, seed: int, hidd
         if given:
             raise click.UsageError(f"{', '.join(given)} go(es) with --engine ray")
         check_output_path(out, force)
-    examples = _sampled(_examples(data), shots, seed)
+    examples = _sampled(_examples(data, fields), shots, seed)
     batch_size = params.pop("batch_size")
     if engine == "ray":
         summary = _extract_on_ray(examples, out, params, force, address, workers or 2, cpus_per_worker or 1.0,
@@ -202,7 +221,8 @@ def _extract_on_ray(examples: list, out: str, params: dict[str, Any], force: boo
 
 @main.command()
 @model_options(required=False)
-@click.option("--data", default=None, help="Labelled dataset (with --model).")
+@click.option("--data", default=None, help=f"Labelled dataset (with --model): {DATA_HELP}.")
+@field_options
 @click.option("--activations", default=None, type=click.Path(),
               help="Build from `savpack extract` output (a file, or a folder of shards) instead of running the model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pack file to write (.safetensors).")
@@ -220,7 +240,7 @@ def _extract_on_ray(examples: list, out: str, params: dict[str, Any], force: boo
 @video_frames_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the pack summary as JSON.")
-def build(data: str | None, activations: str | None, out: str, k: str, scoring: str, vote: str, prompt: str,
+def build(data: str | None, fields, activations: str | None, out: str, k: str, scoring: str, vote: str, prompt: str,
           shots: int | None, seed: int, name: str | None, pack_version: str | None, token_position: str | None,
           video_frames: int, force: bool, as_json: bool, **params: Any) -> None:
     """Select the heads that classify and write a pack."""
@@ -240,7 +260,7 @@ def build(data: str | None, activations: str | None, out: str, k: str, scoring: 
 
             activation_set = activation_set.subset(sample_shots(activation_set.labels, shots, seed)[0])
     else:
-        examples = _sampled(_examples(data), shots, seed)
+        examples = _sampled(_examples(data, fields), shots, seed)
         require_classes(examples)
         batch_size = params.pop("batch_size")
         started = time.perf_counter()
@@ -290,36 +310,51 @@ def _load_pack(path: str) -> Pack:
 @main.command()
 @click.option("--pack", "pack_path", required=True, help="Pack file.")
 @model_options()
-@click.option("--data", required=True, help="Items to classify (.jsonl, .json, .csv or folder); labels optional.")
+@click.option("--data", required=True, help=f"Items to classify (labels optional): {DATA_HELP}.")
+@field_options
 @pack_vote_option
-def classify(pack_path: str, data: str, vote: str | None, **params: Any) -> None:
-    """Classify items; prints one JSON line per item (label, votes and vote shares per class)."""
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Also write one row per item (its source and result) to this .jsonl or .parquet file.")
+@force_option
+def classify(pack_path: str, data: str, fields, vote: str | None, out: str | None, force: bool, **params: Any) -> None:
+    """Classify items; prints one JSON line per item (label, votes and vote shares per class), and with --out writes
+    the same rows to a JSONL or Parquet file."""
+    from savpack_runtime.output import check_output, write_results
+
     from .pipeline import classify as run_classify
 
+    if out is not None:
+        check_output(out, force)  # a bad --out fails now, not after the model ran
     pack = _load_pack(pack_path)
-    examples = _examples(data, require_labels=False)
+    examples = _examples(data, fields, require_labels=False)
     batch_size = params.pop("batch_size")
     result = run_classify(_load(params), pack, examples, batch_size=batch_size, vote=vote)
-    for example, record in zip(examples, result.records(pack)):
-        click.echo(json.dumps({"source": example.source, **record}, ensure_ascii=False))
+    rows = [(example.source, record) for example, record in zip(examples, result.records(pack))]
+    for source, record in rows:
+        click.echo(json.dumps({"source": source, **record}, ensure_ascii=False))
+    if out is not None:
+        written = write_results(out, [rows], force)  # the runtime's writer: the same rows savpack-run --out writes
+        click.echo(f"wrote {out}: {written} rows", err=True)
 
 
 @main.command(name="eval")
 @click.option("--pack", "pack_path", required=True, help="Pack file.")
 @model_options()
-@click.option("--data", required=True, help="Labelled held-out data; examples the pack was built from are skipped.")
+@click.option("--data", required=True, help=f"Labelled held-out data ({DATA_HELP}); examples the pack was built from are skipped.")
+@field_options
 @pack_vote_option
 @click.option("--baselines", is_flag=True,
               help="Also report zero-shot, kNN (k=1, 5), a linear probe, the best 2 layers and all heads, from the same single pass.")
 @click.option("--train", "train_data", default=None,
-              help="With --baselines: the labelled data the pack was built from (sampled again with the pack's shots and seed).")
+              help="With --baselines: the labelled data the pack was built from (sampled again with the pack's shots and "
+                   "seed; read with the same --text-field, --image-field, --label-field).")
 @click.option("--train-activations", default=None, type=click.Path(),
               help="With --baselines: `savpack extract --hidden` output for the training examples, instead of --train.")
 @click.option("--verbalizer", "verbalizers", multiple=True, metavar="LABEL=WORD",
               help="With --baselines: the word zero-shot reads for LABEL (default: the label itself). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--record", is_flag=True, help="Store the held-out metrics in the pack (atomic rewrite: a new content hash).")
-def evaluate(pack_path: str, data: str, vote: str | None, baselines: bool, train_data: str | None,
+def evaluate(pack_path: str, data: str, fields, vote: str | None, baselines: bool, train_data: str | None,
              train_activations: str | None, verbalizers: tuple[str, ...], as_json: bool, record: bool,
              **params: Any) -> None:
     """Accuracy, per-class accuracy and the confusion matrix on held-out labelled data."""
@@ -334,13 +369,13 @@ def evaluate(pack_path: str, data: str, vote: str | None, baselines: bool, train
         raise click.UsageError(f"--record stores metrics of the pack as shipped; drop --vote {vote} (the pack votes "
                                f"{pack.selection.get('vote', 'majority')})")
     words = _parse_verbalizers(verbalizers)
-    examples = _examples(data)
+    examples = _examples(data, fields)
     batch_size = params.pop("batch_size")
     loaded = _load(params)
     if baselines:
         from .baselines import evaluate_with_baselines
 
-        train = _training_activations(pack, loaded, train_data, train_activations, batch_size)
+        train = _training_activations(pack, loaded, train_data, train_activations, batch_size, fields)
         report = evaluate_with_baselines(loaded, pack, examples, train, words, batch_size=batch_size, vote=vote)
     else:
         report = run_evaluate(loaded, pack, examples, batch_size=batch_size, vote=vote)
@@ -367,7 +402,8 @@ def _parse_verbalizers(values: tuple[str, ...]) -> dict[str, str]:
     return words
 
 
-def _training_activations(pack: Pack, loaded, train_data: str | None, train_activations: str | None, batch_size: int):
+def _training_activations(pack: Pack, loaded, train_data: str | None, train_activations: str | None, batch_size: int,
+                          fields):
     """The pack's labelled examples as activations with final hidden states (None: no training data given)."""
     from .extract import ActivationSet
     from .pipeline import extract_activations
@@ -375,7 +411,7 @@ def _training_activations(pack: Pack, loaded, train_data: str | None, train_acti
     if train_activations:
         train = ActivationSet.load(train_activations)
     elif train_data:
-        examples = _examples(train_data)
+        examples = _examples(train_data, fields)
         if pack.selection.get("shots") is not None:
             examples = _sampled(examples, int(pack.selection["shots"]), int(pack.selection.get("seed", 0)))
         train = extract_activations(loaded, examples, pack.prompt["template"], batch_size=batch_size, final_hidden=True,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from savpack_runtime.errors import DataError, SavpackError
+from savpack_runtime.errors import DataError, MissingExtraError, SavpackError
 
 __all__ = ["BuildError", "DataError", "ExportError", "IdentityError", "MissingExtraError", "ModelError", "SharingError"]
 
@@ -26,7 +26,3 @@ class IdentityError(SavpackError):
 
 class SharingError(SavpackError):
     """A registry or hub reference is malformed, or a push, pull or list failed. The message names the reference."""
-
-
-class MissingExtraError(SavpackError):
-    """An optional dependency is not installed; the message gives the pip command."""

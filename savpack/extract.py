@@ -102,7 +102,7 @@ def extract(
 
 def check_media(examples: Sequence[Example]) -> None:
     """Every image and video opens (headers only): fail before the first forward, not minutes into extraction."""
-    for path in sorted({path for example in examples for path in example.images}):
+    for path in sorted({path for example in examples for path in example.images}, key=str):
         check_image(path)
     for path in sorted({path for example in examples for path in example.videos}):
         check_video(path)

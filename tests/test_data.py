@@ -120,7 +120,7 @@ def test_parquet_rows_read_as_jsonl_lines(tmp_path):
     assert [(e.text, e.images, e.label, e.source) for e in examples] == [
         ("one", (), "a", f"{path}[0]"), ("two", (str(picture),), "b", f"{path}[1]")]
     pq.write_table(pa.table({"id": [1]}), tmp_path / "nothing.parquet")
-    with pytest.raises(DataError, match=r"nothing.parquet: has no column text, question"):
+    with pytest.raises(DataError, match=r"nothing.parquet: no text or image column \(looked for text, question, images, image\)"):
         load_examples(tmp_path / "nothing.parquet")
     pq.write_table(pa.table({"text": ["x"], "image": ["../gone.png"]}), tmp_path / "gone.parquet")
     with pytest.raises(DataError, match=r"gone.parquet\[0\]: field 'image': image file .*gone.png does not exist"):

@@ -27,7 +27,7 @@ from . import graph_inputs
 from .batching import plan_batches
 from .bundle import Bundle, BundlePack, check_graph_metadata
 from .errors import GraphError, InputError
-from .images import load_image, to_rgb
+from .images import ImageBytes, load_image, to_rgb
 from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
 from .result import PackResult, Result, results_from_votes
@@ -168,6 +168,6 @@ class Classifier:
 def _open(image: Any, index: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, ImageBytes)):
         return load_image(image)
-    raise InputError(f"item {index}: an image must be a file path or a PIL image, got {type(image).__name__}")
+    raise InputError(f"item {index}: an image must be a file path, ImageBytes or a PIL image, got {type(image).__name__}")

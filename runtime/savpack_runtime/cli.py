@@ -4,8 +4,9 @@
     savpack-run classify BUNDLE --data items.parquet --out results.parquet --engine ray [--workers 2] [--address auto]
     savpack-run info BUNDLE [--json]
 
-Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV, Parquet or a folder
-root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to the file); a `label` is
+Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV, Parquet, a saved Hugging
+Face dataset or a folder root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to
+the file, or image bytes in Parquet and datasets); `--text-field`, `--image-field` map other columns; a `label` is
 optional. `--engine ray` (extra savpack-runtime[ray], docs/scale.md) reads JSONL and Parquet files, folders of them
 and filesystem URLs. argparse, not click: the runtime keeps its dependencies minimal.
 """
@@ -16,11 +17,10 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 from .errors import SavpackError, SavpackWarning
-from .items import read_items
+from .items import Fields, read_items
 from .output import check_output, write_results
 
 def _classify(args: argparse.Namespace) -> None:
@@ -32,7 +32,7 @@ def _classify(args: argparse.Namespace) -> None:
     if args.out:
         check_output(args.out, args.force)
     classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size)
-    items = read_items(Path(args.data))
+    items = read_items(args.data, Fields(args.text_field, args.image_field, args.label_field))
     results = classifier.classify_batch([item for _, item in items])
     if args.out:
         rows = write_results(args.out, [[(source, result.to_dict()) for (source, _), result in zip(items, results)]], args.force)
@@ -87,6 +87,13 @@ def _info(args: argparse.Namespace) -> None:
         print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}{voted}")
 
 
+def add_field_options(parser: argparse.ArgumentParser) -> None:
+    """--text-field, --image-field, --label-field: the columns holding each part of an item (savpack_runtime.items.Fields)."""
+    for role, option in Fields.OPTIONS.items():
+        parser.add_argument(option, dest=f"{role}_field", default=None, metavar="COLUMN",
+                            help=f"column holding the item's {role} (default: {' or '.join(Fields().names(role))})")
+
+
 def _check_classify_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.json and args.out:
         parser.error("--json prints rows, --out writes them: choose one")
@@ -95,6 +102,9 @@ def _check_classify_options(parser: argparse.ArgumentParser, args: argparse.Name
     given = [name for name, value in ray_only.items() if value is not None]
     if args.engine != "ray" and given:
         parser.error(f"{', '.join(given)} go(es) with --engine ray")
+    mapped = [option for role, option in Fields.OPTIONS.items() if getattr(args, f"{role}_field")]
+    if args.engine == "ray" and mapped:
+        parser.error(f"{', '.join(mapped)}: the Ray engine reads the default column names (text/question, image/images)")
     args.workers = 2 if args.workers is None else args.workers
     args.cpus_per_worker = 1.0 if args.cpus_per_worker is None else args.cpus_per_worker
     args.gpus_per_worker = 0.0 if args.gpus_per_worker is None else args.gpus_per_worker
@@ -114,9 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     classify = commands.add_parser("classify", help="classify the items of a data file or folder")
     classify.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by `savpack export`")
     classify.add_argument("--data", required=True,
-                          help="items: .jsonl, .json, .csv/.tsv, .parquet or a folder root/<label>/<file>; "
-                               "text/question and image/images (--engine ray: .jsonl or .parquet files, folders of "
-                               "them, or a filesystem URL such as s3://bucket/items/)")
+                          help="items: .jsonl, .json, .csv/.tsv, .parquet, a saved Hugging Face dataset folder, "
+                               "hf:NAME[:CONFIG][:SPLIT] or a folder root/<label>/<file>; text/question and image/images "
+                               "(--engine ray: .jsonl or .parquet files, folders of them, or a filesystem URL such as "
+                               "s3://bucket/items/, with the default column names)")
+    add_field_options(classify)
     classify.add_argument("--json", action="store_true", help="one JSON object per item: label, votes, shares (per pack)")
     classify.add_argument("--out", default=None,
                           help="write one row per item to this file: *.parquet (flat columns) or *.jsonl (as --json)")

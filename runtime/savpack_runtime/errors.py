@@ -90,5 +90,9 @@ class GraphError(SavpackError):
     """An ONNX graph cannot be used: unreadable, non-standard operators, or onnxruntime refuses it."""
 
 
+class MissingExtraError(SavpackError):
+    """An optional dependency is not installed; the message names the extra and gives the pip command."""
+
+
 class SavpackWarning(UserWarning):
     """Something works but deserves attention: labels differing only in case, duplicates, unknown pack keys."""

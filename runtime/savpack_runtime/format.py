@@ -23,6 +23,9 @@ HEAD_SCORES = "head_scores"  # float32 (k,): selection score of each selected he
 CLASS_COUNTS = "class_counts"  # int32 (C,): labelled examples per class
 ALL_HEAD_SCORES = "all_head_scores"  # float32 (layers, heads): the score of every head, for the head map
 REQUIRED_TENSORS = (HEADS, CENTROIDS, HEAD_SCORES, CLASS_COUNTS, ALL_HEAD_SCORES)
+# Each tensor's safetensors dtype (DTYPES) and rank.
+TENSOR_TYPES = {HEADS: ("I32", 2), CENTROIDS: ("F32", 3), HEAD_SCORES: ("F32", 1), CLASS_COUNTS: ("I32", 1),
+                ALL_HEAD_SCORES: ("F32", 2)}
 
 # Metadata keys.
 META_PREFIX = "savpack."

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,8 +21,26 @@ MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+@dataclass(frozen=True)
+class ImageBytes:
+    """An encoded image held in memory (a Parquet or `datasets` cell); `name` says where it came from, for messages."""
+
+    data: bytes = field(repr=False)
+    name: str = field(compare=False)  # the same bytes are the same image wherever they came from
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ImageSource = Union[str, os.PathLike, ImageBytes]
+
+
+def _opened(source: ImageSource) -> Image.Image:
+    return Image.open(io.BytesIO(source.data) if isinstance(source, ImageBytes) else source)
+
+
 @contextmanager
-def _image_errors(path: Path):
+def _image_errors(path: ImageSource):
     """PIL's many failure types, as one InputError naming the file."""
     try:
         with warnings.catch_warnings():
@@ -33,25 +54,27 @@ def _image_errors(path: Path):
         raise InputError(f"{path}: image is corrupt or truncated: {exc}") from None
 
 
-def check_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+def check_image(path: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """Cheap early check (header only): the file exists, PIL knows its format, its size is within the limit.
 
     Returns (width, height). Damage further inside the file shows when load_image decodes it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file does not exist")
-    with _image_errors(path), Image.open(path) as opened:
+    if not isinstance(path, ImageBytes):
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: image file does not exist")
+    with _image_errors(path), _opened(path) as opened:
         width, height = opened.size
     if width * height > max_pixels:
         raise InputError(f"{path}: image declares {width}x{height} pixels, more than the limit of {max_pixels}")
     return width, height
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image file as 8-bit RGB, upright as its EXIF orientation says; transparency is laid on white."""
+def load_image(path: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image (a file, or ImageBytes) as 8-bit RGB, upright as its EXIF orientation says; transparency is laid
+    on white."""
     check_image(path, max_pixels)  # before decoding: a bomb must not be decoded at all
-    with _image_errors(Path(path)), Image.open(path) as opened:
+    with _image_errors(path), _opened(path) as opened:
         opened.load()
         image = ImageOps.exif_transpose(opened)
     return to_rgb(image)

@@ -1,10 +1,14 @@
 """The one reader of items to classify or learn from, shared by the builder (savpack build, eval, classify) and the
 runtime (savpack-run classify).
 
-Formats: JSONL (one object per line), a JSON list of objects, CSV/TSV with a header row, Parquet (one row per
-example; needs pyarrow, extra `parquet`), or a folder `root/<label>/<file>` (an image, a video or a .txt file per
-example). Sources name each example: "file:line" (JSONL, CSV), "file[index]" (JSON list, Parquet row, 0-based). Field names follow the official SAVs data:
-`text` or `question`, `image` or `images` (paths relative to the data file), `video` or `videos`, `label` (a string).
+Formats: JSONL (one object per line), a JSON list of objects, CSV/TSV with a header row, Parquet (extra `parquet`),
+a Hugging Face dataset (extra `datasets`: a folder written by `save_to_disk`, or `hf:NAME[:CONFIG][:SPLIT]` from the
+hub where the network allows), or a folder `root/<label>/<file>` (an image, a video or a .txt file per example).
+Sources name each example: "file:line" (JSONL, CSV), "file[index]" (JSON list, Parquet row, dataset row, 0-based).
+Field names follow the official SAVs data: `text` or `question`, `image` or `images` (paths relative to the data
+file; in Parquet and datasets also encoded image bytes, or `{"bytes", "path"}` as the `datasets` Image feature stores
+them), `video` or `videos`, `label` (a string; a `datasets` ClassLabel gives its names). `Fields` maps other column
+names (`--text-field`, `--image-field`, `--label-field`), the way SetFit's column_mapping does.
 Several images and videos may be interleaved with the text: an `<image>` marker in the text stands for the next image,
 a `<video>` marker for the next video; without markers the videos, then the images, come before the text. Every
 problem raises DataError naming the file, line and field.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import re
 import warnings
@@ -25,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import DataError, SavpackWarning
+from .errors import DataError, MissingExtraError, SavpackWarning
 from .files import file_sha256
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, ImageBytes
 
 TEXT_FIELDS = ("text", "question")
 IMAGE_FIELDS = ("images", "image")
@@ -38,17 +43,45 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 PARQUET_BATCH_ROWS = 4096  # rows decoded at a time: memory follows the batch, not the file
+HUB_PREFIX = "hf:"
+# Files a `datasets` save_to_disk folder holds (a Dataset), or its DatasetDict parent.
+SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
+SAVED_DATASET_DICT_FILE = "dataset_dict.json"
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 _MARKER_PATTERN = re.compile(f"{re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)}")
 
 
 @dataclass(frozen=True)
+class Fields:
+    """Which column holds the text, the images and the label; None keeps the default names (text/question,
+    image/images, label). Given, a name is the only one read, and a name no item has is an error."""
+
+    text: str | None = None
+    image: str | None = None
+    label: str | None = None
+
+    OPTIONS = {"text": "--text-field", "image": "--image-field", "label": "--label-field"}
+
+    def names(self, role: str) -> tuple[str, ...]:
+        chosen = getattr(self, role)
+        return (chosen,) if chosen else {"text": TEXT_FIELDS, "image": IMAGE_FIELDS, "label": (LABEL_FIELD,)}[role]
+
+    def mapped(self) -> dict[str, str]:
+        """{role: column} for the roles given."""
+        return {role: getattr(self, role) for role in self.OPTIONS if getattr(self, role)}
+
+
+DEFAULT_FIELDS = Fields()
+
+
+@dataclass(frozen=True)
 class Example:
-    """One item of a data file: its text, media files (absolute or relative to the working folder) and label."""
+    """One item of a data file: its text, media (files, absolute or relative to the working folder, or in-memory
+    ImageBytes from a Parquet or datasets column) and label."""
 
     text: str
-    images: tuple[str, ...] = ()
+    images: tuple[str | ImageBytes, ...] = ()
     label: str | None = None
     source: str = ""  # "file:line", for messages
     videos: tuple[str, ...] = ()
@@ -96,35 +129,28 @@ def markers(text: str) -> list[str]:
     return [marker[1:-1] for marker in _MARKER_PATTERN.findall(text)]
 
 
-def _readable_sha256(path: str) -> str:
+def _readable_sha256(path: str | ImageBytes) -> str:
+    """sha256 of a file's bytes, or of in-memory image bytes (the same image gives the same digest either way)."""
+    if isinstance(path, ImageBytes):
+        return hashlib.sha256(path.data).hexdigest()
     try:
         return file_sha256(path)
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
 
 
-def load_examples(path: str | Path, require_labels: bool = True, videos: bool = True) -> list[Example]:
-    """Read a data file or folder. Texts are stripped; media paths are resolved and checked to exist.
+def load_examples(path: str | Path, require_labels: bool = True, videos: bool = True,
+                  fields: Fields = DEFAULT_FIELDS) -> list[Example]:
+    """Read a data file, folder or dataset. Texts are stripped; media paths are resolved and checked to exist.
 
     require_labels: every example needs a `label` (building, evaluating); else labels are optional but still checked.
     videos: accept video items (the builder); False refuses them by name (the runtime has no video decoder).
+    fields: other column names for the text, images and label.
     """
-    path = Path(path)
-    if path.is_dir():
-        examples = _read_folder(path, videos)
-    elif not path.exists():
-        raise DataError(f"{path}: dataset does not exist")
-    elif path.suffix.lower() in JSONL_SUFFIXES:
-        examples = _read_records(path, _jsonl_records(path), videos)
-    elif path.suffix.lower() == ".json":
-        examples = _read_records(path, _json_records(path), videos)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        examples = _read_records(path, _csv_records(path), videos)
-    elif path.suffix.lower() in PARQUET_SUFFIXES:
-        examples = _read_records(path, parquet_records(str(path), path), videos)
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+        examples = _read_records(Path("."), _hub_records(path, fields), videos, fields, path)
     else:
-        raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet or a "
-                        "folder root/<label>/<file>")
+        examples = _read_path(Path(path), videos, fields)
     if not examples:
         raise DataError(f"{path}: dataset holds no examples")
     if require_labels:
@@ -133,6 +159,165 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
             raise DataError(f"{missing.source}: field {LABEL_FIELD!r} is missing")
     _warn_about_labels(path, examples)
     return examples
+
+
+def _read_path(path: Path, videos: bool, fields: Fields) -> list[Example]:
+    suffix = path.suffix.lower()
+    if path.is_dir() and _is_saved_dataset(path):
+        return _read_records(path, _saved_dataset_records(path, fields), videos, fields, path)
+    if path.is_dir():
+        if fields.mapped():
+            raise DataError(f"{path}: a folder root/<label>/<file> has no columns to map; "
+                            f"{', '.join(Fields.OPTIONS[role] for role in fields.mapped())} apply to files and datasets")
+        return _read_folder(path, videos)
+    if not path.exists():
+        raise DataError(f"{path}: dataset does not exist")
+    if suffix in JSONL_SUFFIXES:
+        return _read_records(path.parent, _jsonl_records(path), videos, fields, path)
+    if suffix == ".json":
+        return _read_records(path.parent, _json_records(path), videos, fields, path)
+    if suffix in (".csv", ".tsv"):
+        return _read_records(path.parent, _csv_records(path), videos, fields, path)
+    if suffix in PARQUET_SUFFIXES:
+        return _read_records(path.parent, parquet_records(str(path), path, fields), videos, fields, path)
+    raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet, a saved "
+                    "Hugging Face dataset folder, hf:NAME[:CONFIG][:SPLIT] or a folder root/<label>/<file>")
+
+
+def _optional(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or say in one line which extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise MissingExtraError(f"{purpose} needs {package}: pip install 'savpack-runtime[{extra}]' "
+                                f"(or 'savpack[{extra}]' with the builder)") from None
+
+
+# -- columnar data: Parquet and Hugging Face datasets ----------------------------------------------------------------
+
+
+def parquet_records(handle: Any, name: object, fields: Fields = DEFAULT_FIELDS) -> Iterator[tuple[str, Any]]:
+    """("name[row]", record) per row of a Parquet file (a path or a random-access file), a batch of rows at a time;
+    only the columns an item is made of are decoded. A ClassLabel label column (as `datasets` writes it) gives names."""
+    parquet = require_pyarrow_parquet()
+    try:
+        reader = parquet.ParquetFile(handle)
+        schema = reader.schema_arrow
+        columns = _wanted_columns(name, schema.names, fields)
+        names = _class_names(_parquet_features(schema.metadata), fields, schema.names)
+        row = 0
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for record in batch.to_pylist():
+                yield _with_class_name(f"{name}[{row}]", record, names)
+                row += 1
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError, ...) on a broken or foreign file
+        raise DataError(f"{name}: cannot read as Parquet: {exc}") from None
+
+
+def require_pyarrow_parquet():
+    """pyarrow.parquet, or a one-line error naming the extra that installs it."""
+    return _optional("pyarrow.parquet", "parquet", "Parquet")
+
+
+def _parquet_features(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """The `datasets` features a Parquet file's metadata carries (its ClassLabel names among them), else {}."""
+    try:
+        return json.loads((metadata or {})[b"huggingface"])["info"]["features"] or {}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / SAVED_DATASET_DICT_FILE).is_file() or all((folder / name).is_file() for name in SAVED_DATASET_FILES)
+
+
+def _saved_dataset_records(folder: Path, fields: Fields) -> Iterator[tuple[str, Any]]:
+    if (folder / SAVED_DATASET_DICT_FILE).is_file():
+        splits = sorted(p.name for p in folder.iterdir() if p.is_dir() and _is_saved_dataset(p))
+        raise DataError(f"{folder}: a saved DatasetDict with splits {', '.join(splits) or '(none)'}; give one split's "
+                        f"folder, e.g. {folder / (splits[0] if splits else 'train')}")
+    datasets = _optional("datasets", "datasets", "reading a saved Hugging Face dataset")
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # datasets raises many types for a damaged folder; name the folder, keep its reason
+        raise DataError(f"{folder}: cannot load as a saved Hugging Face dataset: {_first_line(exc)}") from None
+    yield from _dataset_records(str(folder), dataset, fields)
+
+
+def _hub_records(reference: str, fields: Fields) -> Iterator[tuple[str, Any]]:
+    """hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT through datasets.load_dataset (needs the network)."""
+    parts = reference[len(HUB_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3 or not all(parts):
+        raise DataError(f"{reference}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else None
+    datasets = _optional("datasets", "datasets", "reading a Hugging Face hub dataset")
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown name, unknown split: one line naming the reference
+        raise DataError(f"{reference}: cannot load from the Hugging Face Hub (no network, or an unknown name, config "
+                        f"or split?): {_first_line(exc)}") from None
+    if isinstance(dataset, dict):  # a DatasetDict: every split
+        raise DataError(f"{reference}: holds splits {', '.join(sorted(dataset))}; choose one: {reference}:{sorted(dataset)[0]}")
+    yield from _dataset_records(reference, dataset, fields)
+
+
+def _dataset_records(where: str, dataset: Any, fields: Fields) -> Iterator[tuple[str, Any]]:
+    columns = _wanted_columns(where, dataset.column_names, fields)
+    # The arrow table as the dataset shows it (selections and shuffles applied); images stay undecoded bytes.
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    yield from _table_records(where, table, dataset.features.to_dict(), fields)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _wanted_columns(where: object, names: list[str], fields: Fields) -> list[str]:
+    """The columns an item is made of, checked: a mapped column must exist, and some text or image column must."""
+    for role, column in fields.mapped().items():
+        if column not in names:
+            raise DataError(f"{where}: no column {column!r} ({Fields.OPTIONS[role]}); its columns: {', '.join(names)}")
+    roles = [*fields.names("text"), *fields.names("image"), *VIDEO_FIELDS, *fields.names("label")]
+    wanted = [name for name in names if name in roles]
+    if not any(name in wanted for name in (*fields.names("text"), *fields.names("image"), *VIDEO_FIELDS)):
+        raise DataError(f"{where}: no text or image column (looked for {', '.join((*fields.names('text'), *fields.names('image')))}); "
+                        f"its columns: {', '.join(names)}; choose one with --text-field or --image-field")
+    return wanted
+
+
+def _table_records(where: str, table: Any, features: dict[str, Any], fields: Fields) -> Iterator[tuple[str, Any]]:
+    """(source, record) per row of an arrow table."""
+    names = _class_names(features, fields, table.column_names)
+    for index, record in enumerate(table.to_pylist()):
+        yield _with_class_name(f"{where}[{index}]", record, names)
+
+
+def _class_names(features: dict[str, Any], fields: Fields, columns: list[str]) -> tuple[str, list[str]] | None:
+    """(label column, its class names) when the label column is a `datasets` ClassLabel, else None."""
+    column = next((name for name in fields.names("label") if name in columns), None)
+    feature = features.get(column) if column else None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
+        return column, feature["names"]
+    return None
+
+
+def _with_class_name(source: str, record: dict[str, Any], names: tuple[str, list[str]] | None) -> tuple[str, Any]:
+    """The record with a ClassLabel id replaced by its name (-1, the `datasets` mark of "no label": none)."""
+    if names is not None:
+        column, classes = names
+        value = record.get(column)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value == -1:
+                record[column] = None
+            elif 0 <= value < len(classes):
+                record[column] = classes[value]
+            else:
+                raise DataError(f"{source}: field {column!r}: class id {value} is outside the ClassLabel's {len(classes)} names")
+    return source, record
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -150,37 +335,6 @@ def jsonl_records(lines: Iterable[str], name: object) -> Iterator[tuple[str, Any
         except json.JSONDecodeError as exc:
             raise DataError(f"{name}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno})") from None
         yield f"{name}:{number}", record
-
-
-def parquet_records(handle: Any, name: object) -> Iterator[tuple[str, Any]]:
-    """("name[row]", record) per row of a Parquet file (a path or a random-access file), a batch of rows at a time."""
-    parquet = require_pyarrow_parquet()
-    try:
-        reader = parquet.ParquetFile(handle)
-        wanted = TEXT_FIELDS + IMAGE_FIELDS + VIDEO_FIELDS + (LABEL_FIELD,)
-        columns = [column for column in reader.schema_arrow.names if column in wanted]
-        if not any(column in TEXT_FIELDS + IMAGE_FIELDS + VIDEO_FIELDS for column in columns):
-            raise DataError(f"{name}: has no column {', '.join(TEXT_FIELDS + IMAGE_FIELDS)} "
-                            f"(its columns: {reader.schema_arrow.names[:20]})")
-        batches = reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
-        row = 0
-        for batch in batches:
-            for record in batch.to_pylist():
-                yield f"{name}[{row}]", record
-                row += 1
-    except DataError:
-        raise
-    except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError, ...) on a broken or foreign file
-        raise DataError(f"{name}: cannot read as Parquet: {exc}") from None
-
-
-def require_pyarrow_parquet():
-    """pyarrow.parquet, or a one-line error naming the extra that installs it."""
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError:
-        raise DataError("Parquet needs pyarrow: pip install 'savpack-runtime[parquet]'") from None
-    return parquet
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -212,35 +366,45 @@ def _open_text(path: Path):
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def _read_records(path: Path, records: Iterator[tuple[str, Any]], videos: bool) -> list[Example]:
-    examples = []
+def _read_records(base: Path, records: Iterator[tuple[str, Any]], videos: bool, fields: Fields,
+                  where: object) -> list[Example]:
+    """Examples from (source, record) pairs; media paths relative to `base`; `where` names the data in messages."""
     try:
-        for source, record in records:
-            examples.append(_example_from_record(path.parent, source, record, videos))
+        records = list(records)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return examples
+        raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if fields.mapped():  # a misspelt column is named as such, not as the first item's missing text
+        seen = {key for _, record in records if isinstance(record, dict) for key in record}
+        for role, column in fields.mapped().items():
+            if records and column not in seen:
+                raise DataError(f"{where}: no item has field {column!r} ({Fields.OPTIONS[role]}); "
+                                f"its fields: {', '.join(sorted(seen))}")
+    return [_example_from_record(base, source, record, videos, fields) for source, record in records]
 
 
-def _example_from_record(base: Path | None, source: str, record: object, videos_allowed: bool) -> Example:
+def _example_from_record(base: Path | None, source: str, record: object, videos_allowed: bool,
+                         fields: Fields = DEFAULT_FIELDS) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{source}: expected an object with fields text/question, image/images, label; got {type(record).__name__}")
-    text_field = next((name for name in TEXT_FIELDS if record.get(name) not in (None, "")), None)
+    text_field = next((name for name in fields.names("text") if record.get(name) not in (None, "")), None)
     text = record[text_field] if text_field else ""
     if not isinstance(text, str):
         raise DataError(f"{source}: field {text_field!r} must be a string, got {type(text).__name__}")
     if not videos_allowed and any(record.get(name) not in (None, "", []) for name in VIDEO_FIELDS):
         _refuse_video(source)
-    images = _paths(base, source, record, IMAGE_FIELDS, "image")
+    images = _paths(base, source, record, fields.names("image"), "image")
     videos = _paths(base, source, record, VIDEO_FIELDS, "video")
-    label = record.get(LABEL_FIELD)
+    label_field = fields.names("label")[0]
+    label = record.get(label_field)
     if label is not None and not isinstance(label, str):
-        raise DataError(f"{source}: field {LABEL_FIELD!r} must be a string, got {type(label).__name__} {label!r}")
+        raise DataError(f"{source}: field {label_field!r} must be a string, got {type(label).__name__} {label!r}"
+                        + ("" if fields.label else "; labels are class names (choose a column of names with --label-field)"))
     if label is not None and not label.strip():
-        raise DataError(f"{source}: field {LABEL_FIELD!r} is empty")
+        raise DataError(f"{source}: field {label_field!r} is empty")
     text = text.strip()
     if not text and not images and not videos:
-        raise DataError(f"{source}: item has no text (field 'text' or 'question' empty or only whitespace) and no image or video")
+        raise DataError(f"{source}: item has no text (field {' or '.join(map(repr, fields.names('text')))} empty or only "
+                        "whitespace) and no image or video")
     example = Example(text=text, images=images, label=label, source=source, videos=videos)
     if example.interleaved:
         found = markers(text)
@@ -253,17 +417,25 @@ def _example_from_record(base: Path | None, source: str, record: object, videos_
     return example
 
 
-def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, str], kind: str) -> tuple[str, ...]:
-    """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths).
+def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, ...], kind: str) -> tuple[str | ImageBytes, ...]:
+    """The checked, resolved file paths of the first of `fields` the record gives (a path or a list of paths); images
+    may also be encoded bytes, or the `datasets` Image feature's {"bytes", "path"} (bytes win when both are given).
     base None: the data file is remote, and only absolute paths can be resolved."""
     field = next((name for name in fields if record.get(name) not in (None, "", [])), None)
     paths = record[field] if field else []
-    if isinstance(paths, str):
+    if not isinstance(paths, list):
         paths = [paths]
-    if not (isinstance(paths, list) and all(isinstance(path, str) and path for path in paths)):
-        raise DataError(f"{source}: field {field!r} must be a path or a list of paths")
-    resolved = []
-    for path in paths:
+    if kind == "image":
+        paths = [(path.get("bytes") or path.get("path")) if isinstance(path, dict) else path for path in paths]
+    allowed = (str, bytes) if kind == "image" else (str,)
+    if not all(isinstance(path, allowed) and path for path in paths):
+        what = "a path, encoded image bytes, or a list of them" if kind == "image" else "a path or a list of paths"
+        raise DataError(f"{source}: field {field!r} must be {what}")
+    resolved: list[str | ImageBytes] = []
+    for number, path in enumerate(paths):
+        if isinstance(path, bytes):
+            resolved.append(ImageBytes(path, f"{source}: field {field!r}" + (f"[{number}]" if len(paths) > 1 else "")))
+            continue
         if base is None and not Path(path).is_absolute():
             raise DataError(f"{source}: field {field!r}: {kind} path {path!r} is relative to a remote data file; give "
                             "absolute paths that every worker can read")
@@ -316,15 +488,16 @@ def _warn_about_labels(path: Path, examples: list[Example]) -> None:
         warnings.warn(f"{path}: {duplicates} duplicate example(s) (same text and images); each copy counts", SavpackWarning)
 
 
-def read_items(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+def read_items(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> list[tuple[str, dict[str, Any]]]:
     """The runtime's view of a data file: (source, {"text", "images"}) per item; labels optional, no videos, no markers."""
-    return [(example.source, runtime_item(example)) for example in load_examples(path, require_labels=False, videos=False)]
+    return [(example.source, runtime_item(example))
+            for example in load_examples(path, require_labels=False, videos=False, fields=fields)]
 
 
-def item_from_record(record: object, source: str, base: Path | None) -> dict[str, Any]:
+def item_from_record(record: object, source: str, base: Path | None, fields: Fields = DEFAULT_FIELDS) -> dict[str, Any]:
     """The runtime's view of one record (what read_items gives per item), for readers that go record by record (the
     Ray engine's read tasks). base: the data file's folder, None for a remote file."""
-    return runtime_item(_example_from_record(base, source, record, videos_allowed=False))
+    return runtime_item(_example_from_record(base, source, record, videos_allowed=False, fields=fields))
 
 
 def runtime_item(example: Example) -> dict[str, Any]:

@@ -159,8 +159,6 @@ class Pack:
 # -- validation, row by row as docs/format.md section 4 lists it ----------------------------------------------------
 
 _OPTIONAL_OBJECTS = (fmt.META_METRICS, fmt.META_CREATED_BY, fmt.META_DATASET)
-_TENSOR_TYPES = {fmt.HEADS: (np.int32, 2), fmt.CENTROIDS: (np.float32, 3), fmt.HEAD_SCORES: (np.float32, 1),
-                 fmt.CLASS_COUNTS: (np.int32, 1), fmt.ALL_HEAD_SCORES: (np.float32, 2)}  # dtype, rank
 
 
 @dataclass
@@ -255,10 +253,10 @@ def _check_metadata_values(reading: _Reading) -> None:
 
 def _check_tensor_types(reading: _Reading) -> None:
     """Row 13: tensor dtypes and ranks as in section 2."""
-    for name, (dtype, rank) in _TENSOR_TYPES.items():
-        tensor = reading.tensors[name]
-        if tensor.dtype != np.dtype(dtype):
-            raise PackTypeError(f"tensor {name!r} is {tensor.dtype}, expected {np.dtype(dtype)}", reading.path, name)
+    for name, (code, rank) in fmt.TENSOR_TYPES.items():
+        tensor, dtype = reading.tensors[name], np.dtype(fmt.DTYPES[code])
+        if tensor.dtype != dtype:
+            raise PackTypeError(f"tensor {name!r} is {tensor.dtype}, expected {dtype}", reading.path, name)
         if tensor.ndim != rank:
             raise PackTypeError(f"tensor {name!r} has rank {tensor.ndim}, expected {rank}", reading.path, name)
 
