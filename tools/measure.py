@@ -41,10 +41,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def rss(field_name: str = "VmRSS") -> int | None:
-    """VmRSS (now) or VmHWM (peak since start or the last reset) of this process in bytes; None off Linux."""
-    return next((int(line.split()[1]) * 1024 for line in _proc_lines("self/status") if line.startswith(field_name + ":")),
-                None)
+def rss(field_name: str = "VmRSS", pid: int | None = None) -> int | None:
+    """VmRSS (now) or VmHWM (peak since start or the last reset) of this process (or process `pid`) in bytes; None
+    off Linux."""
+    status = f"{pid}/status" if pid is not None else "self/status"
+    return next((int(line.split()[1]) * 1024 for line in _proc_lines(status) if line.startswith(field_name + ":")), None)
 
 
 def gigabytes(value: float | None) -> str:

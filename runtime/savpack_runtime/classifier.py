@@ -100,7 +100,7 @@ class Classifier:
 
     def classify_batch(self, items: Iterable[Any], batch_size: int | None = None) -> list[Result]:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
-        items = [self._item(item, index) for index, item in enumerate(items)]
+        items = [self.check_item(item, index) for index, item in enumerate(items)]
         outputs = self.graph_outputs(items, batch_size)
         return results_from_votes({entry.name: (entry.pack.labels, self._votes(entry, outputs)) for entry in self.bundle.packs})
 
@@ -124,7 +124,7 @@ class Classifier:
         """Every output of the graph by name (head vectors, each pack's in-graph vote), rows in the order of `items`
         (any form classify_batch takes)."""
         batch_size = batch_size or self.batch_size
-        items = [self._item(item, index) for index, item in enumerate(items)]
+        items = [self.check_item(item, index) for index, item in enumerate(items)]
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
         batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
         outputs: dict[str, np.ndarray] = {}
@@ -138,7 +138,9 @@ class Classifier:
                 outputs[name][batch] = value
         return outputs
 
-    def _item(self, item: Any, index: int) -> Item:
+    def check_item(self, item: Any, index: int = 0) -> Item:
+        """One item in any accepted form, as an Item that fits this bundle's prompt; InputError("item {index}: ...")
+        otherwise. Images are not opened here."""
         if isinstance(item, str):
             item = Item(item)
         elif isinstance(item, dict):

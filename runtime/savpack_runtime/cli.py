@@ -3,6 +3,7 @@
     savpack-run classify BUNDLE --data items.jsonl [--json | --out results.parquet] [--providers cuda] [--batch-size 8]
     savpack-run classify BUNDLE --data items.parquet --out results.parquet --engine ray [--workers 2] [--address auto]
     savpack-run info BUNDLE [--json]
+    savpack-run serve BUNDLE [--host 127.0.0.1] [--port 8080] [--max-batch 32] [--max-wait-ms 5] [--max-queue 256]
 
 Items are read by the builder's reader (savpack_runtime.items): JSONL, a JSON list, CSV/TSV, Parquet, a saved Hugging
 Face dataset or a folder root/<label>/<file>, with `text` (or `question`) and `image` / `images` (paths relative to
@@ -19,7 +20,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from .errors import SavpackError, SavpackWarning
+from .errors import MissingExtraError, SavpackError, SavpackWarning
 from .items import Fields, read_items
 from .output import check_output, write_results
 
@@ -61,6 +62,22 @@ def _classify_on_ray(args: argparse.Namespace) -> None:
     summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force)
     print(f"wrote {args.out}: {summary['rows']} rows in {summary['seconds']:.1f} s "
           f"({summary['rows_per_second']:,.0f} rows/s, {options.workers} workers)", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from .serve import Limits, ServeOptions, run_server
+    except ImportError as exc:
+        raise MissingExtraError(f"savpack-run serve needs the serve extra ({exc.name} is missing): "
+                                "pip install 'savpack-runtime[serve]'") from None
+    from .classifier import Classifier
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs, max_images=args.max_images,
+                    max_image_pixels=args.max_image_pixels)
+    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, limits=limits)
+    classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.max_batch)
+    run_server(classifier, options, args.host, args.port, log_level=args.log_level, access_log=args.access_log,
+               graceful_seconds=args.graceful_seconds)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -118,6 +135,18 @@ def _check_classify_options(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error("--threads must be >= 1")
 
 
+def _check_serve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for option in ("max_batch", "max_queue", "max_inputs", "max_image_pixels", "max_body_bytes", "graceful_seconds"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.max_images < 0 or not 0 <= args.max_wait_ms <= 60_000 or not 0 <= args.port <= 65535:
+        parser.error("--max-images must be >= 0, --max-wait-ms between 0 and 60000, --port between 0 and 65535")
+    if args.max_inputs > args.max_queue:
+        parser.error(f"--max-inputs {args.max_inputs} is more than --max-queue {args.max_queue}: such a request could never be admitted")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="savpack-run", description="Classify with a savpack bundle (no torch).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +175,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs Ray reserves per actor (default 1)")
     engine.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs Ray reserves per actor (with --providers cuda)")
     classify.set_defaults(run=_classify)
+    serve = commands.add_parser("serve", help="classify over HTTP (needs the serve extra); see docs/serving.md",
+                                description="Serve a bundle over HTTP: POST /v1/classify, GET /health, /info, /metrics, "
+                                            "/openapi.json, and a playground page at /.")
+    serve.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by `savpack export`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port, printed at start)")
+    serve.add_argument("--max-batch", type=int, default=32, help="items per forward, across requests (default 32; 1: no batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5 ms)")
+    serve.add_argument("--max-queue", type=int, default=256, help="items admitted and not yet answered; more get 429 (default 256)")
+    serve.add_argument("--max-inputs", type=int, default=32, help="items per request; more get 413 (default 32)")
+    serve.add_argument("--max-images", type=int, default=8, help="images per item; more get 413 (default 8)")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image, read from its header "
+                       "before decoding; more get 413 (default 16777216 = 4096x4096)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request body size; more get 413 (default 8 MiB)")
+    serve.add_argument("--providers", default="cpu", help="cpu or cuda (falls back to cpu with a warning)")
+    serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    serve.add_argument("--graceful-seconds", type=int, default=30, help="on SIGTERM, how long requests in flight may finish (default 30)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
+    serve.set_defaults(run=_serve)
     info = commands.add_parser("info", help="what a bundle holds")
     info.add_argument("bundle", metavar="BUNDLE")
     info.add_argument("--json", action="store_true")
@@ -155,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     if args.command == "classify":
         _check_classify_options(parser, args)
+    if args.command == "serve":
+        _check_serve_options(parser, args)
     with warnings.catch_warnings():
         warnings.simplefilter("always", SavpackWarning)
         warnings.showwarning = lambda message, *rest, **kwargs: print(f"warning: {message}", file=sys.stderr)

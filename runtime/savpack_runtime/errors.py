@@ -61,6 +61,14 @@ class InputError(SavpackError):
     """An item to classify is unusable: missing or broken image, empty text. The message names the file or field."""
 
 
+class InputSizeError(InputError):
+    """An item is too large to classify: a prompt longer than the model's context, an image over the pixel limit."""
+
+
+class ImageSizeError(InputSizeError):
+    """An image declares more pixels than the limit (a decompression bomb declares a huge size in a few bytes)."""
+
+
 class DataError(InputError):
     """A dataset, an item in it, or a file it names is unusable. The message names the file, line and field."""
 

@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import ImageSizeError, InputError
 
 # 8000 x 8000: far above what any vision tower resizes to, far below what would exhaust memory (a decompression
 # bomb declares a huge size in a few bytes).
@@ -23,7 +23,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 @dataclass(frozen=True)
 class ImageBytes:
-    """An encoded image held in memory (a Parquet or `datasets` cell); `name` says where it came from, for messages."""
+    """An encoded image held in memory (a Parquet or `datasets` cell, an upload to the service); `name` says where it
+    came from, for messages."""
 
     data: bytes = field(repr=False)
     name: str = field(compare=False)  # the same bytes are the same image wherever they came from
@@ -47,7 +48,7 @@ def _image_errors(path: ImageSource):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{path}: image refused as a decompression bomb: {exc}") from None
+        raise ImageSizeError(f"{path}: image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file PIL can read (empty, corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -66,7 +67,7 @@ def check_image(path: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[
     with _image_errors(path), _opened(path) as opened:
         width, height = opened.size
     if width * height > max_pixels:
-        raise InputError(f"{path}: image declares {width}x{height} pixels, more than the limit of {max_pixels}")
+        raise ImageSizeError(f"{path}: image declares {width}x{height} pixels, more than the limit of {max_pixels}")
     return width, height
 
 

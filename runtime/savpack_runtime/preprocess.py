@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from . import format as fmt
 from .compat import RUNTIME_PACKAGE, version_refusal
-from .errors import InputError, PreprocessSpecError
+from .errors import InputError, InputSizeError, PreprocessSpecError
 from .image_processing import Gemma3Images, Idefics3Images, LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages
 from .images import to_rgb
 
@@ -201,7 +201,7 @@ class Preprocessor:
         limit = self.text.max_positions
         for index, row in enumerate(rows):
             if limit is not None and len(row) > limit:
-                raise InputError(f"item {index}: prompt is {len(row)} tokens, longer than the model's context of {limit}")
+                raise InputSizeError(f"item {index}: prompt is {len(row)} tokens, longer than the model's context of {limit}")
         input_ids, attention_mask = pad_rows(rows, self.text.pad_id, self.text.padding_side)
         encoded = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.text.token_type_ids:

@@ -6,9 +6,10 @@ only through `results_from_votes`: code that passes `to_dict()` through gets eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
+from .errors import InputError
 from .vote import Votes
 
 SHARE_DECIMALS = 6
@@ -41,6 +42,15 @@ class Result:
         if len(self.by_pack) > 1:
             record["packs"] = {name: result.to_dict() for name, result in self.by_pack.items()}
         return record
+
+    def select(self, packs: Sequence[str]) -> "Result":
+        """This result as a bundle holding only `packs` would give it: the first named pack's result on top."""
+        unknown = [name for name in packs if name not in self.by_pack]
+        if not packs or unknown:
+            raise InputError(f"packs {unknown or list(packs)} are not in this bundle's result; it holds {list(self.by_pack)}")
+        by_pack = {name: self.by_pack[name] for name in packs}
+        first = by_pack[packs[0]]
+        return replace(self, **{item.name: getattr(first, item.name) for item in fields(first)}, by_pack=by_pack)
 
 
 def pack_results(labels: Sequence[str], votes: Votes) -> list[PackResult]:

@@ -104,3 +104,19 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     path.write_bytes(png_claiming(9000, 9000))  # below PIL's own bomb limit, above savpack's
     with pytest.raises(InputError, match="declares 9000x9000 pixels, more than the limit"):
         load_image(path)
+
+
+def test_images_in_memory_refuse_oversize_as_image_size_errors(tmp_path):
+    """ImageBytes (a Parquet cell, an upload to the service): the pixel limit is read from the header before decoding
+    and refused as ImageSizeError (the service's 413), naming the given field."""
+    import io
+
+    from savpack_runtime.errors import ImageSizeError
+    from savpack_runtime.images import ImageBytes
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 1)).save(buffer, format="PNG")
+    upload = ImageBytes(buffer.getvalue(), "inputs[0].images[0]")
+    assert check_image(upload) == (2, 1) and load_image(upload).size == (2, 1)
+    with pytest.raises(ImageSizeError, match=r"^inputs\[0\]\.images\[0\]: image declares 2x1 pixels, more than the limit of 1$"):
+        load_image(upload, max_pixels=1)
