@@ -52,14 +52,15 @@ def single_and_ray(bundle: Path, data: Path, tmp_path: Path, capsys, suffix: str
 
 
 def test_text_rows_equal_the_single_process_run(ray_cluster, tmp_path, capsys):
-    data = write_text_items(tmp_path / "items.jsonl", 600)
-    single, on_ray = single_and_ray(golden.bundle_dir("qwen2"), data, tmp_path, capsys, ".parquet", batch="16")
+    data = write_text_items(tmp_path / "items.jsonl", 2000)
+    # Small batches: many actor calls on both workers, so rows would come back out of order if order were not kept.
+    single, on_ray = single_and_ray(golden.bundle_dir("qwen2"), data, tmp_path, capsys, ".parquet", batch="1")
     expected, got = pq.read_table(single), pq.read_table(on_ray)
-    assert got.num_rows == 600
+    assert got.num_rows == 2000
     assert got.column_names == ["source", "label", "votes.cold", "votes.shape", "votes.warm",
                                 "shares.cold", "shares.shape", "shares.warm"]
     # Item by item, in input order: sources (file:line, the blank line 301 skipped), labels, votes.
-    assert got.column("source").to_pylist()[299:301] == [f"{data}:300", f"{data}:302"]
+    assert got.column("source").to_pylist()[999:1001] == [f"{data}:1000", f"{data}:1002"]
     assert got.to_pylist() == expected.to_pylist()
     assert len(set(got.column("label").to_pylist())) > 1  # the generated items do not all get one label
 
