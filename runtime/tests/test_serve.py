@@ -133,6 +133,41 @@ def test_full_queue_answers_429_with_retry_after():
     assert metric(metrics, "savpack_http_requests_total", path="/v1/classify", status="429") == 1
 
 
+def test_requests_still_sending_their_body_count_against_the_queue():
+    """--max-queue 2: two clients that sent headers but not yet their bodies hold both places; a third request is
+    refused with 429 at once instead of buffering a third body. When they go, the server takes requests again."""
+    import socket
+
+    with running_server(golden.bundle_dir("qwen2"), max_queue=2, max_inputs=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow = []
+        for _ in range(2):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+            connection.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 1000\r\n\r\n{")
+            slow.append(connection)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the server has read both requests' headers
+            refused = httpx.post(f"{url}/v1/classify", json={"inputs": ["a circle"]}, timeout=30)
+            if refused.status_code == 429:
+                break
+            time.sleep(0.05)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "2 requests in progress, --max-queue 2" in refused.json()["error"]
+        for connection in slow:
+            connection.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answer = httpx.post(f"{url}/v1/classify", json={"inputs": ["a circle"]}, timeout=30)
+            if answer.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert answer.status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+    assert metric(metrics, "savpack_http_requests_total", path="/v1/classify", status="500") == 0  # hanging up is no server error
+    assert metric(metrics, "savpack_http_requests_total", path="/v1/classify", status="400") == 2
+
+
 def test_one_bad_request_does_not_fail_its_batch():
     """A prompt longer than the model's context fails inside the batch; the requests batched with it still get
     their labels, and the bad one gets 413 naming its own item."""
