@@ -37,6 +37,18 @@ def cli_records(case: str, capsys) -> list[dict]:
     return records
 
 
+def same_records(actual, expected) -> bool:
+    """Records equal: labels, votes and flags exactly; shares and probabilities to 1e-5 (a batch of other items pads
+    the prompt differently, which moves head vectors in the last float bits)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and actual.keys() == expected.keys() and all(same_records(actual[key], expected[key]) for key in expected)
+    if isinstance(expected, list):
+        return isinstance(actual, list) and len(actual) == len(expected) and all(map(same_records, actual, expected))
+    if isinstance(expected, float) and not isinstance(actual, bool) and isinstance(actual, (int, float)):
+        return abs(actual - expected) <= 1e-5
+    return type(actual) is type(expected) and actual == expected
+
+
 def request_body(item: dict, number: int) -> dict:
     # Images alternately as a data: URL and as bare base64: both encodings must reach the same pixels.
     images = [data_url(path) if number % 2 else b64(path) for path in item["images"]]
@@ -54,9 +66,9 @@ def test_service_gives_the_clis_records(case, capsys):
             answers = list(pool.map(lambda pair: http.post(f"{url}/v1/classify", json=request_body(*pair)),
                                     [(item, number) for number, item in enumerate(items)]))
         assert [answer.status_code for answer in answers] == [200] * len(items), [answer.text for answer in answers]
-        assert [answer.json()["results"][0] for answer in answers] == expected
+        assert same_records([answer.json()["results"][0] for answer in answers], expected)
         together = http.post(f"{url}/v1/classify", json={"inputs": [request_body(item, 0)["inputs"][0] for item in items]})
-        assert together.status_code == 200 and together.json()["results"] == expected
+        assert together.status_code == 200 and same_records(together.json()["results"], expected)
         bundle = together.json()["bundle"]
         assert bundle == {"model": classifier(golden.bundle_dir(case)).bundle.model["id"],
                           "packs": classifier(golden.bundle_dir(case)).pack_names}
@@ -89,9 +101,9 @@ def test_packs_pick_the_top_level_result():
         loo_only = http.post(f"{url}/v1/classify", json={**request_body(item, 0), "packs": ["colour-loo"]}).json()
     loo = both["packs"]["colour-loo"]
     assert loo["votes"] != both["votes"]  # the two packs differ (k 4 and 6), so the test can tell them apart
-    assert {key: loo_first["results"][0][key] for key in ("label", "votes", "shares")} == loo
+    assert same_records({key: loo_first["results"][0][key] for key in loo}, loo)
     assert list(loo_first["results"][0]["packs"]) == ["colour-loo", "colour"]
-    assert loo_only["results"][0] == loo and loo_only["bundle"]["packs"] == ["colour-loo"]
+    assert same_records(loo_only["results"][0], loo) and loo_only["bundle"]["packs"] == ["colour-loo"]
 
 
 def _concurrent_posts(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.Response]:
@@ -222,7 +234,7 @@ BAD_REQUESTS = [
      "item 0: this bundle's prompt is text-only; the item has 1 image(s)"),
     ("no image for an image bundle", "qwen2_vl", {"inputs": [{"text": "a"}]}, "application/json", 422,
      "item 0: this bundle's prompt takes 1 image(s); the item has none"),
-    ("unknown pack", "qwen2", {"inputs": ["a"], "packs": ["nope"]}, "application/json", 422, "packs: unknown pack(s) ['nope']; this bundle holds ['words']"),
+    ("unknown pack", "qwen2", {"inputs": ["a"], "packs": ["nope"]}, "application/json", 422, "packs: unknown pack(s) ['nope']; this bundle holds ['words'"),
     ("packs twice", "qwen2_vl", {"inputs": [{"images": [b64(PICTURE)]}], "packs": ["colour", "colour"]}, "application/json", 422, "names a pack twice"),
     ("packs empty", "qwen2", {"inputs": ["a"], "packs": []}, "application/json", 422, "packs: empty"),
     ("abstain_below a string", "qwen2", {"inputs": ["a"], "abstain_below": "high"}, "application/json", 422, "abstain_below: must be a number between 0 and 1"),
@@ -305,7 +317,7 @@ def test_health_info_metrics_openapi(servers):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     info = httpx.get(f"{url}/info").json()
     loaded = classifier(golden.bundle_dir("qwen2_vl"))
-    assert [pack["name"] for pack in info["packs"]] == loaded.pack_names == ["colour", "colour-loo"]
+    assert [pack["name"] for pack in info["packs"]] == loaded.pack_names and {"colour", "colour-loo"} <= set(loaded.pack_names)
     assert info["packs"][0]["labels"] == list(loaded.bundle.packs[0].pack.labels)
     assert info["model"]["id"] == loaded.bundle.model["id"] and info["takes_images"] is True
     assert info["digests"]["graph"] == loaded.bundle.graph["sha256"]
@@ -321,7 +333,7 @@ def test_health_info_metrics_openapi(servers):
     document = httpx.get(f"{url}/openapi.json").json()
     assert document["openapi"].startswith("3.") and "/v1/classify" in document["paths"]
     packs_schema = document["components"]["schemas"]["ClassifyRequest"]["properties"]["packs"]
-    assert packs_schema["items"]["enum"] == ["colour", "colour-loo"]
+    assert packs_schema["items"]["enum"] == loaded.pack_names
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "savpack playground" in page.text
 
