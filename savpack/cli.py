@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -14,8 +15,9 @@ import click
 
 from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
-from savpack_runtime.files import check_output_path
-from savpack_runtime.format import DEFAULT_VIDEO_FRAMES, TOKEN_POSITIONS
+from savpack_runtime.bundle import BUNDLE_FILE
+from savpack_runtime.files import check_output_folder, check_output_path, file_sha256, read_bytes
+from savpack_runtime.format import DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, TOKEN_POSITIONS
 from savpack_runtime.vote import VOTE_METHODS
 
 from . import __version__
@@ -134,7 +136,7 @@ prompt_option = click.option(
     "--prompt", default="{text}", show_default=True,
     help="User text around each item's text; {text} is replaced by it. Rendered through the chat template.",
 )
-shots_option = click.option("--shots", type=int, default=None, help="Sample this many labelled examples per class (seeded).")
+shots_option = click.option("--shots", type=click.IntRange(min=1), default=None, help="Sample this many labelled examples per class (seeded).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shots sampling.")
 force_option = click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 token_position_option = click.option(
@@ -143,7 +145,7 @@ token_position_option = click.option(
 )
 pack_vote_option = click.option("--vote", type=click.Choice(VOTE_METHODS), default=None, help="Override the pack's vote method.")
 video_frames_option = click.option(
-    "--video-frames", type=click.IntRange(min=1), default=DEFAULT_VIDEO_FRAMES, show_default=True,
+    "--video-frames", type=click.IntRange(1, MAX_VIDEO_FRAMES), default=DEFAULT_VIDEO_FRAMES, show_default=True,
     help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
 )
 
@@ -183,7 +185,7 @@ def extract(data: str, fields, out: str, prompt: str, shots: int | None, seed: i
         given = [name for name, value in ray_options.items() if value is not None]
         if given:
             raise click.UsageError(f"{', '.join(given)} go(es) with --engine ray")
-        check_output_path(out, force)
+        check_output_path(out, force, inputs=[data, params["model"]])
     examples = _sampled(_examples(data, fields), shots, seed)
     batch_size = params.pop("batch_size")
     if engine == "ray":
@@ -226,7 +228,8 @@ def _extract_on_ray(examples: list, out: str, params: dict[str, Any], force: boo
 @click.option("--activations", default=None, type=click.Path(),
               help="Build from `savpack extract` output (a file, or a folder of shards) instead of running the model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pack file to write (.safetensors).")
-@click.option("--k", "k", default=str(DEFAULT_K), show_default=True, help="Number of heads that vote, or 'all'.")
+@click.option("--k", "k", default=None,
+              help=f"Number of heads that vote, or 'all'. Default: {DEFAULT_K}, or every head of a model with fewer.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
 @click.option("--vote", type=click.Choice(VOTE_METHODS), default="majority", show_default=True, help="How the heads' choices combine.")
 @prompt_option
@@ -252,7 +255,7 @@ def build(data: str | None, fields, activations: str | None, out: str, k: str, s
     if activations is not None and data is not None:
         raise click.UsageError("--data and --activations exclude each other")
     heads = _parse_k(k)
-    check_output_path(out, force)
+    check_output_path(out, force, inputs=[data, activations, params["model"]])
     if activations is not None:
         activation_set = ActivationSet.load(activations)
         if shots is not None:
@@ -274,11 +277,13 @@ def build(data: str | None, fields, activations: str | None, out: str, k: str, s
     pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
                                  version=pack_version, selection=selection)
     pack.save(out, force=force)
-    _echo_summary(pack, out, as_json)
+    _echo_summary(pack, out, as_json, file_sha256(out))
 
 
-def _echo_summary(pack: Pack, path: str, as_json: bool) -> None:
-    click.echo(json.dumps(pack_summary(pack), indent=2, ensure_ascii=False) if as_json else format_pack_summary(pack, path))
+def _echo_summary(pack: Pack, path: str, as_json: bool, sha256: str) -> None:
+    """build's and inspect's summary; sha256 is the file's own (docs/format.md section 6)."""
+    click.echo(json.dumps(pack_summary(pack, sha256), indent=2, ensure_ascii=False) if as_json
+               else format_pack_summary(pack, path, sha256))
 
 
 def _identity(check: Callable[[str], str], value: str | None, param: click.Parameter) -> str | None:
@@ -291,7 +296,18 @@ def _identity(check: Callable[[str], str], value: str | None, param: click.Param
         raise click.BadParameter(str(exc), param=param) from None
 
 
-def _parse_k(value: str) -> int | None:
+def _tolerance(value: float | None, param: click.Parameter) -> float | None:
+    from .export.validate import check_tolerance
+
+    try:
+        return None if value is None else check_tolerance(value)
+    except SavpackError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _parse_k(value: str | None) -> int | None | str:
+    if value is None:
+        return "default"
     if value == "all":
         return None
     try:
@@ -324,7 +340,7 @@ def classify(pack_path: str, data: str, fields, vote: str | None, out: str | Non
     from .pipeline import classify as run_classify
 
     if out is not None:
-        check_output(out, force)  # a bad --out fails now, not after the model ran
+        check_output(out, force, inputs=[data, pack_path, params["model"]])  # a bad --out fails now, not after the model ran
     pack = _load_pack(pack_path)
     examples = _examples(data, fields, require_labels=False)
     batch_size = params.pop("batch_size")
@@ -432,16 +448,17 @@ def _training_activations(pack: Pack, loaded, train_data: str | None, train_acti
               help="Also draw every head's score as a layers x heads heatmap (PNG; needs savpack[plot]).")
 @force_option
 def inspect(pack_path: str, as_json: bool, plot_path: str | None, force: bool) -> None:
-    """Show what a pack classifies, its model, heads and metrics."""
-    pack = _load_pack(pack_path)
+    """Show what a pack classifies, its model, heads and metrics, and the file's sha256."""
+    data = bytes(read_bytes(pack_path))
+    pack = Pack.from_bytes(data, pack_path)
     if plot_path:
         from .plot import plot_head_map
 
-        check_output_path(plot_path, force)
+        check_output_path(plot_path, force, inputs=[pack_path])
         title = f"{pack.name or Path(pack_path).name}: {pack.model['id']} ({', '.join(pack.labels)})"
         plot_head_map(pack.all_head_scores, plot_path, pack.heads, title=title[:90], force=force)
         click.echo(f"wrote {plot_path}", err=True)
-    _echo_summary(pack, pack_path, as_json)
+    _echo_summary(pack, pack_path, as_json, hashlib.sha256(data).hexdigest())
 
 
 @main.command(name="convert-gguf")
@@ -520,7 +537,8 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
 @click.option("--selected-heads-only", is_flag=True, help="In the deepest layer compute only the packs' heads at the last token.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter; every graph is validated against the model either way.")
-@click.option("--tolerance", type=float, default=None, help="Validation tolerance (default 1e-4; 2e-2 with --fp16).")
+@click.option("--tolerance", type=float, default=None, callback=lambda ctx, param, value: _tolerance(value, param),
+              help="Validation tolerance, a number above 0 (default 1e-4; 2e-2 with --fp16).")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_heads_only: bool, exporter: str,
@@ -529,8 +547,12 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
 
     The graph is validated against the full model on fresh inputs before the bundle is written; classify with
     `savpack-run classify BUNDLE --data items.jsonl` (savpack-runtime, no torch)."""
+    from .export import require_export_extra
+
+    require_export_extra()
     from .export.bundle import export_bundle
 
+    check_output_folder(out, force, marker=BUNDLE_FILE, inputs=[params["model"], *pack_paths])
     packs = [_load_pack(path) for path in pack_paths]
     names = [pack.name or Path(path).name.removesuffix(".safetensors").removesuffix(".pack") for pack, path in zip(packs, pack_paths)]
     # The graph is traced and validated in float32 on the CPU, where onnxruntime will compare it.
@@ -577,7 +599,7 @@ def card(pack_path: str, out: str | None, license_id: str | None, image: str | N
     data, pack = read_pack(pack_path)
     target = None if out == "-" else Path(out) if out else Path(pack_path).parent / "README.md"
     if target is not None:
-        check_output_path(target, force)
+        check_output_path(target, force, inputs=[pack_path, image])
     if image is not None and "://" not in image and not Path(image).is_file():
         raise click.BadParameter(f"{image}: file does not exist", param_hint="--image")
     text = render_card(pack, sha256_hex(data), Path(pack_path).name, license=license_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ from savpack_runtime.batching import plan_batches
 from savpack_runtime.compat import BUILDER_PACKAGE, version_refusal
 from savpack_runtime import format as fmt
 from savpack_runtime import prompt as prompt_fields
-from savpack_runtime.errors import PackError
+from savpack_runtime.errors import PackError, SavpackError
 from savpack_runtime.images import check_image
 from savpack_runtime.items import Example
 
@@ -89,8 +90,10 @@ def extract(
     batches = plan_batches(image_counts, _token_counts(loaded, rendered), batch_size)
     collected = _Collected(len(examples), loaded.grid, heads, needed)
     stop_after = None if final_hidden else max(needed)
+    # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar fragments.
     with _HeadCapture(loaded, needed, stop_after) as capture, \
-            tqdm(total=len(examples), desc="extracting", unit="ex", disable=not progress, leave=False) as bar:
+            tqdm(total=len(examples), desc="extracting", unit="ex", disable=None if progress else True, leave=False,
+                 file=sys.stderr) as bar:
         for batch in batches:
             inputs = _encode(loaded, [examples[i] for i in batch], [rendered[i] for i in batch], video_frames)
             positions = token_positions(inputs["attention_mask"], token_position)
@@ -110,9 +113,36 @@ def check_media(examples: Sequence[Example]) -> None:
 
 def _encode(loaded: LoadedModel, batch: list[Example], rendered: list[str], video_frames: int) -> dict[str, torch.Tensor]:
     """One batch's model inputs: its pictures loaded (videos sampled to frames), its prompts encoded, lengths checked."""
-    inputs = loaded.encode(rendered, [load_media(example, video_frames) for example in batch])
+    pictures = [load_media(example, video_frames) for example in batch]
+    inputs = _processed(loaded, batch, rendered, pictures)
     _check_lengths(loaded, batch, inputs["attention_mask"])
     return inputs
+
+
+def _processed(loaded: LoadedModel, batch: list[Example], rendered: list[str], pictures: list[list[Any]]) -> dict[str, torch.Tensor]:
+    """loaded.encode, with the processor's own refusals (an image of extreme aspect ratio, too small to patch, ...) as
+    a DataError naming the item: on failure each item is encoded alone to find it."""
+    try:
+        return loaded.encode(rendered, pictures)
+    except SavpackError:
+        raise
+    except Exception as batch_error:  # transformers' processors raise ValueError, TypeError, RuntimeError, ...
+        for example, prompt, images in zip(batch, rendered, pictures):
+            try:
+                loaded.encode([prompt], [images])
+            except SavpackError:
+                raise
+            except Exception as exc:
+                sizes = ", ".join(f"{width}x{height}" for width, height in (image.size for image in images))
+                raise DataError(f"{example.source}: the {loaded.family.name} processor refuses this item"
+                                f"{f' (image size {sizes})' if sizes else ''}: {_first_line(exc)}") from exc
+        raise DataError(f"the {loaded.family.name} processor refuses a batch of {len(batch)} items "
+                        f"({batch[0].source}, ...): {_first_line(batch_error)}") from batch_error
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _HeadCapture:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from savpack_runtime.files import check_output_folder, file_sha256, staged_folder
+from savpack_runtime.files import check_file, check_output_folder, file_sha256, staged_folder
 
 from .errors import ModelError
 from .models import dequantised_load_kwargs, model_errors, quiet_transformers
@@ -28,9 +28,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     import transformers
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise ModelError(f"{gguf_path}: GGUF file does not exist")
-    check_output_folder(out_dir, force)
+    check_file(gguf_path, ModelError, "GGUF file")
+    check_output_folder(out_dir, force, marker=CONVERSION_RECORD, inputs=[gguf_path])
 
     source, name = str(gguf_path.parent), gguf_path.name
     echo(f"dequantising {gguf_path} (this takes a minute or two)")
@@ -47,7 +46,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
     record = {"source": name, "source_bytes": gguf_path.stat().st_size, "source_sha256": file_sha256(gguf_path),
               "model_type": config.model_type, "dtype": "float32", "transformers": transformers.__version__}
 
-    with staged_folder(out_dir, force) as temporary:
+    with staged_folder(out_dir, force, marker=CONVERSION_RECORD, inputs=[gguf_path]) as temporary:
         with quiet_transformers():
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)

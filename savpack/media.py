@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from savpack_runtime.files import check_file
 from savpack_runtime.format import DEFAULT_VIDEO_FRAMES
 from savpack_runtime.images import load_image, to_rgb
 from savpack_runtime.items import Example
@@ -29,8 +30,7 @@ def _open_video(path: Path):
         import av
     except ImportError:
         raise DataError(f"{path}: reading videos needs PyAV: pip install 'savpack[video]'") from None
-    if not path.is_file():
-        raise DataError(f"{path}: video file does not exist")
+    check_file(path, DataError, "video file")  # before PyAV opens it: a FIFO would block, a device never end
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as exc:

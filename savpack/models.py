@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -20,6 +21,7 @@ from savpack_runtime.items import IMAGE_MARKER
 
 from .errors import DataError, ModelError
 from .families import CAUSAL_LM, FAMILIES, Family, family_for_model_type, supported_summary
+from .model_files import check_declared_size, check_loading_info, check_model_files, check_text_config, local_model_path
 
 DEVICES_HELP = "auto|cpu|cuda[:N]"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _NON_TEXT_WORDS = ("vision", "visual", "image", "projector", "audio", "speech")
 _OUTPUT_PROJECTION_NAMES = ("o_proj", "c_proj", "out_proj", "dense")
 _TEXT_SENTINEL = "SAVPACKTEXTSLOT7f3a"
+FINGERPRINT_SCHEME = "signs/1"  # what LoadedModel.fingerprint hashes; a new scheme gives every model a new fingerprint
+FINGERPRINT_SPREAD = 128
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -137,18 +141,25 @@ class LoadedModel:
         return {name: value.to(self.device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
     def fingerprint(self) -> str:
-        """Identity of the weights, independent of device and load dtype (values rounded to bfloat16).
+        """Identity of the weights, exactly independent of device and load dtype (float32, float16, bfloat16).
 
-        sha256 over the text grid and, for every parameter: its name, shape, and first and last 64 values. Cheap
-        (no full pass over the weights) yet any retrained, fine-tuned or other-sized model differs.
+        sha256 over the text grid and, for every parameter: its name, shape, and the signs of a sample of its values
+        (the first and last 64 and FINGERPRINT_SPREAD spread evenly between). Signs only: every IEEE cast keeps a
+        value's sign (a value too small for float16 becomes a signed zero), whereas any rounding of the values
+        themselves differs between dtypes: float32 -> float16 -> bfloat16 lands on another bfloat16 than float32 ->
+        bfloat16 for about one value in sixteen (docs/decisions.md). Cheap (no full pass over the weights), yet a
+        retrained, fine-tuned or other-sized model differs.
         """
         if self._fingerprint is None:
-            hasher = hashlib.sha256(json.dumps({"grid": list(self.grid)}).encode())
+            hasher = hashlib.sha256(json.dumps({"grid": list(self.grid), "fingerprint": FINGERPRINT_SCHEME}).encode())
             for name, parameter in sorted(self.model.named_parameters()):
                 flat = parameter.detach().reshape(-1)
-                sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.bfloat16).to(torch.float32)
+                # Integer steps: a float linspace rounds indices of tensors above 2^24 values past the end.
+                steps = torch.arange(FINGERPRINT_SPREAD if flat.numel() else 0, dtype=torch.int64, device=flat.device)
+                spread = steps * (flat.numel() - 1) // (FINGERPRINT_SPREAD - 1)
+                sample = torch.cat([flat[:64], flat[spread], flat[-64:]])
                 hasher.update(f"{name}:{list(parameter.shape)}".encode())
-                hasher.update(sample.numpy().tobytes())
+                hasher.update(np.packbits(torch.signbit(sample).cpu().numpy()).tobytes())
             self._fingerprint = hasher.hexdigest()
         return self._fingerprint
 
@@ -191,8 +202,12 @@ def load_model(
     import transformers
 
     source = model
-    if model.lower().endswith(".gguf") and Path(model).is_file():
-        source, gguf_file = str(Path(model).parent), Path(model).name
+    local = local_model_path(model)
+    if local is not None:
+        check_model_files(local)
+        source = str(local)
+        if local.suffix.lower() == ".gguf" and local.is_file():
+            source, gguf_file = str(local.parent), local.name
     hub_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file:
         hub_kwargs["gguf_file"] = gguf_file
@@ -202,12 +217,16 @@ def load_model(
     with quiet_transformers(), model_errors(model):
         config = transformers.AutoConfig.from_pretrained(source, **hub_kwargs)
     chosen = _choose_family(config, family, model)
+    check_text_config(config.get_text_config(decoder=True), model)  # before any weight is allocated
     with quiet_transformers(), model_errors(model):
         auto_class = getattr(transformers, chosen.auto_class)
         weight_kwargs = dict(hub_kwargs)
         if gguf_file:
             weight_kwargs.update(dequantised_load_kwargs())
-        network = auto_class.from_pretrained(source, dtype=torch_dtype, **weight_kwargs)
+        elif local is not None:
+            check_declared_size(auto_class, config, local, model)
+        network, loading_info = auto_class.from_pretrained(source, dtype=torch_dtype, output_loading_info=True, **weight_kwargs)
+        check_loading_info(loading_info, model)
         processor, tokenizer = _load_preprocessor(chosen, source, hub_kwargs)
     network.to(torch_device).eval().requires_grad_(False)
     tokenizer.padding_side = chosen.padding_side
@@ -215,7 +234,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
 
     text_config = network.config.get_text_config(decoder=True)
-    grid = grid_of(text_config, model)
+    grid = check_text_config(text_config, model)
     outputs = find_attention_outputs(network, grid, model)
     return LoadedModel(
         model=network, family=chosen, processor=processor, tokenizer=tokenizer, model_id=model,
@@ -237,16 +256,17 @@ def dequantised_load_kwargs() -> dict:
 
 @contextmanager
 def model_errors(model: str):
-    """Loading failures of transformers and the hub as one ModelError naming the model."""
+    """Whatever transformers, safetensors or the hub client raise while reading a model (their error types are many
+    and change between releases) becomes one ModelError naming the model; --debug still shows the cause."""
     try:
         yield
     except ModelError:
         raise
     except ImportError as exc:
-        raise ModelError(f"{model}: a package the model needs is missing: {exc}") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        hint = "" if Path(model).exists() else " (not a local folder; the hub cannot be reached offline)"
-        raise ModelError(f"cannot load model {model!r}{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelError(f"{model}: a package the model needs is missing: {exc}") from exc
+    except Exception as exc:
+        hint = "" if local_model_path(model) else " (not a local folder; the hub cannot be reached offline)"
+        raise ModelError(f"cannot load model {model!r}{hint}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
 
 
 @contextmanager
@@ -302,17 +322,6 @@ def _load_preprocessor(family: Family, source: str, hub_kwargs: dict[str, Any]) 
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
         processor = processor_class.from_args_and_dict(args, processor_dict, **init_kwargs)
     return processor, tokenizer
-
-
-def grid_of(text_config: Any, model: str) -> tuple[int, int, int]:
-    """(layers, heads, head_dim) of a text config; head_dim from the config when it sets one (Llama, Gemma 3)."""
-    try:
-        layers = int(text_config.num_hidden_layers)
-        heads = int(text_config.num_attention_heads)
-    except (AttributeError, TypeError):
-        raise ModelError(f"{model}: config lacks num_hidden_layers / num_attention_heads") from None
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    return layers, heads, int(head_dim)
 
 
 def find_decoder_layers(model: nn.Module, num_layers: int, name: str = "model") -> tuple[str, nn.ModuleList]:

@@ -65,6 +65,14 @@ def prompt_metadata(loaded: LoadedModel, template: str, image_count: int, video_
                          loaded.chat_template_sha256(), token_position, video_frames)
 
 
+def warn_if_prompt_drops_text(template: str, examples: Sequence[Example]) -> None:
+    """A prompt without {text} leaves every item's text out: text items would all render the same prompt."""
+    if fmt.TEXT_PLACEHOLDER not in template and any(example.text for example in examples):
+        warnings.warn(f"the prompt {template!r} holds no {fmt.TEXT_PLACEHOLDER}: the items' text is left out, so "
+                      "items that differ only in text all render the same prompt and get the same head vectors",
+                      SavpackWarning)
+
+
 def extract_activations(loaded: LoadedModel, examples: Sequence[Example], template: str = fmt.TEXT_PLACEHOLDER,
                         batch_size: int = 8, final_hidden: bool = False, progress: bool = True,
                         video_frames: int = fmt.DEFAULT_VIDEO_FRAMES, token_position: str | None = None,
@@ -74,6 +82,7 @@ def extract_activations(loaded: LoadedModel, examples: Sequence[Example], templa
     shape: the dataset's prompt_shape when `examples` are one shard of it (every shard then records the same prompt)."""
     if any(example.label is None for example in examples):
         raise DataError("every example needs a label to build a pack")
+    warn_if_prompt_drops_text(template, examples)
     position = token_position or loaded.family.token_positions[0]
     image_count, frames = shape or prompt_shape(examples, video_frames)
     extraction = extract(loaded, examples, template, heads=None, batch_size=batch_size, final_hidden=final_hidden,
@@ -95,14 +104,28 @@ def prompt_shape(examples: Sequence[Example], video_frames: int) -> tuple[int, i
     return image_counts.most_common(1)[0][0], video_frames if has_videos else None
 
 
-def pack_from_activations(activations: ActivationSet, k: int | None = DEFAULT_K, scoring: str = "paper",
+def default_k(total_heads: int) -> int | None:
+    """DEFAULT_K, or every head (None) for a model that has fewer, with a warning that says so."""
+    if total_heads >= DEFAULT_K:
+        return DEFAULT_K
+    warnings.warn(f"the model has {total_heads} attention heads, fewer than the default k = {DEFAULT_K}: every head "
+                  f"votes (k = {total_heads}); pass --k to choose", SavpackWarning)
+    return None
+
+
+def pack_from_activations(activations: ActivationSet, k: int | None | str = "default", scoring: str = "paper",
                           vote: str = "majority", name: str | None = None, version: str | None = None,
                           selection: dict[str, Any] | None = None) -> Pack:
-    """Select heads on extracted activations and make the pack (no model needed)."""
+    """Select heads on extracted activations and make the pack (no model needed).
+
+    k: the number of heads that vote; None: every head; "default": DEFAULT_K, or every head of a smaller model."""
     if name is not None:
         check_name(name)
     if version is not None:
         check_version(version)
+    if k == "default":
+        _, layers, heads, _ = activations.activations.shape
+        k = default_k(layers * heads)
     classifier = SavClassifier(k=k, scoring=scoring, vote=vote).fit(activations.activations, activations.labels)
     train_accuracy = classifier.score(activations.activations, activations.labels)
     return classifier.to_pack(

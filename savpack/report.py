@@ -49,8 +49,9 @@ def format_baselines(report: dict[str, Any], k: int) -> str:
     return "\n".join(lines)
 
 
-def pack_summary(pack: Pack) -> dict[str, Any]:
-    """What `inspect --json` and `build --json` print: the pack's identity, model, heads, prompt and metrics."""
+def pack_summary(pack: Pack, sha256: str) -> dict[str, Any]:
+    """What `inspect --json` and `build --json` print: the pack's identity, model, heads, prompt and metrics, and
+    the file's own sha256 (docs/format.md section 6: the content hash is the file's, whoever laid it out)."""
     return {
         "name": pack.name, "version": pack.version, "format_version": pack.format_version,
         "labels": list(pack.labels), "model": pack.model, "k": pack.k, "deepest_layer": pack.deepest_layer,
@@ -59,13 +60,13 @@ def pack_summary(pack: Pack) -> dict[str, Any]:
         "class_counts": dict(zip(pack.labels, pack.class_counts.tolist())),
         "prompt": pack.prompt, "selection": pack.selection, "metrics": pack.metrics,
         "dataset": {key: value for key, value in pack.dataset.items() if key != "example_digests"},
-        "created_by": pack.created_by, "content_sha256": pack.content_hash(),
+        "created_by": pack.created_by, "sha256": sha256,
     }
 
 
-def format_pack_summary(pack: Pack, path: str) -> str:
+def format_pack_summary(pack: Pack, path: str, sha256: str) -> str:
     """pack_summary as text, with the voting heads as a table."""
-    summary = pack_summary(pack)
+    summary = pack_summary(pack, sha256)
     layers, heads, head_dim = pack.grid
     model = pack.model
     lines = [
@@ -77,7 +78,7 @@ def format_pack_summary(pack: Pack, path: str) -> str:
         f"prompt      {pack.prompt['template']!r}, heads read at the {pack.token_position} token",
         f"examples    {summary['class_counts']}",
         f"metrics     {json.dumps(pack.metrics)}",
-        f"sha256      {summary['content_sha256']}",
+        f"sha256      {summary['sha256']}",
         "",
         "  layer  head  accuracy",
     ]

@@ -28,7 +28,7 @@ def test_scikit_learns_estimator_checks_pass():
     failed = [(row["check_name"], str(row["exception"])[:300]) for row in report if row["status"] == "failed"]
     assert failed == []
     skipped = {row["check_name"] for row in report if row["status"] == "skipped"}
-    assert skipped == set(SKIPPED)
+    assert skipped <= set(SKIPPED)  # the pandas half runs where pandas is installed (the ray extra brings it)
     assert sum(row["status"] == "passed" for row in report) > 40
 
 

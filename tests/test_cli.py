@@ -69,7 +69,7 @@ def test_classify_prints_one_json_line_per_item_and_eval_skips_training_data(mod
         (["build", "--model", "{model}", "--data", "{missing}", "--out", "{out}"], "dataset does not exist"),
         (["build", "--model", "{model}", "--data", "{train}", "--out", "{out}", "--k", "99"], "but the model has 4 x 8 = 32"),
         (["build", "--model", "{model}", "--data", "{train}", "--out", "{out}", "--shots", "50"], "--shots 50 is more than class"),
-        (["build", "--model", "{tmp}/no-such-model", "--data", "{train}", "--out", "{out}"], "cannot load model"),
+        (["build", "--model", "{tmp}/no-such-model", "--data", "{train}", "--out", "{out}"], "no-such-model: model folder does not exist"),
         (["build", "--model", "{model}", "--data", "{train}", "--out", "{tmp}/no/dir/p.safetensors"], "does not exist"),
         (["inspect", "{train}"], "train.jsonl"),
         (["build", "--model", "{model}", "--data", "{train}", "--out", "{out}", "--device", "cuda:3"], "--device cuda:3"),

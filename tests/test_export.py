@@ -317,8 +317,13 @@ def test_savpack_export_command(model_dir, packs, tmp_path):
     paths = [first.save(tmp_path / "a.safetensors"), second.save(tmp_path / "b.safetensors")]
     out = tmp_path / "bundle"
     args = ["export", "--pack", str(paths[0]), "--pack", str(paths[1]), "--model", str(model_dir("qwen2")), "--out", str(out)]
-    done = CliRunner().invoke(main, args + ["--json"])
+    umask = os.umask(0o022)
+    try:
+        done = CliRunner().invoke(main, args + ["--json"])
+    finally:
+        os.umask(umask)
     assert done.exit_code == 0, done.output
+    assert out.stat().st_mode & 0o777 == 0o755  # the umask's permissions, not a staging folder's 0700
     summary = json.loads(done.stdout)
     assert summary["packs"] == ["qwen2-paper", "qwen2-loo"] and summary["validation"]["max_difference"] < 1e-5
     graph_before = (out / "graph.onnx").read_bytes()

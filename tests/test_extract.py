@@ -112,3 +112,31 @@ def test_batches_group_similar_token_counts(loaded_model):
     assert sorted(seen) == [(2, tokens[2]), (2, tokens[3])]  # short pair, long pair: the least padding possible
     single = extract(loaded, examples, batch_size=1, progress=False).vectors
     assert np.abs(batched - single).max() <= 1e-5
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only(loaded_model, text_task, monkeypatch):
+    """A log file or a pipe gets no bar fragments (carriage returns, partial lines); a terminal gets the bar."""
+    import fcntl
+    import io
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+
+    examples = load_examples(text_task[0])[:4]
+    piped = io.StringIO()
+    monkeypatch.setattr("sys.stderr", piped)
+    extract(loaded_model("qwen2"), examples, batch_size=2)
+    assert piped.getvalue() == ""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty has 0 rows: tqdm shows nothing
+    terminal = os.fdopen(follower, "w")
+    monkeypatch.setattr("sys.stderr", terminal)
+    extract(loaded_model("qwen2"), examples, batch_size=2)
+    terminal.flush()
+    ready, _, _ = select.select([leader], [], [], 5)  # read before closing (a closed pty reads as EIO), never block
+    drawn = os.read(leader, 1 << 16).decode(errors="replace") if ready else ""
+    terminal.close()
+    os.close(leader)
+    assert "extracting" in drawn

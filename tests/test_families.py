@@ -134,7 +134,7 @@ def test_cli_build_inspect_classify_eval(name, model_dir, loaded_model, colour_t
     with safe_open(str(pack), framework="numpy") as stored:
         metadata, heads = stored.metadata(), stored.get_tensor("heads")
         centroids = stored.get_tensor("centroids")
-    assert summary["content_sha256"] == json.loads(built.stdout)["content_sha256"] == hashlib.sha256(pack.read_bytes()).hexdigest()
+    assert summary["sha256"] == json.loads(built.stdout)["sha256"] == hashlib.sha256(pack.read_bytes()).hexdigest()
     assert [[head["layer"], head["head"]] for head in summary["heads"]] == heads.tolist() and len(heads) == 5
     assert summary["labels"] == json.loads(metadata["savpack.labels"]) == sorted({e.label for e in load_examples(train)})
     assert summary["model"] == json.loads(metadata["savpack.model"])
@@ -167,6 +167,6 @@ def test_cli_build_inspect_classify_eval(name, model_dir, loaded_model, colour_t
 def model_dir_grid(model: str) -> tuple[int, int, int]:
     from transformers import AutoConfig
 
-    from savpack.models import grid_of
+    from savpack.model_files import check_text_config
 
-    return grid_of(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)
+    return check_text_config(AutoConfig.from_pretrained(model).get_text_config(decoder=True), model)

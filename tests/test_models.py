@@ -1,5 +1,6 @@
 """Model loading: families, devices, dtypes, and the errors a user meets."""
 
+import itertools
 import json
 import shutil
 import warnings
@@ -121,3 +122,19 @@ def test_local_revision_covers_what_the_model_computes_not_who_wrote_it(model_di
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert folder_digest(folder) != revision
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+def test_a_pack_built_in_one_dtype_fits_the_model_in_every_other(family, model_dir, loaded_model, text_task, colour_task):
+    """The fingerprint is independent of the load dtype: packs built at float32, float16 and bfloat16 each fit the
+    model loaded at each of the three (all nine pairs), and the same weights elsewhere fit with a warning only."""
+    from savpack.data import load_examples
+    from savpack.pipeline import check_pack_fits, extract_activations, pack_from_activations
+
+    examples = load_examples(text_task[0] if family == "qwen2" else colour_task[0])[::4]
+    loaded = {dtype: load_model(str(model_dir(family)), device="cpu", dtype=dtype) for dtype in ("float32", "float16", "bfloat16")}
+    assert len({model.fingerprint() for model in loaded.values()}) == 1
+    packs = {dtype: pack_from_activations(extract_activations(model, examples, progress=False), k=2)
+             for dtype, model in loaded.items()}
+    for built, used in itertools.product(loaded, loaded):
+        check_pack_fits(packs[built], loaded[used])

@@ -478,3 +478,59 @@ def test_hub_errors_become_savpack_errors(tmp_path):
          mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", False):
         result = cli("pull", "org/missing@1.0.0", "--out", tmp_path, ok=False)
     assert result.exit_code == 1 and "org/missing@1.0.0: repository not found" in result.output
+
+
+def _edit_index(registry: Path, change) -> None:
+    index = json.loads((registry / "index.json").read_text())
+    change(index["packs"])
+    (registry / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda packs: packs.update({"team/words": ["1.0.0"]}), "entry 'team/words': must map versions to entries, got list"),
+    (lambda packs: packs.update({"../up": {}}), "entry '../up': pack name '../up' is not valid"),
+    (lambda packs: packs["team/words"].update({"one": packs["team/words"]["1.0.0"]}), "entry team/words@one: pack version 'one'"),
+    (lambda packs: packs["team/words"]["1.0.0"].pop("sha256"), "entry team/words@1.0.0: must be an object with 'file'"),
+    (lambda packs: packs["team/words"]["1.0.0"].update(file="../../outside.safetensors"),
+     "entry team/words@1.0.0: file '../../outside.safetensors' points outside the registry"),
+    (lambda packs: packs["team/words"]["1.0.0"].update(file="/etc/passwd"), "entry team/words@1.0.0: file '/etc/passwd' points outside"),
+])
+def test_a_bad_index_entry_is_refused_naming_the_index_file(tmp_path, change, message):
+    registry = tmp_path / "registry"
+    cli("push", write_pack(tmp_path), registry.as_uri())
+    _edit_index(registry, change)
+    for command in (["list", registry.as_uri()], ["pull", f"{registry.as_uri()}/team/words@1.0.0", "--out", tmp_path]):
+        result = cli(*command, ok=False)
+        assert result.exit_code == 1 and f"{registry / 'index.json'}: {message}" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_an_index_entry_may_not_reach_outside_through_a_link(tmp_path):
+    registry = tmp_path / "registry"
+    cli("push", write_pack(tmp_path), registry.as_uri())
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", registry / "team" / "escape")
+    _edit_index(registry, lambda packs: packs["team/words"]["1.0.0"].update(file="team/escape/1.0.0.safetensors"))
+    result = cli("pull", f"{registry.as_uri()}/team/words@1.0.0", "--out", tmp_path, ok=False)
+    assert "points outside the registry" in result.output
+
+
+def test_two_first_pushes_into_a_new_registry_both_land(tmp_path, monkeypatch):
+    """The race: push B looks for index.json and finds none; push A then creates the registry and lands its pack;
+    B must push into that registry, not call it a foreign folder. A runs exactly inside B's window here."""
+    registry = tmp_path / "registry"
+    first, second = write_pack(tmp_path, name="team/a", seed=1), write_pack(tmp_path, name="team/b", seed=2)
+    looked = Path.is_file
+
+    def is_file_then_a_lands(path: Path) -> bool:
+        found = looked(path)
+        if path == registry / "index.json" and not found and not getattr(is_file_then_a_lands, "done", False):
+            is_file_then_a_lands.done = True
+            FolderRegistry.create_or_open(RegistryRef(registry)).push(first)  # push A completes in B's window
+        return found
+
+    monkeypatch.setattr(Path, "is_file", is_file_then_a_lands)
+    result = FolderRegistry.create_or_open(RegistryRef(registry)).push(second)
+    monkeypatch.undo()
+    assert result.status == "added" and is_file_then_a_lands.done
+    assert sorted(json.loads((registry / "index.json").read_text())["packs"]) == ["team/a", "team/b"]

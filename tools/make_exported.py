@@ -165,7 +165,7 @@ def make_all(out: Path, force: bool = False, cases: list[str] | None = None) -> 
                      "onnxruntime": onnxruntime.__version__},
         "cases": {},
     }
-    with staged_folder(out, force) as staging, tempfile.TemporaryDirectory(prefix="savpack-golden-") as work:
+    with staged_folder(out, force, marker="manifest.json") as staging, tempfile.TemporaryDirectory(prefix="savpack-golden-") as work:
         for name in cases or list(CASES):
             manifest["cases"][name] = make_case(name, CASES[name], staging / name, Path(work) / name)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

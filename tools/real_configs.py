@@ -112,7 +112,7 @@ def build_real_size(name: str, folder: Path) -> None:
         processor_config = None
     else:
         raise SystemExit(f"unknown real-size model {name!r}; known: {sorted(REAL_SIZES)}")
-    with staged_folder(folder) as partial:
+    with staged_folder(folder, marker="config.json") as partial:
         save_model_folder(partial, model, tokenizer, image_processor, processor_config)
 
 

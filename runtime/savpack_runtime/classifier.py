@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,7 +25,7 @@ from PIL import Image
 from . import graph_inputs
 from .batching import plan_batches
 from .bundle import Bundle, check_graph_metadata
-from .errors import InputError
+from .errors import InputError, SavpackError
 from .images import ImageBytes, load_image, to_rgb
 from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
@@ -33,6 +34,10 @@ from .session import GraphSession
 from .vote import classify_vectors
 
 __all__ = ["Classifier", "Item", "PackResult", "Result"]
+
+# Items per forward. Padding makes a batch's memory grow with its longest item; past a few thousand items a batch
+# only costs memory.
+MAX_BATCH_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -53,21 +58,35 @@ class Classifier:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, providers: str | Sequence[str] = "cpu", threads: int | None = None,
-             batch_size: int = 8, check_weights: bool = False) -> "Classifier":
+             batch_size: int = 8, check_weights: bool = True) -> "Classifier":
         """Read and check the bundle, open its graph in onnxruntime, load its preprocessing.
 
         providers: "cpu", "cuda" or onnxruntime provider names (what really runs is in `.providers`).
-        check_weights: also hash the graph's weights file against bundle.json (a full read of the weights).
+        check_weights: hash the graph's weights file against bundle.json (a full read of the weights; see
+        docs/export.md for its cost). False skips that hash only, for a bundle verified once and kept where nobody
+        else writes; every other file is still checked.
         """
+        _check_batch_size(batch_size)
         timings, started = {}, time.perf_counter()
-        bundle = Bundle.load(folder, check_weights=check_weights)
+        bundle = Bundle.load(folder, check_weights=False)
         timings["bundle"] = time.perf_counter() - started
         started = time.perf_counter()
-        session = GraphSession(bundle.graph_path, providers, threads)
+        # The weights are hashed while onnxruntime builds the session (both mostly outside the GIL): the check costs
+        # what the hash takes beyond the session's own load, and nothing classifies before it has passed.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="savpack-digest") as pool:
+            digest = pool.submit(bundle.check_weights) if check_weights else None
+            try:
+                session = GraphSession(bundle.graph_path, providers, threads)
+            except SavpackError:
+                if digest is not None:
+                    digest.result()  # altered weights explain a graph onnxruntime refuses: say so first
+                raise
+            if digest is not None:
+                digest.result()
+        timings["session"] = time.perf_counter() - started
         check_graph_metadata(bundle, session.metadata)
         if list(session.input_names) != list(bundle.graph["inputs"]):
             raise InputError(f"{bundle.graph_path}: graph inputs {list(session.input_names)} differ from bundle.json's {bundle.graph['inputs']}")
-        timings["session"] = time.perf_counter() - started
         started = time.perf_counter()
         preprocessor = Preprocessor.load(Path(folder))
         timings["preprocessor"] = time.perf_counter() - started
@@ -104,7 +123,7 @@ class Classifier:
     def head_vectors(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form
         classify_batch takes)."""
-        batch_size = batch_size or self.batch_size
+        batch_size = self.batch_size if batch_size is None else _check_batch_size(batch_size)
         items = [self.check_item(item, index) for index, item in enumerate(items)]
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
         batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
@@ -144,6 +163,12 @@ class Classifier:
             raise InputError(f"item {index}: {IMAGE_MARKER} markers placing images inside the text are a builder feature "
                              "(savpack classify); the runtime's prompt puts the images before the text")
         return item
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if not (type(batch_size) is int and 1 <= batch_size <= MAX_BATCH_SIZE):
+        raise InputError(f"batch_size must be a whole number from 1 to {MAX_BATCH_SIZE}, got {batch_size!r}")
+    return batch_size
 
 
 def _open(image: Any, index: int) -> Image.Image:

@@ -22,8 +22,10 @@ import warnings
 from typing import Sequence
 
 from .errors import MissingExtraError, SavpackError, SavpackWarning
+from .classifier import MAX_BATCH_SIZE
 from .items import Fields, read_items
 from .output import check_output, write_results
+from .session import MAX_THREADS
 
 def _classify(args: argparse.Namespace) -> None:
     if args.engine == "ray":
@@ -32,8 +34,9 @@ def _classify(args: argparse.Namespace) -> None:
     from .classifier import Classifier
 
     if args.out:
-        check_output(args.out, args.force)
-    classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size)
+        check_output(args.out, args.force, inputs=[args.data, args.bundle])
+    classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size,
+                                 check_weights=args.check_weights)
     items = read_items(args.data, Fields(args.text_field, args.image_field, args.label_field))
     results = classifier.classify_batch([item for _, item in items])
     if args.out:
@@ -59,7 +62,7 @@ def _classify_on_ray(args: argparse.Namespace) -> None:
         raise SavpackError(f"--engine ray needs Ray Data ({exc.name} is missing): pip install 'savpack-runtime[ray]'") from None
     options = ray_engine.RayOptions(address=args.address, workers=args.workers, batch_size=args.batch_size,
                                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                    providers=args.providers, threads=args.threads)
+                                    providers=args.providers, threads=args.threads, check_weights=args.check_weights)
     summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force)
     print(f"wrote {args.out}: {summary['rows']} rows in {summary['seconds']:.1f} s "
           f"({summary['rows_per_second']:,.0f} rows/s, {options.workers} workers)", file=sys.stderr)
@@ -87,7 +90,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _info(args: argparse.Namespace) -> None:
     from .bundle import Bundle
 
-    bundle = Bundle.load(args.bundle)
+    bundle = Bundle.load(args.bundle, check_weights=args.check_weights)
     graph = bundle.graph
     summary = {
         "model": bundle.model, "prompt": bundle.prompt["template"], "image_count": bundle.prompt["image_count"],
@@ -104,6 +107,25 @@ def _info(args: argparse.Namespace) -> None:
     print(f"prompt  {bundle.prompt['template']!r} with {bundle.prompt['image_count']} image(s)")
     for entry in summary["packs"]:
         print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}")
+
+
+def _whole_number(low: int, high: int):
+    """argparse type: a whole number in [low, high] (a usage error, exit 2, otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+    return parse
+
+
+def _add_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-check-weights", dest="check_weights", action="store_false",
+                        help="skip hashing the graph weights against bundle.json (only for a bundle verified once and "
+                             "stored where nobody else writes; the other files are still checked)")
 
 
 def add_field_options(parser: argparse.ArgumentParser) -> None:
@@ -133,8 +155,6 @@ def _check_classify_options(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error("--cpus-per-worker must be > 0")
     if not args.gpus_per_worker >= 0:
         parser.error("--gpus-per-worker must be >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
 
 
 def _check_serve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -165,9 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="write one row per item to this file: *.parquet (flat columns) or *.jsonl (as --json)")
     classify.add_argument("--force", action="store_true", help="replace --out if it exists")
     classify.add_argument("--providers", default="cpu", help="cpu or cuda (falls back to cpu with a warning)")
-    classify.add_argument("--threads", type=int, default=None,
+    classify.add_argument("--threads", type=_whole_number(1, MAX_THREADS), default=None,
                           help="onnxruntime intra-op threads (default: all cores; --engine ray: --cpus-per-worker)")
-    classify.add_argument("--batch-size", type=int, default=8, help="items per forward, and per Ray batch (default 8)")
+    classify.add_argument("--batch-size", type=_whole_number(1, MAX_BATCH_SIZE), default=8,
+                          help="items per forward, and per Ray batch (default 8)")
+    _add_weights_option(classify)
     engine = classify.add_argument_group("Ray Data engine (savpack-runtime[ray], docs/scale.md)")
     engine.add_argument("--engine", choices=("single", "ray"), default="single",
                         help="single: this process (default); ray: one Classifier per Ray actor")
@@ -201,10 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = commands.add_parser("info", help="what a bundle holds")
     info.add_argument("bundle", metavar="BUNDLE")
     info.add_argument("--json", action="store_true")
+    _add_weights_option(info)
     info.set_defaults(run=_info)
     args = parser.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        parser.error("--batch-size must be >= 1")
     if args.command == "classify":
         _check_classify_options(parser, args)
     if args.command == "serve":

@@ -58,6 +58,7 @@ DEFAULT_TOKEN_POSITION = "last"
 # built from videos; classifying samples the same number, DEFAULT_VIDEO_FRAMES when the pack does not say.
 PROMPT_VIDEO_FRAMES = "video_frames"
 DEFAULT_VIDEO_FRAMES = 8
+MAX_VIDEO_FRAMES = 256  # each frame is a full image for the model: more would only exhaust memory
 
 # safetensors dtype names this project reads and writes.
 DTYPES = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I64": "<i8", "U8": "|u1"}

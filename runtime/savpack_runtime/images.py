@@ -14,10 +14,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageSizeError, InputError
+from .files import check_file
 
 # 8000 x 8000: far above what any vision tower resizes to, far below what would exhaust memory (a decompression
 # bomb declares a huge size in a few bytes).
 MAX_IMAGE_PIXELS = 64_000_000
+# An uncompressed 8000 x 8000 RGBA picture is 256 MB; no image file within the pixel limit needs more.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -62,8 +65,7 @@ def check_image(path: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[
     """
     if not isinstance(path, ImageBytes):
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: image file does not exist")
+        check_file(path, InputError, "image file", MAX_IMAGE_BYTES)
     with _image_errors(path), _opened(path) as opened:
         width, height = opened.size
     if width * height > max_pixels:

@@ -23,7 +23,9 @@ import csv
 import hashlib
 import importlib
 import json
+import os
 import re
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import DataError, MissingExtraError, SavpackWarning
-from .files import file_sha256
+from .files import check_file, file_sha256, is_valid_unicode, read_file
 from .images import IMAGE_SUFFIXES, ImageBytes
 
 TEXT_FIELDS = ("text", "question")
@@ -47,6 +49,13 @@ HUB_PREFIX = "hf:"
 # Files a `datasets` save_to_disk folder holds (a Dataset), or its DatasetDict parent.
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
 SAVED_DATASET_DICT_FILE = "dataset_dict.json"
+# Bounds on what is read at once: a JSONL line, a JSON list file, a folder's .txt example. A reader without them
+# would take a 10 GB line (or /dev/zero behind a .jsonl name) into memory whole.
+MAX_LINE_CHARS = 16 * 1024 * 1024
+MAX_JSON_BYTES = 256 * 1024 * 1024
+MAX_TEXT_FILE_BYTES = 16 * 1024 * 1024
+# Spreadsheet tools start CSV and JSONL files with a UTF-8 byte-order mark; it is not part of the first field's name.
+ENCODING = "utf-8-sig"
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 _MARKER_PATTERN = re.compile(f"{re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)}")
@@ -148,9 +157,9 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
     fields: other column names for the text, images and label.
     """
     if isinstance(path, str) and path.startswith(HUB_PREFIX):
-        examples = _read_records(Path("."), _hub_records(path, fields), videos, fields, path)
+        examples = _read_records(Path("."), _hub_records(path, fields), videos, fields, path, require_labels)
     else:
-        examples = _read_path(Path(path), videos, fields)
+        examples = _read_path(Path(path), videos, fields, require_labels)
     if not examples:
         raise DataError(f"{path}: dataset holds no examples")
     if require_labels:
@@ -161,25 +170,24 @@ def load_examples(path: str | Path, require_labels: bool = True, videos: bool = 
     return examples
 
 
-def _read_path(path: Path, videos: bool, fields: Fields) -> list[Example]:
+def _read_path(path: Path, videos: bool, fields: Fields, require_labels: bool) -> list[Example]:
     suffix = path.suffix.lower()
     if path.is_dir() and _is_saved_dataset(path):
-        return _read_records(path, _saved_dataset_records(path, fields), videos, fields, path)
+        return _read_records(path, _saved_dataset_records(path, fields), videos, fields, path, require_labels)
     if path.is_dir():
         if fields.mapped():
             raise DataError(f"{path}: a folder root/<label>/<file> has no columns to map; "
                             f"{', '.join(Fields.OPTIONS[role] for role in fields.mapped())} apply to files and datasets")
         return _read_folder(path, videos)
-    if not path.exists():
-        raise DataError(f"{path}: dataset does not exist")
+    check_file(path, DataError, "dataset")  # a FIFO, a device or a link loop: refused before anything opens it
     if suffix in JSONL_SUFFIXES:
-        return _read_records(path.parent, _jsonl_records(path), videos, fields, path)
+        return _read_records(path.parent, _jsonl_records(path), videos, fields, path, require_labels)
     if suffix == ".json":
-        return _read_records(path.parent, _json_records(path), videos, fields, path)
+        return _read_records(path.parent, _json_records(path), videos, fields, path, require_labels)
     if suffix in (".csv", ".tsv"):
-        return _read_records(path.parent, _csv_records(path), videos, fields, path)
+        return _read_records(path.parent, _csv_records(path), videos, fields, path, require_labels)
     if suffix in PARQUET_SUFFIXES:
-        return _read_records(path.parent, parquet_records(str(path), path, fields), videos, fields, path)
+        return _read_records(path.parent, parquet_records(str(path), path, fields), videos, fields, path, require_labels)
     raise DataError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet, a saved "
                     "Hugging Face dataset folder, hf:NAME[:CONFIG][:SPLIT] or a folder root/<label>/<file>")
 
@@ -322,27 +330,52 @@ def _with_class_name(source: str, record: dict[str, Any], names: tuple[str, list
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as handle:
-        yield from jsonl_records(handle, path)
+        yield from jsonl_records(_bounded_lines(handle, path), path)
+
+
+def _bounded_lines(handle: Any, name: object) -> Iterator[str]:
+    """The lines of a text file, each read with a bound (iterating a file reads a line whole, however long)."""
+    number = 0
+    while line := handle.readline(MAX_LINE_CHARS + 1):
+        number += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{name}:{number}: line is longer than {MAX_LINE_CHARS} characters (not JSONL, or a "
+                            "runaway field)")
+        yield line
 
 
 def jsonl_records(lines: Iterable[str], name: object) -> Iterator[tuple[str, Any]]:
     """("name:line", record) per non-empty line of JSONL text (a file named `name`)."""
     for number, line in enumerate(lines, 1):
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark the reader did not strip (a remote file)
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{number}: line is not valid JSON ({exc.msg} at column {exc.colno})") from None
-        yield f"{name}:{number}", record
+        yield f"{name}:{number}", _parse_json(line, f"{name}:{number}: line")
+
+
+def _parse_json(text: str, what: str) -> Any:
+    """json.loads, refusing what it would silently accept: a key given twice (the last would win)."""
+    try:
+        return json.loads(text, object_pairs_hook=lambda pairs: _one_value_per_key(pairs, what))
+    except json.JSONDecodeError as exc:
+        where = f"at column {exc.colno}" if what.endswith("line") else f"at line {exc.lineno}"
+        raise DataError(f"{what} is not valid JSON ({exc.msg} {where})") from None
+    except RecursionError:
+        raise DataError(f"{what} nests too deeply to be a data record") from None
+
+
+def _one_value_per_key(pairs: list[tuple[str, Any]], what: str) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(key for key in keys if keys.count(key) > 1)
+        raise DataError(f"{what} gives the key {twice!r} twice; which value is meant is unclear")
+    return dict(pairs)
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as handle:
-        try:
-            records = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    text = read_file(path, MAX_JSON_BYTES, DataError, "JSON dataset").decode(ENCODING)
+    records = _parse_json(text, f"{path}: file")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
     for number, record in enumerate(records):
@@ -361,13 +394,13 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _open_text(path: Path):
     try:
-        return open(path, encoding="utf-8", newline="" if path.suffix.lower() in (".csv", ".tsv") else None)
+        return open(path, encoding=ENCODING, newline="" if path.suffix.lower() in (".csv", ".tsv") else None)
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def _read_records(base: Path, records: Iterator[tuple[str, Any]], videos: bool, fields: Fields,
-                  where: object) -> list[Example]:
+                  where: object, require_labels: bool = False) -> list[Example]:
     """Examples from (source, record) pairs; media paths relative to `base`; `where` names the data in messages."""
     try:
         records = list(records)
@@ -379,28 +412,37 @@ def _read_records(base: Path, records: Iterator[tuple[str, Any]], videos: bool, 
             if records and column not in seen:
                 raise DataError(f"{where}: no item has field {column!r} ({Fields.OPTIONS[role]}); "
                                 f"its fields: {', '.join(sorted(seen))}")
-    return [_example_from_record(base, source, record, videos, fields) for source, record in records]
+    return [_example_from_record(base, source, record, videos, fields, require_labels) for source, record in records]
 
 
 def _example_from_record(base: Path | None, source: str, record: object, videos_allowed: bool,
-                         fields: Fields = DEFAULT_FIELDS) -> Example:
+                         fields: Fields = DEFAULT_FIELDS, require_labels: bool = False) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{source}: expected an object with fields text/question, image/images, label; got {type(record).__name__}")
+    for names in (fields.names("text"), fields.names("image"), VIDEO_FIELDS):
+        given = [name for name in names if record.get(name) not in (None, "", [])]
+        if len(given) > 1:
+            raise DataError(f"{source}: gives both {given[0]!r} and {given[1]!r}; use one (a list of paths for several)")
     text_field = next((name for name in fields.names("text") if record.get(name) not in (None, "")), None)
     text = record[text_field] if text_field else ""
     if not isinstance(text, str):
         raise DataError(f"{source}: field {text_field!r} must be a string, got {type(text).__name__}")
+    if not is_valid_unicode(text):
+        raise DataError(f"{source}: field {text_field!r} holds invalid Unicode (a lone surrogate escape such as \\udc80)")
     if not videos_allowed and any(record.get(name) not in (None, "", []) for name in VIDEO_FIELDS):
         _refuse_video(source)
     images = _paths(base, source, record, fields.names("image"), "image")
     videos = _paths(base, source, record, VIDEO_FIELDS, "video")
     label_field = fields.names("label")[0]
     label = record.get(label_field)
+    if label is None and require_labels:
+        state = "is null" if label_field in record else "is missing"
+        raise DataError(f"{source}: field {label_field!r} {state}; every example needs its class as a string")
     if label is not None and not isinstance(label, str):
         raise DataError(f"{source}: field {label_field!r} must be a string, got {type(label).__name__} {label!r}"
                         + ("" if fields.label else "; labels are class names (choose a column of names with --label-field)"))
-    if label is not None and not label.strip():
-        raise DataError(f"{source}: field {label_field!r} is empty")
+    if label is not None:
+        check_label(label, f"{source}: field {label_field!r}")
     text = text.strip()
     if not text and not images and not videos:
         raise DataError(f"{source}: item has no text (field {' or '.join(map(repr, fields.names('text')))} empty or only "
@@ -415,6 +457,21 @@ def _example_from_record(base: Path | None, source: str, record: object, videos_
                     f"{len(paths)} {kind}(s); with markers, every image and video needs exactly one"
                 )
     return example
+
+
+def check_label(label: str, where: str) -> str:
+    """A label is a class name: a non-empty string on one line, of printable characters (a newline, a tab or another
+    control character would break every report, file name and JSON line that shows it)."""
+    if not label.strip():
+        raise DataError(f"{where} is empty")
+    if not is_valid_unicode(label):
+        raise DataError(f"{where} holds invalid Unicode (a lone surrogate escape such as \\udc80)")
+    bad = next((char for char in label if unicodedata.category(char) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        name = unicodedata.name(bad, "a control character")
+        raise DataError(f"{where} {label!r} holds U+{ord(bad):04X} ({name.lower()}); a label is one line of printable "
+                        "text")
+    return label
 
 
 def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, ...], kind: str) -> tuple[str | ImageBytes, ...]:
@@ -436,14 +493,24 @@ def _paths(base: Path | None, source: str, record: dict, fields: tuple[str, ...]
         if isinstance(path, bytes):
             resolved.append(ImageBytes(path, f"{source}: field {field!r}" + (f"[{number}]" if len(paths) > 1 else "")))
             continue
+        if _URL.match(path):
+            raise DataError(f"{source}: field {field!r}: {path!r} is a URL; savpack reads local {kind} files only "
+                            "(download it first, and give its path)")
         if base is None and not Path(path).is_absolute():
             raise DataError(f"{source}: field {field!r}: {kind} path {path!r} is relative to a remote data file; give "
                             "absolute paths that every worker can read")
         full = Path(path) if Path(path).is_absolute() else base / path
-        if not full.is_file():
+        if not os.path.lexists(full):
             raise DataError(f"{source}: field {field!r}: {kind} file {full} does not exist")
+        try:
+            check_file(full, DataError, f"{kind} file")  # a FIFO, a device or a link loop, named here
+        except DataError as exc:
+            raise DataError(f"{source}: field {field!r}: {exc}") from None
         resolved.append(str(full))
     return tuple(resolved)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _refuse_video(source: str) -> None:
@@ -453,6 +520,7 @@ def _refuse_video(source: str) -> None:
 def _read_folder(root: Path, videos: bool) -> list[Example]:
     examples = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        check_label(label_dir.name, f"{label_dir}: folder name (the label)")
         for file in sorted(p for p in label_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
             suffix = file.suffix.lower()
             if suffix in IMAGE_SUFFIXES:
@@ -463,8 +531,8 @@ def _read_folder(root: Path, videos: bool) -> list[Example]:
                 examples.append(Example(text="", videos=(str(file),), label=label_dir.name, source=str(file)))
             elif suffix in TEXT_SUFFIXES:
                 try:
-                    text = file.read_text(encoding="utf-8").strip()
-                except (OSError, UnicodeDecodeError) as exc:
+                    text = read_file(file, MAX_TEXT_FILE_BYTES, DataError, "text file").decode(ENCODING).strip()
+                except UnicodeDecodeError as exc:
                     raise DataError(f"{file}: cannot read as UTF-8 text: {exc}") from None
                 if not text:
                     raise DataError(f"{file}: text file is empty")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Sequence
 
 from .errors import OutputPathError
 from .files import atomic_write, check_output_path
@@ -53,10 +53,11 @@ def output_kind(path: str | os.PathLike) -> str:
     raise OutputPathError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; name it *.parquet or *.jsonl")
 
 
-def check_output(path: str | os.PathLike, force: bool = False) -> str:
-    """Refuse early a path that cannot be written (and Parquet without pyarrow); returns the output kind."""
+def check_output(path: str | os.PathLike, force: bool = False, inputs: Sequence[str | os.PathLike | None] = ()) -> str:
+    """Refuse early a path that cannot be written, or is one of the `inputs` (and Parquet without pyarrow); returns
+    the output kind."""
     kind = output_kind(path)
-    check_output_path(path, force)
+    check_output_path(path, force, inputs=inputs)
     if kind == "parquet":
         require_pyarrow_parquet()
     return kind

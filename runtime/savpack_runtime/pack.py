@@ -244,8 +244,9 @@ def _check_metadata_values(reading: _Reading) -> None:
         raise PackValueError(f"{fmt.META_PROMPT} {fmt.PROMPT_TOKEN_POSITION} is {prompt[fmt.PROMPT_TOKEN_POSITION]!r}, "
                              f"expected one of {list(fmt.TOKEN_POSITIONS)}", path, fmt.META_PROMPT)
     frames = prompt.get(fmt.PROMPT_VIDEO_FRAMES)
-    if frames is not None and (type(frames) is not int or frames < 1):
-        raise PackTypeError(f"{fmt.META_PROMPT} {fmt.PROMPT_VIDEO_FRAMES} must be a positive integer, got {frames!r}", path, fmt.META_PROMPT)
+    if frames is not None and (type(frames) is not int or not 1 <= frames <= fmt.MAX_VIDEO_FRAMES):
+        raise PackTypeError(f"{fmt.META_PROMPT} {fmt.PROMPT_VIDEO_FRAMES} must be a whole number from 1 to "
+                            f"{fmt.MAX_VIDEO_FRAMES}, got {frames!r}", path, fmt.META_PROMPT)
     for key in (fmt.META_NAME, fmt.META_VERSION):
         if key in reading.metadata and not reading.metadata[key]:
             raise PackValueError(f"{key} is empty", path, key)
@@ -313,9 +314,12 @@ VALIDATION_ROWS = (
 
 def _load_json(metadata: dict[str, str], key: str, path: object) -> Any:
     try:
-        return json.loads(metadata[key], parse_constant=_refuse_constant)
+        value = json.loads(metadata[key], parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise PackTypeError(f"{key} is not valid JSON: {exc}", path, key) from None
+    if not files.is_valid_unicode(value):
+        raise PackTypeError(f"{key} holds invalid Unicode (a lone surrogate escape such as \\udc80)", path, key)
+    return value
 
 
 def _refuse_constant(name: str) -> None:

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from . import format as fmt
 from .compat import RUNTIME_PACKAGE, version_refusal
 from .errors import InputError, InputSizeError, PreprocessSpecError
+from .files import read_file
 from .image_processing import LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages
 from .images import to_rgb
 
@@ -307,12 +308,6 @@ def _read_tokenizer(path: Path) -> Tokenizer:
 
 
 def _read_bytes(path: Path, limit: int) -> bytes:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise PreprocessSpecError(f"{path}: file does not exist (is this a savpack bundle folder?)")
-    size = path.stat().st_size
-    if size > limit:
-        raise PreprocessSpecError(f"{path}: {size} bytes, more than the {limit} such a file can hold")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise PreprocessSpecError(f"{path}: cannot be read: {exc}") from None
+    return read_file(path, limit, PreprocessSpecError)

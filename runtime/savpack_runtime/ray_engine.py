@@ -49,13 +49,15 @@ class RayOptions:
     gpus_per_worker: float = 0.0
     providers: str = "cpu"
     threads: int | None = None
+    check_weights: bool = True  # each actor's Classifier.load hashes the graph weights (savpack-run --no-check-weights)
 
 
 class ClassifyActor:
     """One per Ray worker: loads the bundle once, classifies each batch of rows it is handed."""
 
-    def __init__(self, bundle: str, providers: str, threads: int | None, batch_size: int):
-        self.classifier = Classifier.load(bundle, providers=providers, threads=threads, batch_size=batch_size)
+    def __init__(self, bundle: str, providers: str, threads: int | None, batch_size: int, check_weights: bool = True):
+        self.classifier = Classifier.load(bundle, providers=providers, threads=threads, batch_size=batch_size,
+                                          check_weights=check_weights)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         sources = batch.column("source").to_pylist()
@@ -206,7 +208,7 @@ def classify_dataset(bundle: str | os.PathLike, data: Sequence[str], options: Ra
         ClassifyActor,
         fn_constructor_kwargs={"bundle": bundle, "providers": options.providers,
                                "threads": options.threads or max(1, int(options.cpus_per_worker)),
-                               "batch_size": options.batch_size},
+                               "batch_size": options.batch_size, "check_weights": options.check_weights},
         batch_size=options.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=options.workers),

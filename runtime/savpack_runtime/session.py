@@ -16,11 +16,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import GraphError, SavpackWarning
+from .files import read_file
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Only the standard operator set: no contrib or custom operators, whose meaning depends on the runtime build.
 STANDARD_DOMAINS = ("", "ai.onnx")
 MAX_GRAPH_PROTO_BYTES = 2 * 1024 * 1024 * 1024  # protobuf's own limit; weights live in the external data file
+# onnxruntime starts every thread it is told to when the session opens: 100000 hangs the machine.
+MAX_THREADS = 1024
 
 
 def resolve_providers(providers: str | Sequence[str]) -> list[str]:
@@ -45,6 +48,8 @@ class GraphSession:
         import onnxruntime
 
         self.path = Path(path)
+        if threads is not None and not (type(threads) is int and 1 <= threads <= MAX_THREADS):
+            raise GraphError(f"threads must be a whole number from 1 to {MAX_THREADS} (None: all cores), got {threads!r}")
         check_operator_domains(self.path)
         requested = resolve_providers(providers)
         available = onnxruntime.get_available_providers()
@@ -102,15 +107,7 @@ _FUNCTIONS = 25  # ModelProto.functions: model-local functions, each with its ow
 
 def check_operator_domains(path: Path) -> list[tuple[str, int]]:
     """Refuse a graph whose operator sets are not the standard ONNX domain; returns [(domain, version)]."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_GRAPH_PROTO_BYTES:
-            raise GraphError(f"{path}: {size} bytes, more than protobuf's 2 GB limit (weights belong in external data)")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise GraphError(f"{path}: graph file does not exist") from None
-    except IsADirectoryError:
-        raise GraphError(f"{path}: is a folder, expected an ONNX file") from None
+    data = read_file(path, MAX_GRAPH_PROTO_BYTES, GraphError, "graph file")  # protobuf's limit: weights live outside
     opsets, functions = [], 0
     try:
         for field, value in _fields(data):

@@ -60,7 +60,7 @@ def test_failed_write_removes_its_temporary_file(tmp_path):
 def test_unwritable_folder_is_a_named_error(tmp_path):
     from savpack_runtime.errors import OutputPathError
 
-    with pytest.raises(OutputPathError, match="cannot write in folder /proc"):
+    with pytest.raises(OutputPathError, match="folder /proc is not writable"):
         files.atomic_write("/proc/savpack-test.bin", lambda handle: handle.write(b"x"))
     file_as_folder = tmp_path / "file"
     file_as_folder.write_text("x")
@@ -86,29 +86,33 @@ def test_staged_folder_appears_whole_or_not_at_all(tmp_path):
 
     target = tmp_path / "bundle"
     with pytest.raises(RuntimeError, match="midway"):
-        with files.staged_folder(target) as work:
+        with files.staged_folder(target, marker="a.bin") as work:
             (work / "half.bin").write_bytes(b"x")
             raise RuntimeError("midway")
     assert list(tmp_path.iterdir()) == []  # nothing at the target, no staging folder left behind
 
     previous = os.umask(0o022)
     try:
-        with files.staged_folder(target) as work:
+        with files.staged_folder(target, marker="a.bin") as work:
             (work / "a.bin").write_bytes(b"first")
     finally:
         os.umask(previous)
     assert [p.name for p in target.iterdir()] == ["a.bin"] and target.stat().st_mode & 0o777 == 0o755
     with pytest.raises(OutputPathError, match="exists; pass --force"):
-        with files.staged_folder(target):
+        with files.staged_folder(target, marker="a.bin"):
             pass
     with pytest.raises(RuntimeError):
-        with files.staged_folder(target, force=True) as work:
+        with files.staged_folder(target, force=True, marker="a.bin") as work:
             raise RuntimeError("replacement fails")
     assert (target / "a.bin").read_bytes() == b"first"  # the old folder stays when its replacement fails
-    with files.staged_folder(target, force=True) as work:
+    with files.staged_folder(target, force=True, marker="a.bin") as work:
         (work / "b.bin").write_bytes(b"second")
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"] and [p.name for p in target.iterdir()] == ["b.bin"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputPathError, match="exists and is not a folder"):
-        with files.staged_folder(tmp_path / "file", force=True):
+        with files.staged_folder(tmp_path / "file", force=True, marker="a.bin"):
             pass
+    with pytest.raises(OutputPathError, match="holds no a.bin, so savpack did not write it"):
+        with files.staged_folder(target, force=True, marker="a.bin"):  # b.bin replaced a.bin: not ours to replace
+            pass
+    assert [p.name for p in target.iterdir()] == ["b.bin"]

@@ -4,6 +4,7 @@ refuses what its prompt rule cannot reproduce (videos, images placed by markers)
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -67,3 +68,67 @@ def test_runtime_cli_classifies_a_csv_file(tmp_path, capsys):
     assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--json", "--threads", "1"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["source"] for line in lines] == [f"{data}:2", f"{data}:3"]
+
+
+def test_files_starting_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Spreadsheet tools write CSV and JSONL with a UTF-8 BOM; the first field's name must not absorb it."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + b'{"text": "warm sun", "label": "warm"}\n{"text": "cold ice", "label": "cold"}\n')
+    (tmp_path / "d.csv").write_bytes(bom + b"text,label\nwarm sun,warm\ncold ice,cold\n")
+    (tmp_path / "d.json").write_bytes(bom + b'[{"text": "warm sun", "label": "warm"}, {"text": "cold ice", "label": "cold"}]')
+    (tmp_path / "root" / "warm").mkdir(parents=True)
+    (tmp_path / "root" / "warm" / "a.txt").write_bytes(bom + b"warm sun")
+    for name in ("d.jsonl", "d.csv", "d.json"):
+        examples = load_examples(tmp_path / name)
+        assert [(example.text, example.label) for example in examples] == [("warm sun", "warm"), ("cold ice", "cold")], name
+    assert load_examples(tmp_path / "root")[0].text == "warm sun"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "a", "label": null}', "d.jsonl:1: field 'label' is null; every example needs its class as a string"),
+    ('{"text": "a"}', "d.jsonl:1: field 'label' is missing"),
+    ('{"text": "a", "text": "b", "label": "x"}', "d.jsonl:1: line gives the key 'text' twice"),
+    ('{"text": "a", "label": "x\\ny"}', "field 'label' 'x\\ny' holds U+000A"),
+    ('{"text": "a", "label": "x\\u0000"}', "holds U+0000"),
+    ('{"text": "a", "label": "x\\u2028y"}', "holds U+2028 (line separator)"),
+    ('{"text": "a", "label": "\\udc80"}', "field 'label' holds invalid Unicode"),
+    ('{"text": "\\ud800", "label": "x"}', "field 'text' holds invalid Unicode"),
+    ('{"text": "a", "image": "https://example.com/a.png", "label": "x"}',
+     "field 'image': 'https://example.com/a.png' is a URL; savpack reads local image files only"),
+    ('{"text": "a", "image": "red.png", "images": ["red.png"], "label": "x"}', "gives both 'images' and 'image'; use one"),
+    ('{"text": "a", "question": "b", "label": "x"}', "gives both 'text' and 'question'; use one"),
+])
+def test_unclear_records_get_a_message_naming_the_line_and_field(tmp_path, picture, line, message):
+    (tmp_path / "d.jsonl").write_text(line + "\n")
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_examples(tmp_path / "d.jsonl")
+
+
+def test_labels_are_checked_in_folder_names_and_without_require_labels(tmp_path, picture):
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "two\\nlines"}\n')
+    with pytest.raises(DataError, match="holds U\\+000A"):
+        read_items(tmp_path / "d.jsonl")  # labels are optional here, but a given one is still a label
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": null}\n')
+    assert [item for _, item in read_items(tmp_path / "d.jsonl")] == [{"text": "a", "images": []}]  # unlabelled
+    (tmp_path / "root" / "bad\tname").mkdir(parents=True)
+    (tmp_path / "root" / "bad\tname" / "a.txt").write_text("hello")
+    with pytest.raises(DataError, match="folder name \\(the label\\) 'bad\\\\tname' holds U\\+0009"):
+        load_examples(tmp_path / "root")
+
+
+def test_data_files_are_read_with_a_bound_and_never_opened_when_not_regular(tmp_path, monkeypatch):
+    import os
+
+    from savpack_runtime import items
+
+    os.mkfifo(tmp_path / "d.jsonl")
+    with pytest.raises(DataError, match="d.jsonl: dataset is a FIFO"):
+        load_examples(tmp_path / "d.jsonl")  # opening the FIFO would block forever
+    monkeypatch.setattr(items, "MAX_LINE_CHARS", 64)
+    (tmp_path / "long.jsonl").write_text('{"text": "a", "label": "x"}\n' + '{"text": "' + "a" * 100 + '"}\n')
+    with pytest.raises(DataError, match="long.jsonl:2: line is longer than 64 characters"):
+        load_examples(tmp_path / "long.jsonl")
+    monkeypatch.setattr(items, "MAX_JSON_BYTES", 16)
+    (tmp_path / "big.json").write_text('[{"text": "a", "label": "x"}]')
+    with pytest.raises(DataError, match="big.json: JSON dataset is 29 bytes, more than the limit of 16"):
+        load_examples(tmp_path / "big.json")

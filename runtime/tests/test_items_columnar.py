@@ -96,7 +96,7 @@ def test_datasets_classlabel_names_and_unlabelled_rows(tmp_path):
                                       "label": {"names": ["neg", "pos"], "_type": "ClassLabel"}}}}
     path = write_parquet(tmp_path / "d.parquet", {"text": ["bad", "good", "unknown"], "label": [0, 1, -1]}, metadata)
     assert [e.label for e in load_examples(path, require_labels=False)] == ["neg", "pos", None]
-    with pytest.raises(DataError, match=r"d.parquet\[2\]: field 'label' is missing"):
+    with pytest.raises(DataError, match=r"d.parquet\[2\]: field 'label' is null; every example needs its class"):
         load_examples(path)
     bad = write_parquet(tmp_path / "bad.parquet", {"text": ["x"], "label": [7]}, metadata)
     with pytest.raises(DataError, match=r"bad.parquet\[0\]: field 'label': class id 7 is outside the ClassLabel's 2 names"):

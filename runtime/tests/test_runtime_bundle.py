@@ -11,6 +11,7 @@ import pytest
 
 from savpack_runtime import Classifier, Pack
 from savpack_runtime import bundle as fmt
+from savpack_runtime.cli import main as cli_main
 from savpack_runtime.errors import BundleError, BundleVersionError, GraphError, ModelMismatchError, SavpackWarning
 from savpack_runtime.session import GraphSession, check_operator_domains, resolve_providers
 
@@ -72,13 +73,19 @@ def test_damaged_bundle_is_refused_with_a_named_error(bundle_copy, damage, error
     assert words in str(caught.value)
 
 
-def test_weights_hash_is_checked_on_request(bundle_copy):
+def test_weights_hash_is_checked_by_default(bundle_copy, tmp_path):
     data = bytearray((bundle_copy / "graph.onnx.data").read_bytes())
     data[100] ^= 0xFF  # same size: only the full hash notices
     (bundle_copy / "graph.onnx.data").write_bytes(bytes(data))
-    fmt.Bundle.load(bundle_copy)
     with pytest.raises(BundleError, match="does not match its sha256"):
-        fmt.Bundle.load(bundle_copy, check_weights=True)
+        fmt.Bundle.load(bundle_copy)
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        Classifier.load(bundle_copy)
+    fmt.Bundle.load(bundle_copy, check_weights=False)  # the opt-out skips only the weights' hash
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"text": "what colour?", "image": str(golden.case_dir("qwen2_vl") / "items" / "qwen2_vl-0-0.png")}) + "\n")
+    assert cli_main(["classify", str(bundle_copy), "--data", str(items)]) == 1
+    assert cli_main(["classify", str(bundle_copy), "--data", str(items), "--no-check-weights"]) == 0
 
 
 def test_pack_for_another_model_is_refused(bundle_copy):

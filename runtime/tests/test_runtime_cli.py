@@ -62,7 +62,7 @@ def test_items_must_fit_the_bundles_prompt(tmp_path, capsys):
 
 def test_missing_bundle(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nowhere")]) == 1
-    assert "is not a bundle folder" in capsys.readouterr().err
+    assert "nowhere: bundle folder does not exist" in capsys.readouterr().err
 
 
 def test_planner_refuses_inconsistent_inputs():

@@ -28,9 +28,10 @@ from ..errors import ExportError
 from ..models import LoadedModel
 from ..pipeline import check_pack_fits, producer_versions
 from ..preprocess_spec import write_preprocessing
-from . import onnx_graph
+from . import onnx_graph, require_export_extra
 from .forward import GraphModule, build_graph_module
-from .validate import DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, encode_examples, make_examples, validate_graph
+from .validate import (DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, check_tolerance, encode_examples,
+                       make_examples, validate_graph)
 
 
 @dataclass
@@ -77,8 +78,9 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`."""
     say = echo or (lambda message: None)
     out = Path(out)
+    require_export_extra()
     names = check_export(loaded, packs, names, out, force)
-    tolerance = tolerance if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
+    tolerance = check_tolerance(tolerance) if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
     prompt = packs[0].prompt
     heads, positions = union_heads(packs)
     seconds: dict[str, float] = {}
@@ -86,7 +88,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
     started = time.perf_counter()
     graph = build_graph_module(loaded, heads, int(prompt["image_count"]), selected_heads_only)
     say(f"exporting layers 0..{int(heads[:, 0].max())} of {loaded.model_id} ({graph.kind} graph, {len(heads)} heads) with the {exporter} exporter")
-    with files.staged_folder(out, force) as work:
+    with files.staged_folder(out, force, marker=fmt.BUNDLE_FILE, inputs=[loaded.model_id]) as work:
         metadata = fmt.graph_metadata(packs[0].model, heads, [pack.content_hash() for pack in packs])
         saved = write_graph(loaded, graph, prompt, work, metadata, exporter, fp16)
         seconds["export"] = time.perf_counter() - started
@@ -113,7 +115,8 @@ def check_export(loaded: LoadedModel, packs: Sequence[Pack], names: Sequence[str
     names = list(names) if names is not None else [pack.name or f"pack{index}" for index, pack in enumerate(packs)]
     if len(names) != len(packs):
         raise ExportError(f"{len(names)} names for {len(packs)} packs")
-    files.check_output_folder(out, force)
+    # Never over the model folder or anything savpack did not write (a bundle holds bundle.json).
+    files.check_output_folder(out, force, marker=fmt.BUNDLE_FILE, inputs=[loaded.model_id])
     if loaded.dtype != torch.float32 or loaded.device.type != "cpu":
         raise ExportError(f"{loaded.model_id} is loaded as {loaded.dtype} on {loaded.device}; export traces and "
                           "validates in float32 on the CPU (load with device='cpu', dtype='float32'; fp16=True halves the weights)")

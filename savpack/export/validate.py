@@ -9,6 +9,7 @@ Every mismatch is collected before failing, so one run shows the whole picture.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,14 @@ class Mismatch:
         where = f"{self.batch}" + (f", item {self.item}" if self.item is not None else "")
         where += f", head {list(self.head)}" if self.head is not None else ""
         return f"{where}: {self.detail or f'max difference {self.difference:.3g}'}"
+
+
+def check_tolerance(tolerance: float) -> float:
+    """A validation tolerance must be a finite number above 0: NaN compares false with everything, so a NaN
+    tolerance would let any graph pass."""
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"tolerance must be a finite number above 0, got {tolerance!r}")
+    return float(tolerance)
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any, Iterator
 from savpack_runtime import files
 from savpack_runtime.compat import BUILDER_PACKAGE, version_refusal
 
-from ..errors import SharingError
+from ..errors import IdentityError, SharingError
 from ..versions import LATEST, check_name, check_version, latest, sorted_versions
 from .packfile import PullResult, PushResult, deliver, index_entry, json_bytes, read_pack, require_identity
 from .refs import RegistryRef
@@ -24,6 +26,8 @@ REGISTRY_SUPPORTED_VERSIONS = (1,)
 INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT_SECONDS = 60.0
+MAX_INDEX_BYTES = 64 * 1024 * 1024  # an entry is ~300 bytes: room for 200,000 pack versions
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class FolderRegistry:
@@ -44,7 +48,7 @@ class FolderRegistry:
     def open(cls, ref: RegistryRef) -> tuple["FolderRegistry", str | None]:
         """The registry holding `ref`'s folder and the pack name the rest of the path spells (None at the root)."""
         for folder in (ref.path, *ref.path.parents):
-            if (folder / INDEX_FILE).is_file():
+            if os.path.lexists(folder / INDEX_FILE):  # whatever it is: read_index names a FIFO or a link loop there
                 name = ref.path.relative_to(folder).as_posix()
                 return cls(folder), (check_name(name, f"{ref}: pack name") if name != "." else None)
         raise SharingError(f"{ref}: no savpack registry ({INDEX_FILE}) at {ref.path} or in a folder above it")
@@ -59,24 +63,28 @@ class FolderRegistry:
             return cls(root)
         if any((parent / INDEX_FILE).is_file() for parent in root.parents):
             raise SharingError(f"{ref}: is inside a registry; push to the registry root (the folder holding {INDEX_FILE})")
-        # Hidden entries do not count: the lock and temporary files of a registry another push is creating right now.
-        if root.exists() and (not root.is_dir() or any(not entry.name.startswith(".") for entry in root.iterdir())):
-            raise SharingError(f"{ref}: {root} exists and is not a savpack registry (no {INDEX_FILE}); use a new or empty folder")
+        if root.exists() and not root.is_dir():
+            raise SharingError(f"{ref}: {root} exists and is not a folder")
         if not root.parent.is_dir():
             raise SharingError(f"{ref}: folder {root.parent} does not exist")
         root.mkdir(exist_ok=True)
         registry = cls(root)
         with registry.locked():
-            if not registry.index_path.exists():
-                registry._write_index({"format": REGISTRY_FORMAT, "format_version": REGISTRY_FORMAT_VERSION, "packs": {}})
+            # Decided under the lock: two first pushes race here, and the one that waited finds the index the other
+            # one wrote (and its pack), which is a registry to push to, not a foreign folder.
+            if registry.index_path.is_file():
+                return registry
+            # Hidden entries do not count: the lock file, and a leftover of an interrupted first push.
+            if any(not entry.name.startswith(".") for entry in root.iterdir()):
+                raise SharingError(f"{ref}: {root} exists and is not a savpack registry (no {INDEX_FILE}); use a new or empty folder")
+            registry._write_index({"format": REGISTRY_FORMAT, "format_version": REGISTRY_FORMAT_VERSION, "packs": {}})
         return registry
 
     def read_index(self) -> dict[str, Any]:
+        """The index, checked entry by entry (a bad entry names the index file and the entry)."""
         try:
-            index = json.loads(self.index_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SharingError(f"{self.index_path}: registry index does not exist") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            index = json.loads(files.read_file(self.index_path, MAX_INDEX_BYTES, SharingError, "registry index"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise SharingError(f"{self.index_path}: registry index is unreadable: {exc}") from None
         if not isinstance(index, dict) or index.get("format") != REGISTRY_FORMAT or not isinstance(index.get("packs"), dict):
             raise SharingError(f"{self.index_path}: not a savpack registry index (expected format {REGISTRY_FORMAT!r} and a 'packs' object)")
@@ -86,7 +94,34 @@ class FolderRegistry:
         refusal = version_refusal(version, REGISTRY_SUPPORTED_VERSIONS, "registry format version", BUILDER_PACKAGE)
         if refusal:
             raise SharingError(f"{self.index_path}: {refusal}")
+        for name, versions in index["packs"].items():
+            self._check_entries(name, versions)
         return index
+
+    def _check_entries(self, name: Any, versions: Any) -> None:
+        """One pack name's entries: a valid name, valid versions, each a file inside the registry and its sha256."""
+        where = f"{self.index_path}: entry {name!r}"
+        try:
+            check_name(name, "pack name")
+        except (IdentityError, TypeError) as exc:
+            raise SharingError(f"{where}: {exc}") from None
+        if not isinstance(versions, dict):
+            raise SharingError(f"{where}: must map versions to entries, got {type(versions).__name__}")
+        for version, entry in versions.items():
+            where = f"{self.index_path}: entry {name}@{version}"
+            try:
+                check_version(version)
+            except (IdentityError, TypeError) as exc:
+                raise SharingError(f"{where}: {exc}") from None
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                    and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
+                raise SharingError(f"{where}: must be an object with 'file' (a path) and 'sha256' (64 hex digits)")
+            file = entry["file"]
+            target = os.path.realpath(self.root / file)
+            if Path(file).is_absolute() or ".." in Path(file).parts or \
+                    not Path(target).is_relative_to(os.path.realpath(self.root)):
+                raise SharingError(f"{where}: file {file!r} points outside the registry; an index may only name "
+                                   "files inside its own folder")
 
     def _write_index(self, index: dict[str, Any]) -> None:
         data = json_bytes(index)
