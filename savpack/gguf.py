@@ -8,9 +8,11 @@ later loads in seconds and gives the same activations (and the same savpack fing
 
 from __future__ import annotations
 
+import functools
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from savpack_runtime.files import check_file, check_output_folder, file_sha256, staged_folder
 
@@ -18,6 +20,21 @@ from .errors import ModelError
 from .models import dequantised_load_kwargs, model_errors, quiet_transformers
 
 CONVERSION_RECORD = "savpack_conversion.json"
+
+
+@contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Parse the GGUF file once for the config, the weights and the tokenizer: transformers opens a new
+    gguf.GGUFReader for each (measured on Gemma-3-270M: 57 s of CPU for the three loads with a reader each, 27 s with
+    one shared). The reader only maps the file read-only, so sharing it changes nothing else."""
+    import gguf
+
+    original = gguf.GGUFReader
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(original)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False,
@@ -33,7 +50,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, force: bool = False
 
     source, name = str(gguf_path.parent), gguf_path.name
     echo(f"dequantising {gguf_path} (this takes a minute or two)")
-    with quiet_transformers(), model_errors(str(gguf_path)):
+    with quiet_transformers(), model_errors(str(gguf_path)), _one_gguf_parse():
         config = transformers.AutoConfig.from_pretrained(source, gguf_file=name)
         model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32,
                                                                   **dequantised_load_kwargs())

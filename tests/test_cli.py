@@ -101,12 +101,6 @@ def test_unknown_label_at_eval_names_the_line(model_dir, text_task, tmp_path):
     assert "odd.jsonl:2: label 'round' is not one of the pack's labels" in result.output
 
 
-def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path):
-    output = run("demo", "--workdir", tmp_path).output
-    assert "RANDOM" in output and "accuracy" in output and "savpack build --model" in output
-    assert Pack.load(tmp_path / "colour.pack.safetensors").k == 20
-
-
 def test_version_is_the_installed_distributions():
     from importlib.metadata import version
 

