@@ -539,30 +539,55 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
               help="torch.onnx exporter; every graph is validated against the model either way.")
 @click.option("--tolerance", type=float, default=None, callback=lambda ctx, param, value: _tolerance(value, param),
               help="Validation tolerance, a number above 0 (default 1e-4; 2e-2 with --fp16).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Quantize the weights (onnxruntime dynamic int8), kept only if each pack labels its own examples "
+                   "(from --data) as the float32 graph does.")
+@click.option("--data", "data_paths", multiple=True, type=click.Path(exists=True),
+              help="With --quantize: the packs' training data (repeat for several files); each pack's own examples are "
+                   "found by the digests it keeps.")
+@click.option("--min-agreement", type=click.FloatRange(0.0, 1.0), default=None,
+              help="With --quantize: the least share of each pack's examples the int8 graph must label as float32 does "
+                   "(default 0.98).")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True,
+              help="With --quantize: one int8 scale per weight column, or one per matrix.")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_heads_only: bool, exporter: str,
-                   tolerance: float | None, force: bool, as_json: bool, **params: Any) -> None:
-    """Write a bundle: the graph truncated after the packs' deepest layer, the packs, the preprocessing files.
+                   tolerance: float | None, quantize: str | None, data_paths: tuple[str, ...], min_agreement: float | None,
+                   per_channel: bool, force: bool, as_json: bool, **params: Any) -> None:
+    """Write a bundle: the graph truncated after the packs' deepest layer, with each pack's vote inside, the packs,
+    the preprocessing files.
 
     The graph is validated against the full model on fresh inputs before the bundle is written; classify with
-    `savpack-run classify BUNDLE --data items.jsonl` (savpack-runtime, no torch)."""
+    `savpack-run classify BUNDLE --data items.jsonl` (savpack-runtime, no torch), or run graph.onnx from any ONNX
+    Runtime binding: it returns each pack's votes and winning class (docs/export.md)."""
     from .export import require_export_extra
 
     require_export_extra()
+    from .data import load_examples
     from .export.bundle import export_bundle
+    from .export.quantize import DEFAULT_MIN_AGREEMENT
 
-    check_output_folder(out, force, marker=BUNDLE_FILE, inputs=[params["model"], *pack_paths])
+    if quantize is None and (data_paths or min_agreement is not None):
+        raise click.UsageError("--data and --min-agreement go with --quantize int8")
+    if quantize is not None and not data_paths:
+        raise click.UsageError("--quantize int8 needs --data: the examples the packs were built from, to check the int8 labels")
+    check_output_folder(out, force, marker=BUNDLE_FILE, inputs=[params["model"], *pack_paths, *data_paths])
     packs = [_load_pack(path) for path in pack_paths]
     names = [pack.name or Path(path).name.removesuffix(".safetensors").removesuffix(".pack") for pack, path in zip(packs, pack_paths)]
+    examples = [example for path in data_paths for example in load_examples(path)]
     # The graph is traced and validated in float32 on the CPU, where onnxruntime will compare it.
     loaded = _load({**params, "device": "cpu", "dtype": "float32"})
     result = export_bundle(loaded, packs, out, names=names, fp16=fp16, selected_heads_only=selected_heads_only,
-                           force=force, exporter=exporter, tolerance=tolerance, echo=lambda line: click.echo(line, err=True))
+                           force=force, exporter=exporter, tolerance=tolerance, echo=lambda line: click.echo(line, err=True),
+                           quantize=quantize, examples=examples, per_channel=per_channel,
+                           min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement)
     summary = {"bundle": str(result.folder), "files": result.sizes, "bytes": sum(result.sizes.values()),
                "heads": len(result.info["graph"]["heads"]), "packs": [entry["name"] for entry in result.info["packs"]],
+               "weights": result.info["graph"]["weights"],
                "validation": {"tolerance": result.validation.tolerance, "max_difference": result.validation.max_difference,
                               "batches": result.validation.batches},
+               "quantization": result.quantization.to_dict() if result.quantization else None,
                "seconds": {step: round(value, 3) for step, value in result.seconds.items()}}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -570,6 +595,10 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
     click.echo(f"wrote {result.folder}: {summary['bytes'] / 1e6:.2f} MB, {summary['heads']} heads for "
                f"{len(packs)} pack(s); graph matches the model to {result.validation.max_difference:.2g} "
                f"(tolerance {result.validation.tolerance:g}) on {len(result.validation.batches)} fresh batches")
+    if result.quantization:
+        agreement = ", ".join(f"{name} {value:.1%} of {result.quantization.examples[name]}"
+                              for name, value in result.quantization.agreement.items())
+        click.echo(f"int8 weights: labels equal to float32's on the packs' own examples: {agreement}")
 
 
 @main.command()

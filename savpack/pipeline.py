@@ -197,6 +197,17 @@ def held_out(pack: Pack, examples: Sequence[Example]) -> tuple[list[Example], in
     return kept, len(examples) - len(kept)
 
 
+def training_examples(pack: Pack, examples: Sequence[Example]) -> list[Example]:
+    """The examples the pack was built from (found by the digests it keeps), each once."""
+    training, seen, found = set(pack.dataset.get("example_digests", [])), set(), []
+    for example in examples:
+        digest = example.digest()[:DIGEST_CHARS]
+        if digest in training and digest not in seen:
+            seen.add(digest)
+            found.append(example)
+    return found
+
+
 def evaluation_examples(pack: Pack, examples: Sequence[Example]) -> tuple[list[Example], int]:
     """The held-out examples to evaluate on (labels checked against the pack's), and how many were skipped."""
     unknown = next((example for example in examples if example.label not in pack.labels), None)

@@ -24,7 +24,7 @@ from savpack_runtime import files
 from savpack_runtime import format as fmt
 from savpack_runtime.errors import PreprocessSpecError, SavpackError
 from savpack_runtime.image_processing import (
-    LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages, anyres_max_patches,
+    Gemma3Images, Idefics3Images, LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages, anyres_max_patches,
 )
 from savpack_runtime.preprocess import SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TOKENIZER_FILE, Preprocessor, RenderRule, TextRule
 
@@ -65,18 +65,26 @@ def preprocessing_spec(loaded: LoadedModel, prompt: dict[str, Any]) -> dict[str,
     missing = [name for name in fmt.PROMPT_FIELDS if name not in prompt]
     if missing:
         raise ExportError(f"the pack's prompt lacks field(s) {missing}")
-    images = image_rule(loaded.family.name, loaded.processor) if loaded.family.takes_images else None
+    family = loaded.family
+    images = image_rule(family.name, loaded.processor) if family.takes_images else None
+    # Image-text families mark image tokens in `mm_token_type_ids` (Gemma 3 names it token_type_ids); BERT's
+    # token_type_ids are the tokenizer's segment ids.
+    types_name = next((name for name in ("mm_token_type_ids", "token_type_ids") if name in family.forward_inputs), None)
+    marks_images = family.takes_images and types_name is not None
     text = TextRule(
         add_special_tokens=loaded.add_special_tokens, pad_id=int(loaded.tokenizer.pad_token_id),
         padding_side=loaded.tokenizer.padding_side, max_positions=loaded.max_positions,
-        mm_token_types=_mm_token_types(loaded.processor) if "mm_token_type_ids" in loaded.family.forward_inputs else None,
+        mm_token_types=_mm_token_types(loaded.processor) if marks_images else None,
+        mm_token_types_name=types_name if marks_images else "mm_token_type_ids",
+        token_type_ids=not family.takes_images and types_name == "token_type_ids",
+        position_ids_from_mask=family.positions_from_mask,
     )
     spec = {
         "format": SPEC_FORMAT,
         "format_version": SPEC_VERSION,
         "family": loaded.family.name,
         "prompt": {name: prompt[name] for name in fmt.PROMPT_FIELDS},
-        "render": asdict(render_rule(loaded, prompt["template"])),
+        "render": asdict(render_rule(loaded, prompt["template"], int(prompt["image_count"]))),
         "text": asdict(text),
         "image": asdict(images) if images is not None else None,
     }
@@ -96,18 +104,22 @@ def tokenizer_json(loaded: LoadedModel) -> str:
     return clean.to_str()
 
 
-def render_rule(loaded: LoadedModel, template: str) -> RenderRule:
-    """Find `before + image * n + after` in the builder's renderings for 0..4 images."""
+def render_rule(loaded: LoadedModel, template: str, image_count: int = 1) -> RenderRule:
+    """Find `before + image * n + after` in the builder's renderings for 0..4 images (1..4 when the chat template
+    renders a text-only turn differently, as Idefics3's does, and the pack's prompt holds images)."""
     if not loaded.family.takes_images or loaded.chat_template is None:
         # Text-only families ignore images; without a chat template there is nowhere to put them.
         return RenderRule("", "", loaded.render_template(template, 0), max_images=0)
     renders = [loaded.render_template(template, count) for count in range(PROBE_IMAGE_COUNTS + 1)]
     step = len(renders[2]) - len(renders[1])
-    # Of equivalent cuts, the last: "<image>\n" reads better than "\n<image>".
-    for cut in reversed(range(len(renders[1]) - step + 1)) if step > 0 else ():
-        before, image, after = renders[1][:cut], renders[1][cut : cut + step], renders[1][cut + step :]
-        if all(rendered == before + image * count + after for count, rendered in enumerate(renders)):
-            return RenderRule(before, image, after, max_images=None)
+    for first in (0, 1):
+        # Of equivalent cuts, the last: "<image>\n" reads better than "\n<image>".
+        for cut in reversed(range(len(renders[1]) - step + 1)) if step > 0 else ():
+            before, image, after = renders[1][:cut], renders[1][cut : cut + step], renders[1][cut + step :]
+            if all(renders[count] == before + image * count + after for count in range(first, len(renders))):
+                return RenderRule(before, image, after, max_images=None, min_images=first)
+        if image_count == 0:  # a text-only prompt of an image-text model: its one rendering is all it needs
+            return RenderRule("", "", renders[0], max_images=0)
     raise ExportError(
         f"{loaded.model_id}: its chat template does not render n images as one block repeated n times "
         f"(renderings for 0..{PROBE_IMAGE_COUNTS} images: {renders}); the runtime cannot reproduce it"
@@ -127,7 +139,7 @@ def image_rule(family: str, processor: Any) -> PixelSteps:
         do_normalize=bool(image_processor.do_normalize),
         image_mean=_three(image_processor.image_mean), image_std=_three(image_processor.image_std),
     )
-    if family in ("qwen2_vl", "qwen2_5_vl"):  # Qwen2.5-VL's image processor is Qwen2-VL's
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # Qwen2.5-VL's and Qwen3-VL's image processor is Qwen2-VL's
         return Qwen2VLImages(
             **common, min_pixels=int(image_processor.size["shortest_edge"]), max_pixels=int(image_processor.size["longest_edge"]),
             patch_size=int(image_processor.patch_size), temporal_patch_size=int(image_processor.temporal_patch_size),
@@ -137,7 +149,40 @@ def image_rule(family: str, processor: Any) -> PixelSteps:
         return _llava_onevision_rule(processor, common)
     if family == "llava":
         return _llava_rule(processor, common)
+    if family == "gemma3":
+        return _gemma3_rule(processor, common)
+    if family in ("idefics3", "smolvlm"):
+        return _idefics3_rule(processor, common)
     raise ExportError(f"family {family!r}: the runtime has no image preprocessing for it")
+
+
+def _gemma3_rule(processor: Any, common: dict[str, Any]) -> Gemma3Images:
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    if getattr(image_processor, "do_pan_and_scan", False):
+        raise ExportError("image processor has do_pan_and_scan=True; the runtime does not reproduce pan-and-scan crops")
+    size = image_processor.size
+    if not (size.height and size.width):
+        raise ExportError(f"image processor size {dict(size)} has no height and width; the runtime needs both")
+    return Gemma3Images(
+        **common, size=(int(size.height), int(size.width)), image_seq_length=int(processor.image_seq_length),
+        soft_token=tokenizer.image_token, soft_token_id=int(tokenizer.image_token_id), end_token=tokenizer.eoi_token,
+    )
+
+
+def _idefics3_rule(processor: Any, common: dict[str, Any]) -> Idefics3Images:
+    """Idefics3 and SmolVLM: the same image processor and the same prompt strings."""
+    image_processor = processor.image_processor
+    size, frame = image_processor.size, image_processor.max_image_size
+    if not size.longest_edge:
+        raise ExportError(f"image processor size {dict(size)}: the runtime reproduces a 'longest_edge' resize only")
+    if not image_processor.do_pad:
+        raise ExportError("image processor has do_pad=False; the model needs frames padded into one tensor")
+    global_token = getattr(processor, "global_image_token", None) or processor.global_image_tag
+    return Idefics3Images(
+        **common, longest_edge=int(size.longest_edge), frame_size=int(frame["longest_edge"]),
+        do_image_splitting=bool(image_processor.do_image_splitting), image_seq_len=int(processor.image_seq_len),
+        fake_token=processor.fake_image_token, global_token=global_token,
+    )
 
 
 def _llava_onevision_rule(processor: Any, common: dict[str, Any]) -> LlavaOnevisionImages:
@@ -219,17 +264,17 @@ def _three(value: Any) -> tuple[float, float, float]:
 def check_reproduced(loaded: LoadedModel, preprocessor: Preprocessor) -> list[str]:
     """Every difference between the builder and the runtime on probe prompts and a probe batch (empty: none)."""
     template = preprocessor.prompt["template"]
-    limit = preprocessor.render_rule.max_images
+    least, limit = preprocessor.render_rule.min_images, preprocessor.render_rule.max_images
     # The probes compare preprocessing, not context length (a small-context model may still take large images).
     preprocessor = dataclasses.replace(preprocessor, text=dataclasses.replace(preprocessor.text, max_positions=None))
-    counts = range(PROBE_IMAGE_COUNTS + 1) if limit is None else range(limit + 1)
+    counts = range(least, (PROBE_IMAGE_COUNTS if limit is None else limit) + 1)
     problems = []
     for count in counts:
         for text in PROBE_TEXTS:
             built, ran = loaded.render(template, text, count), preprocessor.render(text, count)
             if built != ran:
                 problems.append(f"render({text!r}, {count} images): builder {built!r}, runtime {ran!r}")
-    batches = [([], [])]
+    batches = [([], [])] if least == 0 else []
     if limit is None:
         batches.append(([probe_image(70, 45, 1)], [probe_image(33, 120, 2)]))
     for images in batches:

@@ -21,20 +21,24 @@ from savpack.export.validate import ExportValidationError, encode_examples, make
 from savpack.extract import extract
 from savpack.models import load_model
 from savpack.pipeline import extract_activations, pack_from_activations
-from savpack_runtime import graph_inputs
+from savpack_runtime import Classifier, graph_inputs
 from savpack_runtime.bundle import Bundle
 from savpack_runtime.errors import ModelMismatchError, OutputPathError
+from savpack_runtime.items import Example
+from savpack_runtime.pack import Pack
 from savpack_runtime.session import GraphSession
 
 from conftest import task_for
 
 HEADS = np.array([[1, 3], [0, 5], [3, 2], [3, 7], [2, 0], [0, 1]])
-# gemma3_text has 4 heads: a global layer (2) and sliding ones (0, 1, 3), layer 3 deepest.
+# Fixtures of 4 heads (gemma3_text: a global layer 2 and sliding ones 0, 1, 3; bert has 3 layers), layer 3 deepest.
 GEMMA3_HEADS = np.array([[1, 3], [0, 2], [3, 1], [2, 0], [3, 3], [0, 1]])
+FOUR_HEADS = ("gemma3_text", "gemma3", "gemma", "gemma2", "qwen3_vl")
+BERT_HEADS = np.array([[1, 3], [0, 2], [2, 1], [2, 0], [0, 1]])
 
 
 def heads_for(name: str) -> np.ndarray:
-    return GEMMA3_HEADS if name == "gemma3_text" else HEADS
+    return BERT_HEADS if name == "bert" else GEMMA3_HEADS if name in FOUR_HEADS else HEADS
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +63,10 @@ def _graph_vectors(graph, loaded, examples, template="{text}"):
         return graph.module(*[torch.from_numpy(np.asarray(feed[name])) for name in graph.input_names]).numpy()
 
 
-@pytest.mark.parametrize("name, image_count", [("qwen2_vl", 1), ("llava_onevision", 1), ("qwen2", 0), ("llama", 0),
-                                               ("qwen2_vl", 0), ("qwen2_5_vl", 1), ("llava", 1), ("gemma3_text", 0)])
+@pytest.mark.parametrize("name, image_count", [
+    ("qwen2_vl", 1), ("llava_onevision", 1), ("qwen2", 0), ("llama", 0), ("qwen2_vl", 0), ("qwen2_5_vl", 1), ("llava", 1),
+    ("gemma3_text", 0), ("qwen3", 0), ("gemma", 0), ("gemma2", 0), ("gpt2", 0), ("gemma3", 1), ("gemma3", 0),
+    ("idefics3", 1), ("smolvlm", 1), ("qwen3_vl", 1), ("qwen3_vl", 0)])
 @pytest.mark.parametrize("selected_only", [False, True])
 def test_export_forward_equals_hooks_on_the_full_model(loaded_model, tmp_path, name, image_count, selected_only):
     loaded = loaded_model(name)
@@ -69,6 +75,21 @@ def test_export_forward_equals_hooks_on_the_full_model(loaded_model, tmp_path, n
     graph = build_graph_module(loaded, heads_for(name), image_count, selected_only)
     expected = extract(loaded, examples, heads=heads_for(name), progress=False).vectors
     assert np.abs(_graph_vectors(graph, loaded, examples) - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("token_position", ["first", "last"])
+def test_bert_export_reads_the_packs_token(loaded_model, tmp_path, token_position):
+    """[CLS] or [SEP] as the pack says, with right padding (mixed lengths); the other token gives other vectors."""
+    loaded = loaded_model("bert")
+    examples = make_examples(3, 0, [], tmp_path, seed=5)
+    graph = build_graph_module(loaded, BERT_HEADS, 0, token_position=token_position)
+    assert graph.kind == graph_inputs.BERT and graph.plan_config == {"token_position": token_position}
+    vectors = _graph_vectors(graph, loaded, examples)
+    for position in ("first", "last"):
+        expected = extract(loaded, examples, heads=BERT_HEADS, progress=False, token_position=position).vectors
+        assert (np.abs(vectors - expected).max() < 1e-5) == (position == token_position)
+    with pytest.raises(ExportError, match="reads heads at"):
+        build_graph_module(loaded_model("qwen2"), HEADS, 0, token_position="first")
 
 
 def test_qwen2_5_vl_window_attention_is_reproduced(loaded_model, tmp_path):
@@ -109,6 +130,80 @@ def test_gemma3_sliding_window_is_reproduced(loaded_model, tmp_path):
     assert np.abs(_graph_vectors(graph, loaded, examples) - expected).max() < 1e-5
     graph.module.decoder.windows = [None] * 4
     assert np.abs(_graph_vectors(graph, loaded, examples) - expected).max() > 1e-3
+
+
+def _switched_off(loaded, graph, examples, switch) -> float:
+    """The largest difference from the model once `switch(graph.module)` turned a family rule off."""
+    expected = extract(loaded, examples, heads=GEMMA3_HEADS, progress=False).vectors
+    assert np.abs(_graph_vectors(graph, loaded, examples) - expected).max() < 1e-5
+    switch(graph.module)
+    return float(np.abs(_graph_vectors(graph, loaded, examples) - expected).max())
+
+
+def test_gemma2_soft_capping_is_reproduced(loaded_model, tmp_path):
+    loaded = loaded_model("gemma2")
+    graph = build_graph_module(loaded, GEMMA3_HEADS, 0)
+    assert graph.module.decoder.softcap == 0.02 and graph.module.decoder.windows == [6, None, 6, None]
+    off = _switched_off(loaded, graph, make_examples(3, 0, [], tmp_path, seed=5), lambda module: setattr(module.decoder, "softcap", None))
+    assert off > 1e-3
+
+
+def test_gemma3_image_tokens_attend_to_each_other(loaded_model, tmp_path):
+    """Gemma 3's image tokens see their whole image (both directions); a causal mask over them gives other vectors."""
+    loaded = loaded_model("gemma3")
+    graph = build_graph_module(loaded, GEMMA3_HEADS, 1)
+    examples = make_examples(3, 1, [(200, 70), (60, 180), (98, 98)], tmp_path, seed=5, extra_image_item=1)
+    decoder = graph.module.decoder
+    honest = decoder.forward
+    causal = lambda hidden, mask, tables, image_blocks=None, additions=None: honest(hidden, mask, tables)  # noqa: E731
+    assert _switched_off(loaded, graph, examples, lambda module: setattr(decoder, "forward", causal)) > 1e-3
+
+
+def test_qwen3_vl_deepstack_and_position_embeddings_are_reproduced(loaded_model, tmp_path):
+    loaded = loaded_model("qwen3_vl")
+    examples = make_examples(3, 1, [(200, 70), (60, 180), (98, 98)], tmp_path, seed=5, extra_image_item=1)
+    graph = build_graph_module(loaded, GEMMA3_HEADS, 1)
+    assert graph.module.deepstack_blocks == [0]
+    assert _switched_off(loaded, graph, examples, lambda module: setattr(module, "deepstack_blocks", [])) > 1e-3
+    graph = build_graph_module(loaded, GEMMA3_HEADS, 1)
+    zero_table = lambda module: torch.nn.init.zeros_(module.visual.pos_embed.weight)  # noqa: E731
+    table = loaded.model.model.visual.pos_embed.weight.detach().clone()
+    try:
+        assert _switched_off(loaded, graph, examples, zero_table) > 1e-3
+    finally:
+        loaded.model.model.visual.pos_embed.weight.data.copy_(table)
+
+
+def test_planned_qwen3_vl_position_taps_equal_transformers():
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    for grid in [(1, 4, 4), (1, 8, 6), (1, 6, 10), (2, 4, 8), (1, 2, 2), (1, 22, 34), (1, 48, 48)]:
+        for side in (8, 48):
+            index, weight = get_vision_interpolation_indices_and_weights(
+                torch.tensor([grid]), num_grid_per_side=side, mode="bilinear", align_corners=True, spatial_merge_size=2)
+            planned_index, planned_weight = graph_inputs.position_embedding_taps(*grid, 2, side)
+            assert np.array_equal(planned_index, index.numpy()), (grid, side)
+            assert np.array_equal(planned_weight, weight.numpy()), (grid, side)
+
+
+@pytest.mark.parametrize("frame, grid_side", [(32, 4), (48, 4), (24, 4), (512, 32), (364, 26), (384, 27)])
+def test_idefics3_position_ids_equal_transformers(loaded_model, frame, grid_side):
+    """Frames of another size than the tower's image_size bucket their patches into the learned grid; the graph's
+    constant ids equal Idefics3VisionEmbeddings' for a whole frame."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionEmbeddings
+
+    from savpack.export.forward import _idefics3_position_ids
+
+    config = loaded_model("idefics3").model.config.vision_config
+    config = type(config)(**{**config.to_dict(), "image_size": grid_side * config.patch_size})
+    embeddings = Idefics3VisionEmbeddings(config).eval()
+    side = frame // config.patch_size
+    pixels = torch.zeros(1, 3, side * config.patch_size, side * config.patch_size)
+    with torch.no_grad():
+        expected = embeddings(pixels, torch.ones(1, side, side, dtype=torch.bool))
+        patches = embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        found = patches + embeddings.position_embedding(_idefics3_position_ids(side, grid_side))[None]
+    assert torch.equal(found, expected)
 
 
 def test_planned_windows_equal_transformers():
@@ -200,7 +295,7 @@ def test_validation_catches_a_wrong_graph(loaded_model, packs, tmp_path):
     with pytest.raises(ExportValidationError) as caught:
         validate_graph(GraphSession(tmp_path / "wrong.onnx"), loaded, kind, plan, heads, pack.prompt["template"], 0)
     batches = {mismatch.batch for mismatch in caught.value.mismatches}
-    assert batches == {"batch of 1", "mixed batch of 3"}
+    assert batches == {"batch of 1", "mixed batch of 4"}
     assert len(caught.value.mismatches) >= len(heads)
     assert "disagrees with the model" in str(caught.value) and "head [" in str(caught.value)
 
@@ -305,8 +400,8 @@ def test_export_refuses_unsupported_language_models(loaded_model):
     config = loaded.model.config
     original = config.model_type
     try:
-        config.model_type = "gemma2"
-        with pytest.raises(ExportError, match="'gemma2' is not exportable"):
+        config.model_type = "phi3"
+        with pytest.raises(ExportError, match="'phi3' is not exportable"):
             build_graph_module(loaded, HEADS, 0)
     finally:
         config.model_type = original
@@ -357,8 +452,112 @@ def test_output_path_errors(loaded_model, packs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SAVPACK_SLOW_TESTS"), reason="the dynamo exporter takes ~1 min per graph; SAVPACK_SLOW_TESTS=1 runs it")
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "qwen2", "qwen2_5_vl", "llava", "gemma3_text"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "qwen2", "qwen2_5_vl", "llava", "gemma3_text", "bert",
+                                  "gpt2", "gemma3", "smolvlm", "qwen3_vl"])
 def test_dynamo_exporter(loaded_model, packs, tmp_path, name):
     result = export_bundle(loaded_model(name), packs(name), tmp_path / "bundle", exporter="dynamo", selected_heads_only=True)
     assert result.validation.max_difference < 1e-5
     assert result.info["created_by"]["exporter"] == "dynamo"
+
+
+@pytest.mark.parametrize("vote", ["majority", "cosine"])
+def test_the_vote_inside_the_graph_equals_the_numpy_vote(vote, tmp_path):
+    """PackScores exported alone, on random vectors and on vectors made to tie: votes, prediction (tie-breaks
+    included) and cosines equal savpack_runtime.vote's."""
+    import onnxruntime
+
+    from savpack.export.scores import PackScores
+    from savpack_runtime.vote import classify_vectors, cosine_to_centroids
+
+    rng = np.random.default_rng(3)
+    k, classes, d = 6, 3, 8
+    centroids = rng.normal(size=(k, classes, d)).astype(np.float32)
+    pack = Pack(heads=np.stack([np.arange(k), np.zeros(k)], axis=1).astype(np.int32), centroids=centroids,
+                head_scores=np.ones(k, np.float32), class_counts=np.ones(classes, np.int32),
+                all_head_scores=np.ones((k, 1), np.float32), labels=("a", "b", "c"),
+                model={"id": "m", "revision": "r", "family": "qwen2", "grid": [k, 1, d], "fingerprint": "f"},
+                prompt={"template": "{text}", "rendered": "{text}", "image_count": 0, "chat_template_sha256": None},
+                selection={"k": k, "vote": vote})
+    positions = np.array([5, 0, 3, 1, 2, 4])  # the pack's heads sit in another order in the graph
+    torch.onnx.export(PackScores(pack, positions).eval(), (torch.zeros(2, k, d),), str(tmp_path / "scores.onnx"),
+                      input_names=["head_vectors"], output_names=["cosines", "votes", "prediction"],
+                      dynamic_axes={"head_vectors": {0: "batch"}}, opset_version=onnx_graph.OPSET, dynamo=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / "scores.onnx"))
+    vectors = rng.normal(size=(200, k, d)).astype(np.float32)
+    # Ties: items whose heads copy centroids so that two classes get 3 votes each (and a zero vector).
+    for item in range(50):
+        first, second = rng.choice(classes, 2, replace=False)
+        for slot, head in enumerate(positions):
+            vectors[item, head] = centroids[slot, first if slot < 3 else second] * rng.uniform(0.5, 2)
+    vectors[50] = 0.0
+    cosines, votes, prediction = session.run(None, {"head_vectors": vectors})
+    reference = classify_vectors(vectors[:, positions], centroids, vote)
+    assert np.abs(cosines - cosine_to_centroids(vectors[:, positions], centroids)).max() <= 1e-6
+    assert np.array_equal(votes, reference.votes) and np.array_equal(prediction, reference.predictions)
+    tied = (reference.votes == reference.votes.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    assert tied.sum() >= 50  # the tie-break really ran
+
+
+def test_int8_export_is_checked_on_the_packs_own_examples(loaded_model, packs, text_task, tmp_path):
+    """--quantize int8: standard operators only, int8 weights, the vote kept in float32, each pack's agreement with
+    the float32 graph on its own training examples recorded; held-out examples are not a pack's own."""
+    import onnx
+
+    from savpack.export import quantize
+
+    loaded = loaded_model("qwen2")
+    train, test = (load_examples(path) for path in text_task)
+    result = export_bundle(loaded, packs("qwen2"), tmp_path / "int8", quantize="int8", examples=train + test)
+    report = result.quantization
+    assert result.info["graph"]["weights"] == "int8" and result.info["graph"]["quantization"] == report.to_dict()
+    own = len({example.text for example in train})  # each example once (the generated set repeats a few)
+    assert report.examples == {"qwen2-paper": own, "qwen2-loo": own}  # the test items (not theirs) are left out
+    assert all(value >= quantize.DEFAULT_MIN_AGREEMENT for value in report.agreement.values())
+    model = onnx.load(str(result.folder / "graph.onnx"), load_external_data=False)
+    operators = {node.op_type for node in model.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= operators and {opset.domain for opset in model.opset_import} <= {"", "ai.onnx"}
+    assert all(node.op_type != "MatMulInteger" for node in model.graph.node if node.name.startswith("/scores"))
+    float32 = export_bundle(loaded, packs("qwen2"), tmp_path / "float32")
+    assert result.sizes["graph.onnx.data"] < 0.5 * float32.sizes["graph.onnx.data"]
+    labels = Classifier.load(result.folder).classify_batch([example.text for example in train])
+    assert np.mean([result.label == example.label for result, example in zip(labels, train)]) > 0.5
+    unseen = [Example(f"a text never seen {index}", label="warm") for index in range(3)]
+    with pytest.raises(ExportError, match="none of the 3 given examples belong to pack"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "none", quantize="int8", examples=unseen)
+    with pytest.raises(ExportError, match="exclude each other"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "both", quantize="int8", examples=train, fp16=True)
+
+
+def test_an_int8_graph_that_moves_the_labels_is_refused(loaded_model, packs, text_task, tmp_path, monkeypatch):
+    """A quantized graph that labels the packs' own examples differently is refused (nothing written) unless the
+    threshold is lowered; the message gives each pack's agreement."""
+    import onnx
+    from onnx import numpy_helper
+
+    from savpack.export import quantize
+
+    def damaging(source, target, per_channel):  # the float32 graph with its token embeddings flattened to one row
+        model = onnx.load(str(source))
+        table = next(tensor for tensor in model.graph.initializer if "embed_tokens" in tensor.name)
+        values = numpy_helper.to_array(table)
+        table.CopyFrom(numpy_helper.from_array(np.broadcast_to(values[:1], values.shape).copy(), table.name))
+        onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
+
+    monkeypatch.setattr(quantize, "quantize_graph", damaging)
+    loaded, train = loaded_model("qwen2"), load_examples(text_task[0])
+    with pytest.raises(ExportError, match=r"labels the packs' own examples differently .*qwen2-paper: \d+\.\d% of \d+"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "bundle", quantize="int8", examples=train)
+    assert not (tmp_path / "bundle").exists()
+    accepted = export_bundle(loaded, packs("qwen2"), tmp_path / "bundle", quantize="int8", examples=train, min_agreement=0.0)
+    assert min(accepted.quantization.agreement.values()) < quantize.DEFAULT_MIN_AGREEMENT
+
+
+def test_savpack_export_quantize_command(model_dir, packs, text_task, tmp_path):
+    path = packs("qwen2")[0].save(tmp_path / "a.safetensors")
+    base = ["export", "--pack", str(path), "--model", str(model_dir("qwen2")), "--out", str(tmp_path / "bundle")]
+    missing = CliRunner().invoke(main, base + ["--quantize", "int8"])
+    assert missing.exit_code == 2 and "needs --data" in missing.output
+    done = CliRunner().invoke(main, base + ["--quantize", "int8", "--data", str(text_task[0]), "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["weights"] == "int8" and summary["quantization"]["agreement"]["qwen2-paper"] >= 0.98

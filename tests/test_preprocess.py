@@ -27,7 +27,10 @@ TEXTS = ["what colour is it", "", "a much longer question about the big red circ
 # (width, height): square, odd, extreme aspect ratios both ways, tiny, large.
 SIZES = [(20, 600), (600, 20), (10, 10), (1000, 700), (57, 113), (300, 299), (1, 1)]
 MODES = ["RGBA", "L", "LA", "P", "P-transparent", "CMYK", "I;16", "RGB-keyed"]
-IMAGE_FAMILIES = ["qwen2_vl", "llava_onevision", "qwen2_5_vl", "llava"]
+IMAGE_FAMILIES = ["qwen2_vl", "llava_onevision", "qwen2_5_vl", "llava", "gemma3", "idefics3", "smolvlm", "qwen3_vl"]
+# Chat templates that render a turn without images otherwise than n = 0 images: text-only items are refused by the
+# runtime's spec for an image prompt (the builder renders them, but an image bundle never takes them).
+IMAGES_REQUIRED = ("idefics3", "smolvlm")
 
 
 def spec_folder(loaded, tmp_path: Path) -> Path:
@@ -124,10 +127,14 @@ def test_mixed_batches_match_the_builder(name, loaded_model, preprocessor):
     # Several images per item (LLaVA-OneVision pads each to a square), mixed with single-image items.
     several = [[picture(60, 90, 5), picture(120, 40, 6)], [picture(33, 33, 7)], [picture(80, 20, 8)] * 3]
     assert_same_inputs(loaded, runtime, TEXTS[:3], several)
-    assert_same_inputs(loaded, runtime, TEXTS, [[], [], [], []])  # text only, in an image-text family
+    if name in IMAGES_REQUIRED:
+        with pytest.raises(InputError, match="at least 1 image"):
+            runtime.render("a", 0)
+    else:
+        assert_same_inputs(loaded, runtime, TEXTS, [[], [], [], []])  # text only, in an image-text family
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama", "gemma3_text"])
+@pytest.mark.parametrize("name", ["qwen2", "llama", "gemma3_text", "qwen3", "gemma", "gemma2", "gpt2", "bert"])
 def test_text_only_families_match_the_builder(name, loaded_model, preprocessor):
     loaded, runtime = loaded_model(name), preprocessor(name)
     assert_same_inputs(loaded, runtime, TEXTS, [[] for _ in TEXTS])
@@ -148,7 +155,7 @@ def test_llama_prompt_starts_with_bos_and_qwen2_chat_prompt_does_not(loaded_mode
 @pytest.mark.parametrize("name", IMAGE_FAMILIES)
 def test_rendering_any_image_count_matches_the_builder(name, loaded_model, preprocessor):
     loaded, runtime = loaded_model(name), preprocessor(name)
-    for count in range(7):
+    for count in range(1 if name in IMAGES_REQUIRED else 0, 7):
         for text in TEXTS + ["{text} inside", "  "]:
             assert runtime.render(text, count) == loaded.render(TEMPLATE, text, count)
 
@@ -209,6 +216,61 @@ def test_llava_15_image_processor_at_real_size(loaded_model, tmp_path):
     for width, height in [(20, 600), (600, 20), (10, 10), (1000, 700), (337, 335), (3000, 25)]:
         assert_same_inputs(loaded, runtime, ["what is it"], [[picture(width, height, seed=width)]])
     assert_same_inputs(loaded, runtime, TEXTS[:2], [[picture(640, 480, 1)], [picture(90, 700, 2), picture(50, 50, 3)]])
+
+
+def test_gemma3_4b_image_processor_at_real_size(loaded_model, tmp_path):
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    # google/gemma-3-4b-it: SigLIP at 896 px, bilinear, mean/std 0.5, 256 soft tokens per image.
+    real = Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    loaded = with_image_processor(loaded_model("gemma3"), real, image_seq_length=256)
+    loaded.processor.full_image_sequence = loaded.processor.full_image_sequence.replace(
+        loaded.tokenizer.image_token * 4, loaded.tokenizer.image_token * 256)
+    runtime = Preprocessor.load(spec_folder(loaded, tmp_path))
+    assert (runtime.images.size, runtime.images.image_seq_length) == ((896, 896), 256)
+    for width, height in [(20, 600), (1000, 700), (3000, 25)]:
+        assert_same_inputs(loaded, runtime, ["what is it"], [[picture(width, height, seed=width)]])
+    assert_same_inputs(loaded, runtime, TEXTS[:2], [[picture(640, 480, 1)], [picture(90, 700, 2), picture(50, 50, 3)]])
+
+
+@pytest.mark.parametrize("name, longest_edge, frame, tokens", [
+    ("smolvlm", 2048, 512, 64),  # HuggingFaceTB/SmolVLM-256M-Instruct
+    ("idefics3", 4 * 364, 364, 169),  # HuggingFaceM4/Idefics3-8B-Llama3
+])
+def test_idefics3_and_smolvlm_image_processors_at_real_size(name, longest_edge, frame, tokens, loaded_model, tmp_path):
+    """Lanczos resizes of the longest edge, then to multiples of the frame, tiles row by row and a global view."""
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    real = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": frame},
+                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    loaded = with_image_processor(loaded_model(name), real, image_seq_len=tokens)
+    runtime = Preprocessor.load(spec_folder(loaded, tmp_path))
+    assert (runtime.images.longest_edge, runtime.images.frame_size, runtime.images.image_seq_len) == (longest_edge, frame, tokens)
+    for width, height in [(20, 600), (600, 20), (10, 10), (1000, 700), (frame, frame), (frame + 1, frame - 1)]:
+        assert_same_inputs(loaded, runtime, ["what is it"], [[picture(width, height, seed=width)]])
+    assert_same_inputs(loaded, runtime, TEXTS[:2], [[picture(640, 480, 1)], [picture(90, 700, 2), picture(50, 50, 3)]])
+
+
+def test_idefics3_without_image_splitting(loaded_model, tmp_path):
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    real = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=False)
+    loaded = with_image_processor(loaded_model("idefics3"), real)
+    runtime = Preprocessor.load(spec_folder(loaded, tmp_path))
+    assert_same_inputs(loaded, runtime, TEXTS[:2], [[picture(640, 480, 1)], [picture(90, 700, 2), picture(50, 50, 3)]])
+
+
+def test_qwen3_vl_2b_image_processor_at_real_size(loaded_model, tmp_path):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    # Qwen/Qwen3-VL-2B-Instruct: patch 16, merge 2, mean/std 0.5, 65536 .. 16777216 pixels.
+    real = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": 16777216})
+    loaded = with_image_processor(loaded_model("qwen3_vl"), real)
+    runtime = Preprocessor.load(spec_folder(loaded, tmp_path))
+    assert (runtime.images.patch_size, runtime.images.min_pixels) == (16, 65536)
+    for width, height in [(20, 600), (1000, 700), (3000, 25)]:
+        assert_same_inputs(loaded, runtime, ["what is it"], [[picture(width, height, seed=height)]])
 
 
 @pytest.mark.parametrize("options", [

@@ -382,17 +382,17 @@ class RuntimeRunner:
         self.items = [{"text": item["text"], "images": item["images"]} for item in spec["items"]]
         self.forward_s, self.outputs, self.feed = 0.0, [], None
         session = self.classifier.session
-        run = session.run
+        run = session.run_all
 
-        def timed_run(feed: dict) -> Any:
+        def timed_run(feed: dict, names=None) -> Any:
             self.feed = feed
             begin = time.perf_counter()
-            vectors = run(feed)
+            outputs = run(feed, names)
             self.forward_s += time.perf_counter() - begin
-            self.outputs.append(vectors)
-            return vectors
+            self.outputs.append(outputs[session.output_names[0]])  # the head vectors
+            return outputs
 
-        session.run = timed_run
+        session.run_all = timed_run
 
     def describe(self) -> dict[str, Any]:
         graph = self.classifier.bundle.graph

@@ -2,8 +2,9 @@
 
     python tools/make_exported.py [--out exported/bundles] [--force]
 
-For each case (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-1.5, and the text-only Qwen2 and Gemma 3 fixtures, random
-weights from seed 0): build packs
+For each case (one per graph kind and preprocessing: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-1.5,
+Gemma 3 image-text, SmolVLM, and the text-only Qwen2, Gemma 3, GPT-2 and BERT fixtures, random weights from seed 0):
+build packs
 on a generated labelled set, export a bundle, and record what the builder computes on a few fixed items:
 
     exported/bundles/<case>/bundle/        the bundle (savpack export)
@@ -50,6 +51,19 @@ CASES: dict[str, dict[str, Any]] = {
     # Sliding-window and global layers, q/k and sandwich norms, scaled embeddings: the real Gemma-3-270M's layout.
     "gemma3_text": {"fixture": "gemma3_text", "template": "Classify: {text}", "selected_heads_only": False,
                     "packs": {"words": {"k": 6}}},
+    # Learned positions counted from the mask (left padding), no chat template.
+    "gpt2": {"fixture": "gpt2", "template": "Classify: {text}", "selected_heads_only": False, "packs": {"words": {"k": 6}}},
+    # An encoder read at [CLS], right padding, segment ids; a "cosine" vote.
+    "bert": {"fixture": "bert", "template": "{text}", "selected_heads_only": False, "token_position": "first",
+             "packs": {"words": {"k": 6, "vote": "cosine"}}},
+    # Fixed-size SigLIP images, image tokens attending to each other.
+    "gemma3": {"fixture": "gemma3", "template": "Question: {text}", "selected_heads_only": True,
+               "packs": {"colour": {"k": 6}}},
+    # Tiles and a global view per image, frames padded per item (Idefics3's graph kind).
+    "smolvlm": {"fixture": "smolvlm", "template": "{text}", "selected_heads_only": False, "packs": {"colour": {"k": 6}}},
+    # Learned position embeddings resampled per grid, interleaved M-RoPE, DeepStack.
+    "qwen3_vl": {"fixture": "qwen3_vl", "template": "Question: {text}", "selected_heads_only": False,
+                 "packs": {"colour": {"k": 6}}},
 }
 # (text, [(width, height, (r, g, b)), ...]) per item; texts and sizes differ so one batch mixes lengths and grids.
 IMAGE_ITEMS = [
@@ -109,7 +123,9 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
     model_dir = build_fixture(case["fixture"], work / f"{name}-model", seed=0)
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     loaded.model_id = f"savpack-fixtures/{case['fixture']}"  # not the temporary folder it was built in
-    activations = extract_activations(loaded, load_examples(_train_file(loaded.family.takes_images, work)), case["template"], progress=False)
+    token_position = case.get("token_position", "last")
+    activations = extract_activations(loaded, load_examples(_train_file(loaded.family.takes_images, work)), case["template"],
+                                      progress=False, token_position=token_position)
     packs = []
     for pack_name, settings in case["packs"].items():
         pack = pack_from_activations(activations, name=f"golden/{name}-{pack_name}", version="1.0.0", **settings)
@@ -130,7 +146,8 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
 
     template = case["template"]
     prompts = [loaded.render(template, example.text, len(example.images)) for example in examples]
-    vectors = extract(loaded, examples, template, heads=graph_heads, batch_size=len(examples), progress=False).vectors
+    vectors = extract(loaded, examples, template, heads=graph_heads, batch_size=len(examples), progress=False,
+                      token_position=token_position).vectors
     np.savez_compressed(folder / "expected.npz", head_vectors=vectors.astype(np.float32))
     # One batch of every item (lengths, image sizes and image counts mixed), by image count, then prompt length.
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].images), len(prompts[i])))

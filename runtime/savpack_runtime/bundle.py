@@ -4,8 +4,8 @@ A bundle is a folder that `savpack export` writes and the runtime loads:
 
     bundle.json          what is inside and how it fits together (BUNDLE_FIELDS, GRAPH_FIELDS, PACK_FIELDS)
     graph.onnx           the truncated graph; returns OUTPUT_NAME (batch, k, head_dim) for the heads listed in
-    graph.onnx.data      bundle.json "graph.heads"; its weights as ONNX external data
-    packs/<name>.safetensors   each pack, and its heads' positions in the graph's output
+    graph.onnx.data      bundle.json "graph.heads", then (format 2) each pack's vote; its weights as ONNX external data
+    packs/<name>.safetensors   each pack, its heads' positions in the graph's output, its labels and vote outputs
     preprocess.json, tokenizer.json   the preprocessing files (savpack_runtime.preprocess reads them)
 
 The graph also carries the model and its heads in its own metadata_props (GRAPH_META_*), so a graph moved between
@@ -26,12 +26,13 @@ import numpy as np
 from .compat import RUNTIME_PACKAGE, version_refusal
 from .errors import BundleError, BundleVersionError, ModelMismatchError, PackError
 from .files import check_file, check_folder, file_sha256, read_file
-from .graph_inputs import GRAPH_INPUTS, OUTPUT_NAME, input_names
+from .format import DEFAULT_TOKEN_POSITION, PROMPT_TOKEN_POSITION
+from .graph_inputs import GRAPH_INPUTS, OUTPUT_NAME, SCORE_ROLES, input_names
 from .pack import Pack
 
 FORMAT_NAME = "savpack-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # 2: the graph votes (each pack's graph_inputs.SCORE_ROLES outputs), packs list their labels
+SUPPORTED_VERSIONS = (1, 2)
 
 BUNDLE_FILE = "bundle.json"
 GRAPH_FILE = "graph.onnx"
@@ -48,11 +49,16 @@ GRAPH_FIELDS = (
     "kind", "plan",  # graph_inputs kind and the model constants its planner needs
     "inputs", "output", "dynamic_axes", "opset",  # the contract
     "heads",  # [[layer, head], ...] in output order
-    "weights",  # "float32" or "float16" (weights only; activations stay float32)
+    "weights",  # "float32", "float16" (weights only; activations stay float32) or "int8" (WEIGHT_TYPES)
     "selected_heads_only",  # layer L* computes only the chosen heads at the last position
 )
 PACK_FIELDS = ("file", "sha256", "name", "positions")  # positions: index of each of the pack's heads in graph.heads
-WEIGHT_TYPES = ("float32", "float16")
+# Format 2: labels (the pack's, for clients that do not read safetensors) and outputs {role: graph output name} for
+# each of graph_inputs.SCORE_ROLES.
+PACK_FIELDS_2 = PACK_FIELDS + ("labels", "outputs")
+# float16: weight matrices stored as float16, cast back on load; int8: onnxruntime's dynamic quantization (MatMul weights
+# and the embedding table as int8, activations quantized on the fly), recorded with its check in graph.quantization.
+WEIGHT_TYPES = ("float32", "float16", "int8")
 
 # The graph's metadata_props: JSON strings.
 GRAPH_META_FORMAT = "savpack.bundle_format"  # "savpack-bundle/1"
@@ -68,6 +74,7 @@ class BundlePack:
     pack: Pack
     name: str
     positions: np.ndarray  # (k,) index of each of the pack's heads in the graph output
+    outputs: dict[str, str] | None = None  # role -> graph output name of the in-graph vote; None: format 1, no vote in the graph
 
 
 @dataclass
@@ -124,7 +131,7 @@ class Bundle:
         heads = np.asarray(graph["heads"], dtype=np.int64).reshape(-1, 2)
         if not isinstance(info["packs"], list) or not info["packs"]:
             raise BundleError("'packs' must be a non-empty list", path, "packs")
-        packs = [_load_pack(folder, entry, index, heads, info["model"], path) for index, entry in enumerate(info["packs"])]
+        packs = [_load_pack(folder, entry, index, heads, info, path) for index, entry in enumerate(info["packs"])]
         names = [entry.name for entry in packs]
         if len(set(names)) != len(names):
             raise BundleError(f"pack names repeat: {names}", path, "packs")
@@ -206,27 +213,36 @@ def _check_file(folder: Path, name: Any, sha256: Any, path: Path, key: str) -> P
     return target
 
 
-def _load_pack(folder: Path, entry: Any, index: int, heads: np.ndarray, model: dict[str, Any], path: Path) -> BundlePack:
+def _load_pack(folder: Path, entry: Any, index: int, heads: np.ndarray, info: dict[str, Any], path: Path) -> BundlePack:
     key = f"packs[{index}]"
-    if not isinstance(entry, dict) or any(field not in entry for field in PACK_FIELDS):
-        raise BundleError(f"{key} must be an object with {PACK_FIELDS}", path, key)
+    fields = PACK_FIELDS if info["format_version"] == 1 else PACK_FIELDS_2
+    if not isinstance(entry, dict) or any(field not in entry for field in fields):
+        raise BundleError(f"{key} must be an object with {fields}", path, key)
     pack_path = _check_file(folder, entry["file"], entry["sha256"], path, f"{key}.file")
     try:
         pack = Pack.load(pack_path)
     except PackError as exc:
         raise BundleError(f"{key}: {exc}", path, key) from None
-    check_model(pack.model, model, f"pack {entry['name']!r}", "the bundle")
-    if pack.token_position != "last":
-        # Exported graphs read the last real token (only decoders export); a pack read elsewhere would get other vectors.
-        raise BundleError(f"{key}: pack {entry['name']!r} reads heads at the {pack.token_position!r} token; exported graphs "
-                          "give the last real token's", path, key)
+    check_model(pack.model, info["model"], f"pack {entry['name']!r}", "the bundle")
+    graph_position = info["prompt"].get(PROMPT_TOKEN_POSITION, DEFAULT_TOKEN_POSITION)
+    if pack.token_position != graph_position:
+        # The graph returns one token's head outputs; a pack read at another token would get other vectors.
+        raise BundleError(f"{key}: pack {entry['name']!r} reads heads at the {pack.token_position!r} token; the bundle's "
+                          f"graph gives the {graph_position!r} token's", path, key)
     positions = np.asarray(entry["positions"])
     if positions.shape != (pack.k,) or not np.issubdtype(positions.dtype, np.integer) or (positions < 0).any() or (positions >= len(heads)).any():
         raise BundleError(f"{key}.positions must be {pack.k} indices into graph.heads ({len(heads)} heads)", path, f"{key}.positions")
     if not np.array_equal(heads[positions], pack.heads):
         raise ModelMismatchError(f"{path}: {key}.positions pick heads {heads[positions].tolist()} from the graph, "
                                  f"but pack {entry['name']!r} votes with {pack.heads.tolist()}")
-    return BundlePack(pack, str(entry["name"]), positions.astype(np.int64))
+    outputs = None
+    if info["format_version"] >= 2:
+        if entry["labels"] != list(pack.labels):
+            raise BundleError(f"{key}.labels {entry['labels']!r} differ from the pack's {list(pack.labels)}", path, f"{key}.labels")
+        outputs = entry["outputs"]
+        if not (isinstance(outputs, dict) and all(isinstance(outputs.get(role), str) and outputs[role] for role in SCORE_ROLES)):
+            raise BundleError(f"{key}.outputs must name the graph output of each of {list(SCORE_ROLES)}", path, f"{key}.outputs")
+    return BundlePack(pack, str(entry["name"]), positions.astype(np.int64), outputs)
 
 
 def check_model(found: dict[str, Any], expected: dict[str, Any], what: str, against: str) -> None:
@@ -237,10 +253,11 @@ def check_model(found: dict[str, Any], expected: dict[str, Any], what: str, agai
         raise ModelMismatchError(f"{what} was made for another model than {against}: {details}")
 
 
-def graph_metadata(bundle_model: dict[str, Any], heads: np.ndarray, pack_hashes: list[str]) -> dict[str, str]:
+def graph_metadata(bundle_model: dict[str, Any], heads: np.ndarray, pack_hashes: list[str],
+                   version: int = FORMAT_VERSION) -> dict[str, str]:
     """The metadata_props the writer puts in a graph and the reader checks (check_graph_metadata)."""
     return {
-        GRAPH_META_FORMAT: f"{FORMAT_NAME}/{FORMAT_VERSION}",
+        GRAPH_META_FORMAT: f"{FORMAT_NAME}/{version}",
         GRAPH_META_MODEL: json.dumps({field: bundle_model[field] for field in MODEL_MATCH_FIELDS}, sort_keys=True),
         GRAPH_META_HEADS: json.dumps(np.asarray(heads).tolist()),
         GRAPH_META_PACKS: json.dumps(sorted(pack_hashes)),

@@ -7,7 +7,9 @@
     result.label, result.votes, result.shares, result.by_pack   # by_pack: one result per pack in the bundle
     results = classifier.classify_batch([{"text": "...", "images": ["a.png"]}, ("another", ["b.png"])])
 
-One forward serves every pack of the bundle: the graph returns the union of their heads, each pack votes with its own.
+One forward serves every pack of the bundle: the graph returns the union of their heads and (bundle format 2) each
+pack's vote, computed inside the graph. The numpy vote (savpack_runtime.vote) is the reference the in-graph vote is
+tested against; the classifier uses it only for format-1 bundles, whose graphs return head vectors alone.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from PIL import Image
 
 from . import graph_inputs
 from .batching import plan_batches
-from .bundle import Bundle, check_graph_metadata
-from .errors import InputError, SavpackError
+from .bundle import Bundle, BundlePack, check_graph_metadata
+from .errors import GraphError, InputError, SavpackError
 from .images import ImageBytes, load_image, to_rgb
 from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
 from .result import PackResult, Result, results_from_votes
 from .session import GraphSession
-from .vote import classify_vectors
+from .vote import Votes, classify_vectors
 
 __all__ = ["Classifier", "Item", "PackResult", "Result"]
 
@@ -87,6 +89,11 @@ class Classifier:
         check_graph_metadata(bundle, session.metadata)
         if list(session.input_names) != list(bundle.graph["inputs"]):
             raise InputError(f"{bundle.graph_path}: graph inputs {list(session.input_names)} differ from bundle.json's {bundle.graph['inputs']}")
+        for entry in bundle.packs:
+            absent = [name for name in (entry.outputs or {}).values() if name not in session.output_names]
+            if absent:
+                raise GraphError(f"{bundle.graph_path}: pack {entry.name!r} reads graph outputs {absent}, which the graph "
+                                 f"does not have ({list(session.output_names)})")
         started = time.perf_counter()
         preprocessor = Preprocessor.load(Path(folder))
         timings["preprocessor"] = time.perf_counter() - started
@@ -104,7 +111,7 @@ class Classifier:
 
     @property
     def takes_images(self) -> bool:
-        return self.bundle.graph["kind"] != graph_inputs.TEXT
+        return self.bundle.graph["kind"] not in graph_inputs.TEXT_KINDS
 
     def classify(self, text: str = "", images: Sequence[Any] = ()) -> Result:
         """One item: text and images (file paths or PIL images)."""
@@ -113,28 +120,42 @@ class Classifier:
     def classify_batch(self, items: Iterable[Any], batch_size: int | None = None) -> list[Result]:
         """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
         items = [self.check_item(item, index) for index, item in enumerate(items)]
-        vectors = self.head_vectors(items, batch_size)
-        return results_from_votes({
-            entry.name: (entry.pack.labels, classify_vectors(vectors[:, entry.positions], entry.pack.centroids,
-                                                             entry.pack.selection.get("vote", "majority")))
-            for entry in self.bundle.packs
-        })
+        outputs = self.graph_outputs(items, batch_size)
+        return results_from_votes({entry.name: (entry.pack.labels, self._votes(entry, outputs)) for entry in self.bundle.packs})
+
+    @staticmethod
+    def _votes(entry: BundlePack, outputs: dict[str, np.ndarray]) -> Votes:
+        """A pack's vote over the batch: the graph's own (bundle format 2), or the reference numpy vote on the graph's
+        head vectors (format 1, whose graphs return head vectors only)."""
+        if entry.outputs is None:
+            return classify_vectors(outputs[graph_inputs.OUTPUT_NAME][:, entry.positions], entry.pack.centroids,
+                                    entry.pack.selection.get("vote", "majority"))
+        cosines, votes = outputs[entry.outputs["cosines"]], outputs[entry.outputs["votes"]]
+        return Votes(outputs[entry.outputs["prediction"]], votes, votes / entry.pack.k,
+                     cosines.sum(axis=1, dtype=np.float64), cosines.argmax(axis=-1))
 
     def head_vectors(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form
         classify_batch takes)."""
+        return self.graph_outputs(items, batch_size)[graph_inputs.OUTPUT_NAME]
+
+    def graph_outputs(self, items: Iterable[Any], batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (head vectors, each pack's in-graph vote), rows in the order of `items`
+        (any form classify_batch takes)."""
         batch_size = self.batch_size if batch_size is None else _check_batch_size(batch_size)
         items = [self.check_item(item, index) for index, item in enumerate(items)]
         prompts = [self.preprocessor.render(item.text, len(item.images)) for item in items]
         batches = plan_batches([len(item.images) for item in items], self.preprocessor.token_counts(prompts), batch_size)
-        heads, head_dim = len(self.bundle.heads), int(self.bundle.model["grid"][2])
-        vectors = np.zeros((len(items), heads, head_dim), dtype=np.float32)
+        outputs: dict[str, np.ndarray] = {}
         for batch in batches:
             images = [[_open(image, i) for image in items[i].images] for i in batch]
             encoded = self.preprocessor.encode([prompts[i] for i in batch], images)
             feed = graph_inputs.plan(self.bundle.graph["kind"], self.bundle.graph["plan"], encoded)
-            vectors[batch] = self.session.run(feed)
-        return vectors
+            for name, value in self.session.run_all(feed).items():
+                if name not in outputs:
+                    outputs[name] = np.zeros((len(items),) + value.shape[1:], dtype=value.dtype)
+                outputs[name][batch] = value
+        return outputs
 
     def check_item(self, item: Any, index: int = 0) -> Item:
         """One item in any accepted form, as an Item that fits this bundle's prompt; InputError("item {index}: ...")

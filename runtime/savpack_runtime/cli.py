@@ -96,7 +96,8 @@ def _info(args: argparse.Namespace) -> None:
         "model": bundle.model, "prompt": bundle.prompt["template"], "image_count": bundle.prompt["image_count"],
         "graph": {key: graph[key] for key in ("kind", "inputs", "opset", "weights", "selected_heads_only")},
         "heads": len(bundle.heads), "deepest_layer": int(bundle.heads[:, 0].max()),
-        "packs": [{"name": entry.name, "labels": list(entry.pack.labels), "k": entry.pack.k} for entry in bundle.packs],
+        "packs": [{"name": entry.name, "labels": list(entry.pack.labels), "k": entry.pack.k, "outputs": entry.outputs}
+                  for entry in bundle.packs],
     }
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -106,7 +107,8 @@ def _info(args: argparse.Namespace) -> None:
           f"{graph['weights']} weights" + (", selected heads only" if graph["selected_heads_only"] else ""))
     print(f"prompt  {bundle.prompt['template']!r} with {bundle.prompt['image_count']} image(s)")
     for entry in summary["packs"]:
-        print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}")
+        voted = f", votes in the graph ({entry['outputs']['votes']})" if entry["outputs"] else ", votes in numpy (format 1)"
+        print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}{voted}")
 
 
 def _whole_number(low: int, high: int):

@@ -28,19 +28,27 @@ QWEN2_VL = "qwen2_vl"
 QWEN2_5_VL = "qwen2_5_vl"
 LLAVA_ONEVISION = "llava_onevision"
 LLAVA = "llava"
+QWEN3_VL = "qwen3_vl"
+GEMMA3 = "gemma3"
+IDEFICS3 = "idefics3"  # Idefics3 and SmolVLM
+BERT = "bert"
+TEXT_KINDS = (TEXT, BERT)  # graphs that take no images
 
 # The graph contract: per graph kind (which planner feeds it), the inputs in order with their dynamic axes.
 _BATCH_SEQUENCE = {0: "batch", 1: "sequence"}
 _PER_IMAGE = {0: "images", 1: "image_patches"}
 _PER_WINDOW = {0: "windows", 1: "window_patches"}
+_QWEN2_VL_INPUTS = {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "patches"},
+                    "patch_index": _PER_IMAGE, "patch_mask": _PER_IMAGE, "patch_positions": _PER_IMAGE,
+                    "position_ids": {1: "batch", 2: "sequence"}, "image_token_index": _BATCH_SEQUENCE}
 GRAPH_INPUTS: dict[str, dict[str, dict[int, str]]] = {
     TEXT: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE},
+    # BERT encoders: the tokenizer's segment ids besides; heads at the first or last real token (plan token_position).
+    BERT: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "token_type_ids": _BATCH_SEQUENCE},
     # pixel_values (all patches, C*T*P*P) as the processor gives them; patch_index/patch_mask (N, P) lay them out per
     # image; patch_positions (N, P, 2) their (row, column) rotary ids; position_ids (3, B, S) the M-RoPE positions;
     # image_token_index (B, S) the merged image feature (flattened over N x P/4) each image token receives.
-    QWEN2_VL: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "patches"},
-               "patch_index": _PER_IMAGE, "patch_mask": _PER_IMAGE, "patch_positions": _PER_IMAGE,
-               "position_ids": {1: "batch", 2: "sequence"}, "image_token_index": _BATCH_SEQUENCE},
+    QWEN2_VL: _QWEN2_VL_INPUTS,
     # Qwen2-VL's inputs, then the windows of the vision tower's window-attention blocks: window_index / window_mask
     # (W, Pw) each window's patches (flattened over N x P), padded; window_inverse (N, P) where each patch of the image
     # layout sits in the window layout (flattened over W x Pw).
@@ -51,6 +59,15 @@ GRAPH_INPUTS: dict[str, dict[str, dict[int, str]]] = {
     # pixel_values (N, C, H, W) at the vision tower's size, as the processor gives them; the image features take the
     # image tokens in order inside the graph.
     LLAVA: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "images"}},
+    # Gemma 3 takes its images as LLaVA-1.5 does (one size, features filling the image tokens in order); the tokens of
+    # one image attend to each other, which the graph finds from input_ids.
+    GEMMA3: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "images"}},
+    # Qwen2-VL's inputs, then each patch's bilinear taps (index, weight) into the learned position-embedding grid, in
+    # the processor's patch order.
+    QWEN3_VL: {**_QWEN2_VL_INPUTS, "position_embed_index": {0: "patches"}, "position_embed_weight": {0: "patches"}},
+    # pixel_values (T, C, F, F): the real frames of the batch (tiles and global views), item after item; the frames'
+    # features take the image tokens in order.
+    IDEFICS3: {"input_ids": _BATCH_SEQUENCE, "attention_mask": _BATCH_SEQUENCE, "pixel_values": {0: "frames"}},
     # pixel_values (N, tiles, C, H, W) as the processor gives them; tile_index (T,) the tiles to encode (flattened over
     # N x tiles); image_token_index / image_token_weight (B, S, 4): each image token is a weighted sum of up to four
     # rows of the tile features (flattened over T x tokens per tile, then one row for the image_newline vector).
@@ -60,6 +77,14 @@ GRAPH_INPUTS: dict[str, dict[str, dict[int, str]]] = {
 }
 OUTPUT_NAME = "head_vectors"  # (B, k, head_dim) float32
 OUTPUT_AXES = {0: "batch"}
+# The vote inside the graph (bundle format 2): per pack, in the bundle's pack order, these outputs (batch first).
+# cosines (B, k, C) float32, votes (B, C) int64, prediction (B,) int64 (savpack.export.scores).
+SCORE_ROLES = ("cosines", "votes", "prediction")
+
+
+def score_outputs(pack_index: int) -> dict[str, str]:
+    """The graph output name of each scoring role of the bundle's pack number `pack_index`."""
+    return {role: f"pack{pack_index}.{role}" for role in SCORE_ROLES}
 
 
 def input_names(kind: str) -> tuple[str, ...]:
@@ -83,6 +108,14 @@ def plan(kind: str, config: dict[str, Any], encoded: dict[str, np.ndarray]) -> d
 
 def _plan_text(config: dict[str, Any], encoded: dict[str, np.ndarray], input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     return {}
+
+
+def _plan_bert(config: dict[str, Any], encoded: dict[str, np.ndarray], input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    token_type_ids = encoded.get("token_type_ids")
+    token_type_ids = np.zeros_like(input_ids) if token_type_ids is None else _int_array(encoded, "token_type_ids", 2)
+    if token_type_ids.shape != input_ids.shape:
+        raise InputError(f"token_type_ids has shape {list(token_type_ids.shape)}, input_ids {list(input_ids.shape)}")
+    return {"token_type_ids": token_type_ids}
 
 
 # -- Qwen2-VL --------------------------------------------------------------------------------------------------------
@@ -167,6 +200,36 @@ def mrope_position_ids(token_type: np.ndarray, mask: np.ndarray, grid: np.ndarra
     return positions
 
 
+# -- Qwen3-VL --------------------------------------------------------------------------------------------------------
+
+
+def _plan_qwen3_vl(config: dict[str, Any], encoded: dict[str, np.ndarray], input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    feed = _plan_qwen2_vl(config, encoded, input_ids, mask)
+    merge, side = int(config["spatial_merge_size"]), int(config["num_grid_per_side"])
+    taps = [position_embedding_taps(t, h, w, merge, side) for t, h, w in _int_array(encoded, "image_grid_thw", 2).tolist()]
+    return {**feed, "position_embed_index": np.concatenate([index for index, _ in taps]),
+            "position_embed_weight": np.concatenate([weight for _, weight in taps])}
+
+
+def position_embedding_taps(t: int, h: int, w: int, merge: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image's (t*h*w, 4) indices into the side x side learned position grid and bilinear weights, patches in the
+    processor's order (merge x merge blocks row-major, t times): transformers' get_vision_interpolation_indices_and_weights
+    with align_corners=True, in the same float32 operations."""
+    rows, cols = vision_rotary_positions(t, h, w, merge).T
+
+    def axis(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        source = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(source)
+        taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+        weights = np.maximum(np.float32(1) - np.abs(source[:, None] - floor[:, None] - np.arange(2, dtype=np.float32)), np.float32(0))
+        return taps, weights
+
+    (row_taps, row_weights), (col_taps, col_weights) = axis(rows, h), axis(cols, w)
+    index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
+    weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4).astype(np.float32)
+    return index, weight
+
+
 # -- Qwen2.5-VL -----------------------------------------------------------------------------------------------------
 
 
@@ -217,6 +280,29 @@ def _plan_llava(config: dict[str, Any], encoded: dict[str, np.ndarray], input_id
     if found != expected:
         raise InputError(f"input_ids hold {found} image tokens but the images give {expected} features")
     return {"pixel_values": pixel_values}
+
+
+# -- Idefics3, SmolVLM -----------------------------------------------------------------------------------------------
+
+
+def _plan_idefics3(config: dict[str, Any], encoded: dict[str, np.ndarray], input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch's real frames: transformers drops the all-zero padding frames; every real frame must be whole."""
+    frame = int(config["frame_size"])
+    pixel_values = _float_array(encoded, "pixel_values", 5)
+    if pixel_values.shape[2:] != (3, frame, frame):
+        raise InputError(f"pixel_values has frames of {list(pixel_values.shape[2:])}; the graph takes [3, {frame}, {frame}]")
+    frames = pixel_values.reshape(-1, 3, frame, frame)
+    real = (frames != 0).any(axis=(1, 2, 3))
+    pixel_mask = encoded.get("pixel_attention_mask")
+    if pixel_mask is not None:
+        pixel_mask = _int_array(encoded, "pixel_attention_mask", 4).reshape(-1, frame, frame)
+        if pixel_mask.shape[0] != len(frames) or not pixel_mask[real].all():
+            raise InputError("pixel_attention_mask must mark every pixel of every real frame (frames are never cropped)")
+    expected = int(real.sum()) * int(config["tokens_per_frame"])
+    found = int((input_ids == int(config["image_token_id"])).sum())
+    if found != expected:
+        raise InputError(f"input_ids hold {found} image tokens but the frames give {expected} features")
+    return {"pixel_values": np.ascontiguousarray(frames[real])}
 
 
 # -- LLaVA-OneVision -------------------------------------------------------------------------------------------------
@@ -342,6 +428,6 @@ def _array(encoded: dict[str, np.ndarray], name: str, rank: int, kind: type) -> 
 
 
 _PLANNERS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-    TEXT: _plan_text, QWEN2_VL: _plan_qwen2_vl, QWEN2_5_VL: _plan_qwen2_5_vl, LLAVA: _plan_llava,
-    LLAVA_ONEVISION: _plan_llava_onevision,
+    TEXT: _plan_text, BERT: _plan_bert, QWEN2_VL: _plan_qwen2_vl, QWEN2_5_VL: _plan_qwen2_5_vl, QWEN3_VL: _plan_qwen3_vl,
+    LLAVA: _plan_llava, GEMMA3: _plan_llava, LLAVA_ONEVISION: _plan_llava_onevision, IDEFICS3: _plan_idefics3,
 }

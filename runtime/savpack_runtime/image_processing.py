@@ -42,6 +42,15 @@ class PixelSteps:
         image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
         return np.asarray(image.resize((width, height), resample=self.resample))
 
+    @property
+    def feature_token(self) -> tuple[str, int]:
+        """The token that receives image features (string, id); most families' placeholder itself."""
+        return self.image_token, self.image_token_id
+
+    def expansion(self, tokens: int) -> str:
+        """What an image's placeholder becomes in the prompt, for an image of `tokens` features."""
+        return self.image_token * tokens
+
     def to_float(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (3, H, W) float32: rescaled in float64 then cast, normalised in float32."""
         values = pixels.astype(np.float64) * self.rescale_factor if self.do_rescale else pixels
@@ -85,9 +94,9 @@ class Qwen2VLImages(PixelSteps):
             w_bar = math.ceil(width * beta / factor) * factor
         return h_bar, w_bar
 
-    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[int]]:
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[str]]:
         """RGB images per item -> ({pixel_values (patches, 3*T*P*P) float32, image_grid_thw (n, 3) int64},
-        image tokens per image in order)."""
+        each image's placeholder text in order)."""
         patches, grids = [], []
         for index, image in enumerate(image for item in images for image in item):
             width, height = image.size
@@ -102,7 +111,7 @@ class Qwen2VLImages(PixelSteps):
             grids.append([1, grid_h, grid_w])
         grid_thw = np.array(grids, dtype=np.int64).reshape(-1, 3)
         tokens = [int(grid.prod()) // self.merge_size**2 for grid in grid_thw]
-        return {"pixel_values": np.concatenate(patches, axis=0), "image_grid_thw": grid_thw}, tokens
+        return {"pixel_values": np.concatenate(patches, axis=0), "image_grid_thw": grid_thw}, [self.expansion(n) for n in tokens]
 
     def _patchify(self, image: np.ndarray) -> tuple[np.ndarray, int, int]:
         """(C, H, W) -> (grid_h*grid_w, C*T*P*P): merge windows together, each patch repeated T times in time."""
@@ -138,9 +147,9 @@ class LlavaOnevisionImages(PixelSteps):
                  "must be 'default' or 'full'")
         _require(self.num_image_tokens > 0 and self.max_num_patches > 0, "num_image_tokens", "must be positive")
 
-    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[int]]:
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[str]]:
         """RGB images per item -> ({pixel_values (n, views, 3, H, W) float32, image_sizes (n, 2) int64,
-        batch_num_images (items,) int64}, image tokens per image in order)."""
+        batch_num_images (items,) int64}, each image's placeholder text in order)."""
         views, sizes, tokens = [], [], []
         for item in images:
             for image in item:
@@ -161,7 +170,7 @@ class LlavaOnevisionImages(PixelSteps):
             "image_sizes": np.array(sizes, dtype=np.int64),
             "batch_num_images": np.array([len(item) for item in images], dtype=np.int64),
         }
-        return inputs, tokens
+        return inputs, [self.expansion(n) for n in tokens]
 
     def _anyres_views(self, image: Image.Image) -> list[np.ndarray]:
         """The whole image at `size`, then the tiles of it fitted (aspect kept, centred on black) into the best
@@ -221,8 +230,8 @@ class LlavaImages(PixelSteps):
         new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
-    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[int]]:
-        """RGB images per item -> ({pixel_values (n, 3, H, W) float32}, image tokens per image in order)."""
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """RGB images per item -> ({pixel_values (n, 3, H, W) float32}, each image's placeholder text in order)."""
         views = []
         for image in (image for item in images for image in item):
             pixels = np.asarray(image)
@@ -232,7 +241,138 @@ class LlavaImages(PixelSteps):
             if self.crop_size is not None:
                 pixels = center_crop(pixels, *self.crop_size)
             views.append(self.to_float(pixels))
-        return {"pixel_values": np.stack(views)}, [self.num_image_tokens] * len(views)
+        return {"pixel_values": np.stack(views)}, [self.expansion(self.num_image_tokens)] * len(views)
+
+
+@dataclass(frozen=True)
+class Gemma3Images(PixelSteps):
+    """Gemma3ImageProcessorPil (without pan-and-scan) + Gemma3Processor's prompt: every image resized to one `size`;
+    its placeholder (the begin-of-image token) becomes `\n\n<boi>` + `soft_token` x image_seq_length + `<eoi>\n\n`,
+    and the soft tokens receive the image's features."""
+
+    size: tuple[int, int]  # (height, width)
+    image_seq_length: int
+    soft_token: str
+    soft_token_id: int
+    end_token: str  # the end-of-image token
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(min(self.size) > 0, "size", "must be positive")
+        _require(self.image_seq_length > 0, "image_seq_length", "must be positive")
+
+    @property
+    def feature_token(self) -> tuple[str, int]:
+        return self.soft_token, self.soft_token_id
+
+    def expansion(self, tokens: int) -> str:
+        return f"\n\n{self.image_token}{self.soft_token * tokens}{self.end_token}\n\n"
+
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """RGB images per item -> ({pixel_values (n, 3, H, W) float32}, each image's placeholder text in order)."""
+        views = [self.to_float(self.resize(image, *self.size)) for item in images for image in item]
+        return {"pixel_values": np.stack(views)}, [self.expansion(self.image_seq_length)] * len(views)
+
+
+@dataclass(frozen=True)
+class Idefics3Images(PixelSteps):
+    """Idefics3ImageProcessorPil / SmolVLMImageProcessorPil and their processors' prompt strings.
+
+    An image is resized so its longest edge is `longest_edge` (the shorter side rounded up to even), then (with
+    splitting) up to multiples of `frame_size` and cut into frame_size x frame_size tiles, row by row, followed by
+    the whole image resized to one frame; without splitting it becomes one frame. Every resize is PIL's, on the 8-bit
+    picture, as transformers does. Each frame gives `image_seq_len` image tokens, written with the `<row_r_col_c>`,
+    `fake_token` and `global_token` markers."""
+
+    longest_edge: int | None  # None: the first resize is skipped (do_resize with a height/width size is refused)
+    frame_size: int  # max_image_size["longest_edge"]
+    do_image_splitting: bool
+    image_seq_len: int
+    fake_token: str
+    global_token: str
+
+    MAX_IMAGE_SIZE = 4096  # transformers caps the first resize at 4k
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.frame_size > 0, "frame_size", "must be positive")
+        _require(self.longest_edge is None or self.longest_edge > 0, "longest_edge", "must be positive")
+        _require(self.image_seq_len > 0, "image_seq_len", "must be positive")
+
+    def first_size(self, height: int, width: int) -> tuple[int, int]:
+        """_resize_output_size_rescale_to_max_len then _resize_output_size_scale_below_upper_bound."""
+        aspect = width / height
+        if width >= height:
+            width = self.longest_edge
+            height = int(width / aspect)
+            height += height % 2
+        else:
+            height = self.longest_edge
+            width = int(height * aspect)
+            width += width % 2
+        height, width = max(height, 1), max(width, 1)
+        aspect = width / height
+        if width >= height and width > self.MAX_IMAGE_SIZE:
+            width, height = self.MAX_IMAGE_SIZE, int(self.MAX_IMAGE_SIZE / aspect)
+        elif height > width and height > self.MAX_IMAGE_SIZE:
+            height, width = self.MAX_IMAGE_SIZE, int(self.MAX_IMAGE_SIZE * aspect)
+        return max(height, 1), max(width, 1)
+
+    def split_size(self, height: int, width: int) -> tuple[int, int]:
+        """resize_for_vision_encoder: both sides up to multiples of frame_size, aspect kept as transformers keeps it."""
+        frame, aspect = self.frame_size, width / height
+        if width >= height:
+            width = math.ceil(width / frame) * frame
+            height = math.ceil(int(width / aspect) / frame) * frame
+        else:
+            height = math.ceil(height / frame) * frame
+            width = math.ceil(int(height * aspect) / frame) * frame
+        return height, width
+
+    def frames(self, image: Image.Image) -> tuple[list[np.ndarray], int, int]:
+        """One image -> its frames (each (frame, frame, 3) uint8), tile rows and tile columns (0, 0: not split)."""
+        pixels = np.asarray(image)
+        if self.longest_edge is not None:
+            pixels = self.resize(pixels, *self.first_size(*pixels.shape[:2]))
+        frame = self.frame_size
+        if not self.do_image_splitting:
+            return [self.resize(pixels, frame, frame)], 0, 0
+        pixels = self.resize(pixels, *self.split_size(*pixels.shape[:2]))
+        height, width = pixels.shape[:2]
+        if height <= frame and width <= frame:
+            return [pixels], 0, 0
+        rows, cols = (height - frame) // frame + 1, (width - frame) // frame + 1
+        tiles = [pixels[r * frame : (r + 1) * frame, c * frame : (c + 1) * frame] for r in range(rows) for c in range(cols)]
+        return tiles + [self.resize(pixels, frame, frame)], rows, cols
+
+    def prompt(self, rows: int, cols: int) -> str:
+        """The processor's replacement text for one image of rows x cols tiles (0 x 0: one frame)."""
+        tokens = self.image_token * self.image_seq_len
+        whole = f"{self.fake_token}{self.global_token}{tokens}{self.fake_token}"
+        if rows == 0 and cols == 0:
+            return whole
+        text = "".join("".join(f"{self.fake_token}<row_{r + 1}_col_{c + 1}>{tokens}" for c in range(cols)) + "\n"
+                       for r in range(rows))
+        return text + "\n" + whole
+
+    def process(self, images: list[list[Image.Image]]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """RGB images per item -> ({pixel_values (items, most frames, 3, F, F) float32, pixel_attention_mask
+        (items, most frames, F, F) int64: 1 on real frames}, each image's placeholder text in order)."""
+        per_item, texts = [], []
+        for item in images:
+            frames = []
+            for image in item:
+                cut, rows, cols = self.frames(image)
+                frames += [self.to_float(frame) for frame in cut]
+                texts.append(self.prompt(rows, cols))
+            per_item.append(frames)
+        most, frame = max(len(frames) for frames in per_item), self.frame_size
+        pixel_values = np.zeros((len(per_item), most, 3, frame, frame), dtype=np.float32)
+        pixel_mask = np.zeros((len(per_item), most, frame, frame), dtype=np.int64)
+        for index, frames in enumerate(per_item):
+            pixel_values[index, : len(frames)] = frames
+            pixel_mask[index, : len(frames)] = 1
+        return {"pixel_values": pixel_values, "pixel_attention_mask": pixel_mask}, texts
 
 
 def pad_to_square(pixels: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:

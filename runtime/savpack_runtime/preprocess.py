@@ -7,6 +7,7 @@ values and padding side) without torch or transformers. docs/preprocessing.md de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import types
@@ -23,14 +24,14 @@ from . import format as fmt
 from .compat import RUNTIME_PACKAGE, version_refusal
 from .errors import InputError, InputSizeError, PreprocessSpecError
 from .files import read_file
-from .image_processing import LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages
+from .image_processing import Gemma3Images, Idefics3Images, LlavaImages, LlavaOnevisionImages, PixelSteps, Qwen2VLImages
 from .images import to_rgb
 
 SPEC_FILE = "preprocess.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPEC_FORMAT = "savpack-preprocess"
-SPEC_VERSION = 1
-SUPPORTED_SPEC_VERSIONS = (1,)
+SPEC_VERSION = 2  # 2: text.token_type_ids, text.position_ids_from_mask, text.mm_token_types_name; more families
+SUPPORTED_SPEC_VERSIONS = (1, 2)
 MAX_SPEC_BYTES = 16 * 1024 * 1024  # a spec is a few KiB; a tokenizer.json of a large vocabulary is ~10 MiB
 MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
 
@@ -38,9 +39,15 @@ MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
 IMAGE_RULES: dict[str, type[PixelSteps] | None] = {
     "qwen2_vl": Qwen2VLImages,
     "qwen2_5_vl": Qwen2VLImages,  # Qwen2.5-VL's image processor is Qwen2-VL's
+    "qwen3_vl": Qwen2VLImages,  # and Qwen3-VL's (patch 16)
     "llava_onevision": LlavaOnevisionImages,
     "llava": LlavaImages,
+    "gemma3": Gemma3Images,
+    "idefics3": Idefics3Images,
+    "smolvlm": Idefics3Images,  # SmolVLM's image processor and prompt strings are Idefics3's
     "causal_lm": None,
+    "gpt2": None,
+    "bert": None,
 }
 
 
@@ -52,10 +59,13 @@ class RenderRule:
     image: str
     after_images: str
     max_images: int | None  # None: any number of images; 0: text only
+    min_images: int = 0  # (spec version 2) 1: the chat template renders a turn without images otherwise (Idefics3)
 
     def __post_init__(self) -> None:
         if self.max_images is not None and self.max_images < 0:
             raise ValueError("max_images: must be null or >= 0")
+        if self.min_images not in (0, 1) or (self.max_images is not None and self.min_images > self.max_images):
+            raise ValueError("min_images: must be 0 or 1, and at most max_images")
 
     def template(self, image_count: int) -> str:
         return self.before_images + self.image * image_count + self.after_images
@@ -70,6 +80,10 @@ class TextRule:
     padding_side: str  # "left" or "right"
     max_positions: int | None  # the model's context length, if it has one
     mm_token_types: tuple[tuple[int, int], ...] | None  # (token id, type) for `mm_token_type_ids`; None: no such input
+    # Fields added in spec version 2 (a version-1 spec reads with these defaults):
+    mm_token_types_name: str = "mm_token_type_ids"  # the input name of those types (Gemma 3: token_type_ids)
+    token_type_ids: bool = False  # return the tokenizer's segment ids as `token_type_ids` (BERT), 0 on padding
+    position_ids_from_mask: bool = False  # return `position_ids` counted over real tokens only (GPT-2)
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -129,11 +143,12 @@ class Preprocessor:
         if self.images is None:
             return
         token, token_id = self.images.image_token, self.images.image_token_id
-        if self.tokenizer.token_to_id(token) != token_id:
-            raise PreprocessSpecError(
-                f"{where}: image.image_token {token!r} is id {self.tokenizer.token_to_id(token)} in {TOKENIZER_FILE}, "
-                f"not image.image_token_id {token_id}"
-            )
+        for field, (name, number) in (("image_token", (token, token_id)), ("feature_token", self.images.feature_token)):
+            if self.tokenizer.token_to_id(name) != number:
+                raise PreprocessSpecError(
+                    f"{where}: image {field} {name!r} is id {self.tokenizer.token_to_id(name)} in {TOKENIZER_FILE}, "
+                    f"not {number}"
+                )
         rule = self.render_rule
         if token in rule.before_images or token in rule.after_images or (rule.max_images != 0 and rule.image.count(token) != 1):
             raise PreprocessSpecError(f"{where}: the image token {token!r} must stand once in render.image and nowhere else")
@@ -142,9 +157,9 @@ class Preprocessor:
         """The full prompt string for one item, as the builder renders it (chat template included)."""
         if not isinstance(text, str):
             raise InputError(f"text must be a string, got {type(text).__name__}")
-        limit = self.render_rule.max_images
-        if image_count < 0 or (limit is not None and image_count > limit):
-            allowed = "no images" if limit == 0 else f"at most {limit} images"
+        least, limit = self.render_rule.min_images, self.render_rule.max_images
+        if image_count < least or (limit is not None and image_count > limit):
+            allowed = "no images" if limit == 0 else f"at most {limit} images" if limit is not None else f"at least {least} image"
             raise InputError(f"the {self.family} prompt takes {allowed}, got {image_count}")
         return self.render_rule.template(image_count).replace(fmt.TEXT_PLACEHOLDER, text)
 
@@ -177,26 +192,33 @@ class Preprocessor:
                 if not all(isinstance(image, Image.Image) for image in item):
                     raise InputError(f"item {index}: images must be PIL images (open files with savpack_runtime.images.load_image)")
             rgb = [[to_rgb(image) for image in item] for item in images]
-            inputs, tokens_per_image = self.images.process(rgb)
-            expanded = self._expand_placeholders(prompts, [len(item) for item in images], tokens_per_image)
+            inputs, image_texts = self.images.process(rgb)
+            expanded = self._expand_placeholders(prompts, [len(item) for item in images], image_texts)
         elif self.images is not None:
             self._expand_placeholders(prompts, [0] * len(prompts), [])  # refuses placeholders without images
 
-        rows = [encoding.ids for encoding in self.tokenizer.encode_batch(expanded, add_special_tokens=self.text.add_special_tokens)]
+        encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=self.text.add_special_tokens)
+        rows = [encoding.ids for encoding in encodings]
         limit = self.text.max_positions
         for index, row in enumerate(rows):
             if limit is not None and len(row) > limit:
                 raise InputSizeError(f"item {index}: prompt is {len(row)} tokens, longer than the model's context of {limit}")
         input_ids, attention_mask = pad_rows(rows, self.text.pad_id, self.text.padding_side)
         encoded = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.text.token_type_ids:
+            encoded["token_type_ids"] = pad_rows([encoding.type_ids for encoding in encodings], 0, self.text.padding_side)[0]
         if self.text.mm_token_types is not None:
             types_of = np.zeros_like(input_ids)
             for token_id, kind in self.text.mm_token_types:
                 types_of[input_ids == token_id] = kind
-            encoded["mm_token_type_ids"] = types_of
+            encoded[self.text.mm_token_types_name] = types_of
+        if self.text.position_ids_from_mask:
+            # Real tokens count 0, 1, 2, ... whatever padding precedes them (learned absolute positions).
+            encoded["position_ids"] = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
         if self.images is not None and any(with_images):
-            expected = sum(tokens_per_image)
-            found = int((input_ids == self.images.image_token_id).sum())
+            feature, feature_id = self.images.feature_token
+            expected = sum(text.count(feature) for text in image_texts)
+            found = int((input_ids == feature_id).sum())
             if found != expected:
                 raise PreprocessSpecError(
                     f"{TOKENIZER_FILE}: {expected} image tokens were placed but {found} came out of tokenisation; "
@@ -204,8 +226,9 @@ class Preprocessor:
                 )
         return {**encoded, **inputs}
 
-    def _expand_placeholders(self, prompts: list[str], counts: list[int], tokens_per_image: list[int]) -> list[str]:
-        """Each image placeholder becomes as many image tokens as the image has features, in order."""
+    def _expand_placeholders(self, prompts: list[str], counts: list[int], image_texts: list[str]) -> list[str]:
+        """Each image placeholder becomes its image's text (image tokens, as many as the image has features, and the
+        family's markers), in order."""
         token = self.images.image_token
         expanded, position = [], 0
         for index, (prompt, count) in enumerate(zip(prompts, counts)):
@@ -216,8 +239,8 @@ class Preprocessor:
                     "image(s) were given (does the text contain the placeholder?)"
                 )
             text = pieces[0]
-            for piece, tokens in zip(pieces[1:], tokens_per_image[position : position + count]):
-                text += token * tokens + piece
+            for piece, image_text in zip(pieces[1:], image_texts[position : position + count]):
+                text += image_text + piece
             expanded.append(text)
             position += count
         return expanded
@@ -240,13 +263,14 @@ def parse_fields(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
         raise PreprocessSpecError(f"{where}: must be a JSON object, got {type(values).__name__}")
     names = [item.name for item in fields(cls)]
-    missing = [name for name in names if name not in values]
+    optional = {item.name for item in fields(cls) if item.default is not dataclasses.MISSING}
+    missing = [name for name in names if name not in values and name not in optional]
     unknown = sorted(set(values) - set(names))
     if missing or unknown:
         problems = ([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown else [])
         raise PreprocessSpecError(f"{where}: {', '.join(problems)} (fields: {names})")
     hints = typing.get_type_hints(cls)
-    arguments = {name: _typed(values[name], hints[name], f"{where}.{name}") for name in names}
+    arguments = {name: _typed(values[name], hints[name], f"{where}.{name}") for name in names if name in values}
     try:
         return cls(**arguments)
     except ValueError as exc:

@@ -83,15 +83,24 @@ class GraphSession:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's first output: the head vectors (B, k, head_dim)."""
+        return self.run_all(feed, self.output_names[:1])[self.output_names[0]]
+
+    def run_all(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The graph's outputs `names` (default: all) by name."""
+        names = list(self.output_names if names is None else names)
         missing = [name for name in self.input_names if name not in feed]
         if missing:
             raise GraphError(f"{self.path}: the graph needs inputs {missing}, the feed has {sorted(feed)}")
+        unknown = [name for name in names if name not in self.output_names]
+        if unknown:
+            raise GraphError(f"{self.path}: the graph has no outputs {unknown} (it has {list(self.output_names)})")
         try:
-            (vectors,) = self.session.run(self.output_names[:1], {name: feed[name] for name in self.input_names})
+            values = self.session.run(names, {name: feed[name] for name in self.input_names})
         except Exception as exc:
             shapes = {name: list(np.shape(feed[name])) for name in self.input_names}
             raise GraphError(f"{self.path}: onnxruntime failed on inputs {shapes}: {_first_line(exc)}") from None
-        return vectors
+        return dict(zip(names, values))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,7 +10,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPORTED = ROOT / "exported" / "bundles"
-CASES = ("qwen2_vl", "llava_onevision", "qwen2", "qwen2_5_vl", "llava", "gemma3_text")
+CASES = ("qwen2_vl", "llava_onevision", "qwen2", "qwen2_5_vl", "llava", "gemma3_text", "gpt2", "bert", "gemma3",
+         "smolvlm", "qwen3_vl")
 TOLERANCE = 1e-4
 
 

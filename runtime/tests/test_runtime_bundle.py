@@ -65,6 +65,9 @@ def test_golden_bundle_loads_with_two_packs_and_their_positions():
     (lambda f: (f / "packs" / "colour.safetensors").unlink(), BundleError, "is missing"),
     (lambda f: _edit_info(f, lambda i: i["packs"][0].update(positions=[0])), BundleError, "positions"),
     (lambda f: _edit_info(f, lambda i: i["packs"][1].update(name="colour")), BundleError, "names repeat"),
+    (lambda f: _edit_info(f, lambda i: i["packs"][0].update(labels=["red", "green", "blue"])), BundleError, "packs[0].labels"),
+    (lambda f: _edit_info(f, lambda i: i["packs"][0]["outputs"].pop("votes")), BundleError, "packs[0].outputs"),
+    (lambda f: _edit_info(f, lambda i: i["packs"][1].pop("outputs")), BundleError, "packs[1] must be an object"),
 ])
 def test_damaged_bundle_is_refused_with_a_named_error(bundle_copy, damage, error, words):
     damage(bundle_copy)
@@ -175,3 +178,35 @@ def test_provider_names():
     assert resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(GraphError, match="provider 'tpu'"):
         resolve_providers("tpu")
+
+
+def test_the_classifier_uses_the_votes_of_the_graph(bundle_copy, monkeypatch):
+    """A format-2 bundle is classified from the graph's own vote outputs: the numpy vote is not called; a pack whose
+    outputs name what the graph lacks is refused at load."""
+    from savpack_runtime import classifier as module
+
+    expected = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
+    monkeypatch.setattr(module, "classify_vectors", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
+    assert [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))] == expected
+    _edit_info(bundle_copy, lambda info: info["packs"][1]["outputs"].update(votes="pack7.votes"))
+    with pytest.raises(GraphError, match=r"reads graph outputs \['pack7.votes'\]"):
+        Classifier.load(bundle_copy)
+
+
+def test_a_format_1_bundle_votes_in_numpy(bundle_copy, monkeypatch):
+    """Bundles written before the vote moved into the graph keep working: the runtime votes on the head vectors."""
+    from savpack_runtime import classifier as module
+
+    expected = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
+
+    def as_format_1(info):
+        info["format_version"] = 1
+        for entry in info["packs"]:
+            del entry["labels"], entry["outputs"]
+
+    _edit_info(bundle_copy, as_format_1)
+    assert all(entry.outputs is None for entry in fmt.Bundle.load(bundle_copy).packs)
+    assert [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))] == expected
+    monkeypatch.setattr(module, "classify_vectors", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
+    with pytest.raises(pytest.fail.Exception, match="numpy vote ran"):
+        Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))

@@ -14,7 +14,7 @@ import pytest
 from savpack_runtime import Classifier, graph_inputs
 from savpack_runtime.bundle import Bundle
 from savpack_runtime.session import GraphSession
-from savpack_runtime.vote import classify_vectors
+from savpack_runtime.vote import classify_vectors, cosine_to_centroids
 
 import golden
 
@@ -28,14 +28,20 @@ def test_graph_matches_builder_head_vectors_and_labels(case, batch):
     session = GraphSession(bundle.graph_path, "cpu", threads=1)
     recorded = golden.recorded_batches(case)
     rows = recorded["order"] if batch == "all" else np.array([0])
-    vectors = session.run(graph_inputs.plan(bundle.graph["kind"], bundle.graph["plan"], recorded[batch]))
+    outputs = session.run_all(graph_inputs.plan(bundle.graph["kind"], bundle.graph["plan"], recorded[batch]))
+    vectors = outputs[graph_inputs.OUTPUT_NAME]
     expected = golden.expected_vectors(case)[rows]
     assert vectors.shape == expected.shape
     assert golden.within_tolerance(vectors, expected)
     for entry in bundle.packs:
-        votes = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
-        labels = [entry.pack.labels[i] for i in votes.predictions]
+        reference = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
+        labels = [entry.pack.labels[i] for i in reference.predictions]
         assert labels == [golden.expected(case)["packs"][entry.name]["labels"][i] for i in rows]
+        # The vote inside the graph is the numpy vote on the graph's own head vectors.
+        cosines = cosine_to_centroids(vectors[:, entry.positions], entry.pack.centroids)
+        assert np.abs(outputs[entry.outputs["cosines"]] - cosines).max() <= 1e-6
+        assert np.array_equal(outputs[entry.outputs["votes"]], reference.votes)
+        assert np.array_equal(outputs[entry.outputs["prediction"]], reference.predictions)
 
 
 def test_golden_batches_mix_lengths_and_image_sizes():

@@ -228,7 +228,7 @@ def _token_outside_the_image_block(spec: dict) -> None:
 
 @pytest.mark.parametrize("change, message", [
     (_set("format", "other"), "format is 'other'"),
-    (_set("format_version", 2), "format_version 2 is newer"),
+    (_set("format_version", 3), "format_version 3 is newer"),
     (_set("family", "gpt9"), "family 'gpt9'"),
     (_set("text", KeyError), "required field 'text'"),
     (_set("text.pad_id", "0"), r"text.pad_id: expected int"),

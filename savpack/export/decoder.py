@@ -36,9 +36,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    """query (n, h, q, d), key/value (n, h, s, d), allowed bool broadcastable to (n, h, q, s) -> (n, q, h, d)."""
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float,
+           softcap: float | None = None) -> torch.Tensor:
+    """query (n, h, q, d), key/value (n, h, s, d), allowed bool broadcastable to (n, h, q, s) -> (n, q, h, d).
+    softcap: Gemma 2's attention logit soft-capping, cap * tanh(scores / cap), before the mask."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(allowed, scores, torch.finfo(torch.float32).min)
     weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
     return torch.matmul(weights, value).transpose(1, 2)
@@ -48,6 +52,33 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) -> (B,) index of each row's last real token, for left and right padding alike."""
     steps = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
     return torch.argmax(attention_mask.to(torch.int64) * steps, dim=1)
+
+
+def token_positions(attention_mask: torch.Tensor, which: str) -> torch.Tensor:
+    """(B, S) -> (B,) index of each row's last ("last") or first ("first": an encoder's [CLS]) real token."""
+    if which == "last":
+        return last_positions(attention_mask)
+    if which != "first":
+        raise ExportError(f"token position {which!r} is not 'first' or 'last'")
+    length = attention_mask.shape[1]
+    steps = torch.arange(length, 0, -1, device=attention_mask.device)  # the first real token scores highest
+    return torch.argmax(attention_mask.to(torch.int64) * steps, dim=1)
+
+
+class HeadCapture:
+    """Which heads to keep per layer, and the permutation that puts the kept heads (layer by layer, heads sorted) in
+    the graph's order: one gather at the end instead of k small slices."""
+
+    def __init__(self, heads: np.ndarray):
+        heads = np.asarray(heads, dtype=np.int64)
+        self.deepest = int(heads[:, 0].max())
+        self.by_layer = {int(layer): sorted({int(h) for l, h in heads if l == layer}) for layer in np.unique(heads[:, 0])}
+        flat = [(layer, head) for layer in sorted(self.by_layer) for head in self.by_layer[layer]]
+        self.order = torch.tensor([flat.index((int(l), int(h))) for l, h in heads])
+
+    def gather(self, captured: list[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+        """captured: per layer with chosen heads, in layer order, (B, n_layer, d) -> (B, k, d) in the graph's order."""
+        return torch.cat(captured, dim=1)[:, order]
 
 
 def rope_types(text_config: Any) -> list[str]:
@@ -79,7 +110,7 @@ def check_text_model(text_model: nn.Module, text_config: Any, grid: tuple[int, i
     missing = [name for name in _PROJECTIONS if not isinstance(getattr(attention, name, None), nn.Linear)]
     if missing:
         raise ExportError(f"{model_name}: attention lacks the linear projections {missing}; only Llama-style attention is exportable")
-    for name in ("attn_logit_softcapping", "use_bidirectional_attention"):
+    for name in ("use_bidirectional_attention",):
         if getattr(text_config, name, None):
             raise ExportError(f"{model_name}: {name}={getattr(text_config, name)!r} is not implemented by the export decoder")
     if int(attention.head_dim) != grid[2]:
@@ -105,8 +136,8 @@ class HeadDecoder(nn.Module):
                  selected_only: bool = False):
         super().__init__()
         layers_count, self.num_heads, self.head_dim = grid
-        heads = np.asarray(heads, dtype=np.int64)
-        self.deepest = int(heads[:, 0].max())
+        picked = HeadCapture(heads)
+        self.deepest = picked.deepest
         self.embed_tokens = text_model.embed_tokens
         self.layers = nn.ModuleList(text_model.layers[: self.deepest + 1])
         attention = self.layers[0].self_attn
@@ -116,13 +147,15 @@ class HeadDecoder(nn.Module):
         configured = getattr(text_config, "layer_types", None)
         self.layer_types = [str(configured[index]) if configured else FULL_ATTENTION for index in range(self.deepest + 1)]
         self.windows = layer_windows(text_model, text_config)[: self.deepest + 1]
+        softcap = getattr(text_config, "attn_logit_softcapping", None)  # Gemma 2
+        self.softcap = float(softcap) if softcap else None
         # Gemma 3: norms after the attention and around the MLP; Llama: post_attention_layernorm precedes the MLP.
         self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
 
         # Per layer with chosen heads: which heads to keep; then one permutation puts them in the graph's order.
-        self.capture = {int(layer): sorted({int(h) for l, h in heads if l == layer}) for layer in np.unique(heads[:, 0])}
-        flat = [(layer, head) for layer in sorted(self.capture) for head in self.capture[layer]]
-        self.register_buffer("order", torch.tensor([flat.index((int(l), int(h))) for l, h in heads]), persistent=False)
+        self.picked = picked
+        self.capture = picked.by_layer
+        self.register_buffer("order", picked.order, persistent=False)
         if selected_only:
             self._slice_deepest()
 
@@ -149,14 +182,22 @@ class HeadDecoder(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """hidden (B, S, E) embeddings, attention_mask (B, S), tables: layer type -> cos, sin (B, S, d) -> (B, k, d)."""
+                tables: dict[str, tuple[torch.Tensor, torch.Tensor]], image_blocks: torch.Tensor | None = None,
+                additions: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """hidden (B, S, E) embeddings, attention_mask (B, S), tables: layer type -> cos, sin (B, S, d) -> (B, k, d).
+
+        image_blocks (B, S): Gemma 3's image blocks (an id per image, -1 for text): tokens of one image also attend
+        to each other forward (within the window on sliding layers). additions: Qwen3-VL's deepstack, (B, S, E) added
+        to the output of layers 0, 1, ... in turn."""
         batch, length, _ = hidden.shape
         last = last_positions(attention_mask)  # (B,)
         rows = torch.arange(batch, device=hidden.device)
         real = attention_mask.to(torch.bool)
         steps = torch.arange(length, device=hidden.device)
         distance = steps[:, None] - steps[None, :]  # (S, S) query index - key index
+        ordered = (distance >= 0)[None]  # (1, S, S) causal
+        if image_blocks is not None:  # (B, S, S): causal, or both in one image
+            ordered = ordered | ((image_blocks[:, :, None] == image_blocks[:, None, :]) & (image_blocks[:, :, None] >= 0))
         masks: dict[int | None, torch.Tensor] = {}
 
         captured = []
@@ -165,18 +206,18 @@ class HeadDecoder(nn.Module):
             cos, sin = tables[self.layer_types[index]]
             normed = layer.input_layernorm(hidden)
             if index == self.deepest and self.selected_only:
-                captured.append(self._deepest_selected(normed, real, last, rows, cos, sin, window))
+                captured.append(self._deepest_selected(normed, real, last, rows, cos, sin, window, ordered, image_blocks is not None))
                 break
             if window not in masks:  # causal, real keys only, and within the window if the layer slides
-                causal = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
-                masks[window] = (causal[None, :, :] & real[:, None, :])[:, None]  # (B, 1, S, S)
+                allowed = ordered if window is None else ordered & (distance < window)[None]
+                masks[window] = (allowed & real[:, None, :])[:, None]  # (B, 1, S, S)
             query = self._heads(attention, "q", attention.q_proj(normed), self.num_heads)
             key = self._heads(attention, "k", attention.k_proj(normed), self.kv_heads)
             value = attention.v_proj(normed).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             query = apply_rotary(query, cos[:, None], sin[:, None])
             key = apply_rotary(key, cos[:, None], sin[:, None])
             key, value = self._repeat_kv(key), self._repeat_kv(value)
-            per_head = attend(query, key, value, masks[window], self.scaling)  # (B, S, H, d)
+            per_head = attend(query, key, value, masks[window], self.scaling, self.softcap)  # (B, S, H, d)
             if index in self.capture:
                 captured.append(per_head[rows, last][:, self.capture[index]])  # (B, n_layer, d)
             if index == self.deepest:
@@ -188,7 +229,9 @@ class HeadDecoder(nn.Module):
             else:
                 hidden = hidden + attended
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return torch.cat(captured, dim=1)[:, self.order]  # (B, k, d)
+            if additions is not None and index < len(additions):
+                hidden = hidden + additions[index]
+        return self.picked.gather(captured, self.order)  # (B, k, d)
 
     def _heads(self, attention: nn.Module, which: str, projected: torch.Tensor, count: int) -> torch.Tensor:
         """(B, S, count * d) -> (B, count, S, d) (count -1: as many as there are), through the per-head norm
@@ -207,7 +250,8 @@ class HeadDecoder(nn.Module):
         return states[:, :, None].expand(batch, kv_heads, group, length, d).reshape(batch, kv_heads * group, length, d)
 
     def _deepest_selected(self, normed: torch.Tensor, real: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, window: int | None) -> torch.Tensor:
+                          cos: torch.Tensor, sin: torch.Tensor, window: int | None, ordered: torch.Tensor,
+                          per_item: bool) -> torch.Tensor:
         """Layer L*'s chosen heads at the last position: one query row per item, keys over the real tokens before it."""
         batch, length, _ = normed.shape
         chosen, d = len(self.capture[self.deepest]), self.head_dim
@@ -220,11 +264,12 @@ class HeadDecoder(nn.Module):
         key = apply_rotary(key, cos[:, None], sin[:, None])
         key, value = key[:, self.kv_of_chosen], value[:, self.kv_of_chosen]  # (B, chosen, S, d)
         steps = torch.arange(length, device=normed.device)
-        allowed = real & (steps[None, :] <= last[:, None])
+        # (B, S): the last token's row of the mask (ordered is (1, S, S) without image blocks, else (B, S, S)).
+        allowed = real & (ordered[rows, last] if per_item else ordered[0][last])
         if window is not None:
             allowed = allowed & (last[:, None] - steps[None, :] < window)
         allowed = allowed[:, None, None]  # (B, 1, 1, S)
-        return attend(query, key, value, allowed, self.scaling)[:, 0]  # (B, chosen, d)
+        return attend(query, key, value, allowed, self.scaling, self.softcap)[:, 0]  # (B, chosen, d)
 
 
 def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

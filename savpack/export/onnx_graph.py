@@ -6,7 +6,7 @@ bundle's one weights file tensor by tensor (the graph under 2 GB keeps them inli
 
 The contract (declared here and in savpack_runtime.graph_inputs, documented in docs/export.md):
 - inputs: graph_inputs.GRAPH_INPUTS[kind], in that order, with their dynamic axes;
-- output: `head_vectors` (batch, k, head_dim) float32;
+- outputs: `head_vectors` (batch, k, head_dim) float32, then each pack's vote (graph_inputs.score_outputs);
 - opset 18 (OPSET): the newest opset both torch exporters emit (the TorchScript exporter stops at 20, the dynamo
   exporter starts at 18) that every onnxruntime the runtime accepts (>= 1.18) runs. Attention is plain MatMul and
   Softmax, so nothing newer (opset 23's Attention) is needed;
@@ -48,6 +48,9 @@ def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], folder: Path,
 
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter {exporter!r} is not one of {EXPORTERS}")
+    # torch.onnx.export restores the module's training flag afterwards, recursively: a wrapper left in training mode
+    # would switch the loaded model's dropout on (BERT's) for every later forward.
+    graph.module.eval()
     names = list(graph.input_names)
     args = tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in names)
     axes = {name: dict(graph_inputs.GRAPH_INPUTS[graph.kind][name]) for name in names}
@@ -56,14 +59,15 @@ def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], folder: Path,
         try:
             with torch.no_grad():
                 if exporter == "torchscript":
+                    outputs = {name: graph_inputs.OUTPUT_AXES for name in graph.output_names}
                     torch.onnx.export(graph.module, args, str(path), input_names=names,
-                                      output_names=[graph_inputs.OUTPUT_NAME],
-                                      dynamic_axes={**axes, graph_inputs.OUTPUT_NAME: graph_inputs.OUTPUT_AXES},
+                                      output_names=list(graph.output_names), dynamic_axes={**axes, **outputs},
                                       opset_version=OPSET, dynamo=False, do_constant_folding=True)
                 else:
-                    shapes = {name: {axis: torch.export.Dim.AUTO for axis in axes[name]} for name in names}
+                    # Positional: a scored graph's forward takes *inputs.
+                    shapes = tuple({axis: torch.export.Dim.AUTO for axis in axes[name]} for name in names)
                     torch.onnx.export(graph.module, args, str(path), input_names=names,
-                                      output_names=[graph_inputs.OUTPUT_NAME], dynamic_shapes=shapes,
+                                      output_names=list(graph.output_names), dynamic_shapes=shapes,
                                       opset_version=OPSET, dynamo=True, external_data=True, verbose=False)
         except Exception as exc:  # the exporters raise many types; the message is what the user needs
             raise ExportError(f"torch.onnx.export ({exporter}) failed: {str(exc).strip().splitlines()[0]}") from exc
@@ -101,8 +105,9 @@ def float16_weights(model, folder: Path) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     casts, saved = [], 0
+    scoring = scoring_initializers(model)
     for index, tensor in enumerate(model.graph.initializer):
-        if tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 2:
+        if tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 2 or tensor.name in scoring:
             continue
         name, values = tensor.name, numpy_helper.to_array(tensor, base_dir=str(folder))
         largest = float(np.abs(values).max(initial=0.0))
@@ -116,6 +121,25 @@ def float16_weights(model, folder: Path) -> int:
     del model.graph.node[:]
     model.graph.node.extend(casts + nodes)
     return saved
+
+
+def scoring_nodes(model) -> list[str]:
+    """Names of the nodes that compute the packs' votes (savpack.export.scores: the `scores` submodule)."""
+    from .scores import SCORES_MODULE
+
+    return [node.name for node in model.graph.node if node.name.startswith((f"/{SCORES_MODULE}.", f"/{SCORES_MODULE}/"))]
+
+
+def scoring_initializers(model) -> set[str]:
+    """Initializers read only by the scoring nodes (the unit centroids, unless the exporter made them Constant nodes):
+    kept in float32 by every conversion."""
+    scoring = set(scoring_nodes(model))
+    readers: dict[str, set[bool]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name in scoring)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return {name for name, kinds in readers.items() if kinds == {True} and name in initializers}
 
 
 def finish(model, metadata: dict[str, str]) -> None:
@@ -137,6 +161,21 @@ INLINE_BYTES = 1024
 _COPY_BLOCK = 64 << 20
 
 
+def _inline_attribute_tensors(model, folder: Path) -> None:
+    """Tensors held by node attributes (Constant values) inside the graph file: a tool that saved them as external
+    data (onnxruntime's quantizer does) would otherwise leave them pointing at its own weights file."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            for tensor in [attribute.t] if attribute.HasField("t") else list(attribute.tensors):
+                if uses_external_data(tensor):
+                    onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+                    del tensor.external_data[:]
+                    tensor.ClearField("data_location")
+
+
 def save(model, path: Path, folder: Path) -> None:
     """graph.onnx with its weights in one external file (GRAPH_DATA_FILE) beside it, then onnx's checker on the file.
 
@@ -149,6 +188,7 @@ def save(model, path: Path, folder: Path) -> None:
 
     path = Path(path)
     data_path = path.parent / GRAPH_DATA_FILE
+    _inline_attribute_tensors(model, Path(folder))
     with open(data_path, "wb") as data:
         for tensor in model.graph.initializer:
             if uses_external_data(tensor):

@@ -22,7 +22,9 @@ from savpack_runtime import graph_inputs
 from savpack_runtime.errors import SavpackError
 from savpack_runtime.images import load_image
 from savpack_runtime.items import Example
+from savpack_runtime.pack import Pack
 from savpack_runtime.session import GraphSession
+from savpack_runtime.vote import classify_vectors, cosine_to_centroids
 
 from ..errors import ExportError
 from ..extract import extract
@@ -30,6 +32,7 @@ from ..models import LoadedModel
 
 DEFAULT_TOLERANCE = 1e-4  # float32 weights: max |graph - model| per value, also relative to the value's size
 FLOAT16_TOLERANCE = 2e-2  # float16 weights round each weight to 11 significant bits
+SCORE_TOLERANCE = 1e-6  # the in-graph cosines against the numpy vote's, on the same head vectors
 
 # Word lists for the texts: common English, so every tokenizer splits them into ordinary pieces.
 _WORDS = "what is the colour shape of this picture a red blue green small large circle square photo shows here".split()
@@ -111,30 +114,38 @@ def encode_examples(loaded: LoadedModel, examples: Sequence[Example], template: 
 
 
 def validation_batches(image_count: int, folder: Path) -> dict[str, list[Example]]:
-    """Batch 1 with the largest text, and a mixed batch: three lengths, three image sizes, one item with an extra image."""
+    """Batch 1 with the largest text, and a mixed batch: four lengths, image sizes, one item with an extra image."""
     return {
         "batch of 1": make_examples(1, image_count, VALIDATION_SIZES[3:4], folder, seed=11),
-        "mixed batch of 3": make_examples(3, image_count, VALIDATION_SIZES[:3] + VALIDATION_SIZES[4:], folder, seed=12,
+        # 4 items: the graph was traced on 3, so a batch size baked into it shows here.
+        "mixed batch of 4": make_examples(4, image_count, VALIDATION_SIZES[:3] + VALIDATION_SIZES[4:], folder, seed=12,
                                           extra_image_item=1 if image_count else None),
     }
 
 
 def validate_graph(session: GraphSession, loaded: LoadedModel, kind: str, plan_config: dict[str, Any],
                    heads: np.ndarray, template: str, image_count: int, tolerance: float = DEFAULT_TOLERANCE,
-                   batches: dict[str, list[Example]] | None = None) -> ValidationReport:
-    """Run graph and model on fresh batches; raise ExportValidationError listing every mismatch."""
+                   batches: dict[str, list[Example]] | None = None, token_position: str = "last",
+                   packs: Sequence[tuple[Pack, np.ndarray]] = ()) -> ValidationReport:
+    """Run graph and model on fresh batches; raise ExportValidationError listing every mismatch.
+
+    packs: (pack, positions in the graph's heads) in bundle order, for graphs that vote inside (scored graphs): each
+    pack's in-graph cosines, votes and prediction must equal the numpy vote on the graph's own head vectors."""
     heads = np.asarray(heads)
     report, mismatches = ValidationReport(tolerance=tolerance), []
     with tempfile.TemporaryDirectory(prefix="savpack-validate-") as tmp:
         batches = batches if batches is not None else validation_batches(image_count, Path(tmp))
         for name, examples in batches.items():
-            expected = extract(loaded, examples, template, heads=heads, batch_size=len(examples), progress=False).vectors
+            expected = extract(loaded, examples, template, heads=heads, batch_size=len(examples), progress=False,
+                               token_position=token_position).vectors
             try:
                 feed = graph_inputs.plan(kind, plan_config, encode_examples(loaded, examples, template))
-                found = session.run(feed)
+                outputs = session.run_all(feed)
             except SavpackError as exc:
                 mismatches.append(Mismatch(name, None, None, float("inf"), f"graph failed: {exc}"))
                 continue
+            found = outputs[graph_inputs.OUTPUT_NAME]
+            mismatches += score_mismatches(name, outputs, packs)
             if found.shape != expected.shape:
                 mismatches.append(Mismatch(name, None, None, float("inf"), f"graph returned shape {list(found.shape)}, "
                                            f"the model {list(expected.shape)}"))
@@ -150,3 +161,18 @@ def validate_graph(session: GraphSession, loaded: LoadedModel, kind: str, plan_c
     if mismatches:
         raise ExportValidationError(mismatches, tolerance)
     return report
+
+
+def score_mismatches(batch: str, outputs: dict[str, np.ndarray], packs: Sequence[tuple[Pack, np.ndarray]]) -> list[Mismatch]:
+    """Each pack's in-graph vote against savpack_runtime.vote on the graph's own head vectors."""
+    vectors, mismatches = outputs[graph_inputs.OUTPUT_NAME], []
+    for index, (pack, positions) in enumerate(packs):
+        names = graph_inputs.score_outputs(index)
+        reference = classify_vectors(vectors[:, positions], pack.centroids, pack.selection.get("vote", "majority"))
+        cosines = cosine_to_centroids(vectors[:, positions], pack.centroids)
+        checks = {"cosines": float(np.abs(outputs[names["cosines"]] - cosines).max()) <= SCORE_TOLERANCE,
+                  "votes": np.array_equal(outputs[names["votes"]], reference.votes),
+                  "prediction": np.array_equal(outputs[names["prediction"]], reference.predictions)}
+        mismatches += [Mismatch(batch, None, None, float("inf"), f"pack {pack.name or index}: in-graph {role} differ from "
+                                "the numpy vote") for role, equal in checks.items() if not equal]
+    return mismatches

@@ -365,6 +365,49 @@ def _gpt2(folder: Path):
     return save_model_folder(folder, GPT2LMHeadModel(config), tokenizer)
 
 
+def _qwen3(folder: Path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # Qwen3: per-head q/k norms; head_dim 12 != hidden / heads = 8, as its config allows.
+    tokenizer = build_tokenizer(["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE.replace("{IMAGE}", ""))
+    model = Qwen3ForCausalLM(Qwen3Config(**text_config(tokenizer, head_dim=12)))
+    _randomise_norms(model)
+    return save_model_folder(folder, model, tokenizer)
+
+
+def _gemma(folder: Path):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    # Gemma (1): scaled embeddings, RMSNorm scales of 1 + w, one key/value head.
+    tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>"], _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
+    model = GemmaForCausalLM(GemmaConfig(**text_config(tokenizer, heads=4, kv_heads=1, head_dim=16)))
+    _randomise_norms(model)
+    return save_model_folder(folder, model, tokenizer)
+
+
+def _gemma2(folder: Path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # Gemma 2: attention logit soft-capping (a low cap, so it bites), norms around attention and MLP, sliding-window
+    # layers (window 6 < the test prompts) alternating with global ones, query_pre_attn_scalar != head_dim.
+    tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>"], _GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
+    config = Gemma2Config(**text_config(tokenizer, heads=4, kv_heads=2, head_dim=16, query_pre_attn_scalar=32,
+                                         sliding_window=6, attn_logit_softcapping=0.02,
+                                         layer_types=["sliding_attention", "full_attention"] * 2))
+    model = Gemma2ForCausalLM(config)
+    _randomise_norms(model)
+    return save_model_folder(folder, model, tokenizer)
+
+
+def _randomise_norms(model) -> None:
+    """transformers initialises norm scales to one (or Gemma's zero offsets): draw them, so every norm matters."""
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.normal_(parameter, mean=0.0 if "gemma" in model.config.model_type else 1.0, std=0.3)
+
+
 def _bert(folder: Path):
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -379,7 +422,8 @@ def _bert(folder: Path):
 
 FIXTURES = {"qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision, "qwen2": _qwen2, "llama": _llama,
             "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "llava": _llava, "idefics3": _idefics3,
-            "smolvlm": _smolvlm, "gemma3": _gemma3, "gpt2": _gpt2, "gemma3_text": _gemma3_text, "bert": _bert}
+            "smolvlm": _smolvlm, "gemma3": _gemma3, "gpt2": _gpt2, "gemma3_text": _gemma3_text, "bert": _bert,
+            "qwen3": _qwen3, "gemma": _gemma, "gemma2": _gemma2}
 
 
 def build_fixture(name: str, folder: str | Path, seed: int = 0) -> Path:

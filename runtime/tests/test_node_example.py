@@ -1,0 +1,74 @@
+"""examples/node: the Node.js client (onnxruntime-node + the tokenizers package) gives savpack-run's records.
+
+Needs Node.js and `npm ci` in examples/node (CI's .ci/run does both and sets SAVPACK_REQUIRE_NODE=1, which turns a
+missing Node or missing packages into a failure instead of a skip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from savpack_runtime import Classifier
+
+import golden
+
+pytestmark = pytest.mark.slow  # each test spawns Node.js
+
+EXAMPLE = golden.ROOT / "examples" / "node"
+# Every text graph kind and preprocessing the client handles: left padding with a chat template (qwen2, Gemma 3),
+# positions counted from the mask (GPT-2), an encoder read at [CLS] with right padding and segment ids (BERT).
+CASES = ("qwen2", "gemma3_text", "gpt2", "bert")
+EXTRA_TEXTS = ["émojis 🙂 and accents: café, naïve", "two\nlines\tand tabs", "{text} braces {", "a " * 60 + "long one",
+               "   spaced   out   ", "UPPER case Mixed", "the red sun is here"]
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    ready = node is not None and (EXAMPLE / "node_modules" / "onnxruntime-node").is_dir() and (EXAMPLE / "node_modules" / "tokenizers").is_dir()
+    if not ready:
+        if os.environ.get("SAVPACK_REQUIRE_NODE"):
+            pytest.fail("SAVPACK_REQUIRE_NODE is set but node or examples/node/node_modules is missing (run npm ci there)")
+        pytest.skip("Node.js or examples/node's packages are not installed (cd examples/node && npm ci)")
+    return node
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_node(), str(EXAMPLE / "classify.js"), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_node_records_equal_the_python_runtimes(case, tmp_path):
+    items = [item["text"] for item in golden.items(case)] + EXTRA_TEXTS
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in items), encoding="utf-8")
+    done = _run(golden.bundle_dir(case), data, "--batch-size", "3")
+    assert done.returncode == 0, done.stderr
+    found = [json.loads(line) for line in done.stdout.splitlines()]
+    results = Classifier.load(golden.bundle_dir(case), threads=1, batch_size=3).classify_batch(items)
+    expected = [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)]
+    assert found == expected
+    assert len({record["label"] for record in found}) > 1  # the comparison sees more than one class
+
+
+def test_node_refuses_what_it_cannot_classify(tmp_path):
+    data = tmp_path / "items.jsonl"
+    data.write_text(json.dumps({"text": "a"}) + "\n")
+    images = _run(golden.bundle_dir("qwen2_vl"), data)
+    assert images.returncode == 1 and "graph kind \"qwen2_vl\"" in images.stderr and "Error:" not in images.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{not json\n')
+    broken = _run(golden.bundle_dir("qwen2"), bad)
+    assert broken.returncode == 1 and "bad.jsonl:2: not valid JSON" in broken.stderr
+    bad.write_text('{"text": ""}\n')
+    assert "bad.jsonl:1: has neither text nor images" in _run(golden.bundle_dir("qwen2"), bad).stderr
+    bundle = tmp_path / "bundle"
+    shutil.copytree(golden.bundle_dir("qwen2"), bundle)
+    (bundle / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text().replace('"a"', '"b"', 1))
+    altered = _run(bundle, data)
+    assert altered.returncode == 1 and "tokenizer.json does not match its sha256" in altered.stderr
