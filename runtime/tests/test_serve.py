@@ -23,8 +23,6 @@ from savpack_runtime.errors import InputError
 import golden
 from serving import b64, classifier, data_url, metric, running_server
 
-TEXT_CASES = ("qwen2", "gemma3_text")
-IMAGE_CASES = ("qwen2_vl", "llava", "llava_onevision", "qwen2_5_vl")
 
 
 def cli_records(case: str, capsys) -> list[dict]:
@@ -55,7 +53,7 @@ def request_body(item: dict, number: int) -> dict:
     return {"inputs": [{"text": item["text"], **({"images": images} if images else {})}]}
 
 
-@pytest.mark.parametrize("case", TEXT_CASES + IMAGE_CASES)
+@pytest.mark.parametrize("case", golden.CASES)
 def test_service_gives_the_clis_records(case, capsys):
     """Each item in its own request, all at once (so they are batched together), and all items in one request:
     every record equals the one `savpack-run classify --json` prints."""
