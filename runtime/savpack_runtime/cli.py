@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -80,7 +81,10 @@ def _serve(args: argparse.Namespace) -> None:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels)
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, limits=limits)
-    classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.max_batch)
+    # The forward's threads must leave a core to the event loop that reads, checks and answers requests (measured on 2
+    # cores: all cores for onnxruntime halved the throughput at concurrency 32; docs/serving.md).
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    classifier = Classifier.load(args.bundle, providers=args.providers, threads=threads, batch_size=args.max_batch)
     run_server(classifier, options, args.host, args.port, log_level=args.log_level, access_log=args.access_log,
                graceful_seconds=args.graceful_seconds)
 
@@ -211,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "before decoding; more get 413 (default 16777216 = 4096x4096)")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request body size; more get 413 (default 8 MiB)")
     serve.add_argument("--providers", default="cpu", help="cpu or cuda (falls back to cpu with a warning)")
-    serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="onnxruntime intra-op threads (default: all cores but one, which the HTTP event loop needs)")
     serve.add_argument("--graceful-seconds", type=int, default=30, help="on SIGTERM, how long requests in flight may finish (default 30)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")

@@ -79,6 +79,12 @@ def _shown(driver) -> dict:
     }
 
 
+def _expected_packs(record: dict, pack_names: list[str]) -> dict[str, str]:
+    """The per-pack rows the page should show: each pack's label ("abstained" when it has none)."""
+    by_pack = record.get("packs") or {pack_names[0]: record}
+    return {name: "abstained" if result["label"] is None else result["label"] for name, result in by_pack.items()}
+
+
 def _expected_bars(record: dict) -> list[tuple[str, str]]:
     scores = record.get("probabilities") or record["shares"]
     return [(label, f"{value:.3f}") for label, value in sorted(scores.items(), key=lambda pair: -pair[1])]
@@ -100,7 +106,7 @@ def test_text_playground(browser, tmp_path):
             shown = _shown(browser)
             assert shown["label"] == record["label"]
             assert shown["bars"] == _expected_bars(record)
-            assert shown["packs"] == {"words": record["label"]}
+            assert shown["packs"] == _expected_packs(record, classifier(golden.bundle_dir(case)).pack_names)
             assert "Vote share" in shown["kind"] or "Probability" in shown["kind"]
         widths = [float(width.removesuffix("px")) for width in shown["widths"]]
         assert widths == sorted(widths, reverse=True) and widths[0] > 0  # bars drawn to scale, largest first
@@ -130,7 +136,7 @@ def test_image_playground_file_picker_drop_and_packs(browser, tmp_path):
         shown = _shown(browser)
         assert shown["label"] == expected[0]["label"]
         assert shown["bars"] == _expected_bars(expected[0])
-        assert shown["packs"] == {name: record["label"] for name, record in expected[0]["packs"].items()}
+        assert shown["packs"] == _expected_packs(expected[0], loaded.pack_names)
         browser.save_screenshot(str(tmp_path / "image.png"))
 
         # Drag and drop: remove the first picture, drop the next item's two pictures onto the zone.
@@ -152,7 +158,7 @@ def test_image_playground_file_picker_drop_and_packs(browser, tmp_path):
         _classify(browser)
         shown = _shown(browser)
         assert shown["label"] == expected[3]["label"]
-        assert shown["packs"] == {name: record["label"] for name, record in expected[3]["packs"].items()}
+        assert shown["packs"] == _expected_packs(expected[3], loaded.pack_names)
 
         # Only the second pack: its result on top, alone in the table.
         browser.find_element("css selector", "#packs input[value='colour']").click()

@@ -23,8 +23,6 @@ from savpack_runtime.errors import InputError
 import golden
 from serving import b64, classifier, data_url, metric, running_server
 
-TEXT_CASES = ("qwen2", "gemma3_text")
-IMAGE_CASES = ("qwen2_vl", "llava", "llava_onevision", "qwen2_5_vl")
 
 
 def cli_records(case: str, capsys) -> list[dict]:
@@ -37,13 +35,25 @@ def cli_records(case: str, capsys) -> list[dict]:
     return records
 
 
+def same_records(actual, expected) -> bool:
+    """Records equal: labels, votes and flags exactly; shares and probabilities to 1e-5 (a batch of other items pads
+    the prompt differently, which moves head vectors in the last float bits)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and actual.keys() == expected.keys() and all(same_records(actual[key], expected[key]) for key in expected)
+    if isinstance(expected, list):
+        return isinstance(actual, list) and len(actual) == len(expected) and all(map(same_records, actual, expected))
+    if isinstance(expected, float) and not isinstance(actual, bool) and isinstance(actual, (int, float)):
+        return abs(actual - expected) <= 1e-5
+    return type(actual) is type(expected) and actual == expected
+
+
 def request_body(item: dict, number: int) -> dict:
     # Images alternately as a data: URL and as bare base64: both encodings must reach the same pixels.
     images = [data_url(path) if number % 2 else b64(path) for path in item["images"]]
     return {"inputs": [{"text": item["text"], **({"images": images} if images else {})}]}
 
 
-@pytest.mark.parametrize("case", TEXT_CASES + IMAGE_CASES)
+@pytest.mark.parametrize("case", golden.CASES)
 def test_service_gives_the_clis_records(case, capsys):
     """Each item in its own request, all at once (so they are batched together), and all items in one request:
     every record equals the one `savpack-run classify --json` prints."""
@@ -54,9 +64,9 @@ def test_service_gives_the_clis_records(case, capsys):
             answers = list(pool.map(lambda pair: http.post(f"{url}/v1/classify", json=request_body(*pair)),
                                     [(item, number) for number, item in enumerate(items)]))
         assert [answer.status_code for answer in answers] == [200] * len(items), [answer.text for answer in answers]
-        assert [answer.json()["results"][0] for answer in answers] == expected
+        assert same_records([answer.json()["results"][0] for answer in answers], expected)
         together = http.post(f"{url}/v1/classify", json={"inputs": [request_body(item, 0)["inputs"][0] for item in items]})
-        assert together.status_code == 200 and together.json()["results"] == expected
+        assert together.status_code == 200 and same_records(together.json()["results"], expected)
         bundle = together.json()["bundle"]
         assert bundle == {"model": classifier(golden.bundle_dir(case)).bundle.model["id"],
                           "packs": classifier(golden.bundle_dir(case)).pack_names}
@@ -89,9 +99,9 @@ def test_packs_pick_the_top_level_result():
         loo_only = http.post(f"{url}/v1/classify", json={**request_body(item, 0), "packs": ["colour-loo"]}).json()
     loo = both["packs"]["colour-loo"]
     assert loo["votes"] != both["votes"]  # the two packs differ (k 4 and 6), so the test can tell them apart
-    assert {key: loo_first["results"][0][key] for key in ("label", "votes", "shares")} == loo
+    assert same_records({key: loo_first["results"][0][key] for key in loo}, loo)
     assert list(loo_first["results"][0]["packs"]) == ["colour-loo", "colour"]
-    assert loo_only["results"][0] == loo and loo_only["bundle"]["packs"] == ["colour-loo"]
+    assert same_records(loo_only["results"][0], loo) and loo_only["bundle"]["packs"] == ["colour-loo"]
 
 
 def _concurrent_posts(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.Response]:
@@ -131,6 +141,41 @@ def test_full_queue_answers_429_with_retry_after():
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error_type"] == "overloaded" and "at capacity" in refused.json()["error"]
     assert metric(metrics, "savpack_http_requests_total", path="/v1/classify", status="429") == 1
+
+
+def test_requests_still_sending_their_body_count_against_the_queue():
+    """--max-queue 2: two clients that sent headers but not yet their bodies hold both places; a third request is
+    refused with 429 at once instead of buffering a third body. When they go, the server takes requests again."""
+    import socket
+
+    with running_server(golden.bundle_dir("qwen2"), max_queue=2, max_inputs=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow = []
+        for _ in range(2):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+            connection.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 1000\r\n\r\n{")
+            slow.append(connection)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the server has read both requests' headers
+            refused = httpx.post(f"{url}/v1/classify", json={"inputs": ["a circle"]}, timeout=30)
+            if refused.status_code == 429:
+                break
+            time.sleep(0.05)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "2 requests in progress, --max-queue 2" in refused.json()["error"]
+        for connection in slow:
+            connection.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answer = httpx.post(f"{url}/v1/classify", json={"inputs": ["a circle"]}, timeout=30)
+            if answer.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert answer.status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+    assert metric(metrics, "savpack_http_requests_total", path="/v1/classify", status="500") == 0  # hanging up is no server error
+    assert metric(metrics, "savpack_http_requests_total", path="/v1/classify", status="400") == 2
 
 
 def test_one_bad_request_does_not_fail_its_batch():
@@ -187,7 +232,7 @@ BAD_REQUESTS = [
      "item 0: this bundle's prompt is text-only; the item has 1 image(s)"),
     ("no image for an image bundle", "qwen2_vl", {"inputs": [{"text": "a"}]}, "application/json", 422,
      "item 0: this bundle's prompt takes 1 image(s); the item has none"),
-    ("unknown pack", "qwen2", {"inputs": ["a"], "packs": ["nope"]}, "application/json", 422, "packs: unknown pack(s) ['nope']; this bundle holds ['words']"),
+    ("unknown pack", "qwen2", {"inputs": ["a"], "packs": ["nope"]}, "application/json", 422, "packs: unknown pack(s) ['nope']; this bundle holds ['words'"),
     ("packs twice", "qwen2_vl", {"inputs": [{"images": [b64(PICTURE)]}], "packs": ["colour", "colour"]}, "application/json", 422, "names a pack twice"),
     ("packs empty", "qwen2", {"inputs": ["a"], "packs": []}, "application/json", 422, "packs: empty"),
     ("abstain_below a string", "qwen2", {"inputs": ["a"], "abstain_below": "high"}, "application/json", 422, "abstain_below: must be a number between 0 and 1"),
@@ -270,7 +315,7 @@ def test_health_info_metrics_openapi(servers):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     info = httpx.get(f"{url}/info").json()
     loaded = classifier(golden.bundle_dir("qwen2_vl"))
-    assert [pack["name"] for pack in info["packs"]] == loaded.pack_names == ["colour", "colour-loo"]
+    assert [pack["name"] for pack in info["packs"]] == loaded.pack_names and {"colour", "colour-loo"} <= set(loaded.pack_names)
     assert info["packs"][0]["labels"] == list(loaded.bundle.packs[0].pack.labels)
     assert info["model"]["id"] == loaded.bundle.model["id"] and info["takes_images"] is True
     assert info["digests"]["graph"] == loaded.bundle.graph["sha256"]
@@ -286,7 +331,7 @@ def test_health_info_metrics_openapi(servers):
     document = httpx.get(f"{url}/openapi.json").json()
     assert document["openapi"].startswith("3.") and "/v1/classify" in document["paths"]
     packs_schema = document["components"]["schemas"]["ClassifyRequest"]["properties"]["packs"]
-    assert packs_schema["items"]["enum"] == ["colour", "colour-loo"]
+    assert packs_schema["items"]["enum"] == loaded.pack_names
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "savpack playground" in page.text
 

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -30,8 +30,8 @@ from ..errors import InputError, InputSizeError
 from ..images import ImageBytes, check_image, load_image
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .openapi import openapi_document
-from .payload import (INTERNAL, MEDIA_TYPE, NOT_FOUND, OVERLOADED, TOO_LARGE, UNAVAILABLE, VALIDATION, ApiError,
-                      ClassifyRequest, Limits, parse_form, parse_json)
+from .payload import (DISCONNECTED, INTERNAL, MEDIA_TYPE, NOT_FOUND, OVERLOADED, TOO_LARGE, UNAVAILABLE, VALIDATION,
+                      ApiError, ClassifyRequest, Limits, parse_form, parse_json)
 
 log = logging.getLogger("savpack_runtime.serve")
 
@@ -69,6 +69,7 @@ class _Service:
     def __init__(self, classifier: Classifier, options: ServeOptions):
         self.classifier, self.options, self.limits = classifier, options, options.limits
         self.pack_names = classifier.pack_names
+        self.in_progress = 0  # POST /v1/classify requests being read, queued or run
         self.registry = CollectorRegistry()
         self.requests = Counter("savpack_http_requests", "HTTP requests by route, method and status",
                                 ["path", "method", "status"], registry=self.registry)
@@ -114,6 +115,20 @@ class _Service:
         self.items.inc(items)
 
     async def classify(self, request: Request) -> Response:
+        # Requests being read count too (each admitted one holds at least one item): bodies in memory stay bounded by
+        # --max-queue x --max-body-bytes however many clients connect.
+        if self.in_progress >= self.options.max_queue:
+            retry_after = self.batcher.retry_after()
+            return _error(ApiError(OVERLOADED, f"the server is at capacity ({self.in_progress} requests in progress, "
+                                               f"--max-queue {self.options.max_queue}); retry in {retry_after} s",
+                                   {"Retry-After": str(retry_after)}))
+        self.in_progress += 1
+        try:
+            return await self._classify(request)
+        finally:
+            self.in_progress -= 1
+
+    async def _classify(self, request: Request) -> Response:
         try:
             parsed = await self._parse(request)
             if parsed.abstain_below is not None:
@@ -137,6 +152,9 @@ class _Service:
             return _error(ApiError(TOO_LARGE, str(exc)))
         except InputError as exc:
             return _error(ApiError(VALIDATION, str(exc)))
+        except ClientDisconnect:
+            # Nobody reads this answer; it keeps a client that hung up out of the 5xx counts and the error log.
+            return _error(ApiError(DISCONNECTED, "the client disconnected before its request was read"))
         except ShuttingDown as exc:
             return _error(ApiError(UNAVAILABLE, str(exc)))
         if parsed.packs is not None:

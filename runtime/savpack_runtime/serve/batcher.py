@@ -84,8 +84,7 @@ class Batcher:
     async def admit(self, items: int, pixels: int = 0) -> AsyncIterator[None]:
         """Hold room for a request's items and pixels while it is decoded, waits and runs; QueueFull when none is left."""
         if self.admitted_items + items > self.max_queue or self.admitted_pixels + pixels > self.max_pixels:
-            batches_ahead = math.ceil((self.admitted_items + items) / self.max_batch)
-            retry_after = max(1, math.ceil(batches_ahead * self._batch_seconds))
+            retry_after = self.retry_after(items)
             raise QueueFull(f"the server is at capacity ({self.admitted_items} items of {self.max_queue} admitted, "
                             f"{self.admitted_pixels} image pixels of {self.max_pixels}); retry in {retry_after} s", retry_after)
         self.admitted_items += items
@@ -95,6 +94,11 @@ class Batcher:
         finally:
             self.admitted_items -= items
             self.admitted_pixels -= pixels
+
+    def retry_after(self, items: int = 1) -> int:
+        """Whole seconds until the items admitted now, and `items` more, have likely run (at least 1)."""
+        batches_ahead = math.ceil((self.admitted_items + items) / self.max_batch)
+        return max(1, math.ceil(batches_ahead * self._batch_seconds))
 
     async def submit(self, items: Sequence[Any]) -> list[Any]:
         """Results of `items`, in order, once a batch holding them has run. Raises what run_batch raised for them."""

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 # HTTP statuses and the error_type the body names (as text-embeddings-inference: a word a client can branch on).
 VALIDATION, TOO_LARGE, OVERLOADED = (422, "validation"), (413, "too_large"), (429, "overloaded")
 MEDIA_TYPE, NOT_FOUND, UNAVAILABLE, INTERNAL = (415, "unsupported_media_type"), (404, "not_found"), (503, "unavailable"), (500, "internal")
+DISCONNECTED = (400, "disconnected")  # the client hung up mid-body; nobody reads the answer
 
 REQUEST_FIELDS = ("inputs", "packs", "abstain_below")
 ITEM_FIELDS = ("text", "images")
