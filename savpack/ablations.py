@@ -66,14 +66,15 @@ def sav_ablation(pool: ActivationSet, test: ActivationSet, shots: Iterable[int] 
         for seed in seeds:
             train = pool.subset(sample_shots(pool.labels, shot_count, seed)[0])
             for scoring in scorings:
-                ranked = SavClassifier(k=None, scoring=scoring).fit(train.activations, train.labels)
+                ranked = SavClassifier(k=None, scoring=scoring, classifier="vote").fit(train.activations, train.labels)
                 similarities = cosine_to_centroids(
                     test.activations[:, ranked.heads_[:, 0], ranked.heads_[:, 1]], ranked.centroids_)  # (B, M, C)
                 for k in ks:
                     if k is not None and k > layers * heads:
                         continue
                     for method in votes:
-                        predicted = vote(similarities[:, : k or layers * heads], method).predictions
+                        count = k or layers * heads
+                        predicted = vote(similarities[:, :count], method, ranked.head_scores_[:count]).predictions
                         report = classification_report(test.labels, ranked.classes_[predicted], ranked.classes_)
                         runs.append(Run(shot_count, seed, scoring, k, method, {name: report[name] for name in METRICS}))
     return runs

@@ -18,12 +18,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from savpack_runtime import format as fmt
-from savpack_runtime.vote import classify_vectors, unit
+from savpack_runtime.scoring import PROBABILITY_VOTE, pack_decision
+from savpack_runtime.vote import unit
 
 from .classifier import SavClassifier
 from .errors import BuildError
 from .extract import ActivationSet
-from .metrics import classification_report
+from .metrics import calibration_report, classification_report
 
 KNN_NEIGHBOURS = (1, 5)
 BEST_LAYERS = 2
@@ -176,7 +177,7 @@ class LayerClassifier:
         self.vote = vote
 
     def fit(self, X: np.ndarray, y: Sequence[str]) -> "LayerClassifier":
-        self.inner_ = SavClassifier(k=self.n_layers, scoring=self.scoring, vote=self.vote).fit(layer_vectors(X), y)
+        self.inner_ = SavClassifier(k=self.n_layers, scoring=self.scoring, vote=self.vote, classifier="vote").fit(layer_vectors(X), y)
         self.layers_ = self.inner_.heads_[:, 0].copy()
         self.layer_scores_ = self.inner_.all_head_scores_[:, 0].copy()
         self.classes_ = self.inner_.classes_
@@ -287,20 +288,18 @@ def baseline_predictions(train: ActivationSet | None, test: ActivationSet, scori
         if "linear_probe" in methods:
             predictions["linear_probe"] = LinearProbe().fit(train_hidden, train.labels).predict(test_hidden)
     if "best_2_layers" in methods:
-        layers = LayerClassifier(BEST_LAYERS, scoring, vote).fit(train.activations, train.labels)
+        layers = LayerClassifier(BEST_LAYERS, scoring, _vote_rule(vote)).fit(train.activations, train.labels)
         predictions["best_2_layers"] = layers.predict(test.activations)
     if "all_heads" in methods:
-        every_head = SavClassifier(k=None, scoring=scoring, vote=vote).fit(train.activations, train.labels)
+        every_head = SavClassifier(k=None, scoring=scoring, vote=_vote_rule(vote), classifier="vote").fit(train.activations, train.labels)
         predictions["all_heads"] = every_head.predict(test.activations)
     return predictions
 
 
-def sav_predictions(pack_heads: np.ndarray, centroids: np.ndarray, labels: Sequence[str], test: ActivationSet,
-                    vote: str = "majority") -> list[str]:
-    """A pack's vote on test activations of every head (the same numbers `classify` computes, from the same pass)."""
-    heads = np.asarray(pack_heads)
-    votes = classify_vectors(test.activations[:, heads[:, 0], heads[:, 1]], centroids, vote)
-    return [labels[i] for i in votes.predictions]
+def _vote_rule(method: str) -> str:
+    """The heads' vote a baseline of heads uses: the pack's, except "probability", which needs a fitted scoring
+    model the baselines do not have (they vote by majority)."""
+    return "majority" if method == PROBABILITY_VOTE else method
 
 
 def reports(truth: Sequence[str], predictions: Mapping[str, Sequence[str]], labels: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -351,7 +350,11 @@ def evaluate_with_baselines(loaded: Any, pack: Any, examples: Sequence[Any], tra
     predictions = baseline_predictions(train, test, pack.selection.get("scoring", "paper"), method, logits,
                                        labels=pack.labels)
     truth = list(test.labels)
-    report = classification_report(truth, sav_predictions(pack.heads, pack.centroids, pack.labels, test, method), pack.labels)
+    # The pack's decision on test activations of every head (the numbers `classify` computes, from the same pass).
+    decision = pack_decision(pack, test.activations[:, pack.heads[:, 0], pack.heads[:, 1]], method=method)
+    report = classification_report(truth, [pack.labels[i] for i in decision.predictions], pack.labels)
+    report["calibration"] = calibration_report(np.array([pack.labels.index(label) for label in truth]),
+                                               decision.probabilities, decision.calibrated, decision.predictions)
     report["skipped_training_examples"] = dropped
     report["baselines"] = {name: {key: value[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
                            for name, value in reports(truth, predictions, pack.labels).items()}

@@ -145,16 +145,19 @@ def _usage(pack: Pack, file_name: str) -> list[str]:
         f"savpack classify --pack {file_name} --model {model['id']}{revision_option} --data items.jsonl",
         "```", "",
         f"`items.jsonl` holds one JSON object per line with a `{field}` field"
-        + (" (and `text` or `question`)" if field == "image" else "") + "; each result line gives the label and the votes.", "",
+        + (" (and `text` or `question`)" if field == "image" else "") + "; each result line gives the label, the "
+        "probability of each class and the votes (`--abstain-below 0.8` withholds unsure labels).", "",
         "With the runtime alone (`pip install savpack-runtime`: numpy, no torch), given the pack's head vectors for a batch "
         "(from the truncated ONNX graph that `savpack export` makes for this pack):", "",
         "```python",
-        "from savpack_runtime import Pack, classify_vectors",
+        "from savpack_runtime import Pack",
+        "from savpack_runtime.scoring import pack_decision",
         "",
         f'pack = Pack.load("{file_name}")',
         "# head_vectors: (batch, k, head_dim) float32, the outputs of pack.heads in order, at the last prompt token",
-        f'votes = classify_vectors(head_vectors, pack.centroids, pack.selection.get("vote", "majority"))',
-        "labels = [pack.labels[i] for i in votes.predictions]",
+        "decision = pack_decision(pack, head_vectors)",
+        "labels = [pack.labels[i] for i in decision.predictions]",
+        "probabilities = decision.probabilities  # (batch, classes), in pack.labels order",
         "```",
     ]
 

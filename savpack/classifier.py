@@ -1,7 +1,8 @@
 """SavClassifier: the SAV method as a scikit-learn estimator over head activations (numpy only).
 
-`fit(X, y)` takes every head's output at the classified token and the labels; it scores every head, keeps the k best
-and stores their class centroids. X is 2-D, (examples, layers * heads * head_dim) with `grid=(layers, heads,
+`fit(X, y)` takes every head's output at the classified token and the labels; it scores every head, keeps the k best,
+stores their class centroids and fits the scoring model out of fold (savpack.calibration: calibrated probabilities,
+and the linear head where `classifier` asks for it or cross-validation prefers it). X is 2-D, (examples, layers * heads * head_dim) with `grid=(layers, heads,
 head_dim)` saying how the columns split into heads (grid=None: the columns are one head); for convenience X may also
 be 4-D, (examples, layers, heads, head_dim), as `savpack extract` stores activations. Learned attributes end in `_`.
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackWarning
-from savpack_runtime.vote import VOTE_METHODS, Votes, classify_vectors
+from savpack_runtime.scoring import DECISION_METHODS, Decision, decide
+from savpack_runtime.vote import cosine_to_centroids
 
+from .calibration import CLASSIFIER_CHOICES, DEFAULT_CLASSIFIER, fit_scoring, recalibrate
 from .errors import BuildError
 from .selection import SCORINGS, class_means, head_scores, top_heads
 
@@ -33,16 +36,20 @@ class SavClassifier:
     """Select the k attention heads whose class centroids classify the labelled set best; predict by their vote.
 
     k: heads that vote (None: every head). scoring: "paper" (in-sample nearest-centroid accuracy) or "loo"
-    (leave-one-out). vote: "majority" or "cosine" (docs/format.md section 5). grid: (layers, heads, head_dim) of
-    2-D X's columns, None for one head of all columns (4-D X carries its grid).
+    (leave-one-out). vote: "majority", "cosine", "weighted" or "probability" (docs/format.md section 5).
+    classifier: "vote", "probe" (a linear head over the heads) or "auto" (the better by cross-validation on the
+    labelled examples). grid: (layers, heads, head_dim) of 2-D X's columns, None for one head of all columns (4-D X
+    carries its grid). random_state: seeds the cross-validation folds.
     """
 
     def __init__(self, k: int | None = DEFAULT_K, scoring: str = "paper", vote: str = "majority",
-                 grid: tuple[int, int, int] | None = None):
+                 grid: tuple[int, int, int] | None = None, classifier: str = DEFAULT_CLASSIFIER, random_state: int = 0):
         self.k = k
         self.scoring = scoring
         self.vote = vote
         self.grid = grid
+        self.classifier = classifier
+        self.random_state = random_state
 
     # -- scikit-learn's estimator protocol ----------------------------------------------------------------------
 
@@ -77,8 +84,10 @@ class SavClassifier:
         """X (N, layers * heads * head_dim) or (N, layers, heads, head_dim); y (N,) labels. Returns self."""
         if self.scoring not in SCORINGS:
             raise BuildError(f"scoring {self.scoring!r} is not one of {SCORINGS}")
-        if self.vote not in VOTE_METHODS:
-            raise BuildError(f"vote {self.vote!r} is not one of {VOTE_METHODS}")
+        if self.vote not in DECISION_METHODS:
+            raise BuildError(f"vote {self.vote!r} is not one of {DECISION_METHODS}")
+        if self.classifier not in CLASSIFIER_CHOICES:
+            raise BuildError(f"classifier {self.classifier!r} is not one of {CLASSIFIER_CHOICES}")
         activations, grid, features = self._activations(X, fitting=True)
         labels = _labels(y, len(activations))
         self.classes_, label_index = np.unique(labels, return_inverse=True)
@@ -95,40 +104,75 @@ class SavClassifier:
         self.centroids_ = np.ascontiguousarray(means.transpose(1, 0, 2))  # (k, C, D)
         self.head_scores_ = self.all_head_scores_[self.heads_[:, 0], self.heads_[:, 1]]
         self.class_counts_ = np.bincount(label_index, minlength=len(self.classes_)).astype(np.int32)
+        fitted = fit_scoring(self._select(activations), label_index, len(self.classes_), self.classifier,
+                             self.vote, self.head_scores_, self.random_state)
+        self.scoring_, self.cv_metrics_ = fitted.scoring, fitted.metrics
+        if self.scoring_ is None and self.vote == "probability":
+            raise BuildError("vote 'probability' needs calibrated probabilities, fitted out of fold: at least 2 "
+                             "examples per class")
         return self
 
-    def decide(self, head_vectors: np.ndarray) -> Votes:
-        """The vote for vectors of the selected heads only, (N, k, D)."""
-        return classify_vectors(head_vectors, self.centroids_, self.vote)
+    def calibrate(self, X: Any, y: Any) -> "SavClassifier":
+        """Refit the probabilities' calibration on separate labelled data (not the examples fitted on); the heads,
+        centroids and classifier stay. Returns self."""
+        activations, _, _ = self._activations(X, fitting=False)
+        labels = _labels(y, len(activations))
+        unknown = sorted(set(labels.tolist()) - set(self.classes_.tolist()))
+        if unknown:
+            raise BuildError(f"calibration labels {unknown} are not among the classes {self.classes_.tolist()}")
+        vectors = self._select(activations)
+        position = {label: index for index, label in enumerate(self.classes_.tolist())}
+        label_index = np.array([position[label] for label in labels.tolist()], dtype=np.int64)
+        self.scoring_ = recalibrate(self.scoring_, vectors, cosine_to_centroids(vectors, self.centroids_), label_index)
+        return self
+
+    def decide(self, head_vectors: np.ndarray, abstain_below: float | None = None) -> Decision:
+        """The decision (label, vote, probabilities) for vectors of the selected heads only, (N, k, D)."""
+        return decide(self.centroids_, self.scoring_, head_vectors, method=self.vote, head_scores=self.head_scores_,
+                      abstain_below=abstain_below)
 
     def predict(self, X: Any) -> np.ndarray:
         """Labels (N,), one of classes_ each, for X shaped as in fit."""
         activations, _, _ = self._activations(X, fitting=False)
         return self.classes_[self.decide(self._select(activations)).predictions]
 
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """(N, C) probabilities in the order of classes_: calibrated out of fold (or on calibration data); the vote
+        shares where there were too few examples per class to calibrate (calibrated_ is then False)."""
+        activations, _, _ = self._activations(X, fitting=False)
+        return self.decide(self._select(activations)).probabilities
+
+    @property
+    def calibrated_(self) -> bool:
+        if not self.__sklearn_is_fitted__():
+            raise _not_fitted(f"This {type(self).__name__} instance is not fitted yet; call fit first")
+        return self.scoring_ is not None
+
     def score(self, X: Any, y: Any) -> float:
         """Accuracy of predict(X) against y."""
         predicted = self.predict(X)
         return float(np.mean(predicted == _labels(y, len(predicted))))
-
-    # predict_proba: calibrated probabilities come with the pack's scoring model (issue 14).
 
     # -- packs ---------------------------------------------------------------------------------------------------
 
     def to_pack(self, model: dict[str, Any], prompt: dict[str, Any], **fields: Any) -> Pack:
         selection = {"k": int(self.heads_.shape[0]), "scoring": self.scoring, "vote": self.vote,
                      "head_score": "labelled-set accuracy", **fields.pop("selection", {})}
+        metrics = {**fields.pop("metrics", {}), **self.cv_metrics_}
+        scoring = self.scoring_
         return Pack(
             heads=self.heads_, centroids=self.centroids_, head_scores=self.head_scores_,
             class_counts=self.class_counts_, all_head_scores=self.all_head_scores_,
             labels=tuple(str(label) for label in self.classes_), model=model, prompt=prompt, selection=selection,
+            metrics=metrics, scoring=scoring.record() if scoring else None,
+            probe_weight=scoring.probe_weight if scoring else None, probe_bias=scoring.probe_bias if scoring else None,
             **fields,
         )
 
     @classmethod
     def from_pack(cls, pack: Pack) -> "SavClassifier":
         classifier = cls(k=pack.k, scoring=pack.selection.get("scoring", "paper"),
-                         vote=pack.selection.get("vote", "majority"), grid=pack.grid)
+                         vote=pack.selection.get("vote", "majority"), grid=pack.grid, classifier=pack.classifier)
         classifier.classes_ = np.array(pack.labels)
         classifier.grid_ = pack.grid
         classifier.n_features_in_ = int(np.prod(pack.grid))
@@ -137,6 +181,8 @@ class SavClassifier:
         classifier.head_scores_ = np.asarray(pack.head_scores)
         classifier.all_head_scores_ = np.asarray(pack.all_head_scores)
         classifier.class_counts_ = np.asarray(pack.class_counts)
+        classifier.scoring_ = pack.scoring_model
+        classifier.cv_metrics_ = {key: value for key, value in pack.metrics.items() if key.startswith("cv_")}
         return classifier
 
     # -- input checks --------------------------------------------------------------------------------------------

@@ -15,12 +15,16 @@ import click
 
 from savpack_runtime import Pack
 from savpack_runtime.errors import SavpackError, SavpackWarning
+
+from .errors import DataError
 from savpack_runtime.bundle import BUNDLE_FILE
 from savpack_runtime.files import check_output_folder, check_output_path, file_sha256, read_bytes
 from savpack_runtime.format import DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, TOKEN_POSITIONS
+from savpack_runtime.scoring import DECISION_METHODS, check_threshold
 from savpack_runtime.vote import VOTE_METHODS
 
 from . import __version__
+from .calibration import CLASSIFIER_CHOICES, DEFAULT_CLASSIFIER
 from .classifier import DEFAULT_K
 from .report import format_baselines, format_pack_summary, format_report, pack_summary
 from .selection import SCORINGS
@@ -143,7 +147,19 @@ token_position_option = click.option(
     "--token-position", type=click.Choice(TOKEN_POSITIONS), default=None,
     help="Token whose head outputs classify: last real token, or first ([CLS] of an encoder). Default: the family's.",
 )
-pack_vote_option = click.option("--vote", type=click.Choice(VOTE_METHODS), default=None, help="Override the pack's vote method.")
+pack_vote_option = click.option("--vote", type=click.Choice(DECISION_METHODS), default=None,
+                                help="Override the pack's vote method (probability: the argmax of the calibrated probabilities).")
+
+
+def _abstain_threshold(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    try:
+        return check_threshold(value, "--abstain-below")
+    except SavpackError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+abstain_option = click.option("--abstain-below", type=float, default=None, metavar="P", callback=_abstain_threshold,
+                              help="Withhold the label (null, abstained true) where the top probability is below P.")
 video_frames_option = click.option(
     "--video-frames", type=click.IntRange(1, MAX_VIDEO_FRAMES), default=DEFAULT_VIDEO_FRAMES, show_default=True,
     help="Frames sampled uniformly from each video item, shown to the model as images (needs savpack[video]).",
@@ -231,7 +247,15 @@ def _extract_on_ray(examples: list, out: str, params: dict[str, Any], force: boo
 @click.option("--k", "k", default=None,
               help=f"Number of heads that vote, or 'all'. Default: {DEFAULT_K}, or every head of a model with fewer.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="paper", show_default=True, help="paper: in-sample head accuracy; loo: leave-one-out centroids.")
-@click.option("--vote", type=click.Choice(VOTE_METHODS), default="majority", show_default=True, help="How the heads' choices combine.")
+@click.option("--vote", type=click.Choice(DECISION_METHODS), default="majority", show_default=True,
+              help="How the heads' choices combine: majority (the paper's), cosine (summed cosine), weighted (by head "
+                   "score), probability (argmax of the calibrated probabilities).")
+@click.option("--classifier", type=click.Choice(CLASSIFIER_CHOICES), default=DEFAULT_CLASSIFIER, show_default=True,
+              help="vote: the heads' vote; probe: a linear head over the selected heads; auto: the better of the two "
+                   "by cross-validation on the labelled examples.")
+@click.option("--calibration", "calibration_data", default=None,
+              help=f"Fit the probabilities' calibration on this separate labelled data ({DATA_HELP}) instead of by "
+                   "cross-validation over the examples (with --model; read with the same field options).")
 @prompt_option
 @shots_option
 @seed_option
@@ -243,10 +267,11 @@ def _extract_on_ray(examples: list, out: str, params: dict[str, Any], force: boo
 @video_frames_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the pack summary as JSON.")
-def build(data: str | None, fields, activations: str | None, out: str, k: str, scoring: str, vote: str, prompt: str,
-          shots: int | None, seed: int, name: str | None, pack_version: str | None, token_position: str | None,
-          video_frames: int, force: bool, as_json: bool, **params: Any) -> None:
-    """Select the heads that classify and write a pack."""
+def build(data: str | None, fields, activations: str | None, out: str, k: str, scoring: str, vote: str,
+          classifier: str, calibration_data: str | None, prompt: str, shots: int | None, seed: int, name: str | None,
+          pack_version: str | None, token_position: str | None, video_frames: int, force: bool, as_json: bool,
+          **params: Any) -> None:
+    """Select the heads that classify, fit the probabilities (and a linear head where it helps), write a pack."""
     from .extract import ActivationSet
     from .pipeline import extract_activations, pack_from_activations, require_classes
 
@@ -254,8 +279,11 @@ def build(data: str | None, fields, activations: str | None, out: str, k: str, s
         raise click.UsageError("give either --model and --data, or --activations")
     if activations is not None and data is not None:
         raise click.UsageError("--data and --activations exclude each other")
+    if calibration_data is not None and params["model"] is None:
+        raise click.UsageError("--calibration runs the model on the calibration data: give --model")
     heads = _parse_k(k)
-    check_output_path(out, force, inputs=[data, activations, params["model"]])
+    check_output_path(out, force, inputs=[data, activations, params["model"], calibration_data])
+    calibration_examples = _examples(calibration_data, fields) if calibration_data is not None else None
     if activations is not None:
         activation_set = ActivationSet.load(activations)
         if shots is not None:
@@ -265,19 +293,41 @@ def build(data: str | None, fields, activations: str | None, out: str, k: str, s
     else:
         examples = _sampled(_examples(data, fields), shots, seed)
         require_classes(examples)
+    if calibration_examples is not None:
+        _check_calibration_labels(calibration_examples,
+                                  activation_set.labels if activations is not None else [e.label for e in examples])
+    loaded = None
+    if params["model"] is not None:
         batch_size = params.pop("batch_size")
         started = time.perf_counter()
         loaded = _load(params)
+    if activations is None:
         loaded_at = time.perf_counter()
         activation_set = extract_activations(loaded, examples, prompt, batch_size=batch_size, video_frames=video_frames,
                                              token_position=token_position)
         click.echo(f"model loaded in {loaded_at - started:.1f} s; {len(examples)} examples extracted in "
                    f"{time.perf_counter() - loaded_at:.1f} s", err=True)
+    calibration = None
+    if calibration_examples is not None:
+        template = activation_set.prompt["template"]
+        calibration = extract_activations(loaded, calibration_examples, template, batch_size=batch_size,
+                                          video_frames=activation_set.prompt.get("video_frames") or video_frames,
+                                          token_position=activation_set.prompt.get("token_position", token_position))
     selection = {"shots": shots, "seed": seed} if shots is not None else {}
     pack = pack_from_activations(activation_set, k=heads, scoring=scoring, vote=vote, name=name,
-                                 version=pack_version, selection=selection)
+                                 version=pack_version, selection=selection, classifier=classifier,
+                                 calibration=calibration, seed=seed)
     pack.save(out, force=force)
     _echo_summary(pack, out, as_json, file_sha256(out))
+
+
+def _check_calibration_labels(calibration_examples, training_labels) -> None:
+    """Every calibration example's label is one the pack will have (checked before any model runs)."""
+    known = set(training_labels)
+    stray = next((example for example in calibration_examples if example.label not in known), None)
+    if stray is not None:
+        raise DataError(f"{stray.source}: calibration label {stray.label!r} is not one of the training labels "
+                        f"{sorted(known)}")
 
 
 def _echo_summary(pack: Pack, path: str, as_json: bool, sha256: str) -> None:
@@ -329,12 +379,14 @@ def _load_pack(path: str) -> Pack:
 @click.option("--data", required=True, help=f"Items to classify (labels optional): {DATA_HELP}.")
 @field_options
 @pack_vote_option
+@abstain_option
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Also write one row per item (its source and result) to this .jsonl or .parquet file.")
 @force_option
-def classify(pack_path: str, data: str, fields, vote: str | None, out: str | None, force: bool, **params: Any) -> None:
-    """Classify items; prints one JSON line per item (label, votes and vote shares per class), and with --out writes
-    the same rows to a JSONL or Parquet file."""
+def classify(pack_path: str, data: str, fields, vote: str | None, abstain_below: float | None, out: str | None,
+             force: bool, **params: Any) -> None:
+    """Classify items; prints one JSON line per item (label, probabilities, votes and vote shares per class), and
+    with --out writes the same rows to a JSONL or Parquet file."""
     from savpack_runtime.output import check_output, write_results
 
     from .pipeline import classify as run_classify
@@ -344,7 +396,7 @@ def classify(pack_path: str, data: str, fields, vote: str | None, out: str | Non
     pack = _load_pack(pack_path)
     examples = _examples(data, fields, require_labels=False)
     batch_size = params.pop("batch_size")
-    result = run_classify(_load(params), pack, examples, batch_size=batch_size, vote=vote)
+    result = run_classify(_load(params), pack, examples, batch_size=batch_size, vote=vote, abstain_below=abstain_below)
     rows = [(example.source, record) for example, record in zip(examples, result.records(pack))]
     for source, record in rows:
         click.echo(json.dumps({"source": source, **record}, ensure_ascii=False))
@@ -370,16 +422,22 @@ def classify(pack_path: str, data: str, fields, vote: str | None, out: str | Non
               help="With --baselines: the word zero-shot reads for LABEL (default: the label itself). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--record", is_flag=True, help="Store the held-out metrics in the pack (atomic rewrite: a new content hash).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw the reliability diagram and the risk-coverage curve (PNG; needs savpack[plot]).")
+@force_option
 def evaluate(pack_path: str, data: str, fields, vote: str | None, baselines: bool, train_data: str | None,
              train_activations: str | None, verbalizers: tuple[str, ...], as_json: bool, record: bool,
-             **params: Any) -> None:
-    """Accuracy, per-class accuracy and the confusion matrix on held-out labelled data."""
+             plot_path: str | None, force: bool, **params: Any) -> None:
+    """Accuracy, per-class accuracy, the confusion matrix and the calibration of the probabilities (ECE, Brier, log
+    loss, accuracy at 50/80/90% coverage) on held-out labelled data."""
     from .pipeline import evaluate as run_evaluate
 
     if not baselines and (train_data or train_activations or verbalizers):
         raise click.UsageError("--train, --train-activations and --verbalizer go with --baselines")
     if train_data and train_activations:
         raise click.UsageError("--train and --train-activations exclude each other")
+    if plot_path:
+        check_output_path(plot_path, force, inputs=[pack_path, data])
     pack = _load_pack(pack_path)
     if record and vote not in (None, pack.selection.get("vote", "majority")):
         raise click.UsageError(f"--record stores metrics of the pack as shipped; drop --vote {vote} (the pack votes "
@@ -401,6 +459,12 @@ def evaluate(pack_path: str, data: str, fields, vote: str | None, baselines: boo
         click.echo(format_report(report))
         if baselines:
             click.echo("\n" + format_baselines(report, pack.k))
+    if plot_path:
+        from .plot import plot_calibration
+
+        title = f"{pack.name or Path(pack_path).name} on {Path(data).name}"
+        plot_calibration(report["calibration"], plot_path, title=title[:90], force=force)
+        click.echo(f"wrote {plot_path}", err=True)
     if record:
         from .sharing import record_held_out
 

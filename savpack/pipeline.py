@@ -16,14 +16,15 @@ from savpack_runtime import format as fmt
 from savpack_runtime.errors import ModelMismatchError, SavpackWarning
 from savpack_runtime.items import Example
 from savpack_runtime.prompt import prompt_record
-from savpack_runtime.result import Result, results_from_votes
-from savpack_runtime.vote import Votes, classify_vectors
+from savpack_runtime.result import Result, results_from_decisions
+from savpack_runtime.scoring import Decision, pack_decision
 
+from .calibration import DEFAULT_CLASSIFIER
 from .classifier import DEFAULT_K, SavClassifier
 from .data import DIGEST_CHARS, labels_of
 from .errors import BuildError, DataError
 from .extract import ActivationSet, Extraction, check_token_position, extract
-from .metrics import classification_report
+from .metrics import calibration_report, classification_report
 from .models import LoadedModel
 from .versions import check_name, check_version
 
@@ -115,10 +116,13 @@ def default_k(total_heads: int) -> int | None:
 
 def pack_from_activations(activations: ActivationSet, k: int | None | str = "default", scoring: str = "paper",
                           vote: str = "majority", name: str | None = None, version: str | None = None,
-                          selection: dict[str, Any] | None = None) -> Pack:
-    """Select heads on extracted activations and make the pack (no model needed).
+                          selection: dict[str, Any] | None = None, classifier: str = DEFAULT_CLASSIFIER,
+                          calibration: ActivationSet | None = None, seed: int = 0) -> Pack:
+    """Select heads on extracted activations, fit the scoring model and make the pack (no model needed).
 
-    k: the number of heads that vote; None: every head; "default": DEFAULT_K, or every head of a smaller model."""
+    k: the number of heads that vote; None: every head; "default": DEFAULT_K, or every head of a smaller model.
+    classifier: "vote", "probe" or "auto" (savpack.calibration). calibration: activations of separate labelled data
+    to fit the probabilities' calibration on, instead of cross-validation over the examples."""
     if name is not None:
         check_name(name)
     if version is not None:
@@ -126,13 +130,31 @@ def pack_from_activations(activations: ActivationSet, k: int | None | str = "def
     if k == "default":
         _, layers, heads, _ = activations.activations.shape
         k = default_k(layers * heads)
-    classifier = SavClassifier(k=k, scoring=scoring, vote=vote).fit(activations.activations, activations.labels)
-    train_accuracy = classifier.score(activations.activations, activations.labels)
-    return classifier.to_pack(
+    estimator = SavClassifier(k=k, scoring=scoring, vote=vote, classifier=classifier, random_state=seed)
+    estimator.fit(activations.activations, activations.labels)
+    train_accuracy = estimator.score(activations.activations, activations.labels)
+    if calibration is not None:
+        check_same_extraction(activations, calibration, "the calibration data")
+        estimator.calibrate(calibration.activations, calibration.labels)
+    elif not estimator.calibrated_:
+        warnings.warn("a class has a single labelled example: nothing to fit the probabilities on out of fold, so the "
+                      "pack carries no calibration (format 1) and its probabilities are the vote shares; add examples "
+                      "or give --calibration", SavpackWarning)
+    return estimator.to_pack(
         model=activations.model, prompt=activations.prompt, selection=selection or {},
         metrics={"train_accuracy": round(train_accuracy, 6)}, name=name, version=version,
         created_by=producer_versions(), dataset=activations.dataset,
     )
+
+
+def check_same_extraction(activations: ActivationSet, other: ActivationSet, what: str) -> None:
+    """Refuse activations of another model or prompt than the examples' (their head vectors would not compare)."""
+    if other.model.get("fingerprint") != activations.model.get("fingerprint") or \
+            list(other.model["grid"]) != list(activations.model["grid"]):
+        raise BuildError(f"{what} was extracted from another model ({other.model['id']}) than the examples "
+                         f"({activations.model['id']})")
+    if other.prompt.get("rendered") != activations.prompt.get("rendered"):
+        raise BuildError(f"{what} was extracted with another prompt than the examples: extract it with the same --prompt")
 
 
 def check_pack_fits(pack: Pack, loaded: LoadedModel) -> None:
@@ -166,13 +188,13 @@ def check_pack_fits(pack: Pack, loaded: LoadedModel) -> None:
 
 @dataclass
 class Classification:
-    labels: list[str]  # predicted label per example
-    votes: Votes
+    labels: list[str | None]  # predicted label per example (None: abstained)
+    decision: Decision
     extraction: Extraction
 
     def results(self, pack: Pack) -> list[Result]:
         """One result per example, the record every savpack consumer shares (savpack_runtime.result)."""
-        return results_from_votes({pack.name or "pack": (pack.labels, self.votes)})
+        return results_from_decisions({pack.name or "pack": (pack.labels, self.decision)})
 
     def records(self, pack: Pack) -> list[dict[str, Any]]:
         """One JSON-ready result per example: label, votes and vote shares per class."""
@@ -180,14 +202,15 @@ class Classification:
 
 
 def classify(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch_size: int = 8,
-             vote: str | None = None, progress: bool = True) -> Classification:
-    """Extract only the pack's heads (stopping after its deepest layer) and vote."""
+             vote: str | None = None, progress: bool = True, abstain_below: float | None = None) -> Classification:
+    """Extract only the pack's heads (stopping after its deepest layer) and decide (savpack_runtime.scoring)."""
     check_pack_fits(pack, loaded)
     extraction = extract(loaded, examples, pack.prompt["template"], heads=np.asarray(pack.heads),
                          batch_size=batch_size, progress=progress, video_frames=pack.video_frames,
                          token_position=pack.token_position)
-    votes = classify_vectors(extraction.vectors, pack.centroids, vote or pack.selection.get("vote", "majority"))
-    return Classification([pack.labels[i] for i in votes.predictions], votes, extraction)
+    decision = pack_decision(pack, extraction.vectors, method=vote, abstain_below=abstain_below)
+    labels = [None if withheld else pack.labels[i] for i, withheld in zip(decision.predictions, decision.abstained)]
+    return Classification(labels, decision, extraction)
 
 
 def held_out(pack: Pack, examples: Sequence[Example]) -> tuple[list[Example], int]:
@@ -221,10 +244,15 @@ def evaluation_examples(pack: Pack, examples: Sequence[Example]) -> tuple[list[E
 
 def evaluate(loaded: LoadedModel, pack: Pack, examples: Sequence[Example], batch_size: int = 8,
              vote: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix on held-out labelled examples."""
+    """Accuracy, per-class accuracy and confusion matrix on held-out labelled examples, and the calibration of the
+    probabilities (savpack.metrics.calibration_report)."""
     kept, dropped = evaluation_examples(pack, examples)
     result = classify(loaded, pack, kept, batch_size=batch_size, vote=vote, progress=progress)
-    report = classification_report([example.label for example in kept], result.labels, pack.labels)
+    truth = [example.label for example in kept]
+    report = classification_report(truth, result.labels, pack.labels)
+    report["calibration"] = calibration_report(np.array([pack.labels.index(label) for label in truth]),
+                                               result.decision.probabilities, result.decision.calibrated,
+                                               result.decision.predictions)
     report["skipped_training_examples"] = dropped
     return report
 

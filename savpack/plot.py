@@ -1,4 +1,5 @@
-"""The head map: every head's score as a layers x heads heatmap, the selected heads marked (matplotlib, extra `plot`)."""
+"""Plots (matplotlib, extra `plot`): the head map (every head's score as a layers x heads heatmap, the selected heads
+marked) and the calibration of an evaluation (reliability diagram, risk-coverage curve)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,35 @@ def plot_head_map(scores: np.ndarray, path: str | os.PathLike, selected: np.ndar
         # Wrapped to the figure's width (about 12 characters an inch at this font size), so no title is cut off.
         lines = [wrapped for line in title.split("\n") for wrapped in textwrap.wrap(line, int(width * 12)) or [""]]
         axes.set_title("\n".join(lines), fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return files.atomic_write(path, lambda handle: handle.write(buffer.getvalue()), force)
+
+
+def plot_calibration(calibration: dict, path: str | os.PathLike, title: str = "", force: bool = False) -> Path:
+    """Write a PNG of an evaluation's calibration (savpack.metrics.calibration_report): the reliability diagram
+    (accuracy against mean confidence per bin, bar width = bin, the diagonal = perfect calibration) and the
+    risk-coverage curve (accuracy of the most confident items against the share kept). Atomic write."""
+    plt = _pyplot()
+    figure, (reliability, coverage) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
+    bins = calibration["reliability"]
+    reliability.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=[b["high"] - b["low"] for b in bins],
+                    align="edge", color="#4c72b0", edgecolor="white", label="accuracy in bin")
+    reliability.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="#dd8452",
+                     label="mean confidence in bin")
+    reliability.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfectly calibrated")
+    reliability.set(xlim=(0, 1), ylim=(0, 1), xlabel="top probability", ylabel="accuracy",
+                    title=f"reliability (ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f})")
+    reliability.legend(fontsize=8, loc="upper left")
+    curve = calibration["coverage_curve"]
+    coverage.plot([p["coverage"] for p in curve], [p["accuracy"] for p in curve], "-o", markersize=3, color="#4c72b0")
+    coverage.set(xlim=(0, 1.02), xlabel="coverage (most confident items first)", ylabel="accuracy",
+                 title="risk-coverage")
+    coverage.grid(alpha=0.3)
+    source = calibration.get("probabilities", "")
+    figure.suptitle("\n".join(filter(None, [title, f"probabilities: {source}"])), fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from savpack_runtime import Pack
+from savpack_runtime.scoring import scoring_summary
 
 BASELINE_NAMES = {"zero_shot": "zero-shot (label words)", "knn_1": "kNN k=1 (final hidden)",
                   "knn_5": "kNN k=5 (final hidden)", "linear_probe": "linear probe (final hidden)",
@@ -34,7 +35,22 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(" " * (width + 2) + "".join(f"{label[:cell]:>{cell + 1}}" for label in labels))
     for label, row in zip(labels, report["confusion"]):
         lines.append(f"  {label:<{width}}" + "".join(f"{count:>{cell + 1}}" for count in row))
+    if "calibration" in report:
+        lines += ["", format_calibration(report["calibration"])]
     return "\n".join(lines)
+
+
+def format_calibration(calibration: dict[str, Any]) -> str:
+    """The calibration block of an evaluation report: what the probabilities are, ECE, Brier, log loss, and the
+    accuracy when only the most confident items are kept."""
+    coverage = "  ".join(f"{share} {accuracy:.4f}" for share, accuracy in calibration["accuracy_at_coverage"].items())
+    return "\n".join([
+        f"probabilities      {calibration['probabilities']}",
+        f"ECE (15 bins)      {calibration['ece']:.4f}",
+        f"Brier score        {calibration['brier']:.4f}",
+        f"log loss           {calibration['log_loss']:.4f}",
+        f"accuracy at coverage (most confident first)  {coverage}",
+    ])
 
 
 def format_baselines(report: dict[str, Any], k: int) -> str:
@@ -59,6 +75,7 @@ def pack_summary(pack: Pack, sha256: str) -> dict[str, Any]:
                   for (layer, head), score in zip(pack.heads.tolist(), pack.head_scores)],
         "class_counts": dict(zip(pack.labels, pack.class_counts.tolist())),
         "prompt": pack.prompt, "selection": pack.selection, "metrics": pack.metrics,
+        "classifier": pack.classifier, "scoring": pack.scoring, "probabilities": scoring_summary(pack),
         "dataset": {key: value for key, value in pack.dataset.items() if key != "example_digests"},
         "created_by": pack.created_by, "sha256": sha256,
     }
@@ -75,6 +92,7 @@ def format_pack_summary(pack: Pack, path: str, sha256: str) -> str:
         f"model       {model['id']}  [{model['family']}, revision {str(model['revision'])[:20]}]",
         f"grid        {layers} layers x {heads} heads x {head_dim} head_dim",
         f"heads       k = {pack.k}, deepest layer {pack.deepest_layer}, scoring {pack.selection.get('scoring')}, vote {pack.selection.get('vote')}",
+        f"classifier  {pack.classifier}; probabilities: {scoring_summary(pack)}",
         f"prompt      {pack.prompt['template']!r}, heads read at the {pack.token_position} token",
         f"examples    {summary['class_counts']}",
         f"metrics     {json.dumps(pack.metrics)}",

@@ -108,3 +108,54 @@ def test_version_is_the_installed_distributions():
 
     assert savpack.__version__ == version("savpack")  # the code's version is the one pip installed
     assert run("--version").output == f"savpack, version {version('savpack')}\n"
+
+
+def test_classify_gives_calibrated_probabilities_and_abstains_below_the_threshold(model_dir, text_task, tmp_path):
+    model, (train, test) = model_dir("qwen2"), text_task
+    built = json.loads(run("build", "--model", model, "--data", train, "--out", tmp_path / "p.safetensors", "--k", 6,
+                           "--classifier", "vote", "--json").stdout)
+    assert built["format_version"] == 2 and built["scoring"]["fitted_on"] == "cross-validation"
+    assert {"cv_vote_accuracy", "cv_folds"} <= set(built["metrics"])
+    records = [json.loads(line) for line in run("classify", "--pack", tmp_path / "p.safetensors", "--model", model,
+                                                "--data", test).stdout.splitlines()]
+    assert all(r["calibrated"] and abs(sum(r["probabilities"].values()) - 1) < 1e-6 for r in records)
+    tops = sorted(max(r["probabilities"].values()) for r in records)
+    threshold = (tops[len(tops) // 2 - 1] + tops[len(tops) // 2]) / 2
+    held = [json.loads(line) for line in run("classify", "--pack", tmp_path / "p.safetensors", "--model", model,
+                                             "--data", test, "--abstain-below", threshold).stdout.splitlines()]
+    for free, record in zip(records, held):
+        below = max(free["probabilities"].values()) < threshold
+        assert record["abstained"] == below and record["label"] == (None if below else free["label"])
+    assert any(r["abstained"] for r in held) and not all(r["abstained"] for r in held)
+    refused = run("classify", "--pack", tmp_path / "p.safetensors", "--model", model, "--data", test,
+                  "--abstain-below", "nan", ok=False)
+    assert refused.exit_code == 2 and "--abstain-below" in refused.output and "Traceback" not in refused.output
+
+
+def test_eval_reports_calibration_and_plots_it(model_dir, text_task, tmp_path):
+    model, (train, test) = model_dir("qwen2"), text_task
+    run("build", "--model", model, "--data", train, "--out", tmp_path / "p.safetensors", "--k", 6)
+    out = run("eval", "--pack", tmp_path / "p.safetensors", "--model", model, "--data", test, "--json",
+              "--plot", tmp_path / "calibration.png")
+    calibration = json.loads(out.stdout)["calibration"]
+    assert set(calibration["accuracy_at_coverage"]) == {"50%", "80%", "90%"}
+    assert 0 <= calibration["ece"] <= 1 and calibration["brier"] >= 0 and calibration["log_loss"] >= 0
+    assert (tmp_path / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = run("eval", "--pack", tmp_path / "p.safetensors", "--model", model, "--data", test).stdout
+    assert "ECE (15 bins)" in text and "accuracy at coverage" in text
+
+
+def test_probe_packs_and_calibration_files_from_the_cli(model_dir, text_task, tmp_path):
+    model, (train, test) = model_dir("qwen2"), text_task
+    run("build", "--model", model, "--data", train, "--out", tmp_path / "probe.safetensors", "--k", 6,
+        "--classifier", "probe")
+    pack = Pack.load(tmp_path / "probe.safetensors")
+    assert pack.classifier == "probe" and pack.probe_weight.shape == (3, 6 * pack.grid[2])
+    run("build", "--model", model, "--data", train, "--out", tmp_path / "cal.safetensors", "--k", 6,
+        "--calibration", test)
+    assert Pack.load(tmp_path / "cal.safetensors").scoring["fitted_on"] == "calibration-data"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "red sun", "label": "hot"}) + "\n")
+    refused = run("build", "--model", model, "--data", train, "--out", tmp_path / "x.safetensors", "--calibration", bad,
+                  ok=False)
+    assert refused.exit_code == 1 and "'hot'" in refused.output and not (tmp_path / "x.safetensors").exists()

@@ -208,6 +208,20 @@ TABLE = [
     Row("run-threads-absurd", "savpack-run classify {bundle} --data {items} --threads 100000", 2, "100000 is not between"),
     Row("run-batch-size-zero", "savpack-run classify {bundle} --data {items} --batch-size 0", 2, "0 is not between 1 and 4096"),
     Row("run-batch-size-nan", "savpack-run classify {bundle} --data {items} --batch-size nan", 2, "'nan' is not a whole number"),
+    Row("run-abstain-nan", "savpack-run classify {bundle} --data {items} --abstain-below nan", 2, "'nan' is not a probability from 0 to 1"),
+    Row("run-abstain-above-one", "savpack-run classify {bundle} --data {items} --abstain-below 1.5", 2, "'1.5' is not a probability"),
+    Row("abstain-negative", "savpack classify --pack {pack} --model {model} --data {train} --abstain-below -0.1", 2,
+        "--abstain-below must be a probability from 0 to 1, got -0.1"),
+    Row("abstain-inf", "savpack classify --pack {pack} --model {model} --data {train} --abstain-below inf", 2,
+        "--abstain-below must be a probability from 0 to 1, got inf"),
+    Row("build-classifier-unknown", "savpack build --activations {acts} --out {tmp}/out.safetensors --classifier forest", 2,
+        "'forest' is not one of 'vote', 'probe', 'auto'"),
+    Row("build-calibration-without-model", "savpack build --activations {acts} --out {tmp}/out.safetensors --calibration {train}", 2,
+        "--calibration runs the model on the calibration data: give --model"),
+    Row("build-calibration-unknown-label", "savpack build --model {model} --data {train} --out {tmp}/out.safetensors "
+        "--calibration {d_stray_label}", 1, "stray-label.jsonl:1: calibration label 'hot' is not one of the training labels",
+        seconds=30, megabytes=400),
+    Row("classify-probability-vote-format-1", "api probability_vote_format_1", 1, "vote method 'probability' needs a calibrated pack"),
     # -- bundles -------------------------------------------------------------------------------------------------
     Row("bundle-altered-weights", "savpack-run classify {bundle_altered} --data {items}", 1,
         "graph weights file 'graph.onnx.data' does not match its sha256 in bundle.json"),
@@ -406,6 +420,7 @@ def workspace(tmp_path_factory, model_dir, loaded_model, text_task, colour_task)
     ws["nul_jsonl"] = _sparse(tmp / "nul.jsonl", 300 << 20)  # 300 MB of NUL bytes and no line end
     ws["huge_json"] = _sparse(tmp / "huge.json", 300 << 20)
     ws["d_null_label"] = data("null-label.jsonl", '{"text": "red sun", "label": "warm"}\n{"text": "blue ice", "label": null}\n')
+    ws["d_stray_label"] = data("stray-label.jsonl", '{"text": "red sun", "label": "hot"}\n')
     ws["d_duplicate_key"] = data("duplicate-key.jsonl", '{"text": "red sun", "label": "warm", "label": "cold"}\n')
     ws["d_label_newline"] = data("label-newline.jsonl", json.dumps({"text": "red sun", "label": "warm\nweather"}) + "\n")
     ws["d_label_control"] = data("label-control.jsonl", json.dumps({"text": "red sun", "label": "warm\x1b[31m"}) + "\n")
@@ -491,7 +506,19 @@ def _api_calls(ws: dict[str, str]) -> dict:
         "pack_fifo": lambda: Pack.load(ws["fifo"]),
         "pack_dev_zero": lambda: Pack.load("/dev/zero"),
         "pack_surrogate": lambda: Pack.load(ws["surrogate_inner"]),
+        "probability_vote_format_1": lambda: _probability_vote_on_format_1(ws["pack"]),
     }
+
+
+def _probability_vote_on_format_1(pack_path: str) -> None:
+    """The `probability` vote asked of a pack without calibration (format 1) must say what is missing."""
+    import numpy as np
+
+    from savpack_runtime import Pack
+    from savpack_runtime.scoring import pack_decision
+
+    pack = Pack.load(pack_path).replace(scoring=None, probe_weight=None, probe_bias=None)
+    pack_decision(pack, np.zeros((1, pack.k, pack.grid[2]), dtype=np.float32), method="probability")
 
 
 # -- running one row in a forked child ---------------------------------------------------------------------------------

@@ -261,7 +261,7 @@ def evaluate_task(parts: dict[str, ActivationSet], logits: dict[str, np.ndarray]
     per_seed: dict[str, dict[str, list[dict[str, float]]]] = {part: {} for part in ("test", "validation") if part in parts}
     for seed in seeds:
         train = pool.subset(sample_shots(pool.labels, MAIN_SHOTS, seed)[0])
-        sav = SavClassifier(k=DEFAULT_K).fit(train.activations, train.labels)
+        sav = SavClassifier(k=DEFAULT_K, classifier="vote").fit(train.activations, train.labels)
         for part in per_seed:
             evaluated = parts[part]
             predictions = baseline_predictions(train, evaluated, zero_shot_logits=None if logits is None else logits[part],
@@ -288,7 +288,7 @@ def head_map(pool: ActivationSet, seeds: list[int]) -> np.ndarray:
     maps = []
     for seed in seeds:
         train = pool.subset(sample_shots(pool.labels, MAIN_SHOTS, seed)[0])
-        maps.append(SavClassifier(k=DEFAULT_K).fit(train.activations, train.labels).all_head_scores_)
+        maps.append(SavClassifier(k=DEFAULT_K, classifier="vote").fit(train.activations, train.labels).all_head_scores_)
     return np.mean(maps, axis=0)  # (layers, heads)
 
 

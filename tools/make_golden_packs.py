@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from savpack_runtime import Pack, classify_vectors, files
+from savpack_runtime import Pack, files
 from savpack_runtime import format as fmt
+from savpack_runtime.scoring import pack_decision
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "exported" / "packs"
@@ -56,6 +57,27 @@ def example_pack(name: str | None = "golden/colours", version: str | None = "1.0
     )
 
 
+def calibrated_pack(classifier: str) -> Pack:
+    """example_pack with a scoring model (format 2): a vote pack's head calibration, or a probe with its tensors."""
+    pack = example_pack(name=f"golden/colours-{classifier}", seed=2)
+    if classifier == "vote":
+        return pack.replace(scoring={"classifier": "vote", "temperature": 0.05, "sharpness": 2.5,
+                                     "fitted_on": "cross-validation"})
+    rng = np.random.default_rng(3)
+    weight = np.round(rng.normal(size=(len(LABELS), K * GRID[2])), 4).astype(np.float32)
+    bias = np.round(rng.normal(size=len(LABELS)), 4).astype(np.float32)
+    return pack.replace(scoring={"classifier": "probe", "temperature": 0.8, "sharpness": 1.0,
+                                 "fitted_on": "cross-validation"}, probe_weight=weight, probe_bias=bias)
+
+
+def _expected_decision(pack: Pack, vectors: np.ndarray) -> dict[str, Any]:
+    """What a reader must compute for `vectors` (docs/format.md section 5): labels, votes, probabilities."""
+    decision = pack_decision(pack, vectors)
+    return {"vectors": vectors.tolist(), "vote": "majority", "predictions": decision.predictions.tolist(),
+            "votes": decision.votes.votes.tolist(), "probabilities": np.round(decision.probabilities, 7).tolist(),
+            "calibrated": decision.calibrated}
+
+
 def _raw(pack: Pack, extra_metadata: dict[str, str] | None = None, format_version: str | None = None) -> bytes:
     """Serialise around the writer's own checks, for the files a reader must warn about or refuse."""
     tensors, metadata = pack.to_tensors_and_metadata()
@@ -71,15 +93,14 @@ def golden_files() -> dict[str, tuple[bytes, dict[str, Any]]]:
     vectors = (np.asarray(full.centroids).transpose(1, 0, 2)  # (C, k, D): one input near each class
                + np.float32(0.1) * np.random.default_rng(7).normal(size=(len(LABELS), K, GRID[2])).astype(np.float32))
     vectors = np.round(vectors, 4).astype(np.float32)
-    votes = classify_vectors(vectors, full.centroids, "majority")
     unknown = {"savpack.future_note": "a key a newer writer added"}
+    calibrated = {classifier: calibrated_pack(classifier) for classifier in ("vote", "probe")}
     return {
         "v1-full.safetensors": (full.to_bytes(), {
             "outcome": "load", "format_version": 1, "name": full.name, "version": full.version,
             "labels": list(full.labels), "heads": full.heads.tolist(), "grid": list(GRID),
             "centroids": full.centroids.tolist(), "metrics": full.metrics,
-            "classify": {"vectors": vectors.tolist(), "vote": "majority", "predictions": votes.predictions.tolist(),
-                         "votes": votes.votes.tolist()},
+            "classify": _expected_decision(full, vectors),
         }),
         "v1-minimal.safetensors": (minimal.to_bytes(), {
             "outcome": "load", "format_version": 1, "name": None, "version": None, "labels": list(minimal.labels),
@@ -88,9 +109,18 @@ def golden_files() -> dict[str, tuple[bytes, dict[str, Any]]]:
         "v1-unknown-key.safetensors": (_raw(full, unknown), {
             "outcome": "warn", "format_version": 1, "unknown_keys": sorted(unknown), "labels": list(full.labels),
         }),
-        "v2-newer.safetensors": (_raw(full, format_version="2"), {
-            "outcome": "refuse", "error": "PackVersionError", "format_version": 2,
-            "message_contains": ["2", str(fmt.FORMAT_VERSION), "pip install --upgrade savpack-runtime"],
+        **{f"v2-{classifier}.safetensors": (pack.to_bytes(), {
+            "outcome": "load", "format_version": 2, "name": pack.name, "labels": list(pack.labels),
+            "heads": pack.heads.tolist(), "grid": list(GRID), "scoring": pack.scoring,
+            "classify": _expected_decision(pack, vectors),
+        }) for classifier, pack in calibrated.items()},
+        "v2-no-scoring.safetensors": (_raw(full, format_version="2"), {
+            "outcome": "refuse", "error": "PackMissingKeyError", "format_version": 2,
+            "message_contains": [fmt.META_SCORING],
+        }),
+        "v3-newer.safetensors": (_raw(calibrated["vote"], format_version="3"), {
+            "outcome": "refuse", "error": "PackVersionError", "format_version": 3,
+            "message_contains": ["3", str(fmt.FORMAT_VERSION), "pip install --upgrade savpack-runtime"],
         }),
     }
 

@@ -4,12 +4,14 @@
 
     classifier = Classifier.load("bundle/")                      # providers="cuda" to use a GPU when one works
     result = classifier.classify(text="What colour is this?", images=["photo.jpg"])
-    result.label, result.votes, result.shares, result.by_pack   # by_pack: one result per pack in the bundle
-    results = classifier.classify_batch([{"text": "...", "images": ["a.png"]}, ("another", ["b.png"])])
+    result.label, result.probabilities, result.votes, result.by_pack   # by_pack: one result per pack in the bundle
+    results = classifier.classify_batch([{"text": "...", "images": ["a.png"]}, ("another", ["b.png"])],
+                                        abstain_below=0.8)          # label None where the top probability is lower
 
 One forward serves every pack of the bundle: the graph returns the union of their heads and (bundle format 2) each
 pack's vote, computed inside the graph. The numpy vote (savpack_runtime.vote) is the reference the in-graph vote is
-tested against; the classifier uses it only for format-1 bundles, whose graphs return head vectors alone.
+tested against; the classifier uses it only for format-1 bundles, whose graphs return head vectors alone. Every
+pack's decision (label, probabilities, abstention) is savpack_runtime.scoring's, as in the builder.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from .errors import GraphError, InputError, SavpackError
 from .images import ImageBytes, load_image, to_rgb
 from .items import IMAGE_MARKER, has_markers
 from .preprocess import Preprocessor
-from .result import PackResult, Result, results_from_votes
+from .result import PackResult, Result, results_from_decisions
+from .scoring import Decision, check_threshold, pack_decision
 from .session import GraphSession
-from .vote import Votes, classify_vectors
+from .vote import Votes
 
 __all__ = ["Classifier", "Item", "PackResult", "Result"]
 
@@ -113,26 +116,32 @@ class Classifier:
     def takes_images(self) -> bool:
         return self.bundle.graph["kind"] not in graph_inputs.TEXT_KINDS
 
-    def classify(self, text: str = "", images: Sequence[Any] = ()) -> Result:
+    def classify(self, text: str = "", images: Sequence[Any] = (), abstain_below: float | None = None) -> Result:
         """One item: text and images (file paths or PIL images)."""
-        return self.classify_batch([Item(text, tuple(images))])[0]
+        return self.classify_batch([Item(text, tuple(images))], abstain_below=abstain_below)[0]
 
-    def classify_batch(self, items: Iterable[Any], batch_size: int | None = None) -> list[Result]:
-        """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings."""
+    def classify_batch(self, items: Iterable[Any], batch_size: int | None = None,
+                       abstain_below: float | None = None) -> list[Result]:
+        """Items as Item, {"text": ..., "images": [...]} dicts, (text, images) pairs or plain strings.
+        abstain_below: a probability; items whose top probability is below it get label None, abstained True."""
+        check_threshold(abstain_below)
         items = [self.check_item(item, index) for index, item in enumerate(items)]
         outputs = self.graph_outputs(items, batch_size)
-        return results_from_votes({entry.name: (entry.pack.labels, self._votes(entry, outputs)) for entry in self.bundle.packs})
+        return results_from_decisions({entry.name: (entry.pack.labels, self._decide(entry, outputs, abstain_below))
+                                       for entry in self.bundle.packs})
 
     @staticmethod
-    def _votes(entry: BundlePack, outputs: dict[str, np.ndarray]) -> Votes:
-        """A pack's vote over the batch: the graph's own (bundle format 2), or the reference numpy vote on the graph's
-        head vectors (format 1, whose graphs return head vectors only)."""
+    def _decide(entry: BundlePack, outputs: dict[str, np.ndarray], abstain_below: float | None) -> Decision:
+        """A pack's decision over the batch from the graph's outputs: its cosines and vote when the graph computes
+        them (bundle format 2), else the reference numpy vote on the graph's head vectors (format 1)."""
+        vectors = outputs[graph_inputs.OUTPUT_NAME][:, entry.positions]  # (B, k, D)
         if entry.outputs is None:
-            return classify_vectors(outputs[graph_inputs.OUTPUT_NAME][:, entry.positions], entry.pack.centroids,
-                                    entry.pack.selection.get("vote", "majority"))
+            return pack_decision(entry.pack, vectors, abstain_below=abstain_below)
         cosines, votes = outputs[entry.outputs["cosines"]], outputs[entry.outputs["votes"]]
-        return Votes(outputs[entry.outputs["prediction"]], votes, votes / entry.pack.k,
-                     cosines.sum(axis=1, dtype=np.float64), cosines.argmax(axis=-1))
+        graph_votes = Votes(outputs[entry.outputs["prediction"]], votes, votes / entry.pack.k,
+                            cosines.sum(axis=1, dtype=np.float64), cosines.argmax(axis=-1))
+        return pack_decision(entry.pack, vectors, abstain_below=abstain_below, similarities=cosines,
+                             graph_votes=graph_votes)
 
     def head_vectors(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form

@@ -25,6 +25,8 @@ from .errors import MissingExtraError, SavpackError, SavpackWarning
 from .classifier import MAX_BATCH_SIZE
 from .items import Fields, read_items
 from .output import check_output, write_results
+from .result import PackResult
+from .scoring import check_threshold
 from .session import MAX_THREADS
 
 def _classify(args: argparse.Namespace) -> None:
@@ -38,7 +40,7 @@ def _classify(args: argparse.Namespace) -> None:
     classifier = Classifier.load(args.bundle, providers=args.providers, threads=args.threads, batch_size=args.batch_size,
                                  check_weights=args.check_weights)
     items = read_items(args.data, Fields(args.text_field, args.image_field, args.label_field))
-    results = classifier.classify_batch([item for _, item in items])
+    results = classifier.classify_batch([item for _, item in items], abstain_below=args.abstain_below)
     if args.out:
         rows = write_results(args.out, [[(source, result.to_dict()) for (source, _), result in zip(items, results)]], args.force)
         print(f"wrote {args.out}: {rows} rows", file=sys.stderr)
@@ -49,8 +51,16 @@ def _classify(args: argparse.Namespace) -> None:
         return
     width = max(len(source) for source, _ in items)
     for (source, _), result in zip(items, results):
-        cells = [f"{name}={value.label} ({value.shares[value.label]:.2f})" for name, value in result.by_pack.items()]
+        cells = [f"{name}={_decision_text(value)}" for name, value in result.by_pack.items()]
         print(f"{source:<{width}}  " + "  ".join(cells))
+
+
+def _decision_text(result: PackResult) -> str:
+    """label (top probability), or "abstained (top label p)" when the label is withheld."""
+    top = max(result.probabilities, key=result.probabilities.get)
+    if result.abstained:
+        return f"abstained ({top} {result.probabilities[top]:.2f})"
+    return f"{result.label} ({result.probabilities[result.label]:.2f})"
 
 
 def _classify_on_ray(args: argparse.Namespace) -> None:
@@ -126,6 +136,14 @@ def _whole_number(low: int, high: int):
     return parse
 
 
+def _probability(text: str) -> float:
+    """argparse type: a probability from 0 to 1 (nan, inf and others are a usage error, exit 2)."""
+    try:
+        return check_threshold(float(text), "--abstain-below")
+    except (ValueError, SavpackError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability from 0 to 1") from exc
+
+
 def _add_weights_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check-weights", dest="check_weights", action="store_false",
                         help="skip hashing the graph weights against bundle.json (only for a bundle verified once and "
@@ -181,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "(--engine ray: .jsonl or .parquet files, folders of them, or a filesystem URL such as "
                                "s3://bucket/items/, with the default column names)")
     add_field_options(classify)
-    classify.add_argument("--json", action="store_true", help="one JSON object per item: label, votes, shares (per pack)")
+    classify.add_argument("--json", action="store_true",
+                          help="one JSON object per item: label, probabilities, votes, shares (per pack)")
+    classify.add_argument("--abstain-below", type=_probability, default=None, metavar="P",
+                          help="withhold the label (null, abstained true) where the top probability is below P")
     classify.add_argument("--out", default=None,
                           help="write one row per item to this file: *.parquet (flat columns) or *.jsonl (as --json)")
     classify.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -8,8 +8,10 @@ docs/format.md; this module is its executable half, imported by the writer (buil
 from __future__ import annotations
 
 FORMAT_NAME = "savpack"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# 2: the pack carries its scoring model (`savpack.scoring`: calibrated probabilities, and for a probe its weights).
+# Packs of format 1 still load; they carry no calibration and their probabilities are the vote shares.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 # Packs are small (k x classes x head_dim floats); a file far larger than this is not a pack, and reading it whole
 # would let a hostile file exhaust memory.
@@ -23,9 +25,14 @@ HEAD_SCORES = "head_scores"  # float32 (k,): selection score of each selected he
 CLASS_COUNTS = "class_counts"  # int32 (C,): labelled examples per class
 ALL_HEAD_SCORES = "all_head_scores"  # float32 (layers, heads): the score of every head, for the head map
 REQUIRED_TENSORS = (HEADS, CENTROIDS, HEAD_SCORES, CLASS_COUNTS, ALL_HEAD_SCORES)
+# Format 2, only in packs whose scoring classifier is "probe": a multinomial logistic regression over the selected
+# heads' unit vectors, concatenated in vote order.
+PROBE_WEIGHT = "probe_weight"  # float32 (C, k * head_dim)
+PROBE_BIAS = "probe_bias"  # float32 (C,)
+PROBE_TENSORS = (PROBE_WEIGHT, PROBE_BIAS)
 # Each tensor's safetensors dtype (DTYPES) and rank.
 TENSOR_TYPES = {HEADS: ("I32", 2), CENTROIDS: ("F32", 3), HEAD_SCORES: ("F32", 1), CLASS_COUNTS: ("I32", 1),
-                ALL_HEAD_SCORES: ("F32", 2)}
+                ALL_HEAD_SCORES: ("F32", 2), PROBE_WEIGHT: ("F32", 2), PROBE_BIAS: ("F32", 1)}
 
 # Metadata keys.
 META_PREFIX = "savpack."
@@ -40,9 +47,18 @@ META_NAME = "savpack.name"  # string
 META_VERSION = "savpack.version"  # semantic version string
 META_CREATED_BY = "savpack.created_by"  # JSON object: package -> version (and commit of a dev build)
 META_DATASET = "savpack.dataset"  # JSON object: sha256, examples, per-class counts
+META_SCORING = "savpack.scoring"  # JSON object, SCORING_FIELDS; required from format 2, absent in format 1
 REQUIRED_META = (META_FORMAT, META_FORMAT_VERSION, META_LABELS, META_MODEL, META_PROMPT, META_SELECTION)
 OPTIONAL_META = (META_METRICS, META_NAME, META_VERSION, META_CREATED_BY, META_DATASET)
-JSON_META = (META_LABELS, META_MODEL, META_PROMPT, META_SELECTION, META_METRICS, META_CREATED_BY, META_DATASET)
+JSON_META = (META_LABELS, META_MODEL, META_PROMPT, META_SELECTION, META_METRICS, META_CREATED_BY, META_DATASET,
+             META_SCORING)
+
+# The scoring model (docs/format.md section 5). classifier: which rule gives the label, "vote" (the heads' vote, the
+# SAVs method) or "probe" (the linear head). temperature and sharpness: the calibration of the probabilities, fitted on
+# data the pack is not judged on (fitted_on: "cross-validation" over the labelled examples, or "calibration-data").
+SCORING_FIELDS = ("classifier", "temperature", "sharpness", "fitted_on")
+CLASSIFIERS = ("vote", "probe")
+FITTED_ON = ("cross-validation", "calibration-data")
 
 MODEL_FIELDS = ("id", "revision", "family", "grid", "fingerprint")  # grid = [layers, heads, head_dim]
 # template: the user text around {text}; rendered: the full prompt after the chat template, with {text} left in;

@@ -21,6 +21,7 @@ from . import files
 from . import format as fmt
 from .compat import RUNTIME_PACKAGE, version_refusal
 from . import prompt as prompt_fields
+from .scoring import Scoring
 from .errors import (
     PackMissingKeyError,
     PackShapeError,
@@ -49,7 +50,26 @@ class Pack:
     version: str | None = None
     created_by: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
-    format_version: int = fmt.FORMAT_VERSION
+    # The scoring model (format 2): classifier, temperature, sharpness, fitted_on; None in a format-1 pack, whose
+    # probabilities are the vote shares. probe_weight (C, k * head_dim) and probe_bias (C,) when classifier is "probe".
+    scoring: dict[str, Any] | None = None
+    probe_weight: np.ndarray | None = None
+    probe_bias: np.ndarray | None = None
+
+    @property
+    def format_version(self) -> int:
+        """2 for a pack with a scoring model, 1 without (the format before calibration, still read and written)."""
+        return fmt.FORMAT_VERSION if self.scoring else 1
+
+    @property
+    def scoring_model(self) -> Scoring | None:
+        """The scoring model as savpack_runtime.scoring uses it; None for a format-1 pack."""
+        return Scoring.from_record(self.scoring, self.probe_weight, self.probe_bias)
+
+    @property
+    def classifier(self) -> str:
+        """Which rule gives the label: "vote" (the heads' vote) or "probe" (the linear head)."""
+        return self.scoring["classifier"] if self.scoring else "vote"
 
     @property
     def k(self) -> int:
@@ -84,6 +104,9 @@ class Pack:
             fmt.CLASS_COUNTS: np.asarray(self.class_counts, dtype=np.int32),
             fmt.ALL_HEAD_SCORES: np.asarray(self.all_head_scores, dtype=np.float32),
         }
+        if self.probe_weight is not None:
+            tensors[fmt.PROBE_WEIGHT] = np.asarray(self.probe_weight, dtype=np.float32)
+            tensors[fmt.PROBE_BIAS] = np.asarray(self.probe_bias, dtype=np.float32)
         values: dict[str, Any] = {
             fmt.META_FORMAT: fmt.FORMAT_NAME,
             fmt.META_FORMAT_VERSION: str(self.format_version),
@@ -96,6 +119,7 @@ class Pack:
             fmt.META_VERSION: self.version,
             fmt.META_CREATED_BY: self.created_by,
             fmt.META_DATASET: self.dataset,
+            fmt.META_SCORING: self.scoring,
         }
         metadata = {}
         for key, value in values.items():
@@ -152,7 +176,8 @@ class Pack:
             labels=tuple(values[fmt.META_LABELS]), model=values[fmt.META_MODEL], prompt=values[fmt.META_PROMPT],
             selection=values[fmt.META_SELECTION], metrics=optional[fmt.META_METRICS], name=metadata.get(fmt.META_NAME),
             version=metadata.get(fmt.META_VERSION), created_by=optional[fmt.META_CREATED_BY],
-            dataset=optional[fmt.META_DATASET], format_version=reading.version,
+            dataset=optional[fmt.META_DATASET], scoring=values.get(fmt.META_SCORING),
+            probe_weight=tensors.get(fmt.PROBE_WEIGHT), probe_bias=tensors.get(fmt.PROBE_BIAS),
         )
 
 
@@ -195,19 +220,24 @@ def _check_format_version(reading: _Reading) -> None:
 
 
 def _check_required_keys(reading: _Reading) -> None:
-    """Row 9: the required tensors and metadata keys are present."""
+    """Row 9: the required tensors and metadata keys are present (from format 2: `savpack.scoring`, and the probe's
+    tensors when its classifier is "probe")."""
     for name in fmt.REQUIRED_TENSORS:
         if name not in reading.tensors:
             raise PackMissingKeyError(f"required tensor {name!r} is missing", reading.path, name)
-    for key in fmt.REQUIRED_META:
+    for key in _required_meta(reading.version):
         if key not in reading.metadata:
             raise PackMissingKeyError(f"required metadata key {key!r} is missing", reading.path, key)
 
 
 def _warn_unknown_keys(reading: _Reading) -> None:
     """Row 10: unknown tensors or `savpack.*` keys give one warning listing them all; reading continues."""
-    known = set(fmt.REQUIRED_META) | set(fmt.OPTIONAL_META)
-    unknown = sorted(set(reading.tensors) - set(fmt.REQUIRED_TENSORS)) + sorted(set(reading.metadata) - known)
+    known = set(_required_meta(reading.version)) | set(fmt.OPTIONAL_META)
+    known_tensors = set(fmt.REQUIRED_TENSORS) | (set(fmt.PROBE_TENSORS) if reading.version >= 2 else set())
+    unknown = sorted(set(reading.tensors) - known_tensors) + sorted(set(reading.metadata) - known)
+    for key in unknown:  # ignored means ignored: a format-1 reading must not pick up format-2 keys
+        reading.tensors.pop(key, None)
+        reading.metadata.pop(key, None)
     if unknown:
         warnings.warn(f"{reading.path}: ignoring unknown pack keys {unknown} (written by a newer savpack?)", SavpackWarning, stacklevel=4)
 
@@ -219,7 +249,8 @@ def _parse_json_values(reading: _Reading) -> None:
     labels = values[fmt.META_LABELS]
     if not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
         raise PackTypeError(f"{fmt.META_LABELS} must be a JSON list of strings", path, fmt.META_LABELS)
-    required = {fmt.META_MODEL: fmt.MODEL_FIELDS, fmt.META_PROMPT: fmt.PROMPT_FIELDS, fmt.META_SELECTION: ()}
+    required = {fmt.META_MODEL: fmt.MODEL_FIELDS, fmt.META_PROMPT: fmt.PROMPT_FIELDS, fmt.META_SELECTION: (),
+                fmt.META_SCORING: fmt.SCORING_FIELDS}
     for key in (*required, *_OPTIONAL_OBJECTS):
         if key in values:
             _check_object(values, key, required.get(key, ()), path)
@@ -250,11 +281,33 @@ def _check_metadata_values(reading: _Reading) -> None:
     for key in (fmt.META_NAME, fmt.META_VERSION):
         if key in reading.metadata and not reading.metadata[key]:
             raise PackValueError(f"{key} is empty", path, key)
+    if fmt.META_SCORING in reading.values:
+        _check_scoring(reading.values[fmt.META_SCORING], reading.tensors, path)
 
+
+def _check_scoring(scoring: dict[str, Any], tensors: dict[str, np.ndarray], path: object) -> None:
+    """Row 12, format 2: the scoring model's fields, and the probe's tensors present exactly for a probe."""
+    key = fmt.META_SCORING
+    if scoring["classifier"] not in fmt.CLASSIFIERS:
+        raise PackValueError(f"{key} classifier is {scoring['classifier']!r}, expected one of {list(fmt.CLASSIFIERS)}", path, key)
+    if scoring["fitted_on"] not in fmt.FITTED_ON:
+        raise PackValueError(f"{key} fitted_on is {scoring['fitted_on']!r}, expected one of {list(fmt.FITTED_ON)}", path, key)
+    for name in ("temperature", "sharpness"):
+        value = scoring[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+            raise PackValueError(f"{key} {name} must be a positive number below 1e6, got {value!r}", path, key)
+    probe = scoring["classifier"] == "probe"
+    for name in fmt.PROBE_TENSORS:
+        if probe and name not in tensors:
+            raise PackMissingKeyError(f"required tensor {name!r} is missing (the scoring classifier is 'probe')", path, name)
+        if not probe and name in tensors:
+            raise PackValueError(f"tensor {name!r} is present but the scoring classifier is {scoring['classifier']!r}", path, name)
 
 def _check_tensor_types(reading: _Reading) -> None:
     """Row 13: tensor dtypes and ranks as in section 2."""
     for name, (code, rank) in fmt.TENSOR_TYPES.items():
+        if name not in reading.tensors:  # an optional tensor, absent (row 12 checked which must be there)
+            continue
         tensor, dtype = reading.tensors[name], np.dtype(fmt.DTYPES[code])
         if tensor.dtype != dtype:
             raise PackTypeError(f"tensor {name!r} is {tensor.dtype}, expected {dtype}", reading.path, name)
@@ -280,6 +333,11 @@ def _check_shapes(reading: _Reading) -> None:
         raise PackShapeError(f"'centroids' head_dim {head_dim} differs from the model grid's {grid_head_dim}", path, fmt.CENTROIDS)
     if tensors[fmt.ALL_HEAD_SCORES].shape != (layers, num_heads):
         raise PackShapeError(f"tensor 'all_head_scores' has shape {list(tensors[fmt.ALL_HEAD_SCORES].shape)}, expected the grid's [{layers}, {num_heads}]", path, fmt.ALL_HEAD_SCORES)
+    expected = {fmt.PROBE_WEIGHT: ((classes, k * head_dim), "classes, k * head_dim"), fmt.PROBE_BIAS: ((classes,), "classes")}
+    for name, (shape, meaning) in expected.items():
+        if name in tensors and tensors[name].shape != shape:
+            raise PackShapeError(f"tensor {name!r} has shape {list(tensors[name].shape)}, expected {list(shape)} "
+                                 f"({meaning})", path, name)
 
 
 def _check_values(reading: _Reading) -> None:
@@ -299,8 +357,8 @@ def _check_values(reading: _Reading) -> None:
         raise PackValueError("tensor 'heads' lists a head twice", path, fmt.HEADS)
     if (tensors[fmt.CLASS_COUNTS] < 1).any():
         raise PackValueError("tensor 'class_counts' must be >= 1 for every class", path, fmt.CLASS_COUNTS)
-    for name in (fmt.CENTROIDS, fmt.HEAD_SCORES, fmt.ALL_HEAD_SCORES):
-        if not np.isfinite(tensors[name]).all():
+    for name in (fmt.CENTROIDS, fmt.HEAD_SCORES, fmt.ALL_HEAD_SCORES, *fmt.PROBE_TENSORS):
+        if name in tensors and not np.isfinite(tensors[name]).all():
             raise PackValueError(f"tensor {name!r} holds NaN or Inf", path, name)
 
 
@@ -310,6 +368,10 @@ VALIDATION_ROWS = (
     (11, _parse_json_values), (12, _check_metadata_values), (13, _check_tensor_types), (14, _check_shapes),
     (15, _check_values),
 )
+
+
+def _required_meta(version: int) -> tuple[str, ...]:
+    return fmt.REQUIRED_META + ((fmt.META_SCORING,) if version >= 2 else ())
 
 
 def _load_json(metadata: dict[str, str], key: str, path: object) -> Any:

@@ -86,7 +86,7 @@ def _expected_packs(record: dict, pack_names: list[str]) -> dict[str, str]:
 
 
 def _expected_bars(record: dict) -> list[tuple[str, str]]:
-    scores = record.get("probabilities") or record["shares"]
+    scores = record["probabilities"]
     return [(label, f"{value:.3f}") for label, value in sorted(scores.items(), key=lambda pair: -pair[1])]
 
 

@@ -53,6 +53,9 @@ def test_golden_batches_mix_lengths_and_image_sizes():
     assert len({tuple(row) for row in golden.recorded_batches("llava_onevision")["all"]["image_sizes"].tolist()}) > 2
 
 
+PROBABILITY_TOLERANCE = 1e-6
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_classifier_matches_builder(case):
     """Preprocessing, planning, graph and every pack's vote: the builder's labels, votes and head vectors."""
@@ -67,6 +70,10 @@ def test_classifier_matches_builder(case):
         for result, record in zip(results, pack_expected["records"]):
             assert result.by_pack[name].votes == record["votes"]
             assert result.by_pack[name].shares == pytest.approx(record["shares"], abs=1e-6)
+            # The builder's probabilities (its records round to 7 decimals): the same scoring model on the graph's
+            # head vectors, which equal the PyTorch hooks' within the export tolerance.
+            assert result.by_pack[name].probabilities == pytest.approx(record["probabilities"], abs=PROBABILITY_TOLERANCE)
+            assert result.by_pack[name].calibrated == record["calibrated"]
     assert [result.label for result in results] == next(iter(expected.values()))["labels"]
     assert golden.within_tolerance(classifier.head_vectors(items),
                                    golden.expected_vectors(case))

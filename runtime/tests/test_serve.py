@@ -74,6 +74,27 @@ def test_service_gives_the_clis_records(case, capsys):
     assert metric(batches, "savpack_items_total") == 2 * len(items)
 
 
+def test_abstain_below_is_the_classifiers(capsys):
+    """abstain_below withholds exactly the labels the Classifier withholds at that threshold (a threshold between the
+    items' top probabilities, so some abstain and some do not), through JSON and multipart alike."""
+    case = "qwen2"
+    records = cli_records(case, capsys)
+    tops = sorted(max(record["probabilities"].values()) for record in records)
+    threshold = (tops[len(tops) // 2 - 1] + tops[len(tops) // 2]) / 2
+    expected = [result.to_dict() for result in classifier(golden.bundle_dir(case)).classify_batch(
+        [item["text"] for item in golden.items(case)], abstain_below=threshold)]
+    assert 0 < sum(record["abstained"] for record in expected) < len(expected)
+    with running_server(golden.bundle_dir(case)) as url, httpx.Client(timeout=60) as http:
+        answer = http.post(f"{url}/v1/classify", json={"inputs": [item["text"] for item in golden.items(case)],
+                                                       "abstain_below": threshold})
+        assert answer.status_code == 200, answer.text
+        assert same_records(answer.json()["results"], expected)
+        for record in answer.json()["results"]:
+            assert (record["label"] is None) == record["abstained"] == (max(record["probabilities"].values()) < threshold)
+        form = http.post(f"{url}/v1/classify", data={"text": golden.items(case)[0]["text"], "abstain_below": str(threshold)})
+        assert form.status_code == 200 and same_records(form.json()["results"], expected[:1])
+
+
 def test_multipart_upload_equals_json():
     case = "qwen2_vl"
     item = golden.items(case)[3]  # two images
@@ -237,8 +258,6 @@ BAD_REQUESTS = [
     ("packs empty", "qwen2", {"inputs": ["a"], "packs": []}, "application/json", 422, "packs: empty"),
     ("abstain_below a string", "qwen2", {"inputs": ["a"], "abstain_below": "high"}, "application/json", 422, "abstain_below: must be a number between 0 and 1"),
     ("abstain_below above 1", "qwen2", {"inputs": ["a"], "abstain_below": 1.5}, "application/json", 422, "abstain_below: must be a number between 0 and 1"),
-    ("abstain_below before calibration", "qwen2", {"inputs": ["a"], "abstain_below": 0.5}, "application/json", 422,
-     "abstain_below: this runtime cannot abstain yet"),
     ("corrupt base64", "qwen2_vl", {"inputs": [{"images": ["iVBORw0KGgo!!!"]}]}, "application/json", 422, "inputs[0].images[0]: not valid base64"),
     ("base64 of no image", "qwen2_vl", {"inputs": [{"images": ["aGVsbG8gd29ybGQ="]}]}, "application/json", 422,
      "inputs[0].images[0]: not an image file PIL can read"),

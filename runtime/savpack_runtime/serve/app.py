@@ -131,10 +131,6 @@ class _Service:
     async def _classify(self, request: Request) -> Response:
         try:
             parsed = await self._parse(request)
-            if parsed.abstain_below is not None:
-                # The Classifier's abstention arrives with calibrated packs (issue 14); until then say so.
-                raise ApiError(VALIDATION, "abstain_below: this runtime cannot abstain yet (it needs calibrated packs, "
-                                           "savpack pack format 2); leave abstain_below out")
             items = [self._check_item(item, index) for index, item in enumerate(parsed.items)]
             has_images = any(item.images for item in items)
             # Image headers and pixels are read on a worker thread (PIL work must not stall the event loop).

@@ -39,18 +39,19 @@ def openapi_document(pack_names: Sequence[str], takes_images: bool, limits: Limi
         item_or_text = {"oneOf": [{"type": "string", "minLength": 1}, item]}
     pack_result = {
         "type": "object",
-        "required": ["label", "votes", "shares"],
+        "required": ["label", "votes", "shares", "probabilities", "calibrated", "abstained"],
         "properties": {
             "label": {"type": "string", "nullable": True},
             "votes": {"type": "object", "additionalProperties": {"type": "integer"}},
             "shares": {"type": "object", "additionalProperties": {"type": "number"}},
             "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+            "calibrated": {"type": "boolean", "description": "false: a format-1 pack; its probabilities are the vote shares"},
             "abstained": {"type": "boolean"},
         },
     }
     result = {
         "type": "object",
-        "required": ["label", "votes", "shares"],
+        "required": pack_result["required"],
         "properties": {**pack_result["properties"],
                        "packs": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/PackResult"}}},
         "description": "The record `savpack-run classify --json` prints: the first pack's result, and with several packs "

@@ -1,0 +1,201 @@
+"""Fitting a pack's scoring model on the labelled examples alone: calibrated probabilities and the linear head.
+
+Everything here is fitted out of fold: the labelled examples are split into stratified folds; each fold is scored
+by centroids (and a probe) computed from the other folds only, so no example is scored by a model that saw it. The
+selected heads stay those chosen on all examples. The fitted parameters are what savpack_runtime.scoring applies:
+
+- vote packs: temperature and sharpness of the head posteriors, minimising the log loss of the out-of-fold
+  probabilities (`fit_head_calibration`).
+- probe packs: a multinomial logistic regression (scikit-learn) over the heads' unit vectors, its regularisation C
+  chosen by the out-of-fold log loss, then a temperature on the out-of-fold logits (`fit_probe`).
+- `classifier="auto"` compares the out-of-fold accuracy of the vote and the probe and keeps the probe only when it
+  is clearly better (AUTO_MARGIN).
+
+Shapes: N examples, k heads, C classes, D = head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from savpack_runtime.scoring import Scoring, probe_features, softmax
+from savpack_runtime.vote import cosine_to_centroids, vote
+
+from .errors import BuildError
+
+FOLDS = 5
+CLASSIFIER_CHOICES = ("vote", "probe", "auto")
+DEFAULT_CLASSIFIER = "auto"
+PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)  # inverse L2 strength of the probe, chosen by out-of-fold log loss
+# auto keeps the probe when its out-of-fold accuracy beats the vote's by at least this many examples and this share:
+# on 2-5 class sets the two are often within a few examples of each other, and the vote is the method's own rule.
+AUTO_MARGIN_EXAMPLES = 2
+AUTO_MARGIN_SHARE = 0.01
+# Temperature and sharpness grids: a coarse log grid, then a finer one around the best point.
+TEMPERATURES = np.geomspace(1e-3, 2.0, 34)
+SHARPNESS = np.geomspace(0.25, 64.0, 33)
+TEMPERATURE_RANGE = (1e-4, 1e3)
+
+
+def stratified_folds(label_index: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """(N,) fold number of each example: each class's examples shuffled (seeded), then dealt round the folds."""
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(label_index), dtype=np.int64)
+    for label in np.unique(label_index):
+        members = rng.permutation(np.flatnonzero(label_index == label))
+        assignment[members] = np.arange(len(members)) % folds
+    return assignment
+
+
+def fold_count(label_index: np.ndarray) -> int:
+    """FOLDS, or fewer when the smallest class has fewer examples (each class in every fold, train and held out)."""
+    return int(min(FOLDS, np.bincount(label_index).min()))
+
+
+def centroids_without(vectors: np.ndarray, label_index: np.ndarray, classes: int, held_out: np.ndarray) -> np.ndarray:
+    """Class means (k, C, D) of the examples outside `held_out` (a boolean mask over N)."""
+    kept, labels = vectors[~held_out], label_index[~held_out]
+    means = np.stack([kept[labels == label].mean(axis=0) for label in range(classes)])  # (C, k, D)
+    return means.transpose(1, 0, 2)
+
+
+def out_of_fold_similarities(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray) -> np.ndarray:
+    """vectors (N, k, D) -> (N, k, C): each example's cosines to centroids computed without its fold."""
+    similarities = np.empty((len(vectors), vectors.shape[1], classes), dtype=np.float32)
+    for fold in np.unique(folds):
+        held_out = folds == fold
+        similarities[held_out] = cosine_to_centroids(vectors[held_out],
+                                                     centroids_without(vectors, label_index, classes, held_out))
+    return similarities
+
+
+def log_loss(probs: np.ndarray, label_index: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(label_index)), label_index], 1e-12))))
+
+
+def _refined(grid: np.ndarray, best: int, points: int = 9) -> np.ndarray:
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    return np.geomspace(low, high, points)
+
+
+def fit_head_calibration(similarities: np.ndarray, label_index: np.ndarray) -> tuple[float, float]:
+    """Temperature and sharpness of the head posteriors minimising the log loss of `similarities` (N, k, C), which
+    must come from centroids that did not see the examples (out of fold, or separate calibration data)."""
+    def best_sharpness(temperature: float, sharpness_grid: np.ndarray) -> tuple[float, float]:
+        per_head = softmax(similarities.astype(np.float64) / temperature).mean(axis=1)  # (N, C)
+        logs = np.log(np.maximum(per_head, 1e-12))
+        losses = [log_loss(softmax(beta * logs), label_index) for beta in sharpness_grid]
+        return float(min(losses)), float(sharpness_grid[int(np.argmin(losses))])
+
+    coarse = [best_sharpness(t, SHARPNESS) for t in TEMPERATURES]
+    best = int(np.argmin([loss for loss, _ in coarse]))
+    sharpness_grid = _refined(SHARPNESS, int(np.argmin(np.abs(SHARPNESS - coarse[best][1]))))
+    fine_temperatures = _refined(TEMPERATURES, best)
+    fine = [best_sharpness(t, np.unique(np.concatenate([sharpness_grid, SHARPNESS]))) for t in fine_temperatures]
+    index = int(np.argmin([loss for loss, _ in fine]))
+    return float(fine_temperatures[index]), fine[index][1]
+
+
+def fit_temperature(logits: np.ndarray, label_index: np.ndarray) -> float:
+    """The temperature T minimising the log loss of softmax(logits / T) over held-out logits (N, C)."""
+    grid = np.geomspace(*TEMPERATURE_RANGE, 71)
+    losses = [log_loss(softmax(logits / t), label_index) for t in grid]
+    fine = _refined(grid, int(np.argmin(losses)), 21)
+    return float(fine[int(np.argmin([log_loss(softmax(logits / t), label_index) for t in fine]))])
+
+
+def _logistic_regression(regularisation: float, seed: int) -> Any:
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise BuildError("the probe classifier needs scikit-learn: pip install scikit-learn") from None
+    return LogisticRegression(C=regularisation, max_iter=2000, tol=1e-5, random_state=seed)
+
+
+def train_probe(features: np.ndarray, label_index: np.ndarray, classes: int, regularisation: float,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A multinomial logistic regression on features (N, F) -> weight (C, F) float64, bias (C,) float64.
+
+    Two classes: scikit-learn fits one logit; the pack holds both (-w/2, +w/2), which give the same softmax."""
+    model = _logistic_regression(regularisation, seed).fit(features, label_index)
+    weight, bias = np.asarray(model.coef_, dtype=np.float64), np.asarray(model.intercept_, dtype=np.float64)
+    if weight.shape[0] == 1:  # binary
+        weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
+    full_weight, full_bias = np.zeros((classes, features.shape[1])), np.full(classes, -1e4)
+    full_weight[model.classes_], full_bias[model.classes_] = weight, bias  # a class absent from training: never chosen
+    return full_weight, full_bias
+
+
+def out_of_fold_logits(features: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
+                       regularisation: float, seed: int = 0) -> np.ndarray:
+    """(N, C) probe logits of each example from a probe trained without its fold."""
+    logits = np.empty((len(features), classes))
+    for fold in np.unique(folds):
+        held_out = folds == fold
+        weight, bias = train_probe(features[~held_out], label_index[~held_out], classes, regularisation, seed)
+        logits[held_out] = features[held_out] @ weight.T + bias
+    return logits
+
+
+@dataclass
+class ScoringFit:
+    """What fitting produced: the scoring model and the out-of-fold evidence behind it (recorded in pack metrics)."""
+
+    scoring: Scoring | None  # None: too few examples to fit out of fold; the pack stays format 1
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, classifier: str = DEFAULT_CLASSIFIER,
+                vote_method: str = "majority", head_scores: np.ndarray | None = None, seed: int = 0) -> ScoringFit:
+    """Fit the scoring model of a pack on its labelled examples' vectors (N, k, D) of the selected heads."""
+    if classifier not in CLASSIFIER_CHOICES:
+        raise BuildError(f"classifier {classifier!r} is not one of {list(CLASSIFIER_CHOICES)}")
+    counts = np.bincount(label_index, minlength=classes)
+    if counts.min() < 2:
+        if classifier == "probe":
+            raise BuildError(f"the probe is fitted by cross-validation and needs at least 2 examples per class; class "
+                             f"index {int(np.argmin(counts))} has {int(counts.min())}")
+        return ScoringFit(None, {"calibration": "none: a class has fewer than 2 examples"})
+    folds = stratified_folds(label_index, fold_count(label_index), seed)
+    similarities = out_of_fold_similarities(vectors, label_index, classes, folds)
+    vote_predictions = vote(similarities, vote_method if vote_method in ("majority", "cosine", "weighted") else "majority",
+                            head_scores).predictions
+    metrics: dict[str, Any] = {"cv_folds": int(folds.max() + 1),
+                               "cv_vote_accuracy": round(float(np.mean(vote_predictions == label_index)), 6)}
+    if classifier in ("probe", "auto"):
+        features = probe_features(vectors).astype(np.float64)
+        by_c = {c: out_of_fold_logits(features, label_index, classes, folds, c, seed) for c in PROBE_C_GRID}
+        chosen = min(PROBE_C_GRID, key=lambda c: log_loss(softmax(by_c[c]), label_index))
+        probe_correct = int(np.sum(by_c[chosen].argmax(axis=1) == label_index))
+        metrics.update(cv_probe_accuracy=round(probe_correct / len(label_index), 6), probe_c=chosen)
+        vote_correct = int(np.sum(vote_predictions == label_index))
+        margin = max(AUTO_MARGIN_EXAMPLES, AUTO_MARGIN_SHARE * len(label_index))
+        if classifier == "probe" or probe_correct - vote_correct >= margin:
+            temperature = fit_temperature(by_c[chosen], label_index)
+            weight, bias = train_probe(features, label_index, classes, chosen, seed)
+            metrics["classifier_chosen_by"] = "asked" if classifier == "probe" else "cross-validation"
+            return ScoringFit(Scoring("probe", temperature, 1.0, "cross-validation", weight.astype(np.float32),
+                                      bias.astype(np.float32)), metrics)
+    metrics["classifier_chosen_by"] = "asked" if classifier == "vote" else "cross-validation"
+    temperature, sharpness = fit_head_calibration(similarities, label_index)
+    return ScoringFit(Scoring("vote", temperature, sharpness, "cross-validation"), metrics)
+
+
+def recalibrate(scoring: Scoring | None, vectors: np.ndarray, similarities: np.ndarray, label_index: np.ndarray) -> Scoring:
+    """The same classifier with its calibration fitted on separate labelled data (vectors (N, k, D) of the pack's
+    heads and their cosines (N, k, C) to the pack's centroids): the `--calibration FILE` path. scoring None (a vote
+    pack whose shots were too few to fit out of fold) gets a vote scoring model fitted on the data."""
+    if scoring is not None and scoring.classifier == "probe":
+        logits = probe_features(vectors).astype(np.float64) @ scoring.probe_weight.T.astype(np.float64) + scoring.probe_bias
+        return Scoring("probe", fit_temperature(logits, label_index), 1.0, "calibration-data",
+                       scoring.probe_weight, scoring.probe_bias)
+    temperature, sharpness = fit_head_calibration(similarities, label_index)
+    return Scoring("vote", temperature, sharpness, "calibration-data")
+
+
+__all__ = ["CLASSIFIER_CHOICES", "DEFAULT_CLASSIFIER", "FOLDS", "ScoringFit", "fit_head_calibration", "fit_scoring",
+           "fit_temperature", "out_of_fold_logits", "out_of_fold_similarities", "recalibrate",
+           "stratified_folds", "train_probe"]
