@@ -131,16 +131,19 @@ class SavClassifier:
         return decide(self.centroids_, self.scoring_, head_vectors, method=self.vote, head_scores=self.head_scores_,
                       abstain_below=abstain_below)
 
+    def head_vectors(self, X: Any) -> np.ndarray:
+        """The selected heads' vectors (N, k, D) of X shaped as in fit: what `decide` takes."""
+        activations, _, _ = self._activations(X, fitting=False)
+        return self._select(activations)
+
     def predict(self, X: Any) -> np.ndarray:
         """Labels (N,), one of classes_ each, for X shaped as in fit."""
-        activations, _, _ = self._activations(X, fitting=False)
-        return self.classes_[self.decide(self._select(activations)).predictions]
+        return self.classes_[self.decide(self.head_vectors(X)).predictions]
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """(N, C) probabilities in the order of classes_: calibrated out of fold (or on calibration data); the vote
         shares where there were too few examples per class to calibrate (calibrated_ is then False)."""
-        activations, _, _ = self._activations(X, fitting=False)
-        return self.decide(self._select(activations)).probabilities
+        return self.decide(self.head_vectors(X)).probabilities
 
     @property
     def calibrated_(self) -> bool:
