@@ -26,7 +26,8 @@ def _activation_set(classes: int, per_class: int, seed: int) -> ActivationSet:
 
 def test_one_seed_reports_the_packs_own_numbers():
     train, test = _activation_set(3, 10, seed=0), _activation_set(3, 30, seed=1)
-    run = eval_scoring.evaluate_seed(train, test, seed=0)
+    validation = _activation_set(3, 20, seed=2)
+    run = eval_scoring.evaluate_seed(train, test, seed=0, calibration=validation)
     assert set(eval_scoring.CLASSIFIERS) <= set(run) and run["shots"] == 30
     vote = SavClassifier(k=eval_scoring.DEFAULT_K, classifier="vote", random_state=0).fit(train.activations, train.labels)
     decision = vote.decide(vote.head_vectors(test.activations))
@@ -35,6 +36,9 @@ def test_one_seed_reports_the_packs_own_numbers():
     assert run["vote"]["vote_methods"]["majority"] == run["vote"]["accuracy"]
     assert run["vote"]["shares"]["ece"] == pytest.approx(expected_calibration_error(truth, decision.votes.shares))
     assert run["vote"]["probabilities"]["ece"] == pytest.approx(expected_calibration_error(truth, decision.probabilities))
+    recalibrated = vote.calibrate(validation.activations, validation.labels).decide(vote.head_vectors(test.activations))
+    assert run["vote"]["calibration_data"]["ece"] == pytest.approx(expected_calibration_error(truth, recalibrated.probabilities))
+    assert run["vote"]["calibration_data"]["ece"] != run["vote"]["probabilities"]["ece"]
     assert run["probe"]["chosen"] == "probe" and run["auto"]["chosen"] in ("vote", "probe")
     assert {"cv_vote_accuracy", "cv_probe_accuracy", "probe_c"} <= set(run["auto"])
 

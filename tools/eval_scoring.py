@@ -10,6 +10,8 @@ classifier="vote", "probe" and "auto", and scored on the test split:
   (cv_vote_accuracy, cv_probe_accuracy, probe_c) and chose;
 - for the vote pack: ECE (15 bins), Brier, log loss and accuracy at 50/80/90% coverage of its calibrated
   probabilities, beside the same metrics of the vote shares (shares = votes / k; the label is the vote for both);
+- the vote pack's probabilities recalibrated on the validation split (200 labelled examples apart from shots and
+  test: what `savpack build --calibration FILE` does), to show what separate labelled data adds;
 - the vote methods (majority, weighted, cosine, probability) of the vote pack;
 - the forward pass's cost per example (measured on up to --forward-items of seed 0's shots), so that a pack's build
   time (forward over the shots + fit) can stand beside SetFit's fit time (tools/eval_setfit.py).
@@ -24,6 +26,7 @@ Sets: eval_real's five and trec_fine (trec's 50 fine labels, `fine_label`, with 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -47,7 +50,7 @@ CLASSIFIERS = ("vote", "probe", "auto")
 DEFAULT_MODELS = ("gemma-3-270m", "minilm-cls")
 CALIBRATION_METRICS = ("ece", "brier", "log_loss")
 COVERAGE_KEYS = ("50%", "80%", "90%")
-PARTS = ("pool", "test")
+PARTS = ("pool", "test", "validation")
 # Issue 14's targets.
 TARGET_ECE = 0.05
 TARGET_COVERAGE_GAIN = 0.03
@@ -56,6 +59,12 @@ TARGET_COVERAGE_GAIN = 0.03
 def shots_of(pool_labels: list[str], seed: int) -> list[int]:
     """The seed's shots (indices into the pool): MAIN_SHOTS per class, or every pool example of a class with fewer."""
     return sample_shots(pool_labels, MAIN_SHOTS, seed, fewer_ok=True)[0]
+
+
+def known_classes(examples: ActivationSet, pool_labels: list[str]) -> ActivationSet:
+    """The examples whose class the pool has (a pack cannot be calibrated on a class it does not know)."""
+    known = set(pool_labels)
+    return examples.subset([i for i, label in enumerate(examples.labels) if label in known])
 
 
 def calibration_scalars(truth: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray,
@@ -67,8 +76,10 @@ def calibration_scalars(truth: np.ndarray, probabilities: np.ndarray, prediction
             "accuracy_at_100%": float(np.mean(predictions == truth))}
 
 
-def evaluate_seed(train: ActivationSet, test: ActivationSet, seed: int) -> dict[str, Any]:
-    """The three packs of one seed's shots, scored on the test split."""
+def evaluate_seed(train: ActivationSet, test: ActivationSet, seed: int,
+                  calibration: ActivationSet | None = None) -> dict[str, Any]:
+    """The three packs of one seed's shots, scored on the test split; with `calibration` (labelled examples apart
+    from shots and test: the validation split), also the vote pack recalibrated on it (`savpack build --calibration`)."""
     run: dict[str, Any] = {"shots": len(train.labels)}
     for classifier in CLASSIFIERS:
         started = time.perf_counter()
@@ -91,6 +102,10 @@ def evaluate_seed(train: ActivationSet, test: ActivationSet, seed: int) -> dict[
             result["vote_methods"] = {method: float(np.mean(fitted.set_params(vote=method).decide(vectors).predictions
                                                             == truth)) for method in DECISION_METHODS}
             fitted.set_params(vote="majority")
+            if calibration is not None:
+                recalibrated = copy.deepcopy(fitted).calibrate(calibration.activations, calibration.labels)
+                result["calibration_data"] = calibration_scalars(
+                    truth, recalibrated.decide(vectors).probabilities, decision.predictions)
         run[classifier] = result
     return run
 
@@ -138,7 +153,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 continue
             runs = []
             for seed in range(args.seeds):
-                runs.append(evaluate_seed(parts["pool"].subset(shots_of(parts["pool"].labels, seed)), parts["test"], seed))
+                runs.append(evaluate_seed(parts["pool"].subset(shots_of(parts["pool"].labels, seed)), parts["test"], seed,
+                                          known_classes(parts["validation"], parts["pool"].labels)))
                 print(f"  seed {seed}: " + "  ".join(f"{c} {runs[-1][c]['accuracy']:.3f} ({runs[-1][c]['fit_seconds']:.1f} s)"
                                                     for c in CLASSIFIERS), flush=True)
             result = {"classes": len(set(parts["pool"].labels)), "test_items": len(parts["test"].labels),
@@ -182,14 +198,15 @@ def markdown(results: dict[str, dict[str, Any]], setfit: dict[str, Any] | None, 
              f"class has fewer; k = {DEFAULT_K}; mean ± std over seeds).", ""]
     lines += ["Calibration of the vote pack: its probabilities (p) beside its vote shares (s); the label is the vote "
               "for both.", "",
-              "| model | set | ECE p | ECE s | Brier p | Brier s | log loss p | acc@80% p | acc@80% s | acc@100% |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | set | ECE p | ECE s | Brier p | Brier s | log loss p | acc@80% p | acc@80% s | acc@100% | "
+              "ECE p, calibration data |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, sets in results.items():
         for name, result in sets.items():
             p, s = result["summary"]["vote"]["probabilities"], result["summary"]["vote"]["shares"]
             lines.append(f"| {model} | {name} | {_cell(p['ece'])} | {_cell(s['ece'])} | {_cell(p['brier'])} | "
                          f"{_cell(s['brier'])} | {_cell(p['log_loss'])} | {_cell(p['accuracy_at_80%'])} | "
-                         f"{_cell(s['accuracy_at_80%'])} | {_cell(p['accuracy_at_100%'])} |")
+                         f"{_cell(s['accuracy_at_80%'])} | {_cell(p['accuracy_at_100%'])} | "
+                         f"{_cell(result['summary']['vote'].get('calibration_data', {}).get('ece'))} |")
     lines += ["", "Classifiers (test accuracy), auto's choice over the seeds, fit times (seconds, from activations):", "",
               "| model | set | classes | vote | probe | auto | auto chose | SetFit | fit vote | fit probe | fit auto | "
               "forward s/item | SetFit fit |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
