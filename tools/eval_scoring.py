@@ -20,7 +20,7 @@ Sets: eval_real's five and trec_fine (trec's 50 fine labels, `fine_label`, with 
 
   python tools/eval_scoring.py --out tools/results/eval_scoring.json            # extracts what is missing first
   python tools/eval_scoring.py --out x.json --models minilm-cls --sets sst2 --seeds 2
-  python tools/eval_scoring.py --out x.json --report-only --setfit tools/results/eval_setfit.json  # + SetFit columns
+  python tools/eval_scoring.py --out tools/results/eval_scoring.json --tables-only --setfit tools/results/eval_setfit.json
 """
 
 from __future__ import annotations
@@ -174,6 +174,15 @@ def _cell(values: list[float] | None, digits: int = 3) -> str:
     return "—" if values is None else f"{values[0]:.{digits}f} ± {values[1]:.{digits}f}"
 
 
+def _peer_cell(peer: dict[str, Any] | None) -> str:
+    """SetFit's accuracy, with its seed count (fewer seeds than savpack's where it ran out of time) and its step cap."""
+    if not peer:
+        return "—"
+    seeds = len(peer["runs"])
+    capped = f", {peer['max_steps']} steps" if peer.get("max_steps") else ""
+    return f"{_cell(peer['summary']['accuracy'])} ({seeds} seed{'s' if seeds > 1 else ''}{capped})"
+
+
 def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Issue 14's and issue 19's targets, judged on the seed means of every model x set."""
     cells = [(model, name, result["summary"]) for model, sets in results.items() for name, result in sets.items()]
@@ -207,9 +216,10 @@ def markdown(results: dict[str, dict[str, Any]], setfit: dict[str, Any] | None, 
                          f"{_cell(s['brier'])} | {_cell(p['log_loss'])} | {_cell(p['accuracy_at_80%'])} | "
                          f"{_cell(s['accuracy_at_80%'])} | {_cell(p['accuracy_at_100%'])} | "
                          f"{_cell(result['summary']['vote'].get('calibration_data', {}).get('ece'))} |")
-    lines += ["", "Classifiers (test accuracy), auto's choice over the seeds, fit times (seconds, from activations):", "",
+    lines += ["", "Classifiers (test accuracy), auto's choice over the seeds, fit times (seconds, from activations), the "
+              "forward pass per item, build = shots x forward + fit auto (seconds), SetFit's fit (seconds):", "",
               "| model | set | classes | vote | probe | auto | auto chose | SetFit | fit vote | fit probe | fit auto | "
-              "forward s/item | SetFit fit |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "forward s/item | build auto | SetFit fit |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, sets in results.items():
         for name, result in sets.items():
             summary = result["summary"]
@@ -218,9 +228,10 @@ def markdown(results: dict[str, dict[str, Any]], setfit: dict[str, Any] | None, 
             forward = result.get("forward_seconds_per_item")
             lines.append(f"| {model} | {name} | {result['classes']} | {_cell(summary['vote']['accuracy'])} | "
                          f"{_cell(summary['probe']['accuracy'])} | {_cell(summary['auto']['accuracy'])} | {chosen} | "
-                         f"{_cell(peer['summary']['accuracy']) if peer else '—'} | "
+                         f"{_peer_cell(peer)} | "
                          f"{_cell(summary['vote']['fit_seconds'], 2)} | {_cell(summary['probe']['fit_seconds'], 2)} | "
                          f"{_cell(summary['auto']['fit_seconds'], 2)} | {'—' if forward is None else f'{forward:.3f}'} | "
+                         f"{'—' if forward is None else round(summary['shots'][0] * forward + summary['auto']['fit_seconds'][0])} | "
                          f"{_cell(peer['summary']['fit_seconds'], 1) if peer else '—'} |")
     lines += ["", "Vote methods of the vote pack (test accuracy):", "",
               "| model | set | " + " | ".join(DECISION_METHODS) + " |", "|---|---|" + "---|" * len(DECISION_METHODS)]
@@ -253,6 +264,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--setfit", type=Path, default=None, help="tools/eval_setfit.py's JSON: SetFit columns")
     parser.add_argument("--report-only", action="store_true", help="never run a model; use cached activations")
     parser.add_argument("--extract-only", action="store_true", help="only fill the activation cache")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="print the tables of the JSON already at --out (with --setfit's columns); fit nothing")
     return parser.parse_args()
 
 
@@ -261,13 +274,17 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     args = parse_args()
+    setfit = json.loads(args.setfit.read_text()) if args.setfit else None
+    if args.tables_only:
+        stored = json.loads(args.out.read_text())
+        print(markdown(stored["results"], setfit, stored["seeds"]))
+        return
     torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads):
         results = evaluate(args)
     if args.extract_only:
         print("activations cached")
         return
-    setfit = json.loads(args.setfit.read_text()) if args.setfit else None
     report = {"machine": machine_description(), "seeds": args.seeds, "shots": MAIN_SHOTS, "k": DEFAULT_K,
               "threads": args.threads, "targets": targets(results),
               "results": {model: {name: {key: value for key, value in result.items() if key != "runs"}
