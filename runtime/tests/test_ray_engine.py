@@ -115,6 +115,25 @@ def test_image_bytes_in_parquet_and_a_column_mapping(ray_cluster, tmp_path, caps
                                                                  if len(record["images"]) == 1]
 
 
+def test_abstention_on_ray_is_the_single_process_one(ray_cluster, tmp_path, capsys):
+    """--abstain-below reaches the actors: the same labels withheld as in the single-process run."""
+    data = write_text_items(tmp_path / "items.jsonl", 60, seed=5)
+    free = tmp_path / "free.parquet"
+    assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(free)]) == 0
+    tops = sorted(max(row[key] for key in row if key.startswith("probabilities.")) for row in pq.read_table(free).to_pylist())
+    threshold = str((tops[len(tops) // 2 - 1] + tops[len(tops) // 2]) / 2)
+    single, on_ray = tmp_path / "single.parquet", tmp_path / "ray.parquet"
+    assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(single),
+                 "--abstain-below", threshold]) == 0
+    code, err = run(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(on_ray),
+                     "--engine", "ray", "--abstain-below", threshold], capsys)
+    assert code == 0, err
+    got, expected = pq.read_table(on_ray).to_pylist(), pq.read_table(single).to_pylist()
+    assert records_agree(got, expected)
+    assert 0 < sum(row["abstained"] for row in got) < len(got)
+    assert all((row["label"] is None) == row["abstained"] for row in got)
+
+
 def test_a_folder_of_jsonl_and_parquet_files(ray_cluster, tmp_path, capsys):
     folder = tmp_path / "data"
     folder.mkdir()
