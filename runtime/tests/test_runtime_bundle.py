@@ -181,12 +181,13 @@ def test_provider_names():
 
 
 def test_the_classifier_uses_the_votes_of_the_graph(bundle_copy, monkeypatch):
-    """A format-2 bundle is classified from the graph's own vote outputs: the numpy vote is not called; a pack whose
-    outputs name what the graph lacks is refused at load."""
-    from savpack_runtime import classifier as module
+    """A format-2 bundle is classified from the graph's own cosines and vote: the numpy vote is not called; a pack
+    whose outputs name what the graph lacks is refused at load."""
+    from savpack_runtime import scoring
 
     expected = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
-    monkeypatch.setattr(module, "classify_vectors", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
+    monkeypatch.setattr(scoring, "vote", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
+    monkeypatch.setattr(scoring, "cosine_to_centroids", lambda *args, **kwargs: pytest.fail("numpy cosines ran"))
     assert [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))] == expected
     _edit_info(bundle_copy, lambda info: info["packs"][1]["outputs"].update(votes="pack7.votes"))
     with pytest.raises(GraphError, match=r"reads graph outputs \['pack7.votes'\]"):
@@ -195,7 +196,8 @@ def test_the_classifier_uses_the_votes_of_the_graph(bundle_copy, monkeypatch):
 
 def test_a_format_1_bundle_votes_in_numpy(bundle_copy, monkeypatch):
     """Bundles written before the vote moved into the graph keep working: the runtime votes on the head vectors."""
-    from savpack_runtime import classifier as module
+    from savpack_runtime import scoring
+    from savpack_runtime.result import records_agree
 
     expected = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
 
@@ -206,7 +208,8 @@ def test_a_format_1_bundle_votes_in_numpy(bundle_copy, monkeypatch):
 
     _edit_info(bundle_copy, as_format_1)
     assert all(entry.outputs is None for entry in fmt.Bundle.load(bundle_copy).packs)
-    assert [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))] == expected
-    monkeypatch.setattr(module, "classify_vectors", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
+    got = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
+    assert all(records_agree(g[name], e[name]) for g, e in zip(got, expected) for name in e)
+    monkeypatch.setattr(scoring, "vote", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
     with pytest.raises(pytest.fail.Exception, match="numpy vote ran"):
         Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))

@@ -13,6 +13,7 @@ import pytest
 
 from savpack_runtime import Classifier, graph_inputs
 from savpack_runtime.bundle import Bundle
+from savpack_runtime.result import AGREEMENT_TOLERANCE, records_agree
 from savpack_runtime.session import GraphSession
 from savpack_runtime.vote import classify_vectors, cosine_to_centroids
 
@@ -53,7 +54,25 @@ def test_golden_batches_mix_lengths_and_image_sizes():
     assert len({tuple(row) for row in golden.recorded_batches("llava_onevision")["all"]["image_sizes"].tolist()}) > 2
 
 
-PROBABILITY_TOLERANCE = 1e-6
+# Through the graph: its head vectors equal the hooks' to ~1e-7, which a fitted temperature of ~0.01 can carry to a few
+# 1e-6 in the probabilities; the same vectors give the builder's probabilities to 1e-6 (the test below).
+PROBABILITY_TOLERANCE = AGREEMENT_TOLERANCE
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_runtime_decision_on_the_builders_vectors_is_the_builders(case):
+    """The runtime's probabilities equal the builder's (1e-6) given the same head vectors: the hooks' vectors recorded
+    with the golden bundle through savpack_runtime.scoring, against the builder's records."""
+    from savpack_runtime.result import results_from_decisions
+    from savpack_runtime.scoring import pack_decision
+
+    bundle, vectors = Bundle.load(golden.bundle_dir(case)), golden.expected_vectors(case)
+    for entry in bundle.packs:
+        decision = pack_decision(entry.pack, vectors[:, entry.positions])
+        records = golden.expected(case)["packs"][entry.name]["records"]
+        for result, record in zip(results_from_decisions({entry.name: (entry.pack.labels, decision)}), records):
+            assert result.label == record["label"] and result.votes == record["votes"]
+            assert result.probabilities == pytest.approx(record["probabilities"], abs=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -78,8 +97,8 @@ def test_classifier_matches_builder(case):
     assert golden.within_tolerance(classifier.head_vectors(items),
                                    golden.expected_vectors(case))
     # batch 1, and batches of 2 (the mixed batch split differently) give the same answers
-    assert classifier.classify(**items[0]).by_pack == results[0].by_pack
-    assert [result.by_pack for result in classifier.classify_batch(items, batch_size=2)] == [r.by_pack for r in results]
+    assert records_agree(classifier.classify(**items[0]), results[0])
+    assert records_agree(classifier.classify_batch(items, batch_size=2), results)
 
 
 _FRESH_INTERPRETER = """
