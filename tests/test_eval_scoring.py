@@ -67,3 +67,22 @@ def test_targets_read_the_calibration_and_auto_cells():
     assert judged["ece_not_below_shares"] == ["m/trec"]
     assert judged["mean_coverage_gain_80"] == pytest.approx(0.03) and judged["coverage_gain_met"]
     assert judged["auto_more_than_one_std_below_vote"] == ["m/trec"]
+
+
+def test_setfit_results_of_two_runs_share_one_file(tmp_path):
+    """tools/eval_setfit.py: each run writes only its own set's entry, keeping what another run wrote."""
+    import eval_setfit
+
+    out = tmp_path / "setfit.json"
+    eval_setfit.save_set(out, {"results": {}, "setfit": "x"}, "sst2", {"runs": [{"accuracy": 0.7}]})
+    eval_setfit.save_set(out, {"results": {}, "setfit": "x"}, "trec_fine", {"runs": [{"accuracy": 0.8}]})
+    eval_setfit.save_set(out, {"results": {}, "setfit": "x"}, "sst2", {"runs": [{"accuracy": 0.7}, {"accuracy": 0.9}]})
+    import json
+
+    stored = json.loads(out.read_text())
+    assert stored["results"] == {"sst2": {"runs": [{"accuracy": 0.7}, {"accuracy": 0.9}]},
+                                 "trec_fine": {"runs": [{"accuracy": 0.8}]}}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["setfit.json"]
+    assert eval_setfit.per_set("--max-steps", ["trec_fine=1000"]) == {"trec_fine": 1000}
+    with pytest.raises(SystemExit, match="SET=N"):
+        eval_setfit.per_set("--max-steps", ["nope=3"])

@@ -97,12 +97,16 @@ def evaluate(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 def save_set(path: Path, report: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
     """Write one set's entry into --out, keeping the other sets' entries as the file holds them now: runs of other
-    sets may go on in another process (under an exclusive lock beside the file)."""
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    sets may go on in another process (under an exclusive lock on the file's folder: no lock file is left behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         current = json.loads(path.read_text()) if path.exists() else report
         current["results"][name] = entry
         write_results(path, current)
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def per_set(option: str, values: list[str]) -> dict[str, int]:
