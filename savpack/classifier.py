@@ -138,7 +138,8 @@ class SavClassifier:
 
     def predict(self, X: Any) -> np.ndarray:
         """Labels (N,), one of classes_ each, for X shaped as in fit."""
-        return self.classes_[self.decide(self.head_vectors(X)).predictions]
+        predictions = self.decide(self.head_vectors(X)).predictions  # before classes_: NotFittedError, not AttributeError
+        return self.classes_[predictions]
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """(N, C) probabilities in the order of classes_: calibrated out of fold (or on calibration data); the vote
