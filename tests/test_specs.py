@@ -183,7 +183,11 @@ def test_the_bundle_schema_is_the_readers():
     assert set(graph["properties"]["kind"]["enum"]) == set(graph_inputs.GRAPH_INPUTS)
     assert graph["properties"]["weights"]["enum"] == list(bundle_format.WEIGHT_TYPES)
     assert graph["properties"]["output"]["const"] == graph_inputs.OUTPUT_NAME
-    assert schema["properties"]["packs"]["items"]["required"] == list(bundle_format.PACK_FIELDS)
+    packs = schema["properties"]["packs"]["items"]
+    assert packs["required"] == list(bundle_format.PACK_FIELDS)
+    assert set(packs["properties"]) == set(bundle_format.PACK_FIELDS_2) | {bundle_format.PACK_CALIBRATED}
+    assert packs["properties"]["outputs"]["required"] == list(graph_inputs.REQUIRED_SCORE_ROLES)
+    assert list(packs["properties"]["outputs"]["properties"]) == list(graph_inputs.SCORE_ROLES)
     assert schema["properties"]["model"]["required"] == list(fmt.MODEL_FIELDS)
     assert schema["properties"]["prompt"]["required"] == list(fmt.PROMPT_FIELDS)
 

@@ -91,15 +91,15 @@ def export_variants(loaded, packs, shots, folder: Path, report: dict[str, Any]) 
     return bundles
 
 
-def runtime_labels_via_cli(bundle: Path, examples: list, pack: str, threads: int) -> list[str]:
-    """`savpack-run classify BUNDLE --data items.jsonl --json`, as a user runs it."""
+def runtime_records_via_cli(bundle: Path, examples: list, pack: str, threads: int) -> list[dict[str, Any]]:
+    """`savpack-run classify BUNDLE --data items.jsonl --json`, as a user runs it: `pack`'s record of each item."""
     with tempfile.TemporaryDirectory() as tmp:
         items = Path(tmp) / "items.jsonl"
         items.write_text("".join(json.dumps({"text": example.text}) + "\n" for example in examples), encoding="utf-8")
         done = subprocess.run([str(Path(sys.executable).parent / "savpack-run"), "classify", str(bundle), "--data", str(items),
                                "--json", "--threads", str(threads)], capture_output=True, text=True, check=True)
     records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-    return [record["packs"][pack]["label"] if "packs" in record else record["label"] for record in records]
+    return [record["packs"][pack] if "packs" in record else record for record in records]
 
 
 def classify_sets(bundle: Path, splits: dict[str, dict[str, list]], threads: int) -> dict[str, list[str]]:
@@ -147,10 +147,18 @@ def run_model(name: str, data_root: Path, cache: Path, items: int, latency_items
 
     # 2. savpack-run against the builder on shared sst2 test items.
     held = splits["sst2"]["test"][:items]
-    built = classify(loaded, packs[0], held, batch_size=8, progress=False).labels
-    ran = runtime_labels_via_cli(bundles["float32"], held, "sst2", threads)
+    report["packs"] = {name: {"classifier": pack.classifier, "scoring": pack.scoring, "heads": pack.heads.tolist()}
+                       for name, pack in zip(SETS, packs)}
+    builder = classify(loaded, packs[0], held, batch_size=8, progress=False)
+    built = builder.labels
+    records = runtime_records_via_cli(bundles["float32"], held, "sst2", threads)
+    ran = [record["label"] for record in records]
+    # The probabilities come from the graph in savpack-run, from numpy on PyTorch's head vectors in the builder.
+    difference = np.abs(np.array([[record["probabilities"][label] for label in packs[0].labels] for record in records])
+                        - builder.decision.probabilities)
     report["sst2_builder_vs_savpack_run"] = {"items": len(held), "equal": int(sum(a == b for a, b in zip(built, ran))),
                                              "labels_equal": built == ran,
+                                             "probabilities_max_difference": float(difference.max()),
                                              "accuracy": float(np.mean([label == e.label for label, e in zip(built, held)]))}
     del loaded
 
@@ -178,7 +186,9 @@ def print_table(reports: list[dict[str, Any]]) -> None:
     for report in reports:
         sst2 = report["sst2_builder_vs_savpack_run"]
         print(f"\n{report['model']} (heads at the {report['token_position']} token, {report['shots']} shots per class, k {report['k']})")
-        print(f"  savpack-run vs builder, sst2: {sst2['equal']}/{sst2['items']} labels equal (accuracy {sst2['accuracy']:.3f})")
+        print(f"  savpack-run vs builder, sst2: {sst2['equal']}/{sst2['items']} labels equal (accuracy {sst2['accuracy']:.3f}), "
+              f"probabilities within {sst2['probabilities_max_difference']:.1e}")
+        print("  packs: " + ", ".join(f"{name} {pack['classifier']}" for name, pack in report["packs"].items()))
         sizes = {variant: bundle["bytes"] / 1e6 for variant, bundle in report["bundles"].items()}
         print("  bundle MB: " + ", ".join(f"{variant} {size:.0f}" for variant, size in sizes.items()))
         latency = report["latency_batch1_s"]
