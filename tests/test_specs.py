@@ -22,6 +22,7 @@ from savpack.sharing.packfile import index_entry, read_pack
 from savpack_runtime import bundle as bundle_format
 from savpack_runtime import files, graph_inputs, pack as pack_module
 from savpack_runtime import format as fmt
+from savpack_runtime.scoring import DECISION_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT_DOC = ROOT / "docs" / "format.md"
@@ -102,7 +103,7 @@ def test_the_metadata_table_is_the_format_modules():
 
 def test_the_tensor_table_is_the_readers():
     rows = {cells[0].strip("`"): cells for cells in table_rows(FORMAT_DOC, "2. Tensors") if cells[0].startswith("`")}
-    assert set(rows) == set(fmt.REQUIRED_TENSORS) == set(fmt.TENSOR_TYPES)
+    assert set(rows) == set(fmt.REQUIRED_TENSORS) | set(fmt.PROBE_TENSORS) == set(fmt.TENSOR_TYPES)
     for name, (code, rank) in fmt.TENSOR_TYPES.items():
         assert rows[name][1] == code, name
         assert len([axis for axis in rows[name][2].strip("()").split(",") if axis.strip()]) == rank, name
@@ -114,6 +115,11 @@ def test_the_schemas_required_fields_are_the_format_modules():
     assert prompt["required"] == list(fmt.PROMPT_FIELDS)
     assert prompt["properties"][fmt.PROMPT_TOKEN_POSITION]["enum"] == list(fmt.TOKEN_POSITIONS)
     assert fmt.PROMPT_VIDEO_FRAMES in prompt["properties"]
+    scoring = FORMAT_SCHEMAS[fmt.META_SCORING]
+    assert scoring["required"] == list(fmt.SCORING_FIELDS)
+    assert scoring["properties"]["classifier"]["enum"] == list(fmt.CLASSIFIERS)
+    assert scoring["properties"]["fitted_on"]["enum"] == list(fmt.FITTED_ON)
+    assert FORMAT_SCHEMAS[fmt.META_SELECTION]["properties"]["vote"]["enum"] == list(DECISION_METHODS)
 
 
 def written_packs() -> list[tuple[str, dict[str, str]]]:
