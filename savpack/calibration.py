@@ -176,10 +176,8 @@ def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, clas
         if classifier == "probe" or probe_correct - vote_correct >= margin:
             temperature = fit_temperature(by_c[chosen], label_index)
             weight, bias = train_probe(features, label_index, classes, chosen, seed)
-            metrics["classifier_chosen_by"] = "asked" if classifier == "probe" else "cross-validation"
             return ScoringFit(Scoring("probe", temperature, 1.0, "cross-validation", weight.astype(np.float32),
                                       bias.astype(np.float32)), metrics)
-    metrics["classifier_chosen_by"] = "asked" if classifier == "vote" else "cross-validation"
     temperature, sharpness = fit_head_calibration(similarities, label_index)
     return ScoringFit(Scoring("vote", temperature, sharpness, "cross-validation"), metrics)
 

@@ -157,7 +157,7 @@ class SavClassifier:
 
     def to_pack(self, model: dict[str, Any], prompt: dict[str, Any], **fields: Any) -> Pack:
         selection = {"k": int(self.heads_.shape[0]), "scoring": self.scoring, "vote": self.vote,
-                     "head_score": "labelled-set accuracy", **fields.pop("selection", {})}
+                     "classifier": self.classifier, "head_score": "labelled-set accuracy", **fields.pop("selection", {})}
         metrics = {**fields.pop("metrics", {}), **self.cv_metrics_}
         scoring = self.scoring_
         return Pack(
@@ -172,7 +172,8 @@ class SavClassifier:
     @classmethod
     def from_pack(cls, pack: Pack) -> "SavClassifier":
         classifier = cls(k=pack.k, scoring=pack.selection.get("scoring", "paper"),
-                         vote=pack.selection.get("vote", "majority"), grid=pack.grid, classifier=pack.classifier)
+                         vote=pack.selection.get("vote", "majority"), grid=pack.grid,
+                         classifier=pack.selection.get("classifier", pack.classifier))
         classifier.classes_ = np.array(pack.labels)
         classifier.grid_ = pack.grid
         classifier.n_features_in_ = int(np.prod(pack.grid))

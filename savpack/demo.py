@@ -62,6 +62,8 @@ def run_demo(workdir: Path | None = None, model: str | None = None, batch_size: 
 
     from .baselines import evaluate_with_baselines
     from .card import render_card
+    from savpack_runtime.scoring import scoring_summary
+
     from .report import BASELINE_NAMES, format_baselines
     from .models import load_model
     from .pipeline import extract_activations, pack_from_activations
@@ -105,12 +107,19 @@ def run_demo(workdir: Path | None = None, model: str | None = None, batch_size: 
                                            f"heads whose class centroids classify them best", build)
     echo(f"      {pack_path}: {pack.k} heads in layers {int(pack.heads[:, 0].min())}-{pack.deepest_layer}, "
          f"{pack_path.stat().st_size / 1e3:.0f} kB")
+    echo(f"      label: {'the heads vote' if pack.classifier == 'vote' else 'a linear head over the heads'} "
+         f"(chosen by cross-validation on the {len(train)} sentences: vote {pack.metrics.get('cv_vote_accuracy', 0):.3f}, "
+         f"linear head {pack.metrics.get('cv_probe_accuracy', 0):.3f}); probabilities: {scoring_summary(pack)}")
 
     report = steps.run("eval", f"evaluate on the {len(test)} held-out sentences, baselines beside from the same pass",
                        lambda: evaluate_with_baselines(loaded, pack, test, activations, batch_size=batch_size))
     pack, _ = record_held_out(pack_path, pack, report, test)
     echo("\n" + format_baselines(report, pack.k))
-    echo("      (zero-shot reads the model's next word after the bare sentence: a base model not asked anything)\n")
+    echo("      (zero-shot reads the model's next word after the bare sentence: a base model not asked anything)")
+    calibration = report["calibration"]
+    echo(f"      SAV probabilities: ECE {calibration['ece']:.3f} (15 bins), accuracy on the 80% most confident "
+         f"{calibration['accuracy_at_coverage']['80%']:.3f}, on the 50% most confident "
+         f"{calibration['accuracy_at_coverage']['50%']:.3f}\n")
 
     bundle = workdir / "bundle"
 
@@ -132,9 +141,10 @@ def run_demo(workdir: Path | None = None, model: str | None = None, batch_size: 
     runtime_rows = steps.run("runtime", f"classify {len(new)} new sentences with savpack-run (numpy + onnxruntime, "
                                         "no torch), in a separate process", lambda: _savpack_run(bundle, DEMO_DATA / "new.jsonl"))
     for example, row in zip(new, runtime_rows):
-        share = row["shares"][row["label"]]
+        probability, votes = row["probabilities"][row["label"]], row["votes"][row["label"]]
         mark = "ok" if row["label"] == example.label else f"(labelled {example.label})"
-        echo(f"      {row['label']:<8} {share:4.2f} of the heads  {mark:<20} {_shorten(example.text, 70)}")
+        echo(f"      {row['label']:<8} p {probability:4.2f} ({votes:>2}/{pack.k} heads)  {mark:<20} "
+             f"{_shorten(example.text, 64)}")
 
     card_path = workdir / "README.md"
 

@@ -13,17 +13,14 @@ extra savpack[ray]; this module imports Ray.
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import ray
 import ray.data
 
-from savpack_runtime.errors import OutputPathError
+from savpack_runtime.files import check_output_folder, staged_folder
 from savpack_runtime.items import Example
 from savpack_runtime.ray_engine import (IMAGE_TYPE, Progress, RayOptions, image_cells, image_from_cell, pipeline_context,
                                         session)
@@ -31,6 +28,7 @@ from savpack_runtime.ray_engine import (IMAGE_TYPE, Progress, RayOptions, image_
 from .errors import DataError
 
 SHARD_PATTERN = "part-{:05d}.safetensors"  # zero-padded: file-name order is input order
+FIRST_SHARD = SHARD_PATTERN.format(0)  # what says a folder is a shards folder savpack wrote (--force replaces only those)
 
 
 class ExtractActor:
@@ -68,9 +66,7 @@ def extract_to_shards(examples: Sequence[Example], out: str | os.PathLike, model
     model_options: savpack.models.load_model's arguments; extract_options: extract_activations' (template,
     batch_size, final_hidden, video_frames, token_position, shape).
     """
-    out = Path(out)
-    _check_shards_folder(out, force)
-    partial = out.parent / f".{out.name}.{secrets.token_hex(6)}.partial"
+    out = check_output_folder(out, force, marker=FIRST_SHARD)  # refused before Ray starts
     progress = progress or Progress(verb="extracted")
     started = time.perf_counter()
     table = pa.table({
@@ -80,8 +76,7 @@ def extract_to_shards(examples: Sequence[Example], out: str | os.PathLike, model
     }, schema=pa.schema([("text", pa.string()), ("images", pa.list_(IMAGE_TYPE)), ("videos", pa.list_(pa.string())),
                          ("label", pa.string()), ("source", pa.string())]))
     shards = 0
-    partial.mkdir()
-    try:
+    with staged_folder(out, force, marker=FIRST_SHARD) as partial:
         with session(options), pipeline_context():  # shards in input order: the joined set is in input order
             # One block per shard: each is a task an idle actor can take (one block would keep one actor busy).
             blocks = [table.slice(start, shard_size) for start in range(0, table.num_rows, shard_size)]
@@ -102,33 +97,6 @@ def extract_to_shards(examples: Sequence[Example], out: str | os.PathLike, model
                     (partial / SHARD_PATTERN.format(shards)).write_bytes(shard)
                     shards += 1
                     progress.update(rows)
-        _replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     progress.close()
     seconds = time.perf_counter() - started
     return {"examples": progress.rows, "shards": shards, "seconds": seconds, "workers": options.workers}
-
-
-def _check_shards_folder(out: Path, force: bool) -> None:
-    if not out.parent.is_dir():
-        raise OutputPathError(f"{out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{out}: folder {out.parent} is not writable")
-    if out.exists() and not force:
-        raise OutputPathError(f"{out}: exists; pass --force to replace it")
-    if out.is_dir() and any(not path.name.endswith(".safetensors") for path in out.iterdir()):
-        # --force replaces a shards folder, never a folder that holds anything else.
-        raise OutputPathError(f"{out}: is a folder with other files than activation shards; will not replace it")
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished shards folder to `out`; an old `out` goes only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.{secrets.token_hex(6)}.old"
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

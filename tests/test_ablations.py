@@ -36,7 +36,6 @@ def test_every_run_equals_fitting_that_setting_alone(pool_and_test):
     assert len(runs) == 2 * 2 * 2 * 3 * 2
     for run in runs:
         train = pool.subset(sample_shots(pool.labels, run.shots, run.seed)[0])
-        # The ablations measure the heads' vote (classifier "vote"), not the probe "auto" may choose.
         alone = SavClassifier(k=run.k, scoring=run.scoring, vote=run.vote, classifier="vote").fit(train.activations, train.labels)
         report = classification_report(test.labels, alone.predict(test.activations), alone.classes_)
         assert run.metrics["accuracy"] == pytest.approx(report["accuracy"]), run

@@ -57,7 +57,8 @@ def test_2d_activations_with_the_grid_equal_4d_activations():
 def test_the_estimator_conventions():
     X, y = activations()
     classifier = SavClassifier(k=4, vote="cosine")
-    assert is_classifier(classifier) and classifier.get_params() == {"k": 4, "scoring": "paper", "vote": "cosine", "grid": None}
+    assert is_classifier(classifier) and classifier.get_params() == {"k": 4, "scoring": "paper", "vote": "cosine", "grid": None,
+                                                                "classifier": "auto", "random_state": 0}
     assert repr(classifier) == "SavClassifier(k=4, vote='cosine')"
     with pytest.raises(NotFittedError, match="not fitted yet"):
         classifier.predict(X)

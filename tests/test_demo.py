@@ -51,7 +51,8 @@ def test_the_whole_flow_on_a_tiny_model(model_dir, tmp_path):
     assert bundle.packs[0].pack.to_bytes() == pack.to_bytes() and result["exported"]
     new = load_examples(DEMO_DATA / "new.jsonl")
     builder = classify(load_model(result["model"], device="cpu"), pack, new, progress=False)
-    assert result["runtime_labels"] == builder.labels and len(re.findall(r"of the heads", output)) == 6
+    assert result["runtime_labels"] == builder.labels and len(re.findall(r"p \d\.\d\d \( ?\d+/\d+ heads\)", output)) == 6
+    assert "SAV probabilities: ECE" in output and "chosen by cross-validation" in output
     assert "held-out accuracy" in (tmp_path / "README.md").read_text()
     assert "savpack build  --model" in output and "savpack-run classify my-bundle" in output
     # A second run builds the same pack and reuses its bundle instead of exporting it again.

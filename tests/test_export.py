@@ -591,6 +591,28 @@ def test_the_bundle_computes_every_packs_probabilities_in_the_graph(loaded_model
                    for result, row in zip(results, graph))
 
 
+def test_the_export_refuses_in_graph_scores_that_differ_from_numpys(loaded_model, packs, tmp_path, monkeypatch):
+    """Validation compares every pack's in-graph probabilities and label with savpack_runtime.scoring: a graph whose
+    probabilities ignore the sharpening, or whose probe label is the vote's, is not written."""
+    import torch
+
+    from savpack.export import scores
+
+    calibrated = [pack for pack in packs("qwen2") if pack.scoring_model is not None]
+    assert calibrated and all(pack.scoring["sharpness"] != 1.0 for pack in calibrated if pack.classifier == "vote")
+    real = scores.PackScores.probabilities
+
+    def unsharpened(self, vectors, cosines, votes):
+        if self.model != "heads":
+            return real(self, vectors, cosines, votes)
+        return torch.softmax(cosines.to(torch.float64) / self.temperature, dim=-1).mean(dim=1)
+
+    monkeypatch.setattr(scores.PackScores, "probabilities", unsharpened)
+    with pytest.raises(ExportValidationError, match="in-graph probabilities differ from savpack_runtime's numpy scores"):
+        export_bundle(loaded_model("qwen2"), calibrated, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_int8_export_is_checked_on_the_packs_own_examples(loaded_model, packs, text_task, tmp_path):
     """--quantize int8: standard operators only, int8 weights, the vote kept in float32, each pack's agreement with
     the float32 graph on its own training examples recorded; held-out examples are not a pack's own."""

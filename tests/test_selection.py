@@ -59,7 +59,7 @@ def test_classifier_selects_and_votes_like_the_loop():
     y = [["cat", "dog", "eel"][i % 3] for i in range(30)]
     X[np.array(y) == "dog", 1, 2] += 2.0
     X[np.array(y) == "eel", 2, 0] -= 2.0
-    classifier = SavClassifier(k=5).fit(X, y)
+    classifier = SavClassifier(k=5, classifier="vote").fit(X, y)
     labels_index = np.array([list(classifier.classes_).index(label) for label in y])
     expected_scores = loop_scores(X.reshape(30, 12, 5).astype(np.float64), labels_index, 3).reshape(3, 4) / 30
     assert np.allclose(classifier.all_head_scores_, expected_scores)
@@ -101,7 +101,7 @@ def test_selection_on_a_fixture_equals_the_loop(loaded_model, text_task):
     examples = load_examples(text_task[0])
     X = extract(loaded_model("qwen2"), examples, progress=False).vectors
     y = [example.label for example in examples]
-    classifier = SavClassifier(k=6).fit(X, y)
+    classifier = SavClassifier(k=6, classifier="vote").fit(X, y)
     index = np.array([list(classifier.classes_).index(label) for label in y])
     expected = loop_scores(X.reshape(len(y), -1, X.shape[-1]).astype(np.float64), index, 3).reshape(X.shape[1:3]) / len(y)
     assert np.allclose(classifier.all_head_scores_, expected)

@@ -171,7 +171,7 @@ def test_verify_fails_on_a_changed_file_and_on_a_wrong_hash(tmp_path):
 
 def test_verify_reports_an_unreadable_a_newer_and_an_unknown_key_pack(tmp_path):
     golden = ROOT / "exported" / "packs"
-    newer = json.loads(cli("verify", golden / "v2-newer.safetensors", "--json", ok=False).stdout)
+    newer = json.loads(cli("verify", golden / "v3-newer.safetensors", "--json", ok=False).stdout)
     check = next(c for c in newer["checks"] if c["name"] == "format version")
     assert not newer["ok"] and check["status"] == "fail" and "pip install --upgrade savpack-runtime" in check["detail"]
 

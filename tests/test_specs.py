@@ -103,7 +103,7 @@ def test_the_metadata_table_is_the_format_modules():
 
 def test_the_tensor_table_is_the_readers():
     rows = {cells[0].strip("`"): cells for cells in table_rows(FORMAT_DOC, "2. Tensors") if cells[0].startswith("`")}
-    assert set(rows) == set(fmt.REQUIRED_TENSORS) | set(fmt.PROBE_TENSORS) == set(fmt.TENSOR_TYPES)
+    assert set(rows) == set(fmt.TENSOR_TYPES) == set(fmt.REQUIRED_TENSORS) | set(fmt.PROBE_TENSORS)
     for name, (code, rank) in fmt.TENSOR_TYPES.items():
         assert rows[name][1] == code, name
         assert len([axis for axis in rows[name][2].strip("()").split(",") if axis.strip()]) == rank, name

@@ -85,7 +85,7 @@ def test_ablate_from_cached_activations(model_dir, text_task, tmp_path):
     run("extract", "--model", model, "--data", text_task[1], "--out", test)
     output = run("ablate", "--train", train, "--test", test, "--shots", "2,4", "--k", "1,5,all", "--seeds", "0,1").output
     rows = [line for line in output.splitlines() if line.strip().startswith(("2 ", "4 "))]
-    assert len(rows) == 2 * 2 * 2 * 3 and "+-" in rows[0]
+    assert len(rows) == 2 * 2 * 3 * 3 and "+-" in rows[0]  # shots x scorings x votes (majority, cosine, weighted) x k
     runs = json.loads(run("ablate", "--train", train, "--test", test, "--shots", "4", "--k", "all", "--scoring", "loo",
                           "--vote", "cosine", "--seeds", "3", "--json").stdout)
     assert [(r["shots"], r["k"], r["scoring"], r["vote"], r["seed"]) for r in runs] == [(4, "all", "loo", "cosine", 3)]

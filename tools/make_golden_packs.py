@@ -61,17 +61,29 @@ def calibrated_pack(classifier: str) -> Pack:
     """example_pack with a scoring model (format 2): a vote pack's head calibration, or a probe with its tensors."""
     pack = example_pack(name=f"golden/colours-{classifier}", seed=2)
     if classifier == "vote":
-        return pack.replace(scoring={"classifier": "vote", "temperature": 0.05, "sharpness": 2.5,
+        return pack.replace(scoring={"classifier": "vote", "temperature": 0.5, "sharpness": 1.5,
                                      "fitted_on": "cross-validation"})
-    rng = np.random.default_rng(3)
-    weight = np.round(rng.normal(size=(len(LABELS), K * GRID[2])), 4).astype(np.float32)
-    bias = np.round(rng.normal(size=len(LABELS)), 4).astype(np.float32)
-    return pack.replace(scoring={"classifier": "probe", "temperature": 0.8, "sharpness": 1.0,
+    # The linear head of the summed cosine (each class's row: its unit centroids, concatenated), plus a small bias:
+    # one input near each class is then recognised, as for the vote.
+    units = np.asarray(pack.centroids, dtype=np.float64)
+    units = units / np.linalg.norm(units, axis=-1, keepdims=True)  # (k, C, D)
+    weight = np.round(4 * units.transpose(1, 0, 2).reshape(len(LABELS), -1), 4).astype(np.float32)
+    bias = np.round(np.random.default_rng(3).normal(scale=0.1, size=len(LABELS)), 4).astype(np.float32)
+    return pack.replace(scoring={"classifier": "probe", "temperature": 3.0, "sharpness": 1.0,
                                  "fitted_on": "cross-validation"}, probe_weight=weight, probe_bias=bias)
 
 
-def _expected_decision(pack: Pack, vectors: np.ndarray) -> dict[str, Any]:
-    """What a reader must compute for `vectors` (docs/format.md section 5): labels, votes, probabilities."""
+def near_each_class(pack: Pack) -> np.ndarray:
+    """(C, k, D) inputs: each class's centroids plus a little seeded noise, rounded to 4 decimals."""
+    vectors = (np.asarray(pack.centroids).transpose(1, 0, 2)
+               + np.float32(0.1) * np.random.default_rng(7).normal(size=(len(LABELS), K, GRID[2])).astype(np.float32))
+    return np.round(vectors, 4).astype(np.float32)
+
+
+def _expected_decision(pack: Pack) -> dict[str, Any]:
+    """What a reader must compute for one input near each class (docs/format.md section 5): labels, votes and
+    probabilities."""
+    vectors = near_each_class(pack)
     decision = pack_decision(pack, vectors)
     return {"vectors": vectors.tolist(), "vote": "majority", "predictions": decision.predictions.tolist(),
             "votes": decision.votes.votes.tolist(), "probabilities": np.round(decision.probabilities, 7).tolist(),
@@ -90,9 +102,6 @@ def _raw(pack: Pack, extra_metadata: dict[str, str] | None = None, format_versio
 def golden_files() -> dict[str, tuple[bytes, dict[str, Any]]]:
     """file name -> (bytes, what a reader must do with it)."""
     full, minimal = example_pack(), example_pack(name=None, version=None, seed=1)
-    vectors = (np.asarray(full.centroids).transpose(1, 0, 2)  # (C, k, D): one input near each class
-               + np.float32(0.1) * np.random.default_rng(7).normal(size=(len(LABELS), K, GRID[2])).astype(np.float32))
-    vectors = np.round(vectors, 4).astype(np.float32)
     unknown = {"savpack.future_note": "a key a newer writer added"}
     calibrated = {classifier: calibrated_pack(classifier) for classifier in ("vote", "probe")}
     return {
@@ -100,7 +109,7 @@ def golden_files() -> dict[str, tuple[bytes, dict[str, Any]]]:
             "outcome": "load", "format_version": 1, "name": full.name, "version": full.version,
             "labels": list(full.labels), "heads": full.heads.tolist(), "grid": list(GRID),
             "centroids": full.centroids.tolist(), "metrics": full.metrics,
-            "classify": _expected_decision(full, vectors),
+            "classify": _expected_decision(full),
         }),
         "v1-minimal.safetensors": (minimal.to_bytes(), {
             "outcome": "load", "format_version": 1, "name": None, "version": None, "labels": list(minimal.labels),
@@ -112,7 +121,7 @@ def golden_files() -> dict[str, tuple[bytes, dict[str, Any]]]:
         **{f"v2-{classifier}.safetensors": (pack.to_bytes(), {
             "outcome": "load", "format_version": 2, "name": pack.name, "labels": list(pack.labels),
             "heads": pack.heads.tolist(), "grid": list(GRID), "scoring": pack.scoring,
-            "classify": _expected_decision(pack, vectors),
+            "classify": _expected_decision(pack),
         }) for classifier, pack in calibrated.items()},
         "v2-no-scoring.safetensors": (_raw(full, format_version="2"), {
             "outcome": "refuse", "error": "PackMissingKeyError", "format_version": 2,

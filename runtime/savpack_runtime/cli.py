@@ -72,7 +72,8 @@ def _classify_on_ray(args: argparse.Namespace) -> None:
         raise SavpackError(f"--engine ray needs Ray Data ({exc.name} is missing): pip install 'savpack-runtime[ray]'") from None
     options = ray_engine.RayOptions(address=args.address, workers=args.workers, batch_size=args.batch_size,
                                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                    providers=args.providers, threads=args.threads, check_weights=args.check_weights)
+                                    providers=args.providers, threads=args.threads, check_weights=args.check_weights,
+                                    abstain_below=args.abstain_below)
     summary = ray_engine.classify_to_file(args.bundle, [args.data], args.out, options, force=args.force,
                                           fields=Fields(args.text_field, args.image_field, args.label_field))
     print(f"wrote {args.out}: {summary['rows']} rows in {summary['seconds']:.1f} s "

@@ -55,12 +55,15 @@ class RayOptions:
     providers: str = "cpu"
     threads: int | None = None
     check_weights: bool = True  # each actor's Classifier.load hashes the graph weights (savpack-run --no-check-weights)
+    abstain_below: float | None = None  # withhold labels whose top probability is below it (savpack-run --abstain-below)
 
 
 class ClassifyActor:
     """One per Ray worker: loads the bundle once, classifies each batch of rows it is handed."""
 
-    def __init__(self, bundle: str, providers: str, threads: int | None, batch_size: int, check_weights: bool = True):
+    def __init__(self, bundle: str, providers: str, threads: int | None, batch_size: int, check_weights: bool = True,
+                 abstain_below: float | None = None):
+        self.abstain_below = abstain_below
         self.classifier = Classifier.load(bundle, providers=providers, threads=threads, batch_size=batch_size,
                                           check_weights=check_weights)
 
@@ -69,7 +72,7 @@ class ClassifyActor:
         items = [{"text": text, "images": [image_from_cell(image) for image in images]}
                  for text, images in zip(batch.column("text").to_pylist(), batch.column("images").to_pylist())]
         try:
-            results = self.classifier.classify_batch(items)
+            results = self.classifier.classify_batch(items, abstain_below=self.abstain_below)
         except InputError:
             # Returned, not raised: Ray Data would wrap the exception and lose its message on the way to the driver.
             error = _name_the_item(self.classifier, sources, items)
@@ -248,7 +251,8 @@ def classify_dataset(bundle: str | os.PathLike, data: Sequence[str], options: Ra
             ClassifyActor,
             fn_constructor_kwargs={"bundle": bundle, "providers": options.providers,
                                    "threads": options.threads or max(1, int(options.cpus_per_worker)),
-                                   "batch_size": options.batch_size, "check_weights": options.check_weights},
+                                   "batch_size": options.batch_size, "check_weights": options.check_weights,
+                                   "abstain_below": options.abstain_below},
             batch_size=options.batch_size * FORWARDS_PER_CALL,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=options.workers),

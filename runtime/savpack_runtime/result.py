@@ -93,3 +93,26 @@ def results_from_decisions(decisions_by_pack: Mapping[str, tuple[Sequence[str], 
         results.append(Result(first.label, first.votes, first.shares, first.probabilities, first.calibrated,
                               first.abstained, by_pack))
     return results
+
+
+# Two runs of the same bundle on the same items agree to this: a batch of other items pads a prompt differently, which
+# moves head vectors in their last float bits, and a small temperature carries that into the probabilities.
+AGREEMENT_TOLERANCE = 1e-5
+
+
+def records_agree(actual: Any, expected: Any, tolerance: float = AGREEMENT_TOLERANCE) -> bool:
+    """Whether two records (to_dict() output, or rows of a results file) say the same: labels, votes, sources and
+    flags exactly; floats (shares, probabilities) within `tolerance`. Nested dicts and lists compare element-wise."""
+    if isinstance(expected, PackResult | Result):
+        expected = expected.to_dict()
+    if isinstance(actual, PackResult | Result):
+        actual = actual.to_dict()
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and actual.keys() == expected.keys() and \
+            all(records_agree(actual[key], expected[key], tolerance) for key in expected)
+    if isinstance(expected, (list, tuple)):
+        return isinstance(actual, (list, tuple)) and len(actual) == len(expected) and \
+            all(records_agree(a, e, tolerance) for a, e in zip(actual, expected))
+    if isinstance(expected, float) and not isinstance(actual, bool) and isinstance(actual, (int, float)):
+        return abs(actual - expected) <= tolerance
+    return type(actual) is type(expected) and actual == expected

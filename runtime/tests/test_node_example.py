@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from savpack_runtime import Classifier
+from savpack_runtime.result import records_agree
 
 import golden
 
@@ -50,17 +51,6 @@ def _write_items(tmp_path, case: str):
     return texts, data
 
 
-def _assert_same_records(found: list[dict], expected: list[dict]) -> None:
-    """Equal records, probabilities within 1e-5 (the graph's float32 values, rounded to 7 decimals by each client)."""
-    def approx(record: dict) -> dict:
-        record = dict(record, probabilities=pytest.approx(record["probabilities"], abs=1e-5))
-        if "packs" in record:
-            record["packs"] = {name: approx(inner) for name, inner in record["packs"].items()}
-        return record
-
-    assert found == [approx(record) for record in expected]
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_node_records_equal_the_python_runtimes(case, tmp_path):
     """Labels, votes, shares, probabilities (1e-5), calibrated and abstained: savpack-run's records, item for item."""
@@ -70,7 +60,7 @@ def test_node_records_equal_the_python_runtimes(case, tmp_path):
     found = [json.loads(line) for line in done.stdout.splitlines()]
     results = Classifier.load(golden.bundle_dir(case), threads=1, batch_size=3).classify_batch(texts)
     expected = [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)]
-    _assert_same_records(found, expected)
+    assert records_agree(found, expected)  # probabilities within 1e-5: each client rounds the graph's float32
     assert len({record["label"] for record in found}) > 1  # the comparison sees more than one class
     assert len({json.dumps(record["probabilities"]) for record in found}) > 2  # and probabilities that differ
 
@@ -85,7 +75,7 @@ def test_node_abstains_where_the_python_runtime_does(tmp_path):
     assert 0 < sum(record["abstained"] for record in expected) < len(expected)
     done = _run(golden.bundle_dir("gpt2"), data, "--batch-size", "3", "--abstain-below", repr(threshold))
     assert done.returncode == 0, done.stderr
-    _assert_same_records([json.loads(line) for line in done.stdout.splitlines()], expected)
+    assert records_agree([json.loads(line) for line in done.stdout.splitlines()], expected)
     wrong = _run(golden.bundle_dir("gpt2"), data, "--abstain-below", "1.5")
     assert wrong.returncode == 1 and "--abstain-below needs a probability from 0 to 1" in wrong.stderr
 

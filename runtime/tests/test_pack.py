@@ -39,6 +39,7 @@ def make_pack(k=3, classes=2, grid=(4, 5, 6), seed=0) -> Pack:
         name="team/pack", version="1.0.0",
         created_by={"savpack": "0.1.0"},
         dataset={"sha256": "0" * 64, "examples": 10, "class_counts": {"class-0": 5, "class-1": 5}},
+        scoring={"classifier": "vote", "temperature": 0.1, "sharpness": 2.0, "fitted_on": "cross-validation"},
     )
 
 
@@ -48,7 +49,7 @@ def test_round_trip_keeps_everything(tmp_path):
     loaded = Pack.load(path)
     for name in ("heads", "centroids", "head_scores", "class_counts", "all_head_scores"):
         assert np.array_equal(getattr(loaded, name), getattr(pack, name)), name
-    for name in ("labels", "model", "prompt", "selection", "metrics", "name", "version", "created_by", "dataset"):
+    for name in ("labels", "model", "prompt", "selection", "metrics", "name", "version", "created_by", "dataset", "scoring"):
         assert getattr(loaded, name) == getattr(pack, name), name
     assert loaded.format_version == fmt.FORMAT_VERSION
     assert loaded.content_hash() == pack.content_hash()
@@ -90,6 +91,9 @@ def test_output_folder_must_exist(tmp_path):
         make_pack().save(tmp_path / "missing" / "p.safetensors")
 
 
+SCORING = '{"classifier":"vote","fitted_on":"cross-validation","sharpness":2.0,"temperature":0.1}'  # make_pack's
+
+
 def rewrite(pack: Pack, tensors=None, metadata=None, drop=()) -> bytes:
     base_tensors, base_metadata = pack.to_tensors_and_metadata()
     base_tensors.update(tensors or {})
@@ -106,7 +110,7 @@ def rewrite(pack: Pack, tensors=None, metadata=None, drop=()) -> bytes:
         (dict(drop=[fmt.CENTROIDS]), PackMissingKeyError, fmt.CENTROIDS),
         (dict(drop=[fmt.META_LABELS]), PackMissingKeyError, fmt.META_LABELS),
         (dict(drop=[fmt.META_FORMAT]), PackMissingKeyError, fmt.META_FORMAT),
-        (dict(metadata={fmt.META_FORMAT_VERSION: "2"}), PackVersionError, fmt.META_FORMAT_VERSION),
+        (dict(metadata={fmt.META_FORMAT_VERSION: "3"}), PackVersionError, fmt.META_FORMAT_VERSION),
         (dict(metadata={fmt.META_FORMAT_VERSION: "one"}), PackTypeError, fmt.META_FORMAT_VERSION),
         (dict(metadata={fmt.META_LABELS: "[not json"}), PackTypeError, fmt.META_LABELS),
         (dict(metadata={fmt.META_LABELS: '["a", 3]'}), PackTypeError, fmt.META_LABELS),
@@ -121,6 +125,22 @@ def rewrite(pack: Pack, tensors=None, metadata=None, drop=()) -> bytes:
         (dict(tensors={fmt.CENTROIDS: np.zeros((3, 2, 5), np.float32)}), PackShapeError, fmt.CENTROIDS),
         (dict(tensors={fmt.ALL_HEAD_SCORES: np.zeros((4, 4), np.float32)}), PackShapeError, fmt.ALL_HEAD_SCORES),
         (dict(tensors={fmt.CLASS_COUNTS: np.array([0, 5], np.int32)}), PackValueError, fmt.CLASS_COUNTS),
+        # format 2: the scoring model (docs/format.md section 4, rows 9, 12, 14, 15)
+        (dict(drop=[fmt.META_SCORING]), PackMissingKeyError, fmt.META_SCORING),
+        (dict(metadata={fmt.META_SCORING: SCORING.replace('"vote"', '"forest"')}), PackValueError, fmt.META_SCORING),
+        (dict(metadata={fmt.META_SCORING: SCORING.replace('"temperature":0.1', '"temperature":0')}), PackValueError, fmt.META_SCORING),
+        (dict(metadata={fmt.META_SCORING: SCORING.replace('"sharpness":2.0', '"sharpness":"2"')}), PackValueError, fmt.META_SCORING),
+        (dict(metadata={fmt.META_SCORING: SCORING.replace('"cross-validation"', '"hope"')}), PackValueError, fmt.META_SCORING),
+        (dict(metadata={fmt.META_SCORING: '{"classifier":"vote"}'}), PackMissingKeyError, fmt.META_SCORING),
+        (dict(metadata={fmt.META_SCORING: SCORING.replace('"vote"', '"probe"')}), PackMissingKeyError, fmt.PROBE_WEIGHT),
+        (dict(tensors={fmt.PROBE_WEIGHT: np.zeros((2, 18), np.float32), fmt.PROBE_BIAS: np.zeros(2, np.float32)}),
+         PackValueError, fmt.PROBE_WEIGHT),
+        (dict(metadata={fmt.META_SCORING: SCORING.replace('"vote"', '"probe"')},
+              tensors={fmt.PROBE_WEIGHT: np.zeros((2, 17), np.float32), fmt.PROBE_BIAS: np.zeros(2, np.float32)}),
+         PackShapeError, fmt.PROBE_WEIGHT),
+        (dict(metadata={fmt.META_SCORING: SCORING.replace('"vote"', '"probe"')},
+              tensors={fmt.PROBE_WEIGHT: np.full((2, 18), np.inf, np.float32), fmt.PROBE_BIAS: np.zeros(2, np.float32)}),
+         PackValueError, fmt.PROBE_WEIGHT),
     ],
 )
 def test_each_failure_has_its_named_error(change, error, key):
@@ -128,6 +148,18 @@ def test_each_failure_has_its_named_error(change, error, key):
         Pack.from_bytes(rewrite(make_pack(), **change), path="bad.safetensors")
     assert raised.value.key == key
     assert "bad.safetensors" in str(raised.value)
+
+
+def test_make_packs_scoring_is_as_written():
+    assert make_pack().to_tensors_and_metadata()[1][fmt.META_SCORING] == SCORING
+
+
+def test_a_format_1_pack_ignores_format_2_keys_with_one_warning():
+    """Version 1 knows no scoring: its keys are unknown there, warned about and ignored (not half-applied)."""
+    data = rewrite(make_pack(), metadata={fmt.META_FORMAT_VERSION: "1"})
+    with pytest.warns(SavpackWarning, match="savpack.scoring"):
+        pack = Pack.from_bytes(data, path="old.safetensors")
+    assert pack.format_version == 1 and pack.scoring is None and pack.scoring_model is None
 
 
 def test_newer_version_message_names_both_versions_and_the_upgrade():

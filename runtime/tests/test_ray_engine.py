@@ -20,6 +20,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 import golden  # noqa: E402
+from savpack_runtime.result import records_agree  # noqa: E402
 from savpack_runtime.cli import main  # noqa: E402
 from savpack_runtime.ray_engine import ACTOR_NAME, Progress, RayOptions, classify_to_file  # noqa: E402
 
@@ -58,10 +59,11 @@ def test_text_rows_equal_the_single_process_run(ray_cluster, tmp_path, capsys):
     expected, got = pq.read_table(single), pq.read_table(on_ray)
     assert got.num_rows == 2000
     assert got.column_names == ["source", "label", "votes.cold", "votes.shape", "votes.warm",
-                                "shares.cold", "shares.shape", "shares.warm"]
-    # Item by item, in input order: sources (file:line, the blank line 301 skipped), labels, votes.
+                                "shares.cold", "shares.shape", "shares.warm", "probabilities.cold",
+                                "probabilities.shape", "probabilities.warm", "calibrated", "abstained"]
+    # Item by item, in input order: sources (file:line, the blank line 301 skipped), labels, votes, probabilities.
     assert got.column("source").to_pylist()[999:1001] == [f"{data}:1000", f"{data}:1002"]
-    assert got.to_pylist() == expected.to_pylist()
+    assert records_agree(got.to_pylist(), expected.to_pylist())
     assert len(set(got.column("label").to_pylist())) > 1  # the generated items do not all get one label
 
 
@@ -75,7 +77,7 @@ def test_image_bundle_with_two_packs_jsonl_out(ray_cluster, tmp_path, capsys):
     single, on_ray = single_and_ray(golden.bundle_dir("qwen2_vl"), data, tmp_path, capsys, ".jsonl", batch="4")
     expected = [json.loads(line) for line in single.read_text().splitlines()]
     got = [json.loads(line) for line in on_ray.read_text().splitlines()]
-    assert got == expected and len(got) == 30
+    assert records_agree(got, expected) and len(got) == 30
     assert set(got[0]["packs"]) == {"colour", "colour-loo"}
     assert [row["label"] for row in got[:5]] == golden.expected("qwen2_vl")["packs"]["colour"]["labels"]
 
@@ -87,7 +89,7 @@ def test_parquet_input_named_by_row(ray_cluster, tmp_path, capsys):
     single, on_ray = single_and_ray(golden.bundle_dir("gemma3_text"), data, tmp_path, capsys, ".parquet")
     got = pq.read_table(on_ray)
     assert got.column("source").to_pylist()[:2] == [f"{data}[0]", f"{data}[1]"]
-    assert got.to_pylist() == pq.read_table(single).to_pylist()
+    assert records_agree(got.to_pylist(), pq.read_table(single).to_pylist())
 
 
 def test_image_bytes_in_parquet_and_a_column_mapping(ray_cluster, tmp_path, capsys):
@@ -107,10 +109,29 @@ def test_image_bytes_in_parquet_and_a_column_mapping(ray_cluster, tmp_path, caps
                      "--engine", "ray", "--batch-size", "2", *mapping], capsys)
     assert code == 0, err
     got = pq.read_table(on_ray).to_pylist()
-    assert got == pq.read_table(single).to_pylist() and len(got) == 3 * len(single_image)
+    assert records_agree(got, pq.read_table(single).to_pylist()) and len(got) == 3 * len(single_image)
     expected = golden.expected("qwen2_vl")["packs"]["colour"]["labels"]
     assert [row["label"] for row in got[:len(single_image)]] == [label for label, record in zip(expected, records)
                                                                  if len(record["images"]) == 1]
+
+
+def test_abstention_on_ray_is_the_single_process_one(ray_cluster, tmp_path, capsys):
+    """--abstain-below reaches the actors: the same labels withheld as in the single-process run."""
+    data = write_text_items(tmp_path / "items.jsonl", 60, seed=5)
+    free = tmp_path / "free.parquet"
+    assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(free)]) == 0
+    tops = sorted(max(row[key] for key in row if key.startswith("probabilities.")) for row in pq.read_table(free).to_pylist())
+    threshold = str((tops[len(tops) // 2 - 1] + tops[len(tops) // 2]) / 2)
+    single, on_ray = tmp_path / "single.parquet", tmp_path / "ray.parquet"
+    assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(single),
+                 "--abstain-below", threshold]) == 0
+    code, err = run(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(on_ray),
+                     "--engine", "ray", "--abstain-below", threshold], capsys)
+    assert code == 0, err
+    got, expected = pq.read_table(on_ray).to_pylist(), pq.read_table(single).to_pylist()
+    assert records_agree(got, expected)
+    assert 0 < sum(row["abstained"] for row in got) < len(got)
+    assert all((row["label"] is None) == row["abstained"] for row in got)
 
 
 def test_a_folder_of_jsonl_and_parquet_files(ray_cluster, tmp_path, capsys):
@@ -127,7 +148,7 @@ def test_a_folder_of_jsonl_and_parquet_files(ray_cluster, tmp_path, capsys):
         single = tmp_path / f"{name}.parquet"
         assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(folder / name), "--out", str(single)]) == 0
         for row in pq.read_table(single).to_pylist():
-            assert got[row["source"]] == row  # sources name each file under the folder as the user named it
+            assert records_agree(got[row["source"]], row)  # sources name each file under the folder as the user named it
 
 
 def test_a_killed_worker_loses_and_repeats_no_row(ray_cluster, tmp_path, capsys):
@@ -157,7 +178,7 @@ def test_a_killed_worker_loses_and_repeats_no_row(ray_cluster, tmp_path, capsys)
     got, expected = pq.read_table(out).to_pylist(), pq.read_table(single).to_pylist()
     assert summary["rows"] == len(got) == 3000
     assert len({row["source"] for row in got}) == 3000  # every row exactly once
-    assert got == expected
+    assert records_agree(got, expected)
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

@@ -13,6 +13,7 @@ from savpack_runtime import Classifier, Pack
 from savpack_runtime import bundle as fmt
 from savpack_runtime.cli import main as cli_main
 from savpack_runtime.errors import BundleError, BundleVersionError, GraphError, ModelMismatchError, SavpackWarning
+from savpack_runtime.result import records_agree
 from savpack_runtime.session import GraphSession, check_operator_domains, resolve_providers
 
 import golden
@@ -188,13 +189,6 @@ def _classified(folder) -> list[dict]:
     return [result.to_dict() for result in Classifier.load(folder).classify_batch(golden.items("qwen2_vl"))]
 
 
-def _assert_same(found: list[dict], expected: list[dict]) -> None:
-    """Equal records; probabilities within 1e-6 (the graph's float32 against numpy's float64)."""
-    approx = [{**record, "packs": {name: {**inner, "probabilities": pytest.approx(inner["probabilities"], abs=1e-6)}
-                                   for name, inner in record["packs"].items()}} for record in expected]
-    assert [{**record, "packs": record["packs"]} for record in found] == approx
-
-
 def _numpy_must_not(monkeypatch, *names: str) -> None:
     from savpack_runtime import scoring
 
@@ -230,7 +224,7 @@ def test_a_bundle_without_probabilities_in_the_graph_scores_them_in_numpy(bundle
     computed = []
     monkeypatch.setattr(scoring, "probabilities", lambda *args, _real=scoring.probabilities: computed.append(1) or _real(*args))
     _numpy_must_not(monkeypatch, "vote")
-    _assert_same(_classified(bundle_copy), expected)
+    assert records_agree(_classified(bundle_copy), expected, tolerance=1e-6)  # the graph's float32 against float64
     assert computed  # numpy computed them
 
 
@@ -245,7 +239,7 @@ def test_a_format_1_bundle_votes_in_numpy(bundle_copy, monkeypatch):
 
     _edit_info(bundle_copy, as_format_1)
     assert all(entry.outputs is None for entry in fmt.Bundle.load(bundle_copy).packs)
-    _assert_same(_classified(bundle_copy), expected)
+    assert records_agree(_classified(bundle_copy), expected, tolerance=1e-6)  # the graph's float32 against float64
     _numpy_must_not(monkeypatch, "vote")
     with pytest.raises(pytest.fail.Exception, match="numpy's vote ran"):
         _classified(bundle_copy)

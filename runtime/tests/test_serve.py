@@ -19,6 +19,7 @@ from PIL import Image
 
 from savpack_runtime.cli import main
 from savpack_runtime.errors import InputError
+from savpack_runtime.result import records_agree
 
 import golden
 from serving import b64, classifier, data_url, metric, running_server
@@ -36,15 +37,9 @@ def cli_records(case: str, capsys) -> list[dict]:
 
 
 def same_records(actual, expected) -> bool:
-    """Records equal: labels, votes and flags exactly; shares and probabilities to 1e-5 (a batch of other items pads
-    the prompt differently, which moves head vectors in the last float bits)."""
-    if isinstance(expected, dict):
-        return isinstance(actual, dict) and actual.keys() == expected.keys() and all(same_records(actual[key], expected[key]) for key in expected)
-    if isinstance(expected, list):
-        return isinstance(actual, list) and len(actual) == len(expected) and all(map(same_records, actual, expected))
-    if isinstance(expected, float) and not isinstance(actual, bool) and isinstance(actual, (int, float)):
-        return abs(actual - expected) <= 1e-5
-    return type(actual) is type(expected) and actual == expected
+    """Records equal: labels, votes and flags exactly; shares and probabilities within the runtime's agreement
+    tolerance (a batch of other items pads the prompt differently, which moves head vectors in the last float bits)."""
+    return records_agree(actual, expected)
 
 
 def request_body(item: dict, number: int) -> dict:
@@ -91,7 +86,8 @@ def test_abstain_below_is_the_classifiers(capsys):
         assert same_records(answer.json()["results"], expected)
         for record in answer.json()["results"]:
             assert (record["label"] is None) == record["abstained"] == (max(record["probabilities"].values()) < threshold)
-        form = http.post(f"{url}/v1/classify", data={"text": golden.items(case)[0]["text"], "abstain_below": str(threshold)})
+        form = http.post(f"{url}/v1/classify", files={"text": (None, golden.items(case)[0]["text"]),
+                                                       "abstain_below": (None, str(threshold))})
         assert form.status_code == 200 and same_records(form.json()["results"], expected[:1])
 
 
