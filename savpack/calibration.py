@@ -1,13 +1,16 @@
 """Fitting a pack's scoring model on the labelled examples alone: calibrated probabilities and the linear head.
 
 Everything here is fitted out of fold: the labelled examples are split into stratified folds; each fold is scored
-by centroids (and a probe) computed from the other folds only, so no example is scored by a model that saw it. The
-selected heads stay those chosen on all examples. The fitted parameters are what savpack_runtime.scoring applies:
+by heads selected, centroids (and a probe) computed from the other folds only, so no example is scored by a model
+that saw it, as a new item will be (`reselect`: SavClassifier's own selection on the other folds). The fitted
+parameters are what savpack_runtime.scoring applies:
 
 - vote packs: temperature and sharpness of the head posteriors, minimising the log loss of the out-of-fold
   probabilities (`fit_head_calibration`).
 - probe packs: a multinomial logistic regression (scikit-learn) over the heads' unit vectors, its regularisation C
-  chosen by the out-of-fold log loss, then a temperature on the out-of-fold logits (`fit_probe`).
+  chosen by the out-of-fold log loss, then a temperature on the out-of-fold logits (`train_probes`,
+  `fit_temperature`). It is fitted in the row space of the examples' features and along increasing C, warm-started:
+  the same optimum, about 5-20x faster when the features (k x head_dim) outnumber the examples.
 - `classifier="auto"` compares the out-of-fold accuracy of the vote and the probe and keeps the probe only when it
   is clearly better (AUTO_MARGIN).
 
@@ -17,7 +20,7 @@ Shapes: N examples, k heads, C classes, D = head_dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -62,13 +65,25 @@ def centroids_without(vectors: np.ndarray, label_index: np.ndarray, classes: int
     return means.transpose(1, 0, 2)
 
 
-def out_of_fold_similarities(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray) -> np.ndarray:
-    """vectors (N, k, D) -> (N, k, C): each example's cosines to centroids computed without its fold."""
+# reselect(training) -> (N, k, D): every example's vectors at the k heads selected from the examples of the boolean
+# mask `training` alone, so that a held-out fold is scored as a new item is: by heads and centroids chosen without it.
+Reselect = Callable[[np.ndarray], np.ndarray]
+
+
+def _fold_vectors(vectors: np.ndarray, reselect: Reselect | None, held_out: np.ndarray) -> np.ndarray:
+    return vectors if reselect is None else reselect(~held_out)
+
+
+def out_of_fold_similarities(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
+                             reselect: Reselect | None = None) -> np.ndarray:
+    """vectors (N, k, D) -> (N, k, C): each example's cosines to centroids computed without its fold (and, with
+    `reselect`, at heads selected without it)."""
     similarities = np.empty((len(vectors), vectors.shape[1], classes), dtype=np.float32)
     for fold in np.unique(folds):
         held_out = folds == fold
-        similarities[held_out] = cosine_to_centroids(vectors[held_out],
-                                                     centroids_without(vectors, label_index, classes, held_out))
+        fold_vectors = _fold_vectors(vectors, reselect, held_out)
+        similarities[held_out] = cosine_to_centroids(fold_vectors[held_out],
+                                                     centroids_without(fold_vectors, label_index, classes, held_out))
     return similarities
 
 
@@ -107,36 +122,71 @@ def fit_temperature(logits: np.ndarray, label_index: np.ndarray) -> float:
     return float(fine[int(np.argmin([log_loss(softmax(logits / t), label_index) for t in fine]))])
 
 
-def _logistic_regression(regularisation: float, seed: int) -> Any:
+def _logistic_regression(seed: int) -> Any:
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
         raise BuildError("the probe classifier needs scikit-learn: pip install scikit-learn") from None
-    return LogisticRegression(C=regularisation, max_iter=2000, tol=1e-5, random_state=seed)
+    return LogisticRegression(max_iter=2000, tol=1e-5, random_state=seed, warm_start=True)
+
+
+def row_space(features: np.ndarray) -> np.ndarray | None:
+    """An orthonormal basis (F, r) of the span of the rows of features (N, F) when N < F, else None.
+
+    The L2-penalised logistic regression's weights lie in that span (any part orthogonal to every example changes no
+    logit and only adds to the penalty), so fitting on the coordinates features @ basis (N, r) and mapping the
+    weights back (w @ basis.T) reaches the same optimum with r <= N numbers per class instead of F: with k = 20 heads
+    of Gemma-3-270M, F = 5120 against 40 to 1000 examples."""
+    if features.shape[0] >= features.shape[1]:
+        return None
+    _, singular, directions = np.linalg.svd(features, full_matrices=False)
+    rank = int(np.sum(singular > singular[0] * 1e-10)) if singular.size and singular[0] > 0 else 0
+    return directions[: max(rank, 1)].T
+
+
+def train_probes(features: np.ndarray, label_index: np.ndarray, classes: int, regularisations: Sequence[float],
+                 seed: int = 0) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """Multinomial logistic regressions on features (N, F), one per C in `regularisations`:
+    {C: (weight (C, F) float64, bias (C,) float64)}.
+
+    Fitted in the row space of the features (row_space: the same optimum) and along increasing C, each fit started
+    from the previous one's solution (the same optimum, reached in fewer iterations). Two classes: scikit-learn fits
+    one logit; the pack holds both (-w/2, +w/2), which give the same softmax."""
+    basis = row_space(features)
+    coordinates = features if basis is None else features @ basis  # (N, F) or (N, r)
+    model = _logistic_regression(seed)
+    probes = {}
+    for regularisation in sorted(regularisations):
+        model.set_params(C=regularisation).fit(coordinates, label_index)
+        weight, bias = np.asarray(model.coef_, dtype=np.float64), np.asarray(model.intercept_, dtype=np.float64)
+        if basis is not None:
+            weight = weight @ basis.T
+        if weight.shape[0] == 1:  # binary
+            weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
+        full_weight, full_bias = np.zeros((classes, features.shape[1])), np.full(classes, -1e4)
+        full_weight[model.classes_], full_bias[model.classes_] = weight, bias  # a class absent from training: never chosen
+        probes[regularisation] = (full_weight, full_bias)
+    return probes
 
 
 def train_probe(features: np.ndarray, label_index: np.ndarray, classes: int, regularisation: float,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A multinomial logistic regression on features (N, F) -> weight (C, F) float64, bias (C,) float64.
-
-    Two classes: scikit-learn fits one logit; the pack holds both (-w/2, +w/2), which give the same softmax."""
-    model = _logistic_regression(regularisation, seed).fit(features, label_index)
-    weight, bias = np.asarray(model.coef_, dtype=np.float64), np.asarray(model.intercept_, dtype=np.float64)
-    if weight.shape[0] == 1:  # binary
-        weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
-    full_weight, full_bias = np.zeros((classes, features.shape[1])), np.full(classes, -1e4)
-    full_weight[model.classes_], full_bias[model.classes_] = weight, bias  # a class absent from training: never chosen
-    return full_weight, full_bias
+    """One probe (train_probes with a single C): weight (C, F), bias (C,)."""
+    return train_probes(features, label_index, classes, [regularisation], seed)[regularisation]
 
 
-def out_of_fold_logits(features: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
-                       regularisation: float, seed: int = 0) -> np.ndarray:
-    """(N, C) probe logits of each example from a probe trained without its fold."""
-    logits = np.empty((len(features), classes))
+def out_of_fold_logits(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
+                       regularisations: Sequence[float], seed: int = 0,
+                       reselect: Reselect | None = None) -> dict[float, np.ndarray]:
+    """{C: (N, C) probe logits of each example from a probe trained without its fold} over vectors (N, k, D) (and,
+    with `reselect`, at heads selected without the fold)."""
+    logits = {regularisation: np.empty((len(vectors), classes)) for regularisation in regularisations}
     for fold in np.unique(folds):
         held_out = folds == fold
-        weight, bias = train_probe(features[~held_out], label_index[~held_out], classes, regularisation, seed)
-        logits[held_out] = features[held_out] @ weight.T + bias
+        features = probe_features(_fold_vectors(vectors, reselect, held_out))
+        probes = train_probes(features[~held_out], label_index[~held_out], classes, regularisations, seed)
+        for regularisation, (weight, bias) in probes.items():
+            logits[regularisation][held_out] = features[held_out] @ weight.T + bias
     return logits
 
 
@@ -149,8 +199,12 @@ class ScoringFit:
 
 
 def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, classifier: str = DEFAULT_CLASSIFIER,
-                vote_method: str = "majority", head_scores: np.ndarray | None = None, seed: int = 0) -> ScoringFit:
-    """Fit the scoring model of a pack on its labelled examples' vectors (N, k, D) of the selected heads."""
+                vote_method: str = "majority", head_scores: np.ndarray | None = None, seed: int = 0,
+                reselect: Reselect | None = None) -> ScoringFit:
+    """Fit the scoring model of a pack on its labelled examples' vectors (N, k, D) of the selected heads. reselect:
+    how the heads are chosen from part of the examples (SavClassifier passes its own selection), so that every
+    out-of-fold score comes from heads, centroids and probe that never saw the example; None keeps the selected
+    heads for every fold."""
     if classifier not in CLASSIFIER_CHOICES:
         raise BuildError(f"classifier {classifier!r} is not one of {list(CLASSIFIER_CHOICES)}")
     counts = np.bincount(label_index, minlength=classes)
@@ -160,14 +214,14 @@ def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, clas
                              f"index {int(np.argmin(counts))} has {int(counts.min())}")
         return ScoringFit(None, {"calibration": "none: a class has fewer than 2 examples"})
     folds = stratified_folds(label_index, fold_count(label_index), seed)
-    similarities = out_of_fold_similarities(vectors, label_index, classes, folds)
+    similarities = out_of_fold_similarities(vectors, label_index, classes, folds, reselect)
     vote_predictions = vote(similarities, vote_method if vote_method in ("majority", "cosine", "weighted") else "majority",
                             head_scores).predictions
     metrics: dict[str, Any] = {"cv_folds": int(folds.max() + 1),
                                "cv_vote_accuracy": round(float(np.mean(vote_predictions == label_index)), 6)}
     if classifier in ("probe", "auto"):
         features = probe_features(vectors).astype(np.float64)
-        by_c = {c: out_of_fold_logits(features, label_index, classes, folds, c, seed) for c in PROBE_C_GRID}
+        by_c = out_of_fold_logits(vectors, label_index, classes, folds, PROBE_C_GRID, seed, reselect)
         chosen = min(PROBE_C_GRID, key=lambda c: log_loss(softmax(by_c[c]), label_index))
         probe_correct = int(np.sum(by_c[chosen].argmax(axis=1) == label_index))
         metrics.update(cv_probe_accuracy=round(probe_correct / len(label_index), 6), probe_c=chosen)
@@ -196,4 +250,4 @@ def recalibrate(scoring: Scoring | None, vectors: np.ndarray, similarities: np.n
 
 __all__ = ["CLASSIFIER_CHOICES", "DEFAULT_CLASSIFIER", "FOLDS", "ScoringFit", "fit_head_calibration", "fit_scoring",
            "fit_temperature", "out_of_fold_logits", "out_of_fold_similarities", "recalibrate",
-           "stratified_folds", "train_probe"]
+           "row_space", "stratified_folds", "train_probe", "train_probes"]

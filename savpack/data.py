@@ -26,8 +26,11 @@ def labels_of(examples: list[Example]) -> list[str]:
     return sorted({example.label for example in examples if example.label is not None})
 
 
-def sample_shots(labels: Sequence[str], shots: int, seed: int) -> tuple[list[int], list[int]]:
-    """Draw `shots` indices per class (seeded); returns (sampled, the rest), each in ascending order."""
+def sample_shots(labels: Sequence[str], shots: int, seed: int, fewer_ok: bool = False) -> tuple[list[int], list[int]]:
+    """Draw `shots` indices per class (seeded); returns (sampled, the rest), each in ascending order.
+
+    fewer_ok: a class with fewer than `shots` examples gives all it has (many-class sets such as trec's fine labels)
+    instead of an error."""
     by_label: dict[str, list[int]] = {}
     for index, label in enumerate(labels):
         by_label.setdefault(label, []).append(index)
@@ -37,9 +40,9 @@ def sample_shots(labels: Sequence[str], shots: int, seed: int) -> tuple[list[int
     chosen: set[int] = set()
     for label in sorted(by_label):
         indices = by_label[label]
-        if shots > len(indices):
+        if shots > len(indices) and not fewer_ok:
             raise DataError(f"--shots {shots} is more than class {label!r} has ({len(indices)} examples)")
-        chosen.update(rng.sample(indices, shots))
+        chosen.update(rng.sample(indices, min(shots, len(indices))))
     return sorted(chosen), [index for index in range(len(labels)) if index not in chosen]
 
 

@@ -96,6 +96,14 @@ def test_shots_sampling_is_seeded_and_checked():
         sample_shots(labels, 4, seed=0)
 
 
+def test_shots_sampling_can_take_a_small_class_whole():
+    labels = ["a"] * 5 + ["b"] * 3
+    chosen, _ = sample_shots(labels, 4, seed=0, fewer_ok=True)
+    assert sorted(labels[i] for i in chosen) == ["a"] * 4 + ["b"] * 3
+    # the classes with enough examples draw exactly as without fewer_ok
+    assert sample_shots(labels, 2, seed=3, fewer_ok=True) == sample_shots(labels, 2, seed=3)
+
+
 def test_dataset_summary_depends_on_content_and_order(tmp_path, picture):
     first, second = Example("x", (), "a"), Example("y", (), "b")
     summary = dataset_summary([first.digest(), second.digest()], ["a", "b"])

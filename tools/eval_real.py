@@ -44,6 +44,7 @@ from real_configs import gemma_folder
 from savpack.cache import cache_dir
 from savpack.classifier import DEFAULT_K, SavClassifier
 from savpack.data import Example, load_examples, sample_shots
+from savpack_runtime.items import Fields
 from savpack.extract import ActivationSet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +69,10 @@ class Task:
     validation: str | None = None
     whole: str | None = None  # one file to split
     test_size: int = 500
+    label_field: str | None = None  # the column holding the class (None: "label"), e.g. trec's "fine_label"
+
+    def load(self, data_root: Path, file: str) -> list[Example]:
+        return load_examples(data_root / file, fields=Fields(label=self.label_field))
 
 
 TASKS = {task.name: task for task in (
@@ -135,19 +140,19 @@ def make_splits(task: Task, data_root: Path) -> dict[str, list[Example]]:
     """pool / validation / test examples of a task, seeded (see the module docstring)."""
     rng = np.random.default_rng(SPLIT_SEED)
     if task.whole:
-        examples = _dedupe(load_examples(data_root / task.whole))
+        examples = _dedupe(task.load(data_root, task.whole))
         order = rng.permutation(len(examples))
         test = [examples[i] for i in order[: task.test_size]]
         validation = [examples[i] for i in order[task.test_size : task.test_size + VALIDATION_SIZE]]
         train = [examples[i] for i in order[task.test_size + VALIDATION_SIZE :]]
     else:
-        test = load_examples(data_root / task.test)
+        test = task.load(data_root, task.test)
         if len(test) > task.test_size:
             test = [test[i] for i in sorted(rng.choice(len(test), task.test_size, replace=False))]
         test_texts = {example.text for example in test}
-        train = [example for example in load_examples(data_root / task.train) if example.text not in test_texts]
+        train = [example for example in task.load(data_root, task.train) if example.text not in test_texts]
         if task.validation:
-            validation = load_examples(data_root / task.validation)
+            validation = task.load(data_root, task.validation)
             validation = [validation[i] for i in sorted(rng.choice(len(validation), VALIDATION_SIZE, replace=False))]
         else:
             order = rng.permutation(len(train))
