@@ -125,11 +125,12 @@ class ScoredGraph(nn.Module):
 
     def __init__(self, graph: nn.Module, packs: Sequence[Pack], positions: Sequence[np.ndarray]):
         super().__init__()
-        self.graph = graph
+        # Not "graph": torch.export turns modules into torch.fx GraphModules, whose `graph` attribute is the FX graph.
+        self.heads = graph
         self.scores = nn.ModuleList(PackScores(pack, position) for pack, position in zip(packs, positions))  # SCORES_MODULE
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        vectors = self.graph(*inputs)
+        vectors = self.heads(*inputs)
         outputs = [vectors]
         for pack in self.scores:
             outputs += pack(vectors)
