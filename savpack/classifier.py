@@ -155,7 +155,7 @@ class SavClassifier:
 
     def predict(self, X: Any) -> np.ndarray:
         """Labels (N,), one of classes_ each, for X shaped as in fit."""
-        predictions = self.decide(self.head_vectors(X)).predictions  # refuses before fit (NotFittedError)
+        predictions = self.decide(self.head_vectors(X)).predictions  # before classes_: NotFittedError, not AttributeError
         return self.classes_[predictions]
 
     def predict_proba(self, X: Any) -> np.ndarray:

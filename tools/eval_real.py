@@ -427,31 +427,40 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def task_activations(args: argparse.Namespace, tasks: dict[str, Task], parts: tuple[str, ...] | None = None):
+    """Each (model, set) of args.models x args.sets with its splits and the activations of `parts` (default: every
+    split) from the cache, extracted where missing unless args.report_only. Yields (model, spec, task, splits,
+    activations by part). Shared with tools/eval_scoring.py."""
+    for model in args.models.split(","):
+        spec = MODELS[model]
+        for name in args.sets.split(","):
+            task = tasks[name]
+            print(f"{model} / {name}", flush=True)
+            splits = make_splits(task, args.data_root)
+            yield model, spec, task, splits, {
+                part: cached_activations(spec, task, part, splits[part], args.cache, args.batch_size, not args.report_only)
+                for part in parts or splits}
+
+
 def evaluate_all(args: argparse.Namespace, seeds: list[int]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Every (model, set): activations (cached), head maps when asked, then baselines, SAVs and ablations.
     Returns (results by model and set, the zero-shot checks)."""
     results: dict[str, dict[str, Any]] = {}
     zero_shot_checks: dict[str, Any] = {}
-    for model in args.models.split(","):
-        spec = MODELS[model]
-        for name in args.sets.split(","):
-            task = TASKS[name]
-            print(f"{model} / {name}", flush=True)
-            splits = make_splits(task, args.data_root)
-            parts = {part: cached_activations(spec, task, part, examples, args.cache, args.batch_size, not args.report_only)
-                     for part, examples in splits.items()}
-            if model in HEAD_MAPS and args.docs:
-                plot_task_head_map(spec, name, head_map(parts["pool"], seeds), seeds, args.docs)
-            if args.plots_only:
-                continue
-            logits = None
-            if spec.zero_shot:
-                logits, zero_shot_checks[f"{model}/{name}"] = zero_shot_logits(spec, task, parts, args.cache, not args.report_only)
-            result = evaluate_task(parts, logits, seeds)
-            results.setdefault(model, {})[name] = result
-            shown = result["summary"].get("test") or result["summary"]["validation"]
-            print(f"  {'test' if 'test' in result['summary'] else 'validation'}: " +
-                  "  ".join(f"{METHOD_TITLES[m]} {shown[m]['accuracy'][0]:.3f}" for m in METHODS if m in shown), flush=True)
+    for model, spec, task, _, parts in task_activations(args, TASKS):
+        name = task.name
+        if model in HEAD_MAPS and args.docs:
+            plot_task_head_map(spec, name, head_map(parts["pool"], seeds), seeds, args.docs)
+        if args.plots_only:
+            continue
+        logits = None
+        if spec.zero_shot:
+            logits, zero_shot_checks[f"{model}/{name}"] = zero_shot_logits(spec, task, parts, args.cache, not args.report_only)
+        result = evaluate_task(parts, logits, seeds)
+        results.setdefault(model, {})[name] = result
+        shown = result["summary"].get("test") or result["summary"]["validation"]
+        print(f"  {'test' if 'test' in result['summary'] else 'validation'}: " +
+              "  ".join(f"{METHOD_TITLES[m]} {shown[m]['accuracy'][0]:.3f}" for m in METHODS if m in shown), flush=True)
     return results, zero_shot_checks
 
 

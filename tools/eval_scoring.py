@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from eval_real import MAIN_SHOTS, MODELS, TASKS, _load_model, cached_activations, make_splits
+from eval_real import MAIN_SHOTS, MODELS, TASKS, _load_model, task_activations
 from measure import DATA_ROOT, machine_description, write_results
 from savpack.cache import cache_dir
 from savpack.classifier import DEFAULT_K, SavClassifier
@@ -141,29 +141,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
-    for model in args.models.split(","):
-        spec = MODELS[model]
-        for name in args.sets.split(","):
-            task = SCORING_TASKS[name]
-            print(f"{model} / {name}", flush=True)
-            splits = make_splits(task, args.data_root)
-            parts = {part: cached_activations(spec, task, part, splits[part], args.cache, args.batch_size,
-                                              not args.report_only) for part in PARTS}
-            if args.extract_only:
-                continue
-            runs = []
-            for seed in range(args.seeds):
-                runs.append(evaluate_seed(parts["pool"].subset(shots_of(parts["pool"].labels, seed)), parts["test"], seed,
-                                          known_classes(parts["validation"], parts["pool"].labels)))
-                print(f"  seed {seed}: " + "  ".join(f"{c} {runs[-1][c]['accuracy']:.3f} ({runs[-1][c]['fit_seconds']:.1f} s)"
-                                                    for c in CLASSIFIERS), flush=True)
-            result = {"classes": len(set(parts["pool"].labels)), "test_items": len(parts["test"].labels),
-                      "summary": summarise(runs), "runs": runs}
-            if args.forward_items and not args.report_only:
-                timed = [splits["pool"][i] for i in shots_of(parts["pool"].labels, 0)][: args.forward_items]
-                result["forward_seconds_per_item"] = forward_seconds_per_item(spec, task, timed, args.cache, args.batch_size)
-                result["forward_items_timed"] = len(timed)
-            results.setdefault(model, {})[name] = result
+    for model, spec, task, splits, parts in task_activations(args, SCORING_TASKS, PARTS):
+        if args.extract_only:
+            continue
+        runs = []
+        for seed in range(args.seeds):
+            runs.append(evaluate_seed(parts["pool"].subset(shots_of(parts["pool"].labels, seed)), parts["test"], seed,
+                                      known_classes(parts["validation"], parts["pool"].labels)))
+            print(f"  seed {seed}: " + "  ".join(f"{c} {runs[-1][c]['accuracy']:.3f} ({runs[-1][c]['fit_seconds']:.1f} s)"
+                                                for c in CLASSIFIERS), flush=True)
+        result = {"classes": len(set(parts["pool"].labels)), "test_items": len(parts["test"].labels),
+                  "summary": summarise(runs), "runs": runs}
+        if args.forward_items and not args.report_only:
+            timed = [splits["pool"][i] for i in shots_of(parts["pool"].labels, 0)][: args.forward_items]
+            result["forward_seconds_per_item"] = forward_seconds_per_item(spec, task, timed, args.cache, args.batch_size)
+            result["forward_items_timed"] = len(timed)
+        results.setdefault(model, {})[task.name] = result
     return results
 
 
@@ -280,6 +273,7 @@ def main() -> None:
         print(markdown(stored["results"], setfit, stored["seeds"]))
         return
     torch.set_num_threads(args.threads)
+    import sklearn.linear_model  # noqa: F401  imported before the first probe fit is timed
     with threadpool_limits(args.threads):
         results = evaluate(args)
     if args.extract_only:
