@@ -1,8 +1,9 @@
 """Fitting a pack's scoring model on the labelled examples alone: calibrated probabilities and the linear head.
 
 Everything here is fitted out of fold: the labelled examples are split into stratified folds; each fold is scored
-by centroids (and a probe) computed from the other folds only, so no example is scored by a model that saw it. The
-selected heads stay those chosen on all examples. The fitted parameters are what savpack_runtime.scoring applies:
+by heads selected, centroids (and a probe) computed from the other folds only, so no example is scored by a model
+that saw it, as a new item will be (`reselect`: SavClassifier's own selection on the other folds). The fitted
+parameters are what savpack_runtime.scoring applies:
 
 - vote packs: temperature and sharpness of the head posteriors, minimising the log loss of the out-of-fold
   probabilities (`fit_head_calibration`).
@@ -19,7 +20,7 @@ Shapes: N examples, k heads, C classes, D = head_dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -64,13 +65,25 @@ def centroids_without(vectors: np.ndarray, label_index: np.ndarray, classes: int
     return means.transpose(1, 0, 2)
 
 
-def out_of_fold_similarities(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray) -> np.ndarray:
-    """vectors (N, k, D) -> (N, k, C): each example's cosines to centroids computed without its fold."""
+# reselect(training) -> (N, k, D): every example's vectors at the k heads selected from the examples of the boolean
+# mask `training` alone, so that a held-out fold is scored as a new item is: by heads and centroids chosen without it.
+Reselect = Callable[[np.ndarray], np.ndarray]
+
+
+def _fold_vectors(vectors: np.ndarray, reselect: Reselect | None, held_out: np.ndarray) -> np.ndarray:
+    return vectors if reselect is None else reselect(~held_out)
+
+
+def out_of_fold_similarities(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
+                             reselect: Reselect | None = None) -> np.ndarray:
+    """vectors (N, k, D) -> (N, k, C): each example's cosines to centroids computed without its fold (and, with
+    `reselect`, at heads selected without it)."""
     similarities = np.empty((len(vectors), vectors.shape[1], classes), dtype=np.float32)
     for fold in np.unique(folds):
         held_out = folds == fold
-        similarities[held_out] = cosine_to_centroids(vectors[held_out],
-                                                     centroids_without(vectors, label_index, classes, held_out))
+        fold_vectors = _fold_vectors(vectors, reselect, held_out)
+        similarities[held_out] = cosine_to_centroids(fold_vectors[held_out],
+                                                     centroids_without(fold_vectors, label_index, classes, held_out))
     return similarities
 
 
@@ -162,12 +175,15 @@ def train_probe(features: np.ndarray, label_index: np.ndarray, classes: int, reg
     return train_probes(features, label_index, classes, [regularisation], seed)[regularisation]
 
 
-def out_of_fold_logits(features: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
-                       regularisations: Sequence[float], seed: int = 0) -> dict[float, np.ndarray]:
-    """{C: (N, C) probe logits of each example from a probe trained without its fold}."""
-    logits = {regularisation: np.empty((len(features), classes)) for regularisation in regularisations}
+def out_of_fold_logits(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
+                       regularisations: Sequence[float], seed: int = 0,
+                       reselect: Reselect | None = None) -> dict[float, np.ndarray]:
+    """{C: (N, C) probe logits of each example from a probe trained without its fold} over vectors (N, k, D) (and,
+    with `reselect`, at heads selected without the fold)."""
+    logits = {regularisation: np.empty((len(vectors), classes)) for regularisation in regularisations}
     for fold in np.unique(folds):
         held_out = folds == fold
+        features = probe_features(_fold_vectors(vectors, reselect, held_out))
         probes = train_probes(features[~held_out], label_index[~held_out], classes, regularisations, seed)
         for regularisation, (weight, bias) in probes.items():
             logits[regularisation][held_out] = features[held_out] @ weight.T + bias
@@ -183,8 +199,12 @@ class ScoringFit:
 
 
 def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, classifier: str = DEFAULT_CLASSIFIER,
-                vote_method: str = "majority", head_scores: np.ndarray | None = None, seed: int = 0) -> ScoringFit:
-    """Fit the scoring model of a pack on its labelled examples' vectors (N, k, D) of the selected heads."""
+                vote_method: str = "majority", head_scores: np.ndarray | None = None, seed: int = 0,
+                reselect: Reselect | None = None) -> ScoringFit:
+    """Fit the scoring model of a pack on its labelled examples' vectors (N, k, D) of the selected heads. reselect:
+    how the heads are chosen from part of the examples (SavClassifier passes its own selection), so that every
+    out-of-fold score comes from heads, centroids and probe that never saw the example; None keeps the selected
+    heads for every fold."""
     if classifier not in CLASSIFIER_CHOICES:
         raise BuildError(f"classifier {classifier!r} is not one of {list(CLASSIFIER_CHOICES)}")
     counts = np.bincount(label_index, minlength=classes)
@@ -194,14 +214,14 @@ def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, clas
                              f"index {int(np.argmin(counts))} has {int(counts.min())}")
         return ScoringFit(None, {"calibration": "none: a class has fewer than 2 examples"})
     folds = stratified_folds(label_index, fold_count(label_index), seed)
-    similarities = out_of_fold_similarities(vectors, label_index, classes, folds)
+    similarities = out_of_fold_similarities(vectors, label_index, classes, folds, reselect)
     vote_predictions = vote(similarities, vote_method if vote_method in ("majority", "cosine", "weighted") else "majority",
                             head_scores).predictions
     metrics: dict[str, Any] = {"cv_folds": int(folds.max() + 1),
                                "cv_vote_accuracy": round(float(np.mean(vote_predictions == label_index)), 6)}
     if classifier in ("probe", "auto"):
         features = probe_features(vectors).astype(np.float64)
-        by_c = out_of_fold_logits(features, label_index, classes, folds, PROBE_C_GRID, seed)
+        by_c = out_of_fold_logits(vectors, label_index, classes, folds, PROBE_C_GRID, seed, reselect)
         chosen = min(PROBE_C_GRID, key=lambda c: log_loss(softmax(by_c[c]), label_index))
         probe_correct = int(np.sum(by_c[chosen].argmax(axis=1) == label_index))
         metrics.update(cv_probe_accuracy=round(probe_correct / len(label_index), 6), probe_c=chosen)

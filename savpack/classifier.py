@@ -105,12 +105,29 @@ class SavClassifier:
         self.head_scores_ = self.all_head_scores_[self.heads_[:, 0], self.heads_[:, 1]]
         self.class_counts_ = np.bincount(label_index, minlength=len(self.classes_)).astype(np.int32)
         fitted = fit_scoring(self._select(activations), label_index, len(self.classes_), self.classifier,
-                             self.vote, self.head_scores_, self.random_state)
+                             self.vote, self.head_scores_, self.random_state,
+                             reselect=self._reselection(activations, label_index, k))
         self.scoring_, self.cv_metrics_ = fitted.scoring, fitted.metrics
         if self.scoring_ is None and self.vote == "probability":
             raise BuildError("vote 'probability' needs calibrated probabilities, fitted out of fold: at least 2 "
                              "examples per class")
         return self
+
+    def _reselection(self, activations: np.ndarray, label_index: np.ndarray, k: int):
+        """The head selection of `fit` on part of the examples, for the out-of-fold fitting (calibration.Reselect):
+        a boolean mask over the examples -> every example's vectors at the k heads those examples select. A part
+        too small for leave-one-out scoring (a class with one example in it) is scored in-sample instead."""
+        count, layers, heads, head_dim = activations.shape
+        flat, classes = activations.reshape(count, layers * heads, head_dim), len(self.classes_)
+
+        def reselect(training: np.ndarray) -> np.ndarray:
+            part = label_index[training]
+            scoring = self.scoring if np.bincount(part, minlength=classes).min() >= 2 else "paper"
+            correct = head_scores(flat[training], part, classes, scoring)
+            chosen = top_heads((correct / len(part)).reshape(layers, heads), k)
+            return activations[:, chosen[:, 0], chosen[:, 1]]  # (N, k, D)
+
+        return reselect
 
     def calibrate(self, X: Any, y: Any) -> "SavClassifier":
         """Refit the probabilities' calibration on separate labelled data (not the examples fitted on); the heads,

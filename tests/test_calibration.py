@@ -66,8 +66,8 @@ def test_out_of_fold_scores_do_not_move_when_the_scored_item_changes():
     assert np.allclose(before[same_fold & (np.arange(len(labels)) != 0)], after[same_fold & (np.arange(len(labels)) != 0)])
     # Items of other folds did see item 0 in their training folds: their scores move (the test can fail).
     assert not np.allclose(before[~same_fold], after[~same_fold])
-    logits_before = calibration.out_of_fold_logits(probe_features(vectors), labels, 3, folds, [1.0])[1.0]
-    logits_after = calibration.out_of_fold_logits(probe_features(changed), labels, 3, folds, [1.0])[1.0]
+    logits_before = calibration.out_of_fold_logits(vectors, labels, 3, folds, [1.0])[1.0]
+    logits_after = calibration.out_of_fold_logits(changed, labels, 3, folds, [1.0])[1.0]
     others = same_fold & (np.arange(len(labels)) != 0)
     assert np.allclose(logits_before[others], logits_after[others])
     assert not np.allclose(logits_before[~same_fold], logits_after[~same_fold])
@@ -77,7 +77,7 @@ def test_out_of_fold_logits_equal_a_loop_of_probes_trained_without_the_fold():
     vectors, labels = _vectors()
     features = probe_features(vectors)
     folds = calibration.stratified_folds(labels, 4)
-    got = calibration.out_of_fold_logits(features, labels, 3, folds, [1.0, 10.0])
+    got = calibration.out_of_fold_logits(vectors, labels, 3, folds, [1.0, 10.0])
     for fold in range(4):
         probes = calibration.train_probes(features[folds != fold], labels[folds != fold], 3, [1.0, 10.0])
         for regularisation, (weight, bias) in probes.items():
@@ -238,3 +238,32 @@ def test_calibration_metrics_against_their_definitions():
     # the 3 most confident (0.9, 0.8, 0.7) are all right; at 80% (4 items) 0.6's wrong answer comes in
     assert accuracy_at_coverage(truth, predictions, probabilities, 0.5) == 1.0
     assert accuracy_at_coverage(truth, predictions, probabilities, 0.8) == 0.75
+
+
+def test_out_of_fold_heads_are_selected_without_the_fold():
+    """SavClassifier's out-of-fold fitting selects heads on the other folds too: changing every head of one example
+    moves no score of the other examples of its fold (their heads, centroids and probe never saw it), while the
+    other folds, which trained on it, do move; and each fold's heads are those the fold's training part selects."""
+    from savpack.selection import head_scores, top_heads
+
+    activations, labels = _task(classes=3, per_class=10, heads=(3, 4), separation=0.5, seed=4)
+    model = SavClassifier(k=3, classifier="vote").fit(activations, labels)
+    index = np.unique(labels, return_inverse=True)[1]
+    folds = calibration.stratified_folds(index, 5)
+
+    def scores(acts):
+        reselect = model._reselection(acts, index, 3)
+        vectors = acts[:, model.heads_[:, 0], model.heads_[:, 1]]
+        return (calibration.out_of_fold_similarities(vectors, index, 3, folds, reselect),
+                calibration.out_of_fold_logits(vectors, index, 3, folds, [1.0], 0, reselect)[1.0])
+
+    changed = activations.copy()
+    changed[0] = np.random.default_rng(9).normal(scale=5, size=changed[0].shape)
+    (sims, logits), (sims_after, logits_after) = scores(activations), scores(changed)
+    others = (folds == folds[0]) & (np.arange(len(index)) != 0)
+    assert np.allclose(sims[others], sims_after[others]) and np.allclose(logits[others], logits_after[others])
+    assert not np.allclose(sims[folds != folds[0]], sims_after[folds != folds[0]])
+    training = folds != 2
+    correct = head_scores(activations[training].reshape(training.sum(), 12, -1), index[training], 3)
+    chosen = top_heads((correct / training.sum()).reshape(3, 4), 3)
+    assert np.array_equal(model._reselection(activations, index, 3)(training), activations[:, chosen[:, 0], chosen[:, 1]])

@@ -460,42 +460,157 @@ def test_dynamo_exporter(loaded_model, packs, tmp_path, name):
     assert result.info["created_by"]["exporter"] == "dynamo"
 
 
-@pytest.mark.parametrize("vote", ["majority", "cosine"])
-def test_the_vote_inside_the_graph_equals_the_numpy_vote(vote, tmp_path):
-    """PackScores exported alone, on random vectors and on vectors made to tie: votes, prediction (tie-breaks
-    included) and cosines equal savpack_runtime.vote's."""
+SCORING_CASES = {  # (vote method, savpack.scoring classifier or None for a format-1 pack)
+    "majority, format 1": ("majority", None), "cosine, format 1": ("cosine", None),
+    "weighted, format 1": ("weighted", None), "majority, calibrated": ("majority", "vote"),
+    "probability vote": ("probability", "vote"), "probe": ("majority", "probe"),
+}
+
+
+def _scoring_pack(vote: str, classifier: str | None, rng: np.random.Generator, k: int = 6, classes: int = 3,
+                  d: int = 8) -> Pack:
+    """A pack of random centroids with the given vote and scoring model (a probe's weights random too)."""
+    centroids = rng.normal(size=(k, classes, d)).astype(np.float32)
+    scoring, weight, bias = None, None, None
+    if classifier is not None:
+        # A low temperature and a sharpness below 1: the regime where float32 arithmetic drifts from float64 by 1e-6.
+        scoring = {"classifier": classifier, "temperature": 0.5 if classifier == "probe" else 0.01,
+                   "sharpness": 1.0 if classifier == "probe" else 0.6, "fitted_on": "cross-validation"}
+    if classifier == "probe":
+        weight = rng.normal(size=(classes, k * d)).astype(np.float32)
+        bias = rng.normal(size=classes).astype(np.float32)
+    return Pack(heads=np.stack([np.arange(k), np.zeros(k)], axis=1).astype(np.int32), centroids=centroids,
+                # Scores whose float sums tie in some combinations (0.25 + 0.5 = 0.75) and not in others.
+                head_scores=np.array([0.75, 0.5, 0.25, 0.5, 0.625, 0.3], np.float32)[:k],
+                class_counts=np.ones(classes, np.int32), all_head_scores=np.ones((k, 1), np.float32),
+                labels=tuple("abcdefgh"[:classes]),
+                model={"id": "m", "revision": "r", "family": "qwen2", "grid": [k, 1, d], "fingerprint": "f"},
+                prompt={"template": "{text}", "rendered": "{text}", "image_count": 0, "chat_template_sha256": None},
+                selection={"k": k, "vote": vote}, scoring=scoring, probe_weight=weight, probe_bias=bias)
+
+
+@pytest.mark.parametrize("case", list(SCORING_CASES))
+def test_the_scores_inside_the_graph_equal_the_numpy_reference(case, tmp_path):
+    """PackScores exported alone, on random vectors and on vectors made to tie: cosines, votes, probabilities (1e-6)
+    and the label (tie-breaks included) equal savpack_runtime's numpy vote and scoring on the same head vectors."""
     import onnxruntime
 
     from savpack.export.scores import PackScores
-    from savpack_runtime.vote import classify_vectors, cosine_to_centroids
+    from savpack_runtime.graph_inputs import SCORE_ROLES
+    from savpack_runtime.scoring import pack_decision
+    from savpack_runtime.vote import cosine_to_centroids
 
+    vote, classifier = SCORING_CASES[case]
     rng = np.random.default_rng(3)
-    k, classes, d = 6, 3, 8
-    centroids = rng.normal(size=(k, classes, d)).astype(np.float32)
-    pack = Pack(heads=np.stack([np.arange(k), np.zeros(k)], axis=1).astype(np.int32), centroids=centroids,
-                head_scores=np.ones(k, np.float32), class_counts=np.ones(classes, np.int32),
-                all_head_scores=np.ones((k, 1), np.float32), labels=("a", "b", "c"),
-                model={"id": "m", "revision": "r", "family": "qwen2", "grid": [k, 1, d], "fingerprint": "f"},
-                prompt={"template": "{text}", "rendered": "{text}", "image_count": 0, "chat_template_sha256": None},
-                selection={"k": k, "vote": vote})
+    pack = _scoring_pack(vote, classifier, rng)
+    k, classes, d = pack.centroids.shape
     positions = np.array([5, 0, 3, 1, 2, 4])  # the pack's heads sit in another order in the graph
     torch.onnx.export(PackScores(pack, positions).eval(), (torch.zeros(2, k, d),), str(tmp_path / "scores.onnx"),
-                      input_names=["head_vectors"], output_names=["cosines", "votes", "prediction"],
+                      input_names=["head_vectors"], output_names=list(SCORE_ROLES),
                       dynamic_axes={"head_vectors": {0: "batch"}}, opset_version=onnx_graph.OPSET, dynamo=False)
     session = onnxruntime.InferenceSession(str(tmp_path / "scores.onnx"))
-    vectors = rng.normal(size=(200, k, d)).astype(np.float32)
+    vectors = rng.normal(size=(300, k, d)).astype(np.float32)
     # Ties: items whose heads copy centroids so that two classes get 3 votes each (and a zero vector).
     for item in range(50):
         first, second = rng.choice(classes, 2, replace=False)
         for slot, head in enumerate(positions):
-            vectors[item, head] = centroids[slot, first if slot < 3 else second] * rng.uniform(0.5, 2)
+            vectors[item, head] = pack.centroids[slot, first if slot < 3 else second] * rng.uniform(0.5, 2)
     vectors[50] = 0.0
-    cosines, votes, prediction = session.run(None, {"head_vectors": vectors})
-    reference = classify_vectors(vectors[:, positions], centroids, vote)
-    assert np.abs(cosines - cosine_to_centroids(vectors[:, positions], centroids)).max() <= 1e-6
-    assert np.array_equal(votes, reference.votes) and np.array_equal(prediction, reference.predictions)
-    tied = (reference.votes == reference.votes.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    outputs = dict(zip(SCORE_ROLES, session.run(None, {"head_vectors": vectors})))
+    chosen = vectors[:, positions]
+    assert np.abs(outputs["cosines"] - cosine_to_centroids(chosen, pack.centroids)).max() <= 1e-6
+    # The numpy reference on the graph's cosines (the same inputs), as the runtime and the export's validation use it.
+    reference = pack_decision(pack, chosen, similarities=outputs["cosines"])
+    assert np.array_equal(outputs["votes"], reference.votes.votes)
+    assert np.array_equal(outputs["prediction"], reference.predictions)
+    assert outputs["probabilities"].dtype == np.float32
+    assert np.abs(outputs["probabilities"] - reference.probabilities).max() <= 1e-6
+    assert reference.calibrated == (classifier is not None)
+    tied = (reference.votes.votes == reference.votes.votes.max(axis=1, keepdims=True)).sum(axis=1) > 1
     assert tied.sum() >= 50  # the tie-break really ran
+    if vote == "weighted":  # the weighted tally decides otherwise than the head count somewhere
+        assert not np.array_equal(outputs["prediction"], pack_decision(pack, chosen, method="majority").predictions)
+    if classifier is not None:  # the probabilities are not the shares, and spread over (0, 1)
+        assert np.abs(outputs["probabilities"] - reference.votes.shares).max() > 0.1
+        assert 0.05 < np.median(outputs["probabilities"].max(axis=1)) < 0.999
+    if classifier == "probe" or vote == "probability":  # the label is the probabilities' argmax, not the vote's
+        probabilities = outputs["probabilities"]  # the label's is the top one (float32 ties aside: argmax in float64)
+        assert np.array_equal(probabilities[np.arange(len(probabilities)), outputs["prediction"]], probabilities.max(axis=1))
+        assert not np.array_equal(outputs["prediction"], pack_decision(pack, chosen, method="majority",
+                                                                      similarities=outputs["cosines"]).votes.predictions)
+
+
+def test_a_vote_method_the_graph_does_not_know_is_refused():
+    from savpack.export.scores import PackScores
+
+    pack = _scoring_pack("plurality", None, np.random.default_rng(0))
+    with pytest.raises(ExportError, match="vote method 'plurality'"):
+        PackScores(pack, np.arange(6))
+
+
+def test_the_bundle_computes_every_packs_probabilities_in_the_graph(loaded_model, text_task, tmp_path, monkeypatch):
+    """A probe pack, a calibrated vote pack deciding by probability and a format-1 pack in one bundle: the graph's
+    probabilities equal savpack_runtime.scoring's on the graph's head vectors (1e-6), its prediction is each pack's
+    label, bundle.json says which packs are calibrated, and the Classifier uses the graph's numbers (numpy's vote and
+    probabilities are not called)."""
+    from savpack_runtime import scoring
+
+    loaded = loaded_model("qwen2")
+    train, test = (load_examples(path) for path in text_task)
+    activations = extract_activations(loaded, train, "Say: {text}", progress=False)
+    probe = pack_from_activations(activations, k=5, classifier="probe", name="probe")
+    by_probability = pack_from_activations(activations, k=4, vote="probability", classifier="vote", name="heads")
+    shares = pack_from_activations(activations, k=6, name="shares").replace(scoring=None, probe_weight=None, probe_bias=None)
+    assert (probe.classifier, by_probability.classifier, shares.format_version) == ("probe", "vote", 1)
+    result = export_bundle(loaded, [probe, by_probability, shares], tmp_path / "bundle")
+    entries = result.info["packs"]
+    assert [entry["calibrated"] for entry in entries] == [True, True, False]
+    assert all(entry["outputs"]["probabilities"] == f"pack{index}.probabilities" for index, entry in enumerate(entries))
+
+    classifier = Classifier.load(result.folder, threads=1)
+    texts = [example.text for example in test]
+    outputs = classifier.graph_outputs(texts)
+    vectors = outputs[graph_inputs.OUTPUT_NAME]
+    expected = {}
+    for index, (entry, pack) in enumerate(zip(classifier.bundle.packs, (probe, by_probability, shares))):
+        reference = scoring.pack_decision(pack, vectors[:, entry.positions])  # numpy from the head vectors alone
+        found = outputs[f"pack{index}.probabilities"]
+        assert np.abs(found - reference.probabilities).max() <= 1e-6
+        assert np.array_equal(outputs[f"pack{index}.prediction"], reference.predictions)
+        expected[entry.name] = [pack.labels[i] for i in reference.predictions]
+    assert np.array_equal(outputs["pack2.probabilities"], (outputs["pack2.votes"] / shares.k).astype(np.float32))  # shares
+    assert len(set(expected["probe"])) > 1
+    monkeypatch.setattr(scoring, "probabilities", lambda *args, **kwargs: pytest.fail("numpy's probabilities ran"))
+    monkeypatch.setattr(scoring, "vote", lambda *args, **kwargs: pytest.fail("numpy's vote ran"))
+    results = classifier.classify_batch(texts)
+    for index, name in enumerate(expected):
+        assert [result.by_pack[name].label for result in results] == expected[name]
+        assert [result.by_pack[name].calibrated for result in results] == [name != "shares"] * len(texts)
+        graph = outputs[f"pack{index}.probabilities"]
+        assert all(list(result.by_pack[name].probabilities.values()) == pytest.approx(row.tolist(), abs=1e-7)
+                   for result, row in zip(results, graph))
+
+
+def test_the_export_refuses_in_graph_scores_that_differ_from_numpys(loaded_model, packs, tmp_path, monkeypatch):
+    """Validation compares every pack's in-graph probabilities and label with savpack_runtime.scoring: a graph whose
+    probabilities ignore the sharpening, or whose probe label is the vote's, is not written."""
+    import torch
+
+    from savpack.export import scores
+
+    calibrated = [pack for pack in packs("qwen2") if pack.scoring_model is not None]
+    assert calibrated and all(pack.scoring["sharpness"] != 1.0 for pack in calibrated if pack.classifier == "vote")
+    real = scores.PackScores.probabilities
+
+    def unsharpened(self, vectors, cosines, votes):
+        if self.model != "heads":
+            return real(self, vectors, cosines, votes)
+        return torch.softmax(cosines.to(torch.float64) / self.temperature, dim=-1).mean(dim=1)
+
+    monkeypatch.setattr(scores.PackScores, "probabilities", unsharpened)
+    with pytest.raises(ExportValidationError, match="in-graph probabilities differ from savpack_runtime's numpy scores"):
+        export_bundle(loaded_model("qwen2"), calibrated, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_int8_export_is_checked_on_the_packs_own_examples(loaded_model, packs, text_task, tmp_path):

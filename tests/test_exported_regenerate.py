@@ -59,6 +59,14 @@ def assert_same_pack(new: Pack, old: Pack) -> None:
         np.testing.assert_allclose(getattr(new, name), getattr(old, name), rtol=1e-5, atol=1e-6, err_msg=name)
     assert new.prompt == old.prompt
     assert new.selection == old.selection
+    assert (new.scoring is None) == (old.scoring is None)
+    if new.scoring is not None:  # the fitted scoring model: the same classifier, its numbers to round-off
+        assert (new.scoring["classifier"], new.scoring["fitted_on"]) == (old.scoring["classifier"], old.scoring["fitted_on"])
+        for name in ("temperature", "sharpness"):
+            assert new.scoring[name] == pytest.approx(old.scoring[name], rel=1e-4), name
+        for name in ("probe_weight", "probe_bias"):
+            if getattr(old, name) is not None:
+                np.testing.assert_allclose(getattr(new, name), getattr(old, name), rtol=1e-4, atol=1e-5, err_msg=name)
     assert {key: value for key, value in new.model.items() if key != "revision"} == \
            {key: value for key, value in old.model.items() if key != "revision"}
     assert (new.name, new.version, new.dataset) == (old.name, old.version, old.dataset)

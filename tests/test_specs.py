@@ -22,6 +22,7 @@ from savpack.sharing.packfile import index_entry, read_pack
 from savpack_runtime import bundle as bundle_format
 from savpack_runtime import files, graph_inputs, pack as pack_module
 from savpack_runtime import format as fmt
+from savpack_runtime.scoring import DECISION_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT_DOC = ROOT / "docs" / "format.md"
@@ -114,6 +115,11 @@ def test_the_schemas_required_fields_are_the_format_modules():
     assert prompt["required"] == list(fmt.PROMPT_FIELDS)
     assert prompt["properties"][fmt.PROMPT_TOKEN_POSITION]["enum"] == list(fmt.TOKEN_POSITIONS)
     assert fmt.PROMPT_VIDEO_FRAMES in prompt["properties"]
+    scoring = FORMAT_SCHEMAS[fmt.META_SCORING]
+    assert scoring["required"] == list(fmt.SCORING_FIELDS)
+    assert scoring["properties"]["classifier"]["enum"] == list(fmt.CLASSIFIERS)
+    assert scoring["properties"]["fitted_on"]["enum"] == list(fmt.FITTED_ON)
+    assert FORMAT_SCHEMAS[fmt.META_SELECTION]["properties"]["vote"]["enum"] == list(DECISION_METHODS)
 
 
 def written_packs() -> list[tuple[str, dict[str, str]]]:
@@ -183,7 +189,11 @@ def test_the_bundle_schema_is_the_readers():
     assert set(graph["properties"]["kind"]["enum"]) == set(graph_inputs.GRAPH_INPUTS)
     assert graph["properties"]["weights"]["enum"] == list(bundle_format.WEIGHT_TYPES)
     assert graph["properties"]["output"]["const"] == graph_inputs.OUTPUT_NAME
-    assert schema["properties"]["packs"]["items"]["required"] == list(bundle_format.PACK_FIELDS)
+    packs = schema["properties"]["packs"]["items"]
+    assert packs["required"] == list(bundle_format.PACK_FIELDS)
+    assert set(packs["properties"]) == set(bundle_format.PACK_FIELDS_2) | {bundle_format.PACK_CALIBRATED}
+    assert packs["properties"]["outputs"]["required"] == list(graph_inputs.REQUIRED_SCORE_ROLES)
+    assert list(packs["properties"]["outputs"]["properties"]) == list(graph_inputs.SCORE_ROLES)
     assert schema["properties"]["model"]["required"] == list(fmt.MODEL_FIELDS)
     assert schema["properties"]["prompt"]["required"] == list(fmt.PROMPT_FIELDS)
 

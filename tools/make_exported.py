@@ -35,35 +35,41 @@ from savpack_runtime.files import staged_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Per case: the fixture, the packs' prompt, the export options, the packs (pack_from_activations settings, and
+# format_1: the pack without its scoring model, as packs were before calibration) and what the case covers (README).
 CASES: dict[str, dict[str, Any]] = {
-    # Two packs, one forward: the graph returns the union of their heads.
     "qwen2_vl": {"fixture": "qwen2_vl", "template": "Question: {text}", "selected_heads_only": False,
-                 "packs": {"colour": {"k": 6}, "colour-loo": {"k": 4, "scoring": "loo"}}},
+                 "packs": {"colour": {"k": 6}, "colour-loo": {"k": 4, "scoring": "loo", "classifier": "probe"}},
+                 "covers": "two packs, one forward (the graph returns the union of their heads); the second a probe"},
     "llava_onevision": {"fixture": "llava_onevision", "template": "{text}", "selected_heads_only": True,
-                        "packs": {"colour": {"k": 6}}},
+                        "packs": {"colour": {"k": 6}}, "covers": "anyres tiles as a planned gather; selected heads only"},
     "qwen2": {"fixture": "qwen2", "template": "Classify: {text}", "selected_heads_only": False,
-              "packs": {"words": {"k": 6}}},
-    # Window attention in the vision tower: the items' images span full and partial windows.
+              "packs": {"words": {"k": 6, "vote": "weighted", "classifier": "vote"}},
+              "covers": "a text decoder with a chat template (left padding); heads voting with their scores as weights"},
     "qwen2_5_vl": {"fixture": "qwen2_5_vl", "template": "Question: {text}", "selected_heads_only": False,
-                   "packs": {"colour": {"k": 6}}},
-    # CLIP tower, shortest-edge resize and center crop in the runtime's preprocessing.
-    "llava": {"fixture": "llava", "template": "{text}", "selected_heads_only": True, "packs": {"colour": {"k": 6}}},
-    # Sliding-window and global layers, q/k and sandwich norms, scaled embeddings: the real Gemma-3-270M's layout.
+                   "packs": {"colour": {"k": 6, "vote": "probability", "classifier": "vote"}},
+                   "covers": "window attention in the vision tower: the items' images span full and partial windows; "
+                             "the label by the calibrated probabilities"},
+    "llava": {"fixture": "llava", "template": "{text}", "selected_heads_only": True, "packs": {"colour": {"k": 6}},
+              "covers": "CLIP tower, shortest-edge resize and center crop in the runtime's preprocessing"},
     "gemma3_text": {"fixture": "gemma3_text", "template": "Classify: {text}", "selected_heads_only": False,
-                    "packs": {"words": {"k": 6}}},
-    # Learned positions counted from the mask (left padding), no chat template.
-    "gpt2": {"fixture": "gpt2", "template": "Classify: {text}", "selected_heads_only": False, "packs": {"words": {"k": 6}}},
-    # An encoder read at [CLS], right padding, segment ids; a "cosine" vote.
+                    "packs": {"words": {"k": 6, "format_1": True}},
+                    "covers": "sliding-window and global layers, q/k and sandwich norms, scaled embeddings: the real "
+                              "Gemma-3-270M's layout; a format-1 pack (no scoring model: its probabilities are the "
+                              "vote shares)"},
+    "gpt2": {"fixture": "gpt2", "template": "Classify: {text}", "selected_heads_only": False,
+             "packs": {"words": {"k": 6, "classifier": "probe"}},
+             "covers": "learned positions counted from the mask (left padding), no chat template; a probe pack"},
     "bert": {"fixture": "bert", "template": "{text}", "selected_heads_only": False, "token_position": "first",
-             "packs": {"words": {"k": 6, "vote": "cosine"}}},
-    # Fixed-size SigLIP images, image tokens attending to each other.
+             "packs": {"words": {"k": 6, "vote": "cosine", "classifier": "vote"}},
+             "covers": "an encoder read at [CLS], right padding, segment ids; a cosine vote"},
     "gemma3": {"fixture": "gemma3", "template": "Question: {text}", "selected_heads_only": True,
-               "packs": {"colour": {"k": 6}}},
-    # Tiles and a global view per image, frames padded per item (Idefics3's graph kind).
-    "smolvlm": {"fixture": "smolvlm", "template": "{text}", "selected_heads_only": False, "packs": {"colour": {"k": 6}}},
-    # Learned position embeddings resampled per grid, interleaved M-RoPE, DeepStack.
+               "packs": {"colour": {"k": 6}}, "covers": "fixed-size SigLIP images, image tokens attending to each other"},
+    "smolvlm": {"fixture": "smolvlm", "template": "{text}", "selected_heads_only": False, "packs": {"colour": {"k": 6}},
+                "covers": "tiles and a global view per image, frames padded per item (Idefics3's graph kind)"},
     "qwen3_vl": {"fixture": "qwen3_vl", "template": "Question: {text}", "selected_heads_only": False,
-                 "packs": {"colour": {"k": 6}}},
+                 "packs": {"colour": {"k": 6}},
+                 "covers": "learned position embeddings resampled per grid, interleaved M-RoPE, DeepStack"},
 }
 # (text, [(width, height, (r, g, b)), ...]) per item; texts and sizes differ so one batch mixes lengths and grids.
 IMAGE_ITEMS = [
@@ -128,7 +134,11 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
                                       progress=False, token_position=token_position)
     packs = []
     for pack_name, settings in case["packs"].items():
+        settings = dict(settings)
+        format_1 = settings.pop("format_1", False)
         pack = pack_from_activations(activations, name=f"golden/{name}-{pack_name}", version="1.0.0", **settings)
+        if format_1:
+            pack = pack.replace(scoring=None, probe_weight=None, probe_bias=None)
         # Stable bytes across commits: the pack records the tool, not the git commit that ran it.
         packs.append(pack.replace(created_by={"savpack": savpack.__version__, "made_by": "tools/make_exported.py"}))
 
@@ -162,6 +172,9 @@ def make_case(name: str, case: dict[str, Any], folder: Path, work: Path) -> dict
         expected["packs"][pack_name] = {"labels": classification.labels, "records": classification.records(pack)}
     (folder / "expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
     return {"graph_sha256": result.info["graph"]["sha256"], "graph_data_sha256": result.info["graph"]["data_sha256"],
+            "kind": result.info["graph"]["kind"],
+            "packs": [{"name": pack_name, "classifier": pack.classifier, "vote": pack.selection.get("vote", "majority"),
+                       "k": pack.k, "calibrated": pack.scoring_model is not None} for pack_name, pack in zip(case["packs"], packs)],
             "heads": graph_heads.tolist(), "validation_max_difference": result.validation.max_difference,
             "bytes": {path: size for path, size in result.sizes.items()}}
 
@@ -186,10 +199,26 @@ def make_all(out: Path, force: bool = False, cases: list[str] | None = None) -> 
         for name in cases or list(CASES):
             manifest["cases"][name] = make_case(name, CASES[name], staging / name, Path(work) / name)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (staging / "README.md").write_text(
-            "# exported/bundles/\n\nGolden bundles made by `python tools/make_exported.py --force` from tiny random-weight "
-            "fixtures (see the tool's docstring for the layout). Do not edit by hand: regenerate.\n")
+        (staging / "README.md").write_text(readme(manifest))
     return manifest
+
+
+def readme(manifest: dict[str, Any]) -> str:
+    """exported/bundles/README.md: what each case holds and covers."""
+    rows = []
+    for name, case in manifest["cases"].items():
+        packs = ", ".join(f"`{pack['name']}` ({pack['classifier']}, {pack['vote']} vote, k {pack['k']}, "
+                          f"{'calibrated' if pack['calibrated'] else 'not calibrated'})" for pack in case["packs"])
+        rows.append(f"| `{name}` | {case['kind']} | {packs} | {CASES[name]['covers']} |")
+    return "\n".join([
+        "# exported/bundles/", "",
+        "Golden bundles made by `python tools/make_exported.py --force` from tiny random-weight fixtures (the tool's "
+        "docstring gives the layout of each case folder). Do not edit by hand: regenerate. The runtime's tests check "
+        "themselves against them without torch (`runtime/tests/test_runtime_exported.py`, and the Node.js client's "
+        "`runtime/tests/test_node_example.py` on the text cases); `tests/test_exported_regenerate.py` regenerates them.",
+        "", "Each bundle's graph returns `head_vectors`, then per pack its `cosines`, `votes`, `prediction` (the pack's "
+        "label) and `probabilities` (docs/export.md, \"The graph contract\").", "",
+        "| case | graph kind | packs | covers |", "|---|---|---|---|", *rows, ""])
 
 
 def main() -> None:

@@ -3,12 +3,13 @@
 
   1. build one pack per shared set (sst2, trec, agnews, sms_spam, subj; the splits of tools/eval_real.py, 20 shots per
      class, seed 0, k 20, the item's text as the prompt) and export them as ONE bundle (one forward, five packs), in
-     float32 with the vote inside the graph, in float32 without it (bundle format 1), and in int8 (`--quantize int8`,
-     checked on the packs' own shots);
+     float32 with the vote inside the graph, in float32 without it (bundle format 1), with float16 weights (`--fp16`)
+     and in int8 (`--quantize int8`, checked on the packs' own shots, whatever their agreement);
   2. labels through `savpack-run classify` (a subprocess, the CLI users run) against the builder's
      (savpack.pipeline.classify) on `--items` shared sst2 test items;
-  3. int8 against float32 on every set's test split (500 items; 1000 for sms_spam): label agreement and accuracy;
-  4. batch-1 latency of the three graphs side by side (one item through each in turn, order alternating, the
+  3. int8 and float16 against float32 on every set's test split (500 items; 1000 for sms_spam): label agreement and
+     accuracy;
+  4. batch-1 latency of the four graphs side by side (one item through each in turn, order alternating, the
      Classifier's whole path: preprocessing, forward, vote), median per item, at `--threads` onnxruntime threads.
 
     python tools/real_export.py --out tools/results/real_export.json           # Gemma-3-270M and all-MiniLM-L6-v2
@@ -54,7 +55,8 @@ MODELS = {"gemma-3-270m": (gemma_270m, "last"), "minilm": (minilm, "first")}
 SETS = ("sst2", "trec", "agnews", "sms_spam", "subj")
 SHOTS, K, SEED = 20, 20, 0
 TEMPLATE = "{text}"
-VARIANTS = ("float32", "float32-no-scores", "int8")
+VARIANTS = ("float32", "float32-no-scores", "float16", "int8")
+COMPARED = ("float16", "int8")  # against float32 on the test splits
 
 
 def build_packs(loaded, splits: dict[str, dict[str, list]], token_position: str) -> tuple[list, list]:
@@ -80,7 +82,7 @@ def export_variants(loaded, packs, shots, folder: Path, report: dict[str, Any]) 
     folder.mkdir(parents=True, exist_ok=True)
     for variant in VARIANTS:
         started = time.perf_counter()
-        options = {"scores": variant != "float32-no-scores"}
+        options = {"scores": variant != "float32-no-scores", "fp16": variant == "float16"}
         if variant == "int8":  # measured whatever the agreement (the threshold is what these figures choose)
             options.update(quantize="int8", examples=shots, min_agreement=0.0)
         result = export_bundle(loaded, packs, folder / variant, names=list(SETS), force=True, echo=print, **options)
@@ -91,15 +93,15 @@ def export_variants(loaded, packs, shots, folder: Path, report: dict[str, Any]) 
     return bundles
 
 
-def runtime_labels_via_cli(bundle: Path, examples: list, pack: str, threads: int) -> list[str]:
-    """`savpack-run classify BUNDLE --data items.jsonl --json`, as a user runs it."""
+def runtime_records_via_cli(bundle: Path, examples: list, pack: str, threads: int) -> list[dict[str, Any]]:
+    """`savpack-run classify BUNDLE --data items.jsonl --json`, as a user runs it: `pack`'s record of each item."""
     with tempfile.TemporaryDirectory() as tmp:
         items = Path(tmp) / "items.jsonl"
         items.write_text("".join(json.dumps({"text": example.text}) + "\n" for example in examples), encoding="utf-8")
         done = subprocess.run([str(Path(sys.executable).parent / "savpack-run"), "classify", str(bundle), "--data", str(items),
                                "--json", "--threads", str(threads)], capture_output=True, text=True, check=True)
     records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-    return [record["packs"][pack]["label"] if "packs" in record else record["label"] for record in records]
+    return [record["packs"][pack] if "packs" in record else record for record in records]
 
 
 def classify_sets(bundle: Path, splits: dict[str, dict[str, list]], threads: int) -> dict[str, list[str]]:
@@ -147,23 +149,32 @@ def run_model(name: str, data_root: Path, cache: Path, items: int, latency_items
 
     # 2. savpack-run against the builder on shared sst2 test items.
     held = splits["sst2"]["test"][:items]
-    built = classify(loaded, packs[0], held, batch_size=8, progress=False).labels
-    ran = runtime_labels_via_cli(bundles["float32"], held, "sst2", threads)
+    report["packs"] = {name: {"classifier": pack.classifier, "scoring": pack.scoring, "heads": pack.heads.tolist()}
+                       for name, pack in zip(SETS, packs)}
+    builder = classify(loaded, packs[0], held, batch_size=8, progress=False)
+    built = builder.labels
+    records = runtime_records_via_cli(bundles["float32"], held, "sst2", threads)
+    ran = [record["label"] for record in records]
+    # The probabilities come from the graph in savpack-run, from numpy on PyTorch's head vectors in the builder.
+    difference = np.abs(np.array([[record["probabilities"][label] for label in packs[0].labels] for record in records])
+                        - builder.decision.probabilities)
     report["sst2_builder_vs_savpack_run"] = {"items": len(held), "equal": int(sum(a == b for a, b in zip(built, ran))),
                                              "labels_equal": built == ran,
+                                             "probabilities_max_difference": float(difference.max()),
                                              "accuracy": float(np.mean([label == e.label for label, e in zip(built, held)]))}
     del loaded
 
-    # 3. int8 against float32 on every set's test split.
-    labels = {variant: classify_sets(bundles[variant], splits, threads) for variant in ("float32", "int8")}
+    # 3. int8 and float16 against float32 on every set's test split.
+    labels = {variant: classify_sets(bundles[variant], splits, threads) for variant in ("float32", *COMPARED)}
     report["sets"] = {}
     for task, split in splits.items():
         truth = [example.label for example in split["test"]]
-        float_labels, int8_labels = labels["float32"][task], labels["int8"][task]
-        report["sets"][task] = {"items": len(truth),
-                                "agreement": float(np.mean([a == b for a, b in zip(float_labels, int8_labels)])),
-                                "accuracy_float32": float(np.mean([a == b for a, b in zip(float_labels, truth)])),
-                                "accuracy_int8": float(np.mean([a == b for a, b in zip(int8_labels, truth)]))}
+        row = {"items": len(truth), "accuracy_float32": float(np.mean([a == b for a, b in zip(labels["float32"][task], truth)]))}
+        for variant in COMPARED:
+            found = labels[variant][task]
+            row[f"agreement_{variant}"] = float(np.mean([a == b for a, b in zip(labels["float32"][task], found)]))
+            row[f"accuracy_{variant}"] = float(np.mean([a == b for a, b in zip(found, truth)]))
+        report["sets"][task] = row
 
     # 4. batch-1 latency, side by side.
     texts = [example.text for example in splits["sst2"]["test"][:latency_items]]
@@ -178,17 +189,23 @@ def print_table(reports: list[dict[str, Any]]) -> None:
     for report in reports:
         sst2 = report["sst2_builder_vs_savpack_run"]
         print(f"\n{report['model']} (heads at the {report['token_position']} token, {report['shots']} shots per class, k {report['k']})")
-        print(f"  savpack-run vs builder, sst2: {sst2['equal']}/{sst2['items']} labels equal (accuracy {sst2['accuracy']:.3f})")
+        print(f"  savpack-run vs builder, sst2: {sst2['equal']}/{sst2['items']} labels equal (accuracy {sst2['accuracy']:.3f}), "
+              f"probabilities within {sst2['probabilities_max_difference']:.1e}")
+        print("  packs: " + ", ".join(f"{name} {pack['classifier']}" for name, pack in report["packs"].items()))
         sizes = {variant: bundle["bytes"] / 1e6 for variant, bundle in report["bundles"].items()}
         print("  bundle MB: " + ", ".join(f"{variant} {size:.0f}" for variant, size in sizes.items()))
         latency = report["latency_batch1_s"]
-        print(f"  batch-1 latency: float32 {latency['float32'] * 1e3:.1f} ms, int8 {latency['int8'] * 1e3:.1f} ms "
+        print(f"  batch-1 latency: float32 {latency['float32'] * 1e3:.1f} ms, float16 {latency['float16'] * 1e3:.1f} ms, "
+              f"int8 {latency['int8'] * 1e3:.1f} ms "
               f"(int8/float32 {report['latency_ratio_int8_over_float32']:.2f}, {1 / report['latency_ratio_int8_over_float32']:.2f}x faster); "
               f"vote in graph / not {report['latency_ratio_scores_over_no_scores']:.3f}")
-        print(f"  {'set':<10} {'items':>5} {'agree':>7} {'acc f32':>8} {'acc int8':>9} {'diff':>6}")
+        own = report["bundles"]["int8"]["quantization"]["agreement"]
+        print(f"  {'set':<10} {'items':>5} {'acc f32':>8} {'agree f16':>10} {'acc f16':>8} {'agree int8':>11} "
+              f"{'acc int8':>9} {'diff':>6} {'int8 agree on shots':>20}")
         for task, row in report["sets"].items():
-            print(f"  {task:<10} {row['items']:>5} {row['agreement']:>7.3f} {row['accuracy_float32']:>8.3f} "
-                  f"{row['accuracy_int8']:>9.3f} {100 * (row['accuracy_int8'] - row['accuracy_float32']):>+6.1f}")
+            print(f"  {task:<10} {row['items']:>5} {row['accuracy_float32']:>8.3f} {row['agreement_float16']:>10.3f} "
+                  f"{row['accuracy_float16']:>8.3f} {row['agreement_int8']:>11.3f} {row['accuracy_int8']:>9.3f} "
+                  f"{100 * (row['accuracy_int8'] - row['accuracy_float32']):>+6.1f} {own[task]:>20.3f}")
 
 
 def main() -> None:

@@ -1,13 +1,15 @@
 #!/usr/bin/env node
 // Classify texts with a savpack bundle from Node.js: onnxruntime-node runs the bundle's graph, whose outputs are each
-// pack's votes and winning class; the `tokenizers` package (Hugging Face's Rust tokenizers, the library the Python
-// runtime uses) reads the bundle's tokenizer.json. No Python, no vote to reimplement.
+// pack's votes, label and class probabilities; the `tokenizers` package (Hugging Face's Rust tokenizers, the library
+// the Python runtime uses) reads the bundle's tokenizer.json. No Python, no vote or calibration to reimplement.
 //
-//   node classify.js BUNDLE ITEMS.jsonl [--batch-size 8] [--threads N]
+//   node classify.js BUNDLE ITEMS.jsonl [--batch-size 8] [--threads N] [--abstain-below P]
 //
 // ITEMS.jsonl: one JSON object per line with `text` (or `question`). Prints one JSON line per item, the record
-// `savpack-run classify --json` prints: source, label, votes, shares (of the first pack), and `packs` with every
-// pack's when the bundle holds several. Text bundles only (graph kinds "text" and "bert"); bundle format 2.
+// `savpack-run classify --json` prints: source, label, votes, shares, probabilities, calibrated, abstained (of the
+// first pack), and `packs` with every pack's when the bundle holds several. --abstain-below P withholds the label
+// (null, abstained true) where the top probability is below P. Text bundles only (graph kinds "text" and "bert");
+// bundle format 2 with the probabilities in the graph (exported by savpack since they moved there).
 //
 // The steps are the Python runtime's (savpack_runtime.preprocess, batching, graph_inputs), in short:
 //   prompt = before_images + after_images of preprocess.json's render rule, with {text} replaced by the item's text;
@@ -45,13 +47,17 @@ function sha256(path) {
   return createHash("sha256").update(readFileSync(path)).digest("hex");
 }
 
-// bundle.json, checked as far as this client relies on it: format 2 (the vote in the graph), a text graph, the files
-// it names unaltered.
+// bundle.json, checked as far as this client relies on it: format 2 (the vote in the graph) with each pack's
+// probabilities among the graph's outputs, a text graph, the files it names unaltered.
 function loadBundle(folder) {
   const info = readJson(join(folder, "bundle.json"), "bundle.json");
   if (info.format !== "savpack-bundle") throw new UserError(`${folder}: not a savpack bundle (format ${JSON.stringify(info.format)})`);
   if (info.format_version !== 2) {
     throw new UserError(`${folder}: bundle format ${info.format_version}; this client reads format 2, whose graph votes (export again with savpack export)`);
+  }
+  const older = info.packs.filter((pack) => !pack.outputs.probabilities || typeof pack.calibrated !== "boolean");
+  if (older.length) {
+    throw new UserError(`${folder}: pack ${JSON.stringify(older[0].name)} has no probabilities in the graph (a bundle exported before they moved there); export it again with savpack export`);
   }
   if (!TEXT_KINDS.includes(info.graph.kind)) {
     throw new UserError(`${folder}: graph kind ${JSON.stringify(info.graph.kind)}; this example classifies text bundles (${TEXT_KINDS.join(", ")})`);
@@ -101,7 +107,10 @@ function pad(rows, padId, side) {
   return { ids, mask, length };
 }
 
-async function classify(folder, items, batchSize, threads) {
+// As savpack's records round them (savpack_runtime.result).
+const round = (value, decimals) => Math.round(value * 10 ** decimals) / 10 ** decimals;
+
+async function classify(folder, items, batchSize, threads, abstainBelow) {
   const info = loadBundle(folder);
   const spec = readJson(join(folder, "preprocess.json"), "preprocess.json");
   const tokenizer = Tokenizer.fromFile(join(folder, "tokenizer.json"));
@@ -136,12 +145,18 @@ async function classify(folder, items, batchSize, threads) {
       const byPack = {};
       for (const pack of info.packs) {
         const classes = pack.labels.length;
-        const votes = Array.from(outputs[pack.outputs.votes].data.slice(row * classes, (row + 1) * classes), Number);
+        const slice = (role) => Array.from(outputs[pack.outputs[role]].data.slice(row * classes, (row + 1) * classes), Number);
+        const votes = slice("votes");
+        const probabilities = slice("probabilities"); // calibrated; a format-1 pack's are its vote shares
         const heads = votes.reduce((sum, count) => sum + count, 0);
+        const abstained = abstainBelow !== null && Math.max(...probabilities) < abstainBelow;
         byPack[pack.name] = {
-          label: pack.labels[Number(outputs[pack.outputs.prediction].data[row])],
+          label: abstained ? null : pack.labels[Number(outputs[pack.outputs.prediction].data[row])],
           votes: Object.fromEntries(pack.labels.map((label, c) => [label, votes[c]])),
-          shares: Object.fromEntries(pack.labels.map((label, c) => [label, Math.round((votes[c] / heads) * 1e6) / 1e6])),
+          shares: Object.fromEntries(pack.labels.map((label, c) => [label, round(votes[c] / heads, 6)])),
+          probabilities: Object.fromEntries(pack.labels.map((label, c) => [label, round(probabilities[c], 7)])),
+          calibrated: pack.calibrated,
+          abstained,
         };
       }
       const first = byPack[info.packs[0].name];
@@ -151,28 +166,34 @@ async function classify(folder, items, batchSize, threads) {
   return results;
 }
 
+const USAGE = "usage: node classify.js BUNDLE ITEMS.jsonl [--batch-size 8] [--threads N] [--abstain-below P]";
+
 function parseArgs(argv) {
   const positional = [];
-  const options = { batchSize: 8, threads: 0 };
+  const options = { batchSize: 8, threads: 0, abstainBelow: null };
   for (let i = 0; i < argv.length; i++) {
-    if (argv[i] === "--batch-size" || argv[i] === "--threads") {
+    if (argv[i] === "--abstain-below") {
+      const value = Number(argv[++i]);
+      if (argv[i] === undefined || argv[i].trim() === "" || !(value >= 0 && value <= 1)) throw new UserError("--abstain-below needs a probability from 0 to 1");
+      options.abstainBelow = value;
+    } else if (argv[i] === "--batch-size" || argv[i] === "--threads") {
       const value = Number(argv[++i]);
       if (!Number.isInteger(value) || value < (argv[i - 1] === "--threads" ? 0 : 1)) throw new UserError(`${argv[i - 1]} needs a positive integer`);
       options[argv[i - 1] === "--threads" ? "threads" : "batchSize"] = value;
     } else if (argv[i] === "-h" || argv[i] === "--help") {
-      console.log("usage: node classify.js BUNDLE ITEMS.jsonl [--batch-size 8] [--threads N]");
+      console.log(USAGE);
       process.exit(0);
     } else {
       positional.push(argv[i]);
     }
   }
-  if (positional.length !== 2) throw new UserError("usage: node classify.js BUNDLE ITEMS.jsonl [--batch-size 8] [--threads N]");
+  if (positional.length !== 2) throw new UserError(USAGE);
   return { bundle: positional[0], items: positional[1], ...options };
 }
 
 try {
   const args = parseArgs(process.argv.slice(2));
-  const results = await classify(args.bundle, readItems(args.items), args.batchSize, args.threads);
+  const results = await classify(args.bundle, readItems(args.items), args.batchSize, args.threads, args.abstainBelow);
   for (const result of results) console.log(JSON.stringify(result));
 } catch (error) {
   if (!(error instanceof UserError)) throw error;

@@ -27,11 +27,14 @@ from .compat import RUNTIME_PACKAGE, version_refusal
 from .errors import BundleError, BundleVersionError, ModelMismatchError, PackError
 from .files import check_file, check_folder, file_sha256, read_file
 from .format import DEFAULT_TOKEN_POSITION, PROMPT_TOKEN_POSITION
-from .graph_inputs import GRAPH_INPUTS, OUTPUT_NAME, SCORE_ROLES, input_names
+from .graph_inputs import GRAPH_INPUTS, OUTPUT_NAME, REQUIRED_SCORE_ROLES, SCORE_ROLES, input_names
 from .pack import Pack
 
 FORMAT_NAME = "savpack-bundle"
-FORMAT_VERSION = 2  # 2: the graph votes (each pack's graph_inputs.SCORE_ROLES outputs), packs list their labels
+# 2: the graph votes (each pack's graph_inputs.SCORE_ROLES outputs), packs list their labels. The probabilities output
+# and the packs' "calibrated" came later without a new version: every reader of version 2 reads such a bundle right
+# (it ignores what it does not know, and `prediction` stays the pack's label), and bundles without them still load.
+FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 
 BUNDLE_FILE = "bundle.json"
@@ -54,8 +57,10 @@ GRAPH_FIELDS = (
 )
 PACK_FIELDS = ("file", "sha256", "name", "positions")  # positions: index of each of the pack's heads in graph.heads
 # Format 2: labels (the pack's, for clients that do not read safetensors) and outputs {role: graph output name} for
-# each of graph_inputs.SCORE_ROLES.
+# each of graph_inputs.REQUIRED_SCORE_ROLES, and "probabilities" where the graph computes them (bundles written since),
+# which also say PACK_CALIBRATED: whether the pack's probabilities are fitted (false: a format-1 pack's vote shares).
 PACK_FIELDS_2 = PACK_FIELDS + ("labels", "outputs")
+PACK_CALIBRATED = "calibrated"
 # float16: weight matrices stored as float16, cast back on load; int8: onnxruntime's dynamic quantization (MatMul weights
 # and the embedding table as int8, activations quantized on the fly), recorded with its check in graph.quantization.
 WEIGHT_TYPES = ("float32", "float16", "int8")
@@ -74,7 +79,9 @@ class BundlePack:
     pack: Pack
     name: str
     positions: np.ndarray  # (k,) index of each of the pack's heads in the graph output
-    outputs: dict[str, str] | None = None  # role -> graph output name of the in-graph vote; None: format 1, no vote in the graph
+    # role -> graph output name of the in-graph scores (graph_inputs.SCORE_ROLES; "probabilities" absent from bundles
+    # written before the graph computed them); None: format 1, no vote in the graph
+    outputs: dict[str, str] | None = None
 
 
 @dataclass
@@ -240,8 +247,15 @@ def _load_pack(folder: Path, entry: Any, index: int, heads: np.ndarray, info: di
         if entry["labels"] != list(pack.labels):
             raise BundleError(f"{key}.labels {entry['labels']!r} differ from the pack's {list(pack.labels)}", path, f"{key}.labels")
         outputs = entry["outputs"]
-        if not (isinstance(outputs, dict) and all(isinstance(outputs.get(role), str) and outputs[role] for role in SCORE_ROLES)):
-            raise BundleError(f"{key}.outputs must name the graph output of each of {list(SCORE_ROLES)}", path, f"{key}.outputs")
+        roles = [role for role in SCORE_ROLES if role in REQUIRED_SCORE_ROLES or (isinstance(outputs, dict) and role in outputs)]
+        if not (isinstance(outputs, dict) and all(isinstance(outputs.get(role), str) and outputs[role] for role in roles)):
+            raise BundleError(f"{key}.outputs must name the graph output of each of {list(REQUIRED_SCORE_ROLES)} (and of "
+                              "'probabilities' when present)", path, f"{key}.outputs")
+        outputs = {role: outputs[role] for role in roles}  # roles of a newer writer are ignored
+        calibrated = pack.scoring_model is not None
+        if PACK_CALIBRATED in entry and entry[PACK_CALIBRATED] is not calibrated:
+            raise BundleError(f"{key}.{PACK_CALIBRATED} is {entry[PACK_CALIBRATED]!r}, but pack {entry['name']!r} "
+                              f"{'carries' if calibrated else 'carries no'} scoring model", path, f"{key}.{PACK_CALIBRATED}")
     return BundlePack(pack, str(entry["name"]), positions.astype(np.int64), outputs)
 
 

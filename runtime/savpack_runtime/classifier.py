@@ -9,9 +9,11 @@
                                         abstain_below=0.8)          # label None where the top probability is lower
 
 One forward serves every pack of the bundle: the graph returns the union of their heads and (bundle format 2) each
-pack's vote, computed inside the graph. The numpy vote (savpack_runtime.vote) is the reference the in-graph vote is
-tested against; the classifier uses it only for format-1 bundles, whose graphs return head vectors alone. Every
-pack's decision (label, probabilities, abstention) is savpack_runtime.scoring's, as in the builder.
+pack's vote and probabilities, computed inside the graph. The numpy vote and scoring (savpack_runtime.vote, .scoring)
+are the reference the in-graph scores are tested against; the classifier computes with them only what a bundle's
+graph does not (format 1: everything from the head vectors; format-2 bundles written before the probabilities moved
+into the graph: the probabilities). Every pack's decision (label, probabilities, abstention) goes through
+savpack_runtime.scoring.decide, as in the builder.
 """
 
 from __future__ import annotations
@@ -132,16 +134,18 @@ class Classifier:
 
     @staticmethod
     def _decide(entry: BundlePack, outputs: dict[str, np.ndarray], abstain_below: float | None) -> Decision:
-        """A pack's decision over the batch from the graph's outputs: its cosines and vote when the graph computes
-        them (bundle format 2), else the reference numpy vote on the graph's head vectors (format 1)."""
+        """A pack's decision over the batch from the graph's outputs: its cosines, vote and probabilities where the
+        graph computes them (bundle format 2; bundles written before the probabilities moved into the graph leave
+        those to numpy), else the reference numpy vote on the graph's head vectors (format 1)."""
         vectors = outputs[graph_inputs.OUTPUT_NAME][:, entry.positions]  # (B, k, D)
         if entry.outputs is None:
             return pack_decision(entry.pack, vectors, abstain_below=abstain_below)
         cosines, votes = outputs[entry.outputs["cosines"]], outputs[entry.outputs["votes"]]
         graph_votes = Votes(outputs[entry.outputs["prediction"]], votes, votes / entry.pack.k,
                             cosines.sum(axis=1, dtype=np.float64), cosines.argmax(axis=-1))
+        probabilities = outputs[entry.outputs["probabilities"]] if "probabilities" in entry.outputs else None
         return pack_decision(entry.pack, vectors, abstain_below=abstain_below, similarities=cosines,
-                             graph_votes=graph_votes)
+                             graph_votes=graph_votes, graph_probabilities=probabilities)
 
     def head_vectors(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
         """(N, k, head_dim) for the graph's heads (bundle.json graph.heads), in the order of `items` (any form

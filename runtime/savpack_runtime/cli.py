@@ -120,7 +120,9 @@ def _info(args: argparse.Namespace) -> None:
           f"{graph['weights']} weights" + (", selected heads only" if graph["selected_heads_only"] else ""))
     print(f"prompt  {bundle.prompt['template']!r} with {bundle.prompt['image_count']} image(s)")
     for entry in summary["packs"]:
-        voted = f", votes in the graph ({entry['outputs']['votes']})" if entry["outputs"] else ", votes in numpy (format 1)"
+        outputs = entry["outputs"]
+        voted = ", votes in numpy (format 1)" if not outputs else f", votes in the graph ({outputs['votes']})" + \
+            (f", probabilities too ({outputs['probabilities']})" if "probabilities" in outputs else ", probabilities in numpy")
         print(f"pack    {entry['name']}: k = {entry['k']}, labels {', '.join(entry['labels'])}{voted}")
 
 

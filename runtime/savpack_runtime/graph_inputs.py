@@ -77,9 +77,13 @@ GRAPH_INPUTS: dict[str, dict[str, dict[int, str]]] = {
 }
 OUTPUT_NAME = "head_vectors"  # (B, k, head_dim) float32
 OUTPUT_AXES = {0: "batch"}
-# The vote inside the graph (bundle format 2): per pack, in the bundle's pack order, these outputs (batch first).
-# cosines (B, k, C) float32, votes (B, C) int64, prediction (B,) int64 (savpack.export.scores).
-SCORE_ROLES = ("cosines", "votes", "prediction")
+# The classifier inside the graph (bundle format 2): per pack, in the bundle's pack order, these outputs (batch
+# first; savpack.export.scores): cosines (B, k, C) float32, votes (B, C) int64, prediction (B,) int64 the pack's label,
+# probabilities (B, C) float32 its scoring model's (a format-1 pack's: the vote shares).
+SCORE_ROLES = ("cosines", "votes", "prediction", "probabilities")
+# Format-2 bundles written before the probabilities moved into the graph name only these (and their probe packs'
+# prediction is the vote's): readers accept them and compute the probabilities in numpy.
+REQUIRED_SCORE_ROLES = ("cosines", "votes", "prediction")
 
 
 def score_outputs(pack_index: int) -> dict[str, str]:

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import InputError
-from .vote import VOTE_METHODS, Votes, cosine_to_centroids, unit, vote
+from .vote import NORM_FLOOR, VOTE_METHODS, Votes, cosine_to_centroids, vote
 
 # The probability floor before a logarithm: mean head posteriors are > 0 in exact arithmetic, not always in float.
 PROBABILITY_FLOOR = 1e-12
@@ -69,14 +69,17 @@ def head_probabilities(similarities: np.ndarray, temperature: float, sharpness: 
 
 
 def probe_features(vectors: np.ndarray) -> np.ndarray:
-    """vectors (B, k, D) -> (B, k * D): each head's vector at unit length, concatenated in vote order."""
-    units = unit(vectors)
+    """vectors (B, k, D) -> (B, k * D) float64: each head's vector at unit length (the norm floored at NORM_FLOOR, as
+    `unit` does), concatenated in vote order. In float64, as the graph computes them from the same float32 vectors:
+    rounding unit vectors to float32 would move a probe's logits by up to ~1e-6 over thousands of features."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    units = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), NORM_FLOOR)
     return units.reshape(units.shape[0], -1)
 
 
 def probe_logits(vectors: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """vectors (B, k, D), weight (C, k * D), bias (C,) -> logits (B, C)."""
-    return probe_features(vectors).astype(np.float64) @ np.asarray(weight, dtype=np.float64).T + bias
+    return probe_features(vectors) @ np.asarray(weight, dtype=np.float64).T + bias
 
 
 def probabilities(scoring: Scoring, vectors: np.ndarray, similarities: np.ndarray) -> np.ndarray:
@@ -109,19 +112,23 @@ def check_threshold(abstain_below: Any, name: str = "abstain_below") -> float | 
 
 def decide(centroids: np.ndarray, scoring: Scoring | None, vectors: np.ndarray, *, method: str = "majority",
            head_scores: np.ndarray | None = None, abstain_below: float | None = None,
-           similarities: np.ndarray | None = None, graph_votes: Votes | None = None) -> Decision:
+           similarities: np.ndarray | None = None, graph_votes: Votes | None = None,
+           graph_probabilities: np.ndarray | None = None) -> Decision:
     """A pack's decision for vectors (B, k, D) of its heads.
 
     method: the vote ("majority", "cosine", "weighted" by head score) or "probability" (the argmax of the calibrated
-    probabilities). similarities (B, k, C): the cosines when already computed (the graph's); graph_votes: the graph's
-    own vote, used when `method` is the rule the graph computes (majority). abstain_below: withhold the label of items
-    whose top probability is below it."""
+    probabilities). The graph's own scores (a bundle's, savpack.export.scores: this module's rules computed in the
+    graph) replace the numpy computation when given: similarities (B, k, C) its cosines; graph_votes its vote counts
+    with its prediction by `method`; graph_probabilities (B, C) its probabilities of the `scoring` model.
+    abstain_below: withhold the label of items whose top probability is below it."""
     if method not in DECISION_METHODS:
         raise InputError(f"vote method {method!r} is not one of {list(DECISION_METHODS)}")
     if similarities is None:
         similarities = cosine_to_centroids(vectors, centroids)
     threshold = check_threshold(abstain_below)
-    votes = graph_votes if graph_votes is not None and method == "majority" else \
+    # With a probability label the graph's `prediction` is that label, not the vote's winner; nothing reads the vote's
+    # winner then (the record shows the vote counts).
+    votes = graph_votes if graph_votes is not None else \
         vote(similarities, "majority" if method == PROBABILITY_VOTE else method, head_scores)
     if scoring is None:
         if method == PROBABILITY_VOTE:
@@ -129,19 +136,27 @@ def decide(centroids: np.ndarray, scoring: Scoring | None, vectors: np.ndarray, 
                              "calibration (format 1): use the majority vote, or rebuild the pack")
         probs, calibrated, predictions = votes.shares.astype(np.float64), False, votes.predictions
     else:
-        probs, calibrated = probabilities(scoring, vectors, similarities), True
+        probs = probabilities(scoring, vectors, similarities) if graph_probabilities is None \
+            else np.asarray(graph_probabilities, dtype=np.float64)
+        calibrated = True
         use_probabilities = scoring.classifier == "probe" or method == PROBABILITY_VOTE
-        predictions = probs.argmax(axis=1) if use_probabilities else votes.predictions
+        # The graph's prediction is the argmax of its float64 probabilities (it returns them as float32, whose
+        # argmax may differ where two agree to float32 rounding).
+        by_graph = graph_votes is not None and graph_probabilities is not None
+        predictions = votes.predictions if by_graph or not use_probabilities else probs.argmax(axis=1)
     abstained = probs.max(axis=1) < threshold if threshold is not None else np.zeros(len(predictions), dtype=bool)
     return Decision(np.asarray(predictions), votes, probs, calibrated, abstained)
 
 
 def pack_decision(pack: Any, vectors: np.ndarray, *, method: str | None = None, abstain_below: float | None = None,
-                  similarities: np.ndarray | None = None, graph_votes: Votes | None = None) -> Decision:
-    """`decide` with a Pack's centroids, scoring model, head scores and vote method (unless `method` is given)."""
-    return decide(pack.centroids, pack.scoring_model, vectors, method=method or pack.selection.get("vote", "majority"),
-                  head_scores=pack.head_scores, abstain_below=abstain_below, similarities=similarities,
-                  graph_votes=graph_votes)
+                  similarities: np.ndarray | None = None, graph_votes: Votes | None = None,
+                  graph_probabilities: np.ndarray | None = None) -> Decision:
+    """`decide` with a Pack's centroids, scoring model, head scores and vote method (unless `method` is given). The
+    graph's vote is used only for the pack's own method, the one the graph computes."""
+    own = pack.selection.get("vote", "majority")
+    return decide(pack.centroids, pack.scoring_model, vectors, method=method or own, head_scores=pack.head_scores,
+                  abstain_below=abstain_below, similarities=similarities,
+                  graph_votes=graph_votes if method in (None, own) else None, graph_probabilities=graph_probabilities)
 
 
 def scoring_summary(pack: Any) -> str:

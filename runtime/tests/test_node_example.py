@@ -12,9 +12,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from savpack_runtime import Classifier
+from savpack_runtime.result import records_agree
 
 import golden
 
@@ -42,18 +44,40 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([_node(), str(EXAMPLE / "classify.js"), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+def _write_items(tmp_path, case: str):
+    texts = [item["text"] for item in golden.items(case)] + EXTRA_TEXTS
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts), encoding="utf-8")
+    return texts, data
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_node_records_equal_the_python_runtimes(case, tmp_path):
-    items = [item["text"] for item in golden.items(case)] + EXTRA_TEXTS
-    data = tmp_path / "items.jsonl"
-    data.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in items), encoding="utf-8")
+    """Labels, votes, shares, probabilities (1e-5), calibrated and abstained: savpack-run's records, item for item."""
+    texts, data = _write_items(tmp_path, case)
     done = _run(golden.bundle_dir(case), data, "--batch-size", "3")
     assert done.returncode == 0, done.stderr
     found = [json.loads(line) for line in done.stdout.splitlines()]
-    results = Classifier.load(golden.bundle_dir(case), threads=1, batch_size=3).classify_batch(items)
+    results = Classifier.load(golden.bundle_dir(case), threads=1, batch_size=3).classify_batch(texts)
     expected = [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)]
-    assert found == expected
+    assert records_agree(found, expected)  # probabilities within 1e-5: each client rounds the graph's float32
     assert len({record["label"] for record in found}) > 1  # the comparison sees more than one class
+    assert len({json.dumps(record["probabilities"]) for record in found}) > 2  # and probabilities that differ
+
+
+def test_node_abstains_where_the_python_runtime_does(tmp_path):
+    """--abstain-below: the label withheld on the items whose top probability is below the threshold (a probe pack)."""
+    texts, data = _write_items(tmp_path, "gpt2")
+    classifier = Classifier.load(golden.bundle_dir("gpt2"), threads=1, batch_size=3)
+    threshold = float(np.median([max(result.probabilities.values()) for result in classifier.classify_batch(texts)]))
+    results = classifier.classify_batch(texts, abstain_below=threshold)
+    expected = [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)]
+    assert 0 < sum(record["abstained"] for record in expected) < len(expected)
+    done = _run(golden.bundle_dir("gpt2"), data, "--batch-size", "3", "--abstain-below", repr(threshold))
+    assert done.returncode == 0, done.stderr
+    assert records_agree([json.loads(line) for line in done.stdout.splitlines()], expected)
+    wrong = _run(golden.bundle_dir("gpt2"), data, "--abstain-below", "1.5")
+    assert wrong.returncode == 1 and "--abstain-below needs a probability from 0 to 1" in wrong.stderr
 
 
 def test_node_refuses_what_it_cannot_classify(tmp_path):
@@ -72,3 +96,12 @@ def test_node_refuses_what_it_cannot_classify(tmp_path):
     (bundle / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text().replace('"a"', '"b"', 1))
     altered = _run(bundle, data)
     assert altered.returncode == 1 and "tokenizer.json does not match its sha256" in altered.stderr
+    # A bundle exported before the probabilities moved into the graph: the Python runtime computes them, Node cannot.
+    older = tmp_path / "older"
+    shutil.copytree(golden.bundle_dir("qwen2"), older)
+    info = json.loads((older / "bundle.json").read_text())
+    for entry in info["packs"]:
+        del entry["outputs"]["probabilities"], entry["calibrated"]
+    (older / "bundle.json").write_text(json.dumps(info))
+    refused = _run(older, data)
+    assert refused.returncode == 1 and "has no probabilities in the graph" in refused.stderr and "export it again" in refused.stderr

@@ -13,6 +13,7 @@ from savpack_runtime import Classifier, Pack
 from savpack_runtime import bundle as fmt
 from savpack_runtime.cli import main as cli_main
 from savpack_runtime.errors import BundleError, BundleVersionError, GraphError, ModelMismatchError, SavpackWarning
+from savpack_runtime.result import records_agree
 from savpack_runtime.session import GraphSession, check_operator_domains, resolve_providers
 
 import golden
@@ -67,6 +68,9 @@ def test_golden_bundle_loads_with_two_packs_and_their_positions():
     (lambda f: _edit_info(f, lambda i: i["packs"][1].update(name="colour")), BundleError, "names repeat"),
     (lambda f: _edit_info(f, lambda i: i["packs"][0].update(labels=["red", "green", "blue"])), BundleError, "packs[0].labels"),
     (lambda f: _edit_info(f, lambda i: i["packs"][0]["outputs"].pop("votes")), BundleError, "packs[0].outputs"),
+    (lambda f: _edit_info(f, lambda i: i["packs"][0]["outputs"].update(probabilities=3)), BundleError, "packs[0].outputs"),
+    (lambda f: _edit_info(f, lambda i: i["packs"][1].update(calibrated=False)), BundleError,
+     "packs[1].calibrated is False, but pack 'colour-loo' carries scoring model"),
     (lambda f: _edit_info(f, lambda i: i["packs"][1].pop("outputs")), BundleError, "packs[1] must be an object"),
 ])
 def test_damaged_bundle_is_refused_with_a_named_error(bundle_copy, damage, error, words):
@@ -180,36 +184,62 @@ def test_provider_names():
         resolve_providers("tpu")
 
 
-def test_the_classifier_uses_the_votes_of_the_graph(bundle_copy, monkeypatch):
-    """A format-2 bundle is classified from the graph's own cosines and vote: the numpy vote is not called; a pack
-    whose outputs name what the graph lacks is refused at load."""
+def _classified(folder) -> list[dict]:
+    """The golden qwen2_vl items' records (both packs) with the bundle in `folder`."""
+    return [result.to_dict() for result in Classifier.load(folder).classify_batch(golden.items("qwen2_vl"))]
+
+
+def _numpy_must_not(monkeypatch, *names: str) -> None:
     from savpack_runtime import scoring
 
-    expected = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
-    monkeypatch.setattr(scoring, "vote", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
-    monkeypatch.setattr(scoring, "cosine_to_centroids", lambda *args, **kwargs: pytest.fail("numpy cosines ran"))
-    assert [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))] == expected
+    for name in names:
+        monkeypatch.setattr(scoring, name, lambda *args, _name=name, **kwargs: pytest.fail(f"numpy's {_name} ran"))
+
+
+def test_the_classifier_uses_the_scores_of_the_graph(bundle_copy, monkeypatch):
+    """A format-2 bundle is classified from the graph's own outputs (a vote pack and a probe pack): numpy's cosines,
+    vote and probabilities are not called; a pack whose outputs name what the graph lacks is refused at load."""
+    expected = _classified(bundle_copy)
+    assert {record["packs"]["colour-loo"]["calibrated"] for record in expected} == {True}
+    _numpy_must_not(monkeypatch, "cosine_to_centroids", "vote", "probabilities")
+    assert _classified(bundle_copy) == expected
     _edit_info(bundle_copy, lambda info: info["packs"][1]["outputs"].update(votes="pack7.votes"))
     with pytest.raises(GraphError, match=r"reads graph outputs \['pack7.votes'\]"):
         Classifier.load(bundle_copy)
 
 
+def test_a_bundle_without_probabilities_in_the_graph_scores_them_in_numpy(bundle_copy, monkeypatch):
+    """Format-2 bundles written before the probabilities moved into the graph still load; the runtime takes the
+    graph's vote and computes the probabilities in numpy, to the graph's within 1e-6."""
+    from savpack_runtime import scoring
+
+    expected = _classified(bundle_copy)
+
+    def without_probabilities(info):
+        for entry in info["packs"]:
+            del entry["outputs"]["probabilities"], entry["calibrated"]
+
+    _edit_info(bundle_copy, without_probabilities)
+    assert all("probabilities" not in entry.outputs for entry in fmt.Bundle.load(bundle_copy).packs)
+    computed = []
+    monkeypatch.setattr(scoring, "probabilities", lambda *args, _real=scoring.probabilities: computed.append(1) or _real(*args))
+    _numpy_must_not(monkeypatch, "vote")
+    assert records_agree(_classified(bundle_copy), expected, tolerance=1e-6)  # the graph's float32 against float64
+    assert computed  # numpy computed them
+
+
 def test_a_format_1_bundle_votes_in_numpy(bundle_copy, monkeypatch):
     """Bundles written before the vote moved into the graph keep working: the runtime votes on the head vectors."""
-    from savpack_runtime import scoring
-    from savpack_runtime.result import records_agree
-
-    expected = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
+    expected = _classified(bundle_copy)
 
     def as_format_1(info):
         info["format_version"] = 1
         for entry in info["packs"]:
-            del entry["labels"], entry["outputs"]
+            del entry["labels"], entry["outputs"], entry["calibrated"]
 
     _edit_info(bundle_copy, as_format_1)
     assert all(entry.outputs is None for entry in fmt.Bundle.load(bundle_copy).packs)
-    got = [result.by_pack for result in Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))]
-    assert all(records_agree(g[name], e[name]) for g, e in zip(got, expected) for name in e)
-    monkeypatch.setattr(scoring, "vote", lambda *args, **kwargs: pytest.fail("the numpy vote ran"))
-    with pytest.raises(pytest.fail.Exception, match="numpy vote ran"):
-        Classifier.load(bundle_copy).classify_batch(golden.items("qwen2_vl"))
+    assert records_agree(_classified(bundle_copy), expected, tolerance=1e-6)  # the graph's float32 against float64
+    _numpy_must_not(monkeypatch, "vote")
+    with pytest.raises(pytest.fail.Exception, match="numpy's vote ran"):
+        _classified(bundle_copy)

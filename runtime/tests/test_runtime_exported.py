@@ -15,11 +15,14 @@ from savpack_runtime import Classifier, graph_inputs
 from savpack_runtime.bundle import Bundle
 from savpack_runtime.result import AGREEMENT_TOLERANCE, records_agree
 from savpack_runtime.session import GraphSession
-from savpack_runtime.vote import classify_vectors, cosine_to_centroids
+from savpack_runtime.scoring import pack_decision
+from savpack_runtime.vote import cosine_to_centroids
 
 import golden
 
 CASES = golden.CASES
+# In-graph probabilities (float32) against numpy's (float64) on the graph's own cosines.
+SCORE_TOLERANCE = 1e-6
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -35,14 +38,21 @@ def test_graph_matches_builder_head_vectors_and_labels(case, batch):
     assert vectors.shape == expected.shape
     assert golden.within_tolerance(vectors, expected)
     for entry in bundle.packs:
-        reference = classify_vectors(vectors[:, entry.positions], entry.pack.centroids, entry.pack.selection.get("vote", "majority"))
+        # numpy alone (savpack_runtime.vote and .scoring) on the graph's head vectors: the builder's labels.
+        reference = pack_decision(entry.pack, vectors[:, entry.positions])
         labels = [entry.pack.labels[i] for i in reference.predictions]
         assert labels == [golden.expected(case)["packs"][entry.name]["labels"][i] for i in rows]
-        # The vote inside the graph is the numpy vote on the graph's own head vectors.
-        cosines = cosine_to_centroids(vectors[:, entry.positions], entry.pack.centroids)
-        assert np.abs(outputs[entry.outputs["cosines"]] - cosines).max() <= 1e-6
-        assert np.array_equal(outputs[entry.outputs["votes"]], reference.votes)
-        assert np.array_equal(outputs[entry.outputs["prediction"]], reference.predictions)
+        # The scores inside the graph are numpy's on the graph's own head vectors: the cosines (1e-6), then the vote,
+        # label and probabilities from those cosines. (From numpy's own cosines, which differ by float32 rounding, the
+        # probabilities of a pack fitted to temperature 0.001 would move by ~1e-5: 1e-7 / temperature.)
+        cosines = outputs[entry.outputs["cosines"]]
+        assert np.abs(cosines - cosine_to_centroids(vectors[:, entry.positions], entry.pack.centroids)).max() <= 1e-6
+        scored = pack_decision(entry.pack, vectors[:, entry.positions], similarities=cosines)
+        assert np.array_equal(outputs[entry.outputs["votes"]], scored.votes.votes)
+        assert np.array_equal(outputs[entry.outputs["prediction"]], scored.predictions)
+        assert np.array_equal(scored.predictions, reference.predictions)
+        assert np.abs(outputs[entry.outputs["probabilities"]] - scored.probabilities).max() <= SCORE_TOLERANCE
+        assert scored.calibrated == (entry.pack.scoring_model is not None)
 
 
 def test_golden_batches_mix_lengths_and_image_sizes():
@@ -89,8 +99,8 @@ def test_classifier_matches_builder(case):
         for result, record in zip(results, pack_expected["records"]):
             assert result.by_pack[name].votes == record["votes"]
             assert result.by_pack[name].shares == pytest.approx(record["shares"], abs=1e-6)
-            # The builder's probabilities (its records round to 7 decimals): the same scoring model on the graph's
-            # head vectors, which equal the PyTorch hooks' within the export tolerance.
+            # The builder's probabilities (its records round to 7 decimals): the same scoring model on PyTorch's head
+            # vectors, which the graph's equal within the export tolerance.
             assert result.by_pack[name].probabilities == pytest.approx(record["probabilities"], abs=PROBABILITY_TOLERANCE)
             assert result.by_pack[name].calibrated == record["calibrated"]
     assert [result.label for result in results] == next(iter(expected.values()))["labels"]

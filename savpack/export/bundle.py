@@ -191,7 +191,7 @@ def bundle_info(work: Path, packs: Sequence[Pack], names: Sequence[str], pack_fi
                 positions: Sequence[np.ndarray], graph: GraphModule, heads: np.ndarray, fp16: bool, exporter: str,
                 version: int = fmt.FORMAT_VERSION) -> dict[str, Any]:
     """bundle.json for the files written into `work` (their digests read from disk). Format 2 lists each pack's
-    labels and its vote's graph outputs; format 1 (a graph without the vote) neither."""
+    labels, its scores' graph outputs and whether it is calibrated; format 1 (a graph without the vote) none of them."""
     return {
         "format": fmt.FORMAT_NAME, "format_version": version,
         "model": dict(packs[0].model), "prompt": packs[0].prompt,
@@ -207,7 +207,8 @@ def bundle_info(work: Path, packs: Sequence[Pack], names: Sequence[str], pack_fi
             "weights": "float16" if fp16 else "float32", "selected_heads_only": graph.selected_heads_only,
         },
         "packs": [{"file": file, "sha256": fmt.file_sha256(work / file), "name": name, "positions": position.tolist(),
-                   **({"labels": list(pack.labels), "outputs": graph_inputs.score_outputs(index)} if version >= 2 else {})}
+                   **({"labels": list(pack.labels), "outputs": graph_inputs.score_outputs(index),
+                       fmt.PACK_CALIBRATED: pack.scoring_model is not None} if version >= 2 else {})}
                   for index, (pack, file, name, position) in enumerate(zip(packs, pack_files, names, positions))],
         "preprocessing": {"files": {name: fmt.file_sha256(work / name) for name in (SPEC_FILE, TOKENIZER_FILE)}},
         "created_by": {**producer_versions(), "exporter": exporter, **_export_versions()},

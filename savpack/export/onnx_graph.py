@@ -16,6 +16,7 @@ The contract (declared here and in savpack_runtime.graph_inputs, documented in d
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import sys
 import warnings
@@ -64,8 +65,11 @@ def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], folder: Path,
                                       output_names=list(graph.output_names), dynamic_axes={**axes, **outputs},
                                       opset_version=OPSET, dynamo=False, do_constant_folding=True)
                 else:
-                    # Positional: a scored graph's forward takes *inputs.
+                    # Positional, in the forward's signature: a scored graph's forward takes *inputs, one parameter
+                    # holding them all (torch.export matches dynamic_shapes to parameters, not to arguments).
                     shapes = tuple({axis: torch.export.Dim.AUTO for axis in axes[name]} for name in names)
+                    if _takes_varargs(graph.module):
+                        shapes = (shapes,)
                     torch.onnx.export(graph.module, args, str(path), input_names=names,
                                       output_names=list(graph.output_names), dynamic_shapes=shapes,
                                       opset_version=OPSET, dynamo=True, external_data=True, verbose=False)
@@ -74,6 +78,11 @@ def trace_to_onnx(graph: GraphModule, feed: dict[str, np.ndarray], folder: Path,
     model = onnx.load(str(path), load_external_data=False)
     _rename_dims(model, graph.kind)
     return model
+
+
+def _takes_varargs(module: torch.nn.Module) -> bool:
+    return any(parameter.kind is inspect.Parameter.VAR_POSITIONAL
+               for parameter in inspect.signature(module.forward).parameters.values())
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ from savpack_runtime.images import load_image
 from savpack_runtime.items import Example
 from savpack_runtime.pack import Pack
 from savpack_runtime.session import GraphSession
-from savpack_runtime.vote import classify_vectors, cosine_to_centroids
+from savpack_runtime.scoring import pack_decision
+from savpack_runtime.vote import cosine_to_centroids
 
 from ..errors import ExportError
 from ..extract import extract
@@ -32,7 +33,7 @@ from ..models import LoadedModel
 
 DEFAULT_TOLERANCE = 1e-4  # float32 weights: max |graph - model| per value, also relative to the value's size
 FLOAT16_TOLERANCE = 2e-2  # float16 weights round each weight to 11 significant bits
-SCORE_TOLERANCE = 1e-6  # the in-graph cosines against the numpy vote's, on the same head vectors
+SCORE_TOLERANCE = 1e-6  # the in-graph cosines and probabilities against numpy's, on the same head vectors
 
 # Word lists for the texts: common English, so every tokenizer splits them into ordinary pieces.
 _WORDS = "what is the colour shape of this picture a red blue green small large circle square photo shows here".split()
@@ -164,15 +165,19 @@ def validate_graph(session: GraphSession, loaded: LoadedModel, kind: str, plan_c
 
 
 def score_mismatches(batch: str, outputs: dict[str, np.ndarray], packs: Sequence[tuple[Pack, np.ndarray]]) -> list[Mismatch]:
-    """Each pack's in-graph vote against savpack_runtime.vote on the graph's own head vectors."""
+    """Each pack's in-graph scores against savpack_runtime's numpy rules on the graph's own head vectors: cosines
+    (SCORE_TOLERANCE), then votes, label (exactly) and probabilities (SCORE_TOLERANCE) from those cosines."""
     vectors, mismatches = outputs[graph_inputs.OUTPUT_NAME], []
     for index, (pack, positions) in enumerate(packs):
         names = graph_inputs.score_outputs(index)
-        reference = classify_vectors(vectors[:, positions], pack.centroids, pack.selection.get("vote", "majority"))
-        cosines = cosine_to_centroids(vectors[:, positions], pack.centroids)
-        checks = {"cosines": float(np.abs(outputs[names["cosines"]] - cosines).max()) <= SCORE_TOLERANCE,
-                  "votes": np.array_equal(outputs[names["votes"]], reference.votes),
-                  "prediction": np.array_equal(outputs[names["prediction"]], reference.predictions)}
+        cosines = outputs[names["cosines"]]
+        reference = pack_decision(pack, vectors[:, positions], similarities=cosines)
+        checks = {"cosines": float(np.abs(cosines - cosine_to_centroids(vectors[:, positions], pack.centroids)).max())
+                  <= SCORE_TOLERANCE,
+                  "votes": np.array_equal(outputs[names["votes"]], reference.votes.votes),
+                  "prediction": np.array_equal(outputs[names["prediction"]], reference.predictions),
+                  "probabilities": float(np.abs(outputs[names["probabilities"]] - reference.probabilities).max())
+                  <= SCORE_TOLERANCE}
         mismatches += [Mismatch(batch, None, None, float("inf"), f"pack {pack.name or index}: in-graph {role} differ from "
-                                "the numpy vote") for role, equal in checks.items() if not equal]
+                                "savpack_runtime's numpy scores") for role, equal in checks.items() if not equal]
     return mismatches

@@ -1,0 +1,42 @@
+"""tools/int8_variants.py on a golden bundle: the weight matrices it finds per layer, and each variant's graph."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import int8_variants
+from savpack_runtime import Classifier
+
+GOLDEN = Path(__file__).resolve().parent.parent / "exported" / "bundles" / "qwen2"
+
+
+def _operators(folder: Path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(folder / "graph.onnx"), load_external_data=False).graph.node)
+
+
+def test_weight_matrices_are_found_per_layer_attention_first():
+    """Layers 0-1 whole (q, k, v, o, then the MLP's gate, up, down), layer 2 (the deepest) only q, k, v."""
+    matmuls = int8_variants.weight_matmuls(onnx.load(str(GOLDEN / "bundle" / "graph.onnx"), load_external_data=False))
+    assert [(layer, attention) for _, layer, attention in matmuls] == \
+        [(layer, position < 4) for layer in (0, 1) for position in range(7)] + [(2, True)] * 3
+    assert not any(name.startswith("/scores") for name, _, _ in matmuls)
+
+
+@pytest.mark.parametrize("variant, integer_matmuls", [("default", 17), ("mlp-only", 6), ("attention-only", 11),
+                                                      ("last-layer-float", 14), ("weights-only", 0)])
+def test_each_variant_quantizes_what_it_says_and_still_classifies(variant, integer_matmuls, tmp_path):
+    int8_variants.quantize_variant(GOLDEN / "bundle", tmp_path / variant, variant)
+    operators = _operators(tmp_path / variant)
+    assert operators["MatMulInteger"] == integer_matmuls
+    assert operators["DequantizeLinear"] >= (17 if variant == "weights-only" else 0)
+    assert json.loads((tmp_path / variant / "bundle.json").read_text())["graph"]["weights"] == "int8"
+    items = [json.loads(line)["text"] for line in (GOLDEN / "items.jsonl").read_text().splitlines()]
+    found = [result.label for result in Classifier.load(tmp_path / variant, threads=1).classify_batch(items)]
+    expected = [result.label for result in Classifier.load(GOLDEN / "bundle", threads=1).classify_batch(items)]
+    assert np.mean([a == b for a, b in zip(found, expected)]) >= 0.6  # a working graph (these are random weights)
