@@ -155,7 +155,7 @@ def test_a_killed_worker_loses_and_repeats_no_row(ray_cluster, tmp_path, capsys)
     data = write_text_items(tmp_path / "items.jsonl", 3000, seed=1)
     single = tmp_path / "single.parquet"
     assert main(["classify", str(golden.bundle_dir("qwen2")), "--data", str(data), "--out", str(single), "--threads", "1"]) == 0
-    killed: list[tuple[int, int]] = []  # (pid, rows done when it was killed)
+    killed: list[tuple[psutil.Process, int]] = []  # (the worker, rows done when it was killed)
     done = 0
 
     def kill_one_worker(rows: int) -> None:
@@ -167,13 +167,14 @@ def test_a_killed_worker_loses_and_repeats_no_row(ray_cluster, tmp_path, capsys)
                    if ACTOR_NAME in " ".join(_cmdline(process))]
         assert len(workers) == 2, [_cmdline(process) for process in workers]
         os.kill(workers[0].pid, signal.SIGKILL)
-        killed.append((workers[0].pid, done))
+        killed.append((workers[0], done))
 
     out = tmp_path / "ray.parquet"
     summary = classify_to_file(golden.bundle_dir("qwen2"), [str(data)], out, RayOptions(workers=2, batch_size=8),
                                progress=Progress(every=1e9), on_rows=kill_one_worker)
-    pid, rows_at_kill = killed[0]
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    worker, rows_at_kill = killed[0]
+    # psutil.Process remembers the process's start time: a later process given the same pid is not taken for it.
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
     assert rows_at_kill < 3000  # killed mid-run, with rows still to come
     got, expected = pq.read_table(out).to_pylist(), pq.read_table(single).to_pylist()
     assert summary["rows"] == len(got) == 3000
