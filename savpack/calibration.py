@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from savpack_runtime.scoring import Scoring, probe_features, softmax
-from savpack_runtime.vote import cosine_to_centroids, vote
+from savpack_runtime.scoring import Scoring, probe_features, probe_logits, softmax
+from savpack_runtime.vote import VOTE_METHODS, cosine_to_centroids, vote
 
 from .errors import BuildError
 
@@ -215,12 +215,13 @@ def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, clas
         return ScoringFit(None, {"calibration": "none: a class has fewer than 2 examples"})
     folds = stratified_folds(label_index, fold_count(label_index), seed)
     similarities = out_of_fold_similarities(vectors, label_index, classes, folds, reselect)
-    vote_predictions = vote(similarities, vote_method if vote_method in ("majority", "cosine", "weighted") else "majority",
+    # The cross-validated vote is the pack's vote rule; "probability" has no vote of its own, so its CV uses majority.
+    vote_predictions = vote(similarities, vote_method if vote_method in VOTE_METHODS else "majority",
                             head_scores).predictions
     metrics: dict[str, Any] = {"cv_folds": int(folds.max() + 1),
                                "cv_vote_accuracy": round(float(np.mean(vote_predictions == label_index)), 6)}
     if classifier in ("probe", "auto"):
-        features = probe_features(vectors).astype(np.float64)
+        features = probe_features(vectors)  # (N, k * D) float64
         by_c = out_of_fold_logits(vectors, label_index, classes, folds, PROBE_C_GRID, seed, reselect)
         chosen = min(PROBE_C_GRID, key=lambda c: log_loss(softmax(by_c[c]), label_index))
         probe_correct = int(np.sum(by_c[chosen].argmax(axis=1) == label_index))
@@ -241,7 +242,7 @@ def recalibrate(scoring: Scoring | None, vectors: np.ndarray, similarities: np.n
     heads and their cosines (N, k, C) to the pack's centroids): the `--calibration FILE` path. scoring None (a vote
     pack whose shots were too few to fit out of fold) gets a vote scoring model fitted on the data."""
     if scoring is not None and scoring.classifier == "probe":
-        logits = probe_features(vectors).astype(np.float64) @ scoring.probe_weight.T.astype(np.float64) + scoring.probe_bias
+        logits = probe_logits(vectors, scoring.probe_weight, scoring.probe_bias)  # the runtime's own rule
         return Scoring("probe", fit_temperature(logits, label_index), 1.0, "calibration-data",
                        scoring.probe_weight, scoring.probe_bias)
     temperature, sharpness = fit_head_calibration(similarities, label_index)
