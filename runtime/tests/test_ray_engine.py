@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,12 @@ def test_a_killed_worker_loses_and_repeats_no_row(ray_cluster, tmp_path, capsys)
     summary = classify_to_file(golden.bundle_dir("qwen2"), [str(data)], out, RayOptions(workers=2, batch_size=8),
                                progress=Progress(every=1e9), on_rows=kill_one_worker)
     worker, rows_at_kill = killed[0]
-    # psutil.Process remembers the process's start time: a later process given the same pid is not taken for it.
+    # A SIGKILLed process is still "running" while the kernel tears down its memory (Ray's shared-memory maps take a
+    # moment): wait, bounded, for it to be gone or a zombie. psutil.Process also remembers the start time, so a later
+    # process given the same pid is not taken for it.
+    deadline = time.monotonic() + 30
+    while worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
     assert rows_at_kill < 3000  # killed mid-run, with rows still to come
     got, expected = pq.read_table(out).to_pylist(), pq.read_table(single).to_pylist()
