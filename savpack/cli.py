@@ -609,16 +609,20 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
 @click.option("--data", "data_paths", multiple=True, type=click.Path(exists=True),
               help="With --quantize: the packs' training data (repeat for several files); each pack's own examples are "
                    "found by the digests it keeps.")
+@click.option("--check-data", "check_paths", multiple=True, type=click.Path(exists=True),
+              help="With --quantize: held-out items (labelled or not; repeat for several files) every pack must label "
+                   "with the int8 graph as with float32, at least --min-agreement of them: the packs' own examples "
+                   "overstate agreement.")
 @click.option("--min-agreement", type=click.FloatRange(0.0, 1.0), default=None,
-              help="With --quantize: the least share of each pack's examples the int8 graph must label as float32 does "
-                   "(default 0.98).")
+              help="With --quantize: the least share of each pack's examples (and of the --check-data items) the int8 "
+                   "graph must label as float32 does (default 0.98).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="With --quantize: one int8 scale per weight column, or one per matrix.")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_heads_only: bool, exporter: str,
-                   tolerance: float | None, quantize: str | None, data_paths: tuple[str, ...], min_agreement: float | None,
-                   per_channel: bool, force: bool, as_json: bool, **params: Any) -> None:
+                   tolerance: float | None, quantize: str | None, data_paths: tuple[str, ...], check_paths: tuple[str, ...],
+                   min_agreement: float | None, per_channel: bool, force: bool, as_json: bool, **params: Any) -> None:
     """Write a bundle: the graph truncated after the packs' deepest layer, with each pack's vote inside, the packs,
     the preprocessing files.
 
@@ -632,19 +636,22 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
     from .export.bundle import export_bundle
     from .export.quantize import DEFAULT_MIN_AGREEMENT
 
-    if quantize is None and (data_paths or min_agreement is not None):
-        raise click.UsageError("--data and --min-agreement go with --quantize int8")
-    if quantize is not None and not data_paths:
-        raise click.UsageError("--quantize int8 needs --data: the examples the packs were built from, to check the int8 labels")
-    check_output_folder(out, force, marker=BUNDLE_FILE, inputs=[params["model"], *pack_paths, *data_paths])
+    if quantize is None and (data_paths or check_paths or min_agreement is not None):
+        raise click.UsageError("--data, --check-data and --min-agreement go with --quantize int8")
+    if quantize is not None and not data_paths and not check_paths:
+        raise click.UsageError("--quantize int8 needs --data (the examples the packs were built from) and/or --check-data "
+                               "(held-out items), to check the int8 labels")
+    check_output_folder(out, force, marker=BUNDLE_FILE, inputs=[params["model"], *pack_paths, *data_paths, *check_paths])
     packs = [_load_pack(path) for path in pack_paths]
     names = [pack.name or Path(path).name.removesuffix(".safetensors").removesuffix(".pack") for pack, path in zip(packs, pack_paths)]
     examples = [example for path in data_paths for example in load_examples(path)]
+    # Labels are optional in held-out items (agreement needs none); videos are refused by name (no graph takes them).
+    check_items = [item for path in check_paths for item in load_examples(path, require_labels=False, videos=False)]
     # The graph is traced and validated in float32 on the CPU, where onnxruntime will compare it.
     loaded = _load({**params, "device": "cpu", "dtype": "float32"})
     result = export_bundle(loaded, packs, out, names=names, fp16=fp16, selected_heads_only=selected_heads_only,
                            force=force, exporter=exporter, tolerance=tolerance, echo=lambda line: click.echo(line, err=True),
-                           quantize=quantize, examples=examples, per_channel=per_channel,
+                           quantize=quantize, examples=examples, per_channel=per_channel, check_items=check_items,
                            min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement)
     summary = {"bundle": str(result.folder), "files": result.sizes, "bytes": sum(result.sizes.values()),
                "heads": len(result.info["graph"]["heads"]), "packs": [entry["name"] for entry in result.info["packs"]],
@@ -662,7 +669,12 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
     if result.quantization:
         agreement = ", ".join(f"{name} {value:.1%} of {result.quantization.examples[name]}"
                               for name, value in result.quantization.agreement.items())
-        click.echo(f"int8 weights: labels equal to float32's on the packs' own examples: {agreement}")
+        if agreement:
+            click.echo(f"int8 weights: labels equal to float32's on the packs' own examples: {agreement}")
+        if result.quantization.held_out:
+            held = result.quantization.held_out
+            click.echo(f"int8 weights: labels equal to float32's on the {held['items']} --check-data items: "
+                       + ", ".join(f"{name} {value:.1%}" for name, value in held["agreement"].items()))
 
 
 @main.command()

@@ -660,11 +660,57 @@ def test_an_int8_graph_that_moves_the_labels_is_refused(loaded_model, packs, tex
 
     monkeypatch.setattr(quantize, "quantize_graph", damaging)
     loaded, train = loaded_model("qwen2"), load_examples(text_task[0])
-    with pytest.raises(ExportError, match=r"labels the packs' own examples differently .*qwen2-paper: \d+\.\d% of \d+"):
+    with pytest.raises(ExportError, match=r"labels items differently .*qwen2-paper: \d+\.\d% of its \d+ own examples"):
         export_bundle(loaded, packs("qwen2"), tmp_path / "bundle", quantize="int8", examples=train)
     assert not (tmp_path / "bundle").exists()
     accepted = export_bundle(loaded, packs("qwen2"), tmp_path / "bundle", quantize="int8", examples=train, min_agreement=0.0)
     assert min(accepted.quantization.agreement.values()) < quantize.DEFAULT_MIN_AGREEMENT
+
+
+def test_int8_export_checks_held_out_items(loaded_model, packs, text_task, tmp_path, monkeypatch):
+    """check_items (--check-data): held-out items, labelled or not, every pack labels with both graphs; their
+    agreement is recorded and must reach min_agreement too, even where the packs' own examples all agree."""
+    from onnx import numpy_helper
+
+    from savpack.export import quantize
+
+    loaded = loaded_model("qwen2")
+    train, test = (load_examples(path) for path in text_task)
+    result = export_bundle(loaded, packs("qwen2"), tmp_path / "int8", quantize="int8", examples=train, check_items=test)
+    held = result.quantization.held_out
+    assert result.info["graph"]["quantization"]["held_out"] == held and held["items"] == len(test)
+    assert set(held["agreement"]) == {"qwen2-paper", "qwen2-loo"}
+    assert all(held["accuracy"][name]["items"] == len(test) and held["accuracy"][name]["int8"] is not None for name in held["agreement"])
+    float32 = [result.by_pack["qwen2-paper"].label for result in
+               Classifier.load(export_bundle(loaded, packs("qwen2"), tmp_path / "float32").folder).classify_batch([e.text for e in test])]
+    int8 = [result.by_pack["qwen2-paper"].label for result in Classifier.load(result.folder).classify_batch([e.text for e in test])]
+    assert held["agreement"]["qwen2-paper"] == np.mean([a == b for a, b in zip(float32, int8)])
+
+    # Unlabelled items alone: agreement without accuracy, and no own-example check.
+    # (a label outside the pack's classes counts for agreement, not for accuracy).
+    unlabelled = [Example(example.text, source=example.source) for example in test] + [Example("a fog", label="hot", source="c:1")]
+    alone = export_bundle(loaded, packs("qwen2"), tmp_path / "alone", quantize="int8", check_items=unlabelled).quantization
+    assert alone.examples == {} and alone.held_out["accuracy"]["qwen2-paper"] == {"items": 0, "float32": None, "int8": None}
+    assert alone.held_out["items"] == len(test) + 1
+    with pytest.raises(ExportError, match="has 1 image"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "image", quantize="int8",
+                      check_items=[Example("a", images=(str(tmp_path / "x.png"),), source="c.jsonl:1")])
+    with pytest.raises(ExportError, match="go with quantize='int8'"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "none", check_items=test)
+
+    # A graph that moves the labels is refused by the held-out check alone (no own examples given).
+    def damaging(source, target, per_channel):  # the float32 graph with its token embeddings flattened to one row
+        import onnx
+        model = onnx.load(str(source))
+        table = next(tensor for tensor in model.graph.initializer if "embed_tokens" in tensor.name)
+        values = numpy_helper.to_array(table)
+        table.CopyFrom(numpy_helper.from_array(np.broadcast_to(values[:1], values.shape).copy(), table.name))
+        onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
+
+    monkeypatch.setattr(quantize, "quantize_graph", damaging)
+    with pytest.raises(ExportError, match=r"qwen2-paper: \d+\.\d% of the \d+ --check-data items"):
+        export_bundle(loaded, packs("qwen2"), tmp_path / "moved", quantize="int8", check_items=test)
+    assert not (tmp_path / "moved").exists()
 
 
 def test_savpack_export_quantize_command(model_dir, packs, text_task, tmp_path):
@@ -676,3 +722,8 @@ def test_savpack_export_quantize_command(model_dir, packs, text_task, tmp_path):
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)
     assert summary["weights"] == "int8" and summary["quantization"]["agreement"]["qwen2-paper"] >= 0.98
+    held = CliRunner().invoke(main, base + ["--quantize", "int8", "--check-data", str(text_task[1]), "--force"])
+    assert held.exit_code == 0, held.output
+    assert "labels equal to float32's on the" in held.output and "--check-data items: qwen2-paper" in held.output
+    info = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert info["graph"]["quantization"]["held_out"]["items"] == len(load_examples(text_task[1]))

@@ -252,7 +252,20 @@ TABLE = [
     Row("build-image-bomb", "savpack build --model {model_vl} --data {colour_bomb} --out {tmp}/out.safetensors", 1,
         "declares 9000x9000 pixels, more than the limit", seconds=30),
     Row("export-int8-without-its-check-data", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
-        "--quantize int8", 2, "--quantize int8 needs --data", seconds=30),
+        "--quantize int8", 2, "--quantize int8 needs --data (the examples the packs were built from) and/or --check-data", seconds=30),
+    Row("export-check-data-without-quantize", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
+        "--check-data {items}", 2, "--data, --check-data and --min-agreement go with --quantize int8", seconds=30),
+    Row("export-check-data-empty", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
+        "--quantize int8 --check-data {check_empty}", 1, "check-empty.jsonl: dataset holds no examples", seconds=30,
+        keep=("check_empty",)),
+    Row("export-check-data-bad-json", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
+        "--quantize int8 --check-data {check_bad_json}", 1, "check-bad.jsonl:2: line is not valid JSON", seconds=30,
+        keep=("check_bad_json",)),
+    Row("export-check-data-no-text", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
+        "--quantize int8 --check-data {check_no_text}", 1, "check-no-text.jsonl:1: item has no text", seconds=30),
+    Row("export-check-data-image-for-text-prompt", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out "
+        "{tmp}/b-gpt2 --quantize int8 --check-data {items_thin}", 1,
+        "items-thin.jsonl:1: --check-data item has 1 image(s); the packs' prompt takes no image", seconds=60),
     Row("export-without-extra", "savpack export --pack {pack} --model {model} --out {tmp}/b-no-onnx", 1,
         "savpack export needs onnx and onnxscript: pip install 'savpack[export]'", block=("onnx", "onnxscript")),
     # -- what must work ------------------------------------------------------------------------------------------
@@ -474,6 +487,12 @@ def workspace(tmp_path_factory, model_dir, loaded_model, text_task, colour_task)
     ws["items"].write_text('{"text": "the red sun"}\n')
     ws["items_thin"] = tmp / "items-thin.jsonl"
     ws["items_thin"].write_text(json.dumps({"text": "what colour?", "image": str(tmp / "thin.png")}) + "\n")
+    ws["check_empty"] = tmp / "check-empty.jsonl"
+    ws["check_empty"].write_text("")
+    ws["check_bad_json"] = tmp / "check-bad.jsonl"
+    ws["check_bad_json"].write_text('{"text": "fine"}\n{"text": broken\n')
+    ws["check_no_text"] = tmp / "check-no-text.jsonl"
+    ws["check_no_text"].write_text('{"label": "warm"}\n')
     ws["bundle_altered"] = bundle_copy("bundle-altered")
     weights = bytearray((ws["bundle_altered"] / "graph.onnx.data").read_bytes())
     weights[len(weights) // 2] ^= 0x01  # one bit, same size: only the digest notices

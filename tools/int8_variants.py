@@ -13,6 +13,18 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
   last-layer-float  the default without the deepest layer L*
   weights-only      int8 weights dequantized in the graph before a float32 MatMul (activations never quantized; no
                     speed-up expected: it separates what the weights' rounding does from what the activations' does)
+  nbits8-b32, nbits8-b64, nbits8-b128, nbits4-b32
+                    onnxruntime's MatMulNBitsQuantizer (symmetric, accuracy_level 4: activations quantized to int8 per
+                    block of the given size along the inner dimension, integer kernels). MatMulNBits is a com.microsoft
+                    operator, which the runtime refuses; the tool lifts that check to measure them
+  static-minmax, static-percentile, static-entropy
+                    onnxruntime's quantize_static (QDQ, weights per channel, activations uint8 with one scale per tensor
+                    calibrated on the packs' shots by the named method); MatMul weights only
+  per-token         int8 weights per output column, activations quantized per token (each row its own uint8 scale and
+                    offset, computed in the graph: ReduceMax/ReduceMin, QuantizeLinear, MatMulInteger; standard
+                    operators), the embedding table int8 per row: no token's outlier coarsens the others' steps
+  per-token-smooth  per-token after SmoothQuant (alpha 0.5): each MatMul input channel divided by
+                    sqrt(max |activation| / max |weight row|), calibrated on the packs' shots, the weights multiplied back
 
 Needs the float32 bundles tools/real_export.py writes (--cache, the same default). Prints a table; writes JSON to --out.
 """
@@ -20,6 +32,7 @@ Needs the float32 bundles tools/real_export.py writes (--cache, the same default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import statistics
@@ -35,7 +48,11 @@ from measure import DATA_ROOT, write_results
 from savpack.cache import cache_dir
 
 SETS = ("sst2", "trec", "subj")
-VARIANTS = ("default", "no-embedding", "per-tensor", "attention-only", "mlp-only", "last-layer-float", "weights-only")
+VARIANTS = ("default", "no-embedding", "per-tensor", "attention-only", "mlp-only", "last-layer-float", "weights-only",
+            "nbits8-b32", "nbits8-b64", "nbits8-b128", "nbits4-b32", "static-minmax", "static-percentile", "static-entropy",
+            "per-token", "per-token-smooth")
+PACK_SETS = ("sst2", "trec", "agnews", "sms_spam", "subj")  # tools/real_export.py's packs: their shots calibrate
+SMOOTH_ALPHA = 0.5  # SmoothQuant's default migration strength
 ATTENTION_MATRICES = 4  # q, k, v, o: the first weight matrices of each layer, then the MLP's
 
 
@@ -64,8 +81,9 @@ def variant_options(variant: str, matmuls: list[tuple[str, int, bool]]) -> dict[
             "exclude": [name for name, layer, attention in matmuls if keep(layer, attention)]}
 
 
-def quantize_variant(source: Path, target: Path, variant: str) -> None:
-    """A copy of the float32 bundle `source` at `target` with the variant's graph."""
+def quantize_variant(source: Path, target: Path, variant: str, calibration: list[str] = ()) -> None:
+    """A copy of the float32 bundle `source` at `target` with the variant's graph. `calibration`: texts (the packs'
+    shots) for the variants that calibrate."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -75,10 +93,20 @@ def quantize_variant(source: Path, target: Path, variant: str) -> None:
     shutil.copytree(source, target)
     with tempfile.TemporaryDirectory(prefix=".variant-", dir=target.parent) as scratch:
         quantized = Path(scratch) / "quantized.onnx"
-        if variant == "weights-only":
+        if variant in ("weights-only", "per-token", "per-token-smooth") or variant.startswith("nbits"):
             model = onnx.load(str(source / "graph.onnx"))
-            dequantize_weights(model, [name for name, _, _ in weight_matmuls(model)])
+            names = [name for name, _, _ in weight_matmuls(model)]
+            if variant == "weights-only":
+                dequantize_weights(model, names)
+            elif variant.startswith("per-token"):
+                smooth = channel_maxima(source, model, names, calibration) if variant == "per-token-smooth" else None
+                quantize_per_token(model, names, smooth)
+            else:
+                model = matmul_nbits(model, names, variant)
             onnx.save_model(model, str(quantized), save_as_external_data=True, location=quantized.name + ".data")
+        elif variant.startswith("static-"):
+            model = onnx.load(str(source / "graph.onnx"), load_external_data=False)
+            quantize_static_variant(source, quantized, model, variant.removeprefix("static-"), calibration)
         else:
             model = onnx.load(str(source / "graph.onnx"), load_external_data=False)
             options = variant_options(variant, weight_matmuls(model))
@@ -87,7 +115,179 @@ def quantize_variant(source: Path, target: Path, variant: str) -> None:
                              nodes_to_exclude=onnx_graph.scoring_nodes(model) + options["exclude"],
                              use_external_data_format=True)
         del model
-        install_graph(quantized, target)
+        with contrib_operators(variant.startswith("nbits")):
+            install_graph(quantized, target)
+
+
+@contextlib.contextmanager
+def contrib_operators(allowed: bool):
+    """Let the runtime and the export's checks accept onnxruntime's com.microsoft operators (MatMulNBits), for the
+    measurement only: savpack graphs use the standard operators, and the runtime refuses others."""
+    from savpack.export import onnx_graph
+    from savpack_runtime import session
+
+    saved = session.STANDARD_DOMAINS
+    if allowed:
+        session.STANDARD_DOMAINS = onnx_graph.STANDARD_DOMAINS = saved + ("com.microsoft",)
+    try:
+        yield
+    finally:
+        session.STANDARD_DOMAINS = onnx_graph.STANDARD_DOMAINS = saved
+
+
+def matmul_nbits(model, names: list[str], variant: str):
+    """onnxruntime's MatMulNBitsQuantizer on the named MatMuls: 'nbits{bits}-b{block}', accuracy_level 4."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    bits, block = (int(part) for part in variant.removeprefix("nbits").split("-b"))
+    chosen = set(names)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=[node.name for node in model.graph.node if node.name not in chosen])
+    quantizer.process()
+    return quantizer.model.model
+
+
+def calibration_feeds(source: Path, texts: list[str]):
+    """The graph's inputs for each text, one at a time (batch 1: no padding enters a calibration statistic)."""
+    from savpack_runtime import Classifier, graph_inputs
+
+    classifier = Classifier.load(source, threads=1, batch_size=1)
+    preprocessor, graph = classifier.preprocessor, classifier.bundle.graph
+    for text in texts:
+        encoded = preprocessor.encode([preprocessor.render(text, 0)], [[]])
+        feed = graph_inputs.plan(graph["kind"], graph["plan"], encoded)
+        yield {name: feed[name] for name in classifier.session.input_names}
+
+
+def quantize_static_variant(source: Path, target: Path, model, method: str, texts: list[str]) -> None:
+    """quantize_static, QDQ, MatMul weights per channel, activations uint8 per tensor calibrated by `method`."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Shots(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = calibration_feeds(source, texts)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    # The histogram calibrators (percentile, entropy) stack the collected arrays with np.asarray, which fails on items
+    # of different lengths: give them each tensor's values flattened and joined instead (the histogram is the same).
+    collect = HistogramCollector.collect
+    HistogramCollector.collect = lambda self, arrays: collect(self, {name: np.concatenate([a.ravel() for a in values])
+                                                                     for name, values in arrays.items()})
+    chosen = {name for name, _, _ in weight_matmuls(model)}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    quantize_static(str(source / "graph.onnx"), str(target), Shots(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=methods[method], use_external_data_format=True,
+                    nodes_to_exclude=[node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in chosen])
+    HistogramCollector.collect = collect
+
+
+def channel_maxima(source: Path, model, names: list[str], texts: list[str]) -> dict[str, np.ndarray]:
+    """max |value| per channel (last axis) of each named MatMul's input over the texts, from the float32 graph."""
+    import onnx
+    import onnxruntime
+
+    chosen = set(names)
+    inputs = sorted({node.input[0] for node in model.graph.node if node.name in chosen})
+    probe = onnx.load(str(source / "graph.onnx"), load_external_data=False)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in inputs)
+    path = source / ".calibration.onnx"  # beside the weights file it refers to
+    onnx.save_model(probe, str(path))
+    try:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        maxima: dict[str, np.ndarray] = {}
+        for feed in calibration_feeds(source, texts):
+            for name, value in zip(inputs, session.run(inputs, feed)):
+                found = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+                maxima[name] = np.maximum(maxima[name], found) if name in maxima else found
+    finally:
+        path.unlink()
+    return maxima
+
+
+def quantize_per_token(model, names: list[str], smooth: dict[str, np.ndarray] | None = None) -> None:
+    """The named MatMuls with int8 weights (a scale per output column) and their input quantized per token in the
+    graph: each row x gets lo = min(x), step = (max(x) - lo) / 255, u = QuantizeLinear((x - lo) / step) in uint8, and
+    x . W ~ step * (u . Wq) * column_scale + lo * sum of each column of the dequantized W. MatMuls that read one
+    input share its quantization. `smooth`: per-channel activation maxima for SmoothQuant (alpha SMOOTH_ALPHA). The
+    largest Gather table (the token embeddings) becomes int8 with a scale per row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    chosen = set(names)
+    groups: dict[str, list] = {}
+    for node in model.graph.node:
+        if node.name in chosen:
+            groups.setdefault(node.input[0], []).append(node)
+    added = [numpy_helper.from_array(np.array(255.0, np.float32), "q8.levels"),
+             numpy_helper.from_array(np.array(1e-30, np.float32), "q8.tiny"),
+             numpy_helper.from_array(np.array([-1], np.int64), "q8.last_axis"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "q8.one"),
+             numpy_helper.from_array(np.array(0, np.uint8), "q8.zero")]
+    replace: dict[str, list] = {}
+    for group, (source, nodes) in enumerate(groups.items()):
+        p = f"q8.{group}"
+        weights = {node.name: numpy_helper.to_array(initializers[node.input[1]]) for node in nodes}  # (K, N) each
+        first: list = []
+        x = source
+        if smooth is not None:
+            rows = np.max([np.abs(weight).max(axis=1) for weight in weights.values()], axis=0)  # (K,)
+            factor = (np.maximum(smooth[source], 1e-5) ** SMOOTH_ALPHA / np.maximum(rows, 1e-5) ** (1 - SMOOTH_ALPHA)).astype(np.float32)
+            added.append(numpy_helper.from_array((1 / factor).astype(np.float32), f"{p}.smooth"))
+            first.append(helper.make_node("Mul", [source, f"{p}.smooth"], [f"{p}.x"], name=f"{p}.smooth"))
+            x = f"{p}.x"
+            weights = {name: weight * factor[:, None] for name, weight in weights.items()}
+        first += [helper.make_node("ReduceMax", [x, "q8.last_axis"], [f"{p}.hi"], keepdims=1, name=f"{p}.hi"),
+                  helper.make_node("ReduceMin", [x, "q8.last_axis"], [f"{p}.lo"], keepdims=1, name=f"{p}.lo"),
+                  helper.make_node("Sub", [f"{p}.hi", f"{p}.lo"], [f"{p}.range"], name=f"{p}.range"),
+                  helper.make_node("Div", [f"{p}.range", "q8.levels"], [f"{p}.step0"], name=f"{p}.step0"),
+                  helper.make_node("Max", [f"{p}.step0", "q8.tiny"], [f"{p}.step"], name=f"{p}.step"),
+                  helper.make_node("Sub", [x, f"{p}.lo"], [f"{p}.shifted"], name=f"{p}.shifted"),
+                  helper.make_node("Div", [f"{p}.shifted", f"{p}.step"], [f"{p}.scaled"], name=f"{p}.scaled"),
+                  helper.make_node("QuantizeLinear", [f"{p}.scaled", "q8.one", "q8.zero"], [f"{p}.u8"], name=f"{p}.u8")]
+        for index, node in enumerate(nodes):
+            q, weight = f"{p}.{index}", weights[node.name]
+            column = np.abs(weight).max(axis=0) / 127.0
+            column[column == 0] = 1.0
+            integers = np.clip(np.round(weight / column), -127, 127).astype(np.int8)
+            sums = (integers.astype(np.float64) * column).sum(axis=0).astype(np.float32)  # (N,)
+            added += [numpy_helper.from_array(integers, f"{q}.w"), numpy_helper.from_array(column.astype(np.float32), f"{q}.scale"),
+                      numpy_helper.from_array(sums, f"{q}.sums")]
+            replace[node.name] = (first if index == 0 else []) + [
+                helper.make_node("MatMulInteger", [f"{p}.u8", f"{q}.w", "q8.zero"], [f"{q}.i32"], name=f"{q}.matmul"),
+                helper.make_node("Cast", [f"{q}.i32"], [f"{q}.f"], to=TensorProto.FLOAT, name=f"{q}.cast"),
+                helper.make_node("Mul", [f"{q}.f", f"{p}.step"], [f"{q}.rows"], name=f"{q}.rows"),
+                helper.make_node("Mul", [f"{q}.rows", f"{q}.scale"], [f"{q}.product"], name=f"{q}.product"),
+                helper.make_node("Mul", [f"{p}.lo", f"{q}.sums"], [f"{q}.offset"], name=f"{q}.offset"),
+                helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]], name=f"{q}.add")]
+    tables = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in initializers
+              and len(initializers[node.input[0]].dims) == 2]
+    if tables:
+        node = max(tables, key=lambda node: initializers[node.input[0]].dims[0])
+        table = numpy_helper.to_array(initializers[node.input[0]])
+        rows = np.abs(table).max(axis=1, keepdims=True) / 127.0
+        rows[rows == 0] = 1.0
+        added += [numpy_helper.from_array(np.clip(np.round(table / rows), -127, 127).astype(np.int8), "q8.table"),
+                  numpy_helper.from_array(rows.astype(np.float32), "q8.table_scale")]
+        replace[node.name] = [
+            helper.make_node("Gather", ["q8.table", node.input[1]], ["q8.rows"], axis=0, name="q8.rows"),
+            helper.make_node("Gather", ["q8.table_scale", node.input[1]], ["q8.row_scales"], axis=0, name="q8.row_scales"),
+            helper.make_node("Cast", ["q8.rows"], ["q8.rows_float"], to=TensorProto.FLOAT, name="q8.rows_float"),
+            helper.make_node("Mul", ["q8.rows_float", "q8.row_scales"], [node.output[0]], name="q8.embedding")]
+    graph_nodes = [new for node in model.graph.node for new in replace.get(node.name, [node])]
+    del model.graph.node[:]
+    model.graph.node.extend(graph_nodes)
+    read = {name for node in model.graph.node for name in node.input}
+    kept = [tensor for tensor in list(model.graph.initializer) + added if tensor.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def dequantize_weights(model, names: list[str]) -> None:
@@ -135,8 +335,18 @@ def paired_latency(first, second, texts: list[str]) -> float:
     return statistics.median(times[1]) / statistics.median(times[0])
 
 
+def pack_shots(source: Path, data_root: Path) -> list[str]:
+    """The texts every pack of the bundle was built from (found in its set's pool by the digests the pack keeps)."""
+    from eval_real import TASKS, make_splits
+    from savpack.pipeline import training_examples
+    from savpack_runtime import Pack
+
+    return [example.text for task in PACK_SETS for example in
+            training_examples(Pack.load(source / "packs" / f"{task}.safetensors"), make_splits(TASKS[task], data_root)["pool"])]
+
+
 def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items: int, threads: int,
-              echo: Callable[[str], None]) -> dict[str, Any]:
+              echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     from eval_real import TASKS, make_splits
     from savpack_runtime import Classifier
 
@@ -151,12 +361,14 @@ def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items
     report: dict[str, Any] = {"model": name, "items_per_set": items, "variants": {},
                               "accuracy_float32": {task: float(np.mean([a == b for a, b in zip(reference[task], truth[task])]))
                                                    for task in SETS}}
+    calibration = pack_shots(source, data_root) if any(v.startswith(("static", "per-token-smooth")) for v in variants) else []
     with tempfile.TemporaryDirectory(prefix="int8-variants-", dir=cache) as work:
-        for variant in VARIANTS:
+        for variant in variants:
             echo(f"{name}: {variant}")
             folder = Path(work) / variant
-            quantize_variant(source, folder, variant)
-            classifier = Classifier.load(folder, threads=threads, batch_size=8)
+            quantize_variant(source, folder, variant, calibration)
+            with contrib_operators(variant.startswith("nbits")):
+                classifier = Classifier.load(folder, threads=threads, batch_size=8)
             found = labels_of(classifier, splits)
             report["variants"][variant] = {
                 "weights_mb": round((folder / "graph.onnx.data").stat().st_size / 1e6, 1),
@@ -172,10 +384,10 @@ def print_table(reports: list[dict[str, Any]]) -> None:
     for report in reports:
         print(f"\n{report['model']} ({report['items_per_set']} test items per set; float32 accuracy "
               + ", ".join(f"{task} {value:.3f}" for task, value in report["accuracy_float32"].items()) + ")")
-        print(f"  {'variant':<17} {'MB':>6} {'x faster':>8} " + " ".join(f"{'agree ' + task:>11} {'acc':>6}" for task in SETS))
+        print(f"  {'variant':<18} {'MB':>6} {'x faster':>8} " + " ".join(f"{'agree ' + task:>11} {'acc':>6}" for task in SETS))
         for variant, row in report["variants"].items():
             cells = " ".join(f"{row['agreement'][task]:>11.3f} {row['accuracy'][task]:>6.3f}" for task in SETS)
-            print(f"  {variant:<17} {row['weights_mb']:>6.0f} {1 / row['latency_over_float32']:>8.2f} {cells}")
+            print(f"  {variant:<18} {row['weights_mb']:>6.0f} {1 / row['latency_over_float32']:>8.2f} {cells}")
 
 
 def main() -> None:
@@ -186,13 +398,18 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=300, help="test items per set (sst2, trec, subj)")
     parser.add_argument("--latency-items", type=int, default=30, help="items timed at batch 1 per variant")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (the machine is shared)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
+    variants = tuple(variant for variant in args.variants.split(",") if variant)
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     import onnxruntime
 
     warnings.filterwarnings("ignore", message=".*duplicate example")
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer advises pre-processing on every call
-    reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print)
+    reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print, variants)
                for name in args.models.split(",") if name]
     print_table(reports)
     result = {"reports": reports, "threads": args.threads, "sets": list(SETS), "onnxruntime": onnxruntime.__version__}

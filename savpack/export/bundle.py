@@ -31,7 +31,7 @@ from ..pipeline import check_pack_fits, producer_versions
 from ..preprocess_spec import write_preprocessing
 from . import onnx_graph, require_export_extra
 from .forward import GraphModule, build_graph_module
-from .quantize import DEFAULT_MIN_AGREEMENT, QUANTIZE_TYPES, QuantizationReport, packs_examples, quantize_bundle
+from .quantize import DEFAULT_MIN_AGREEMENT, QUANTIZE_TYPES, QuantizationReport, check_items_fit, packs_examples, quantize_bundle
 from .validate import (DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, check_tolerance, encode_examples,
                        make_examples, validate_graph)
 
@@ -82,18 +82,19 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
                   fp16: bool = False, selected_heads_only: bool = False, force: bool = False,
                   exporter: str = "torchscript", tolerance: float | None = None, echo=None, scores: bool = True,
                   quantize: str | None = None, examples: Sequence[Example] = (), per_channel: bool = True,
-                  min_agreement: float = DEFAULT_MIN_AGREEMENT) -> ExportResult:
+                  min_agreement: float = DEFAULT_MIN_AGREEMENT, check_items: Sequence[Example] = ()) -> ExportResult:
     """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`.
 
     scores: the packs' votes inside the graph (bundle format 2, the default: measured to cost nothing, docs/export.md);
     False writes a format-1 bundle whose graph returns head vectors only (the runtime then votes in numpy).
     quantize "int8": the validated float32 graph is quantized (savpack.export.quantize) and kept only if each pack
-    labels its own examples (found among `examples`) as the float32 graph does, at least `min_agreement` of them."""
+    labels its own examples (found among `examples`) as the float32 graph does, at least `min_agreement` of them, and
+    every pack labels the held-out `check_items` (labelled or not) as the float32 graph does, as many of them."""
     say = echo or (lambda message: None)
     out = Path(out)
     require_export_extra()
     names = check_export(loaded, packs, names, out, force)
-    own_examples = check_quantize(packs, names, quantize, fp16, examples)
+    own_examples = check_quantize(packs, names, quantize, fp16, examples, check_items)
     tolerance = check_tolerance(tolerance) if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
     prompt = packs[0].prompt
     heads, positions = union_heads(packs)
@@ -120,7 +121,7 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         seconds["validate"] = time.perf_counter() - started
         if quantize is not None:
             started = time.perf_counter()
-            quantization = quantize_bundle(work, names, own_examples, per_channel, min_agreement, say)
+            quantization = quantize_bundle(work, names, own_examples, per_channel, min_agreement, say, check_items)
             info = json.loads((work / fmt.BUNDLE_FILE).read_text(encoding="utf-8"))
             seconds["quantize"] = time.perf_counter() - started
         sizes = {str(path.relative_to(work)): path.stat().st_size for path in sorted(work.rglob("*")) if path.is_file()}
@@ -150,14 +151,20 @@ def check_export(loaded: LoadedModel, packs: Sequence[Pack], names: Sequence[str
 
 
 def check_quantize(packs: Sequence[Pack], names: Sequence[str], quantize: str | None, fp16: bool,
-                   examples: Sequence[Example]) -> dict[str, list[Example]]:
-    """With `quantize`: refuses what cannot be quantized and returns each pack's own examples among `examples`."""
+                   examples: Sequence[Example], check_items: Sequence[Example] = ()) -> dict[str, list[Example]]:
+    """With `quantize`: refuses what cannot be quantized and returns each pack's own examples among `examples`
+    (none given: no such check, when held-out `check_items` are)."""
     if quantize is None:
+        if check_items:
+            raise ExportError("check items go with quantize='int8': they compare the int8 graph's labels with float32's")
         return {}
     if quantize not in QUANTIZE_TYPES:
         raise ExportError(f"--quantize {quantize!r} is not one of {QUANTIZE_TYPES}")
     if fp16:
         raise ExportError("--fp16 and --quantize int8 exclude each other: int8 replaces the float32 weights")
+    check_items_fit(check_items, int(packs[0].prompt["image_count"]))
+    if not examples and check_items:
+        return {}
     return packs_examples(packs, names, examples)
 
 

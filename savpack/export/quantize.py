@@ -10,6 +10,9 @@ The int8 graph is not compared with the model value by value (int8 weights move 
 checked where it matters: the labels. Every pack classifies the examples it was built from (found in the given data
 by the digests the pack keeps) with the float32 graph and with the int8 graph, both through the runtime's Classifier;
 the share of equal labels must reach `min_agreement` (DEFAULT_MIN_AGREEMENT) or the export fails and writes nothing.
+The packs' own examples sit near their centroids, so that check is optimistic; `check_items` (held-out items, labelled
+or not: `savpack export --check-data`) are classified by every pack with both graphs too, and their agreement must
+reach `min_agreement` as well.
 """
 
 from __future__ import annotations
@@ -49,11 +52,14 @@ class QuantizationReport:
     examples: dict[str, int] = field(default_factory=dict)  # pack -> its own examples found in the data
     agreement: dict[str, float] = field(default_factory=dict)  # pack -> share of labels equal to float32's
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # pack -> {"float32": ..., "int8": ...}
+    # The held-out check (check_items), or None: {"items": n, "agreement": {pack: share}, "accuracy": {pack:
+    # {"items": labelled items of the pack's classes, "float32": ..., "int8": ...}}}
+    held_out: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "onnxruntime dynamic", "weights": "int8", "per_channel": self.per_channel,
                 "op_types": list(OP_TYPES), "min_agreement": self.min_agreement, "examples": self.examples,
-                "agreement": self.agreement, "accuracy": self.accuracy}
+                "agreement": self.agreement, "accuracy": self.accuracy, "held_out": self.held_out}
 
 
 def packs_examples(packs: Sequence[Pack], names: Sequence[str], examples: Sequence[Example]) -> dict[str, list[Example]]:
@@ -66,33 +72,60 @@ def packs_examples(packs: Sequence[Pack], names: Sequence[str], examples: Sequen
     return found
 
 
+def check_items_fit(items: Sequence[Example], image_count: int) -> None:
+    """Refuse held-out check items the bundle's prompt cannot take (before anything is exported)."""
+    for item in items:
+        if bool(item.images) != bool(image_count):
+            takes = f"{image_count} image(s)" if image_count else "no image"
+            raise ExportError(f"{item.source}: --check-data item has {len(item.images)} image(s); the packs' prompt takes {takes}")
+        if not item.text and not item.images:
+            raise ExportError(f"{item.source}: --check-data item has neither text nor images")
+
+
 def quantize_bundle(folder: Path, names: Sequence[str], examples: dict[str, list[Example]], per_channel: bool = True,
-                    min_agreement: float = DEFAULT_MIN_AGREEMENT, echo=lambda message: None) -> QuantizationReport:
+                    min_agreement: float = DEFAULT_MIN_AGREEMENT, echo=lambda message: None,
+                    check_items: Sequence[Example] = ()) -> QuantizationReport:
     """Replace the float32 graph of the bundle being written in `folder` by its int8 version, or raise ExportError
-    (listing the agreement of every pack) when the labels move too much."""
+    (listing the agreement of every pack) when the labels move too much.
+
+    examples: each pack's own examples (an empty dict: no such check); check_items: held-out items every pack
+    classifies (labelled or not)."""
     if not 0.0 <= min_agreement <= 1.0:
         raise ExportError(f"--min-agreement {min_agreement} must be between 0 and 1")
     report = QuantizationReport(per_channel, min_agreement)
-    reference = _labels(folder, names, examples)
+    reference, reference_held = _labels(folder, names, examples, check_items)
     graph = folder / fmt.GRAPH_FILE
     echo(f"quantizing the graph's weights to int8 ({'per channel' if per_channel else 'per tensor'})")
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=folder.parent) as scratch:
         quantized = Path(scratch) / "quantized.onnx"
         quantize_graph(graph, quantized, per_channel)
         install_graph(quantized, folder)
-    found = _labels(folder, names, examples)
-    for name in names:
-        items = examples[name]
+    found, found_held = _labels(folder, names, examples, check_items)
+    for name, items in examples.items():
         truth = [example.label for example in items]
         report.examples[name] = len(items)
-        report.agreement[name] = float(np.mean([a == b for a, b in zip(reference[name], found[name])]))
-        report.accuracy[name] = {"float32": float(np.mean([a == b for a, b in zip(reference[name], truth)])),
-                                 "int8": float(np.mean([a == b for a, b in zip(found[name], truth)]))}
-    low = {name: value for name, value in report.agreement.items() if value < min_agreement}
+        report.agreement[name] = _share(reference[name], found[name])
+        report.accuracy[name] = {"float32": _share(reference[name], truth), "int8": _share(found[name], truth)}
+    if check_items:
+        report.held_out = {"items": len(check_items), "agreement": {}, "accuracy": {}}
+        labels = {entry.name: set(entry.pack.labels) for entry in fmt.Bundle.load(folder, check_weights=False).packs}
+        for name in names:
+            report.held_out["agreement"][name] = _share(reference_held[name], found_held[name])
+            # Accuracy only over the items labelled with one of the pack's classes (a file may serve several packs).
+            labelled = [index for index, item in enumerate(check_items) if item.label in labels[name]]
+            truth = [check_items[index].label for index in labelled]
+            report.held_out["accuracy"][name] = {
+                "items": len(labelled),
+                "float32": _share([reference_held[name][index] for index in labelled], truth) if labelled else None,
+                "int8": _share([found_held[name][index] for index in labelled], truth) if labelled else None}
+    low = [f"{name}: {value:.1%} of its {report.examples[name]} own examples" for name, value in report.agreement.items()
+           if value < min_agreement]
+    if report.held_out:
+        low += [f"{name}: {value:.1%} of the {len(check_items)} --check-data items"
+                for name, value in report.held_out["agreement"].items() if value < min_agreement]
     if low:
-        listed = ", ".join(f"{name}: {value:.1%} of {report.examples[name]}" for name, value in low.items())
-        raise ExportError(f"the int8 graph labels the packs' own examples differently from the float32 graph ({listed}; "
-                          f"required {min_agreement:.0%}); export in float32, or accept it with --min-agreement")
+        raise ExportError(f"the int8 graph labels items differently from the float32 graph ({'; '.join(low)}; required "
+                          f"{min_agreement:.0%}); export in float32, or accept it with --min-agreement")
     _update_info(folder, quantization=report.to_dict())
     return report
 
@@ -143,11 +176,19 @@ def _update_info(folder: Path, **graph_fields: Any) -> None:
     path.write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _labels(folder: Path, names: Sequence[str], examples: dict[str, list[Example]]) -> dict[str, list[str]]:
-    """Each pack's labels of its examples, through the runtime's Classifier on the bundle as it now is."""
+def _share(found: Sequence[Any], expected: Sequence[Any]) -> float:
+    return float(np.mean([a == b for a, b in zip(found, expected)]))
+
+
+def _labels(folder: Path, names: Sequence[str], examples: dict[str, list[Example]],
+            check_items: Sequence[Example]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each pack's labels of its own examples, and every pack's labels of the check items, through the runtime's
+    Classifier on the bundle as it now is."""
     classifier = Classifier.load(folder)
-    labels = {}
-    for name in names:
-        results = classifier.classify_batch([{"text": example.text, "images": list(example.images)} for example in examples[name]])
-        labels[name] = [result.by_pack[name].label for result in results]
-    return labels
+
+    def classify(items: Sequence[Example]):
+        return classifier.classify_batch([{"text": item.text, "images": list(item.images)} for item in items])
+
+    own = {name: [result.by_pack[name].label for result in classify(items)] for name, items in examples.items()}
+    results = classify(check_items) if check_items else []
+    return own, {name: [result.by_pack[name].label for result in results] for name in names}
