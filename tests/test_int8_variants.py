@@ -40,3 +40,25 @@ def test_each_variant_quantizes_what_it_says_and_still_classifies(variant, integ
     found = [result.label for result in Classifier.load(tmp_path / variant, threads=1).classify_batch(items)]
     expected = [result.label for result in Classifier.load(GOLDEN / "bundle", threads=1).classify_batch(items)]
     assert np.mean([a == b for a, b in zip(found, expected)]) >= 0.6  # a working graph (these are random weights)
+
+
+@pytest.mark.parametrize("variant, operator, count", [("per-token", "MatMulInteger", 17), ("per-token-smooth", "MatMulInteger", 17),
+                                                      ("nbits8-b32", "MatMulNBits", 17), ("static-minmax", "QuantizeLinear", 17),
+                                                      ("static-percentile", "QuantizeLinear", 17)])
+def test_the_measured_alternatives_quantize_every_weight_matrix_and_classify(variant, operator, count, tmp_path):
+    """The variants measured against the default: each weight MatMul replaced (the scores never), labels kept on the
+    golden items, head vectors near float32's. per-token: one activation quantization per distinct input (q, k, v
+    share theirs)."""
+    items = [json.loads(line)["text"] for line in (GOLDEN / "items.jsonl").read_text().splitlines()]
+    int8_variants.quantize_variant(GOLDEN / "bundle", tmp_path / variant, variant, items)
+    operators = _operators(tmp_path / variant)
+    # Left as MatMul: attention's two per layer and the scores' (QDQ keeps the weight MatMuls, fed by DequantizeLinear).
+    assert operators[operator] >= count and operators["MatMul"] == (24 if variant.startswith("static") else 7)
+    if variant.startswith("per-token"):
+        assert operators["QuantizeLinear"] == 9 and operators["DequantizeLinear"] == 0
+    with int8_variants.contrib_operators(variant.startswith("nbits")):
+        classifier = Classifier.load(tmp_path / variant, threads=1)
+    reference = Classifier.load(GOLDEN / "bundle", threads=1)
+    expected, found = reference.head_vectors(items), classifier.head_vectors(items)
+    assert np.abs(found - expected).max() < 0.05 * np.abs(expected).max()
+    assert np.mean([a.label == b.label for a, b in zip(classifier.classify_batch(items), reference.classify_batch(items))]) >= 0.6
