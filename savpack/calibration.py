@@ -7,10 +7,10 @@ parameters are what savpack_runtime.scoring applies:
 
 - vote packs: temperature and sharpness of the head posteriors, minimising the log loss of the out-of-fold
   probabilities (`fit_head_calibration`).
-- probe packs: a multinomial logistic regression (scikit-learn) over the heads' unit vectors, its regularisation C
-  chosen by the out-of-fold log loss, then a temperature on the out-of-fold logits (`train_probes`,
-  `fit_temperature`). It is fitted in the row space of the examples' features and along increasing C, warm-started:
-  the same optimum, about 5-20x faster when the features (k x head_dim) outnumber the examples.
+- probe packs: a linear discriminant over the heads' unit vectors (class means, a pooled within-class covariance
+  shrunk towards its diagonal), its shrinkage chosen by the out-of-fold log loss, then a temperature on the
+  out-of-fold logits (`train_probes`, `fit_temperature`). It is solved through one eigendecomposition of the
+  standardised within-class deviations' Gram matrix, which gives every shrinkage at once in O(N^2 F).
 - `classifier="auto"` compares the out-of-fold accuracy of the vote and the probe and keeps the probe only when it
   is clearly better (AUTO_MARGIN).
 
@@ -32,7 +32,15 @@ from .errors import BuildError
 FOLDS = 5
 CLASSIFIER_CHOICES = ("vote", "probe", "auto")
 DEFAULT_CLASSIFIER = "auto"
-PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)  # inverse L2 strength of the probe, chosen by out-of-fold log loss
+# Shrinkage of the probe's covariance towards its diagonal (0: the pooled covariance, 1: features independent), chosen
+# by the out-of-fold log loss. With 40-1000 examples and 640-5120 features the chosen value spans 0.05-0.98.
+PROBE_SHRINKAGE_GRID = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98)
+# A feature's within-class deviation is floored at this share of the features' mean deviation (a feature constant
+# within every class would otherwise get an unbounded weight).
+DEVIATION_FLOOR_SHARE = 1e-3
+# Bias of a class without examples in a probe's training data (a fold): never chosen.
+ABSENT_CLASS_BIAS = -1e4
+EIGEN_FLOOR = 1e-10
 # auto keeps the probe when its out-of-fold accuracy beats the vote's by at least this many examples and this share:
 # on 2-5 class sets the two are often within a few examples of each other, and the vote is the method's own rule.
 AUTO_MARGIN_EXAMPLES = 2
@@ -122,72 +130,83 @@ def fit_temperature(logits: np.ndarray, label_index: np.ndarray) -> float:
     return float(fine[int(np.argmin([log_loss(softmax(logits / t), label_index) for t in fine]))])
 
 
-def _logistic_regression(seed: int) -> Any:
-    try:
-        from sklearn.linear_model import LogisticRegression
-    except ImportError:
-        raise BuildError("the probe classifier needs scikit-learn: pip install scikit-learn") from None
-    return LogisticRegression(max_iter=2000, tol=1e-5, random_state=seed, warm_start=True)
+def principal_directions(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rows (N, F) -> (squared singular values (r,), right singular vectors (r, F)) of its non-null directions.
+
+    From the eigendecomposition of the smaller Gram matrix (N x N or F x F) rather than an SVD: LAPACK's divide and
+    conquer SVD fails to converge on some of these matrices (seen on all-MiniLM-L6-v2 trec_fine shots), eigh does not.
+    Directions whose squared singular value is below EIGEN_FLOOR of the largest are dropped (their vectors, from the
+    N x N Gram, would be mostly rounding)."""
+    if rows.shape[0] < rows.shape[1]:
+        values, vectors = np.linalg.eigh(rows @ rows.T)  # (N,), (N, N)
+        kept = values > max(float(values[-1]), 0.0) * EIGEN_FLOOR
+        values = values[kept]
+        directions = (rows.T @ vectors[:, kept] / np.sqrt(values)).T  # (r, F)
+    else:
+        values, vectors = np.linalg.eigh(rows.T @ rows)  # (F,), (F, F): every direction, the null ones with value 0
+        values, directions = np.maximum(values, 0.0), vectors.T
+    return values, directions
 
 
-def row_space(features: np.ndarray) -> np.ndarray | None:
-    """An orthonormal basis (F, r) of the span of the rows of features (N, F) when N < F, else None.
+def train_probes(features: np.ndarray, label_index: np.ndarray, classes: int,
+                 shrinkages: Sequence[float]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """Linear discriminants on features (N, F), one per shrinkage a: {a: (weight (C, F), bias (C,)) float64}.
 
-    The L2-penalised logistic regression's weights lie in that span (any part orthogonal to every example changes no
-    logit and only adds to the penalty), so fitting on the coordinates features @ basis (N, r) and mapping the
-    weights back (w @ basis.T) reaches the same optimum with r <= N numbers per class instead of F: with k = 20 heads
-    of Gemma-3-270M, F = 5120 against 40 to 1000 examples."""
-    if features.shape[0] >= features.shape[1]:
-        return None
-    _, singular, directions = np.linalg.svd(features, full_matrices=False)
-    rank = int(np.sum(singular > singular[0] * 1e-10)) if singular.size and singular[0] > 0 else 0
-    return directions[: max(rank, 1)].T
+    With class means mu_c, class shares pi_c, the pooled within-class covariance S = (1/N) sum_i (x_i - mu_y(i))
+    (x_i - mu_y(i))^T and its shrunk form S_a = (1 - a) S + a diag(S) (the diagonal floored, DEVIATION_FLOOR_SHARE):
+    weight_c = S_a^-1 mu_c, bias_c = -mu_c^T S_a^-1 mu_c / 2 + log pi_c (the Gaussian class posterior's logits).
 
-
-def train_probes(features: np.ndarray, label_index: np.ndarray, classes: int, regularisations: Sequence[float],
-                 seed: int = 0) -> dict[float, tuple[np.ndarray, np.ndarray]]:
-    """Multinomial logistic regressions on features (N, F), one per C in `regularisations`:
-    {C: (weight (C, F) float64, bias (C,) float64)}.
-
-    Fitted in the row space of the features (row_space: the same optimum) and along increasing C, each fit started
-    from the previous one's solution (the same optimum, reached in fewer iterations). Two classes: scikit-learn fits
-    one logit; the pack holds both (-w/2, +w/2), which give the same softmax."""
-    basis = row_space(features)
-    coordinates = features if basis is None else features @ basis  # (N, F) or (N, r)
-    model = _logistic_regression(seed)
+    Solved in the smaller dimension (N x N when the features outnumber the examples: 5120 features for 20
+    Gemma-3-270M heads): with D = diag(S), the standardised deviations Z = (X - M) D^-1/2 = U s V^T give D^-1/2 S_a D^-1/2 = V diag((1 - a) s^2 / N + a) V^T + a (I - V V^T),
+    whose inverse is read off the same SVD for every a."""
+    counts = np.bincount(label_index, minlength=classes)
+    present = counts > 0
+    means = np.zeros((classes, features.shape[1]))
+    for label in np.flatnonzero(present):
+        means[label] = features[label_index == label].mean(axis=0)
+    deviations = features - means[label_index]  # (N, F)
+    scale = np.sqrt(np.mean(deviations ** 2, axis=0))  # (F,) within-class standard deviation
+    floor = DEVIATION_FLOOR_SHARE * float(np.mean(scale))
+    scale = np.maximum(scale, floor if floor > 0 else 1.0)
+    variances, directions = principal_directions(deviations / scale)
+    variances = variances / len(features)  # (r,) eigenvalues of the standardised covariance
+    standard_means = means / scale  # (C, F)
+    along = standard_means @ directions.T  # (C, r)
+    across = standard_means - along @ directions  # (C, F): the means' part outside the deviations' span
+    log_share = np.log(np.maximum(counts, 1) / len(features))
     probes = {}
-    for regularisation in sorted(regularisations):
-        model.set_params(C=regularisation).fit(coordinates, label_index)
-        weight, bias = np.asarray(model.coef_, dtype=np.float64), np.asarray(model.intercept_, dtype=np.float64)
-        if basis is not None:
-            weight = weight @ basis.T
-        if weight.shape[0] == 1:  # binary
-            weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
-        full_weight, full_bias = np.zeros((classes, features.shape[1])), np.full(classes, -1e4)
-        full_weight[model.classes_], full_bias[model.classes_] = weight, bias  # a class absent from training: never chosen
-        probes[regularisation] = (full_weight, full_bias)
+    for shrinkage in shrinkages:
+        solved = (along / ((1 - shrinkage) * variances + shrinkage)) @ directions + across / shrinkage  # (C, F)
+        bias = np.where(present, -0.5 * np.sum(solved * standard_means, axis=1) + log_share, ABSENT_CLASS_BIAS)
+        probes[shrinkage] = (np.where(present[:, None], solved / scale, 0.0), bias)
     return probes
 
 
-def train_probe(features: np.ndarray, label_index: np.ndarray, classes: int, regularisation: float,
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One probe (train_probes with a single C): weight (C, F), bias (C,)."""
-    return train_probes(features, label_index, classes, [regularisation], seed)[regularisation]
+def train_probe(features: np.ndarray, label_index: np.ndarray, classes: int,
+                shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """One probe (train_probes with a single shrinkage): weight (C, F), bias (C,)."""
+    return train_probes(features, label_index, classes, [shrinkage])[shrinkage]
 
 
 def out_of_fold_logits(vectors: np.ndarray, label_index: np.ndarray, classes: int, folds: np.ndarray,
-                       regularisations: Sequence[float], seed: int = 0,
-                       reselect: Reselect | None = None) -> dict[float, np.ndarray]:
-    """{C: (N, C) probe logits of each example from a probe trained without its fold} over vectors (N, k, D) (and,
-    with `reselect`, at heads selected without the fold)."""
-    logits = {regularisation: np.empty((len(vectors), classes)) for regularisation in regularisations}
+                       shrinkages: Sequence[float], reselect: Reselect | None = None) -> dict[float, np.ndarray]:
+    """{shrinkage: (N, C) probe logits of each example from a probe trained without its fold} over vectors (N, k, D)
+    (and, with `reselect`, at heads selected without the fold)."""
+    logits = {shrinkage: np.empty((len(vectors), classes)) for shrinkage in shrinkages}
     for fold in np.unique(folds):
         held_out = folds == fold
         features = probe_features(_fold_vectors(vectors, reselect, held_out))
-        probes = train_probes(features[~held_out], label_index[~held_out], classes, regularisations, seed)
-        for regularisation, (weight, bias) in probes.items():
-            logits[regularisation][held_out] = features[held_out] @ weight.T + bias
+        probes = train_probes(features[~held_out], label_index[~held_out], classes, shrinkages)
+        for shrinkage, (weight, bias) in probes.items():
+            logits[shrinkage][held_out] = features[held_out] @ weight.T + bias
     return logits
+
+
+def calibrated_log_loss(logits: np.ndarray, label_index: np.ndarray) -> tuple[float, float]:
+    """(log loss, temperature) of held-out logits (N, C) at their best temperature: a discriminant's raw logits are
+    over-confident by an amount that depends on its shrinkage, so shrinkages are compared after temperature."""
+    temperature = fit_temperature(logits, label_index)
+    return log_loss(softmax(logits / temperature), label_index), temperature
 
 
 @dataclass
@@ -222,15 +241,16 @@ def fit_scoring(vectors: np.ndarray, label_index: np.ndarray, classes: int, clas
                                "cv_vote_accuracy": round(float(np.mean(vote_predictions == label_index)), 6)}
     if classifier in ("probe", "auto"):
         features = probe_features(vectors)  # (N, k * D) float64
-        by_c = out_of_fold_logits(vectors, label_index, classes, folds, PROBE_C_GRID, seed, reselect)
-        chosen = min(PROBE_C_GRID, key=lambda c: log_loss(softmax(by_c[c]), label_index))
-        probe_correct = int(np.sum(by_c[chosen].argmax(axis=1) == label_index))
-        metrics.update(cv_probe_accuracy=round(probe_correct / len(label_index), 6), probe_c=chosen)
+        by_shrinkage = out_of_fold_logits(vectors, label_index, classes, folds, PROBE_SHRINKAGE_GRID, reselect)
+        fitted = {shrinkage: calibrated_log_loss(logits, label_index) for shrinkage, logits in by_shrinkage.items()}
+        chosen = min(PROBE_SHRINKAGE_GRID, key=lambda shrinkage: fitted[shrinkage][0])
+        probe_correct = int(np.sum(by_shrinkage[chosen].argmax(axis=1) == label_index))
+        metrics.update(cv_probe_accuracy=round(probe_correct / len(label_index), 6), probe_shrinkage=chosen)
         vote_correct = int(np.sum(vote_predictions == label_index))
         margin = max(AUTO_MARGIN_EXAMPLES, AUTO_MARGIN_SHARE * len(label_index))
         if classifier == "probe" or probe_correct - vote_correct >= margin:
-            temperature = fit_temperature(by_c[chosen], label_index)
-            weight, bias = train_probe(features, label_index, classes, chosen, seed)
+            weight, bias = train_probe(features, label_index, classes, chosen)
+            temperature = fitted[chosen][1]
             return ScoringFit(Scoring("probe", temperature, 1.0, "cross-validation", weight.astype(np.float32),
                                       bias.astype(np.float32)), metrics)
     temperature, sharpness = fit_head_calibration(similarities, label_index)
@@ -251,4 +271,4 @@ def recalibrate(scoring: Scoring | None, vectors: np.ndarray, similarities: np.n
 
 __all__ = ["CLASSIFIER_CHOICES", "DEFAULT_CLASSIFIER", "FOLDS", "ScoringFit", "fit_head_calibration", "fit_scoring",
            "fit_temperature", "out_of_fold_logits", "out_of_fold_similarities", "recalibrate",
-           "row_space", "stratified_folds", "train_probe", "train_probes"]
+           "stratified_folds", "train_probe", "train_probes"]

@@ -66,8 +66,8 @@ def test_out_of_fold_scores_do_not_move_when_the_scored_item_changes():
     assert np.allclose(before[same_fold & (np.arange(len(labels)) != 0)], after[same_fold & (np.arange(len(labels)) != 0)])
     # Items of other folds did see item 0 in their training folds: their scores move (the test can fail).
     assert not np.allclose(before[~same_fold], after[~same_fold])
-    logits_before = calibration.out_of_fold_logits(vectors, labels, 3, folds, [1.0])[1.0]
-    logits_after = calibration.out_of_fold_logits(changed, labels, 3, folds, [1.0])[1.0]
+    logits_before = calibration.out_of_fold_logits(vectors, labels, 3, folds, [0.5])[0.5]
+    logits_after = calibration.out_of_fold_logits(changed, labels, 3, folds, [0.5])[0.5]
     others = same_fold & (np.arange(len(labels)) != 0)
     assert np.allclose(logits_before[others], logits_after[others])
     assert not np.allclose(logits_before[~same_fold], logits_after[~same_fold])
@@ -77,27 +77,44 @@ def test_out_of_fold_logits_equal_a_loop_of_probes_trained_without_the_fold():
     vectors, labels = _vectors()
     features = probe_features(vectors)
     folds = calibration.stratified_folds(labels, 4)
-    got = calibration.out_of_fold_logits(vectors, labels, 3, folds, [1.0, 10.0])
+    got = calibration.out_of_fold_logits(vectors, labels, 3, folds, [0.2, 0.8])
     for fold in range(4):
-        probes = calibration.train_probes(features[folds != fold], labels[folds != fold], 3, [1.0, 10.0])
-        for regularisation, (weight, bias) in probes.items():
+        probes = calibration.train_probes(features[folds != fold], labels[folds != fold], 3, [0.2, 0.8])
+        for shrinkage, (weight, bias) in probes.items():
             expected = features[folds == fold] @ weight.T + bias
-            assert np.allclose(got[regularisation][folds == fold], expected, atol=1e-12)
+            assert np.allclose(got[shrinkage][folds == fold], expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("per_class", [4, 40])  # fewer examples than features (fitted in their row space), and more
-def test_the_probe_is_scikit_learns_logistic_regression_on_the_features(per_class):
-    """Fitting in the row space of the features and along increasing C reaches scikit-learn's own optimum."""
-    from sklearn.linear_model import LogisticRegression
-
+@pytest.mark.parametrize("per_class", [4, 40])  # fewer examples than features (the SVD's short side), and more
+def test_the_probe_is_the_shrunk_linear_discriminant_of_its_formula(per_class):
+    """The SVD solution equals the discriminant written out: S_a = (1 - a) S + a diag(S), weight_c = S_a^-1 mu_c,
+    bias_c = -mu_c S_a^-1 mu_c / 2 + log(share of class c), solved densely."""
     vectors, labels = _vectors(per_class=per_class, k=4, head_dim=6)  # 24 features
-    features = probe_features(vectors).astype(np.float64)
-    assert (calibration.row_space(features) is None) == (len(features) >= features.shape[1])
-    probes = calibration.train_probes(features, labels, 3, [0.1, 1.0])
-    for regularisation, (weight, bias) in probes.items():
-        model = LogisticRegression(C=regularisation, max_iter=5000, tol=1e-10).fit(features, labels)
-        assert np.allclose(features @ weight.T + bias, model.decision_function(features), atol=1e-3)
-        assert np.allclose(weight, model.coef_, atol=1e-3)
+    labels = np.concatenate([labels, [0]])  # unequal class shares: the prior term counts
+    vectors = np.concatenate([vectors, vectors[:1] * 1.5])
+    features = probe_features(vectors)
+    means = np.stack([features[labels == c].mean(axis=0) for c in range(3)])
+    deviations = features - means[labels]
+    covariance = deviations.T @ deviations / len(features)
+    probes = calibration.train_probes(features, labels, 3, [0.05, 0.5, 0.98])
+    for shrinkage, (weight, bias) in probes.items():
+        shrunk = (1 - shrinkage) * covariance + shrinkage * np.diag(np.diag(covariance))
+        expected_weight = np.linalg.solve(shrunk, means.T).T
+        expected_bias = -0.5 * np.sum(expected_weight * means, axis=1) + np.log(np.bincount(labels) / len(labels))
+        assert np.allclose(weight, expected_weight, rtol=1e-8, atol=1e-8 * np.abs(expected_weight).max())
+        assert np.allclose(bias, expected_bias, rtol=1e-8, atol=1e-8 * np.abs(expected_bias).max())
+
+
+def test_the_probe_survives_features_constant_within_their_classes():
+    """Identical examples per class (no within-class spread at all) and a class missing from the data: finite weights,
+    the present classes told apart, the missing one never chosen."""
+    features = np.repeat(np.eye(3, 8), 4, axis=0)[:8]  # classes 0 and 1, four identical rows each; class 2 absent
+    labels = np.repeat([0, 1], 4)
+    weight, bias = calibration.train_probe(features, labels, 3, 0.5)
+    assert np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))
+    logits = features @ weight.T + bias
+    assert np.array_equal(logits.argmax(axis=1), labels)
+    assert np.all(weight[2] == 0) and bias[2] == calibration.ABSENT_CLASS_BIAS
 
 
 def test_head_probabilities_follow_the_formula():
@@ -129,7 +146,7 @@ def test_fit_records_cross_validated_scores_and_auto_picks_by_them():
     probe = SavClassifier(k=4, classifier="probe").fit(activations, labels)
     auto = SavClassifier(k=4, classifier="auto").fit(activations, labels)
     assert vote.scoring_.classifier == "vote" and probe.scoring_.classifier == "probe"
-    assert {"cv_vote_accuracy", "cv_probe_accuracy", "probe_c"} <= set(auto.cv_metrics_)
+    assert {"cv_vote_accuracy", "cv_probe_accuracy", "probe_shrinkage"} <= set(auto.cv_metrics_)
     margin = max(calibration.AUTO_MARGIN_EXAMPLES, calibration.AUTO_MARGIN_SHARE * len(labels)) / len(labels)
     better = auto.cv_metrics_["cv_probe_accuracy"] - auto.cv_metrics_["cv_vote_accuracy"] >= margin - 1e-9
     assert auto.scoring_.classifier == ("probe" if better else "vote")
@@ -255,7 +272,7 @@ def test_out_of_fold_heads_are_selected_without_the_fold():
         reselect = model._reselection(acts, index, 3)
         vectors = acts[:, model.heads_[:, 0], model.heads_[:, 1]]
         return (calibration.out_of_fold_similarities(vectors, index, 3, folds, reselect),
-                calibration.out_of_fold_logits(vectors, index, 3, folds, [1.0], 0, reselect)[1.0])
+                calibration.out_of_fold_logits(vectors, index, 3, folds, [0.5], reselect)[0.5])
 
     changed = activations.copy()
     changed[0] = np.random.default_rng(9).normal(scale=5, size=changed[0].shape)

@@ -40,7 +40,7 @@ def test_one_seed_reports_the_packs_own_numbers():
     assert run["vote"]["calibration_data"]["ece"] == pytest.approx(expected_calibration_error(truth, recalibrated.probabilities))
     assert run["vote"]["calibration_data"]["ece"] != run["vote"]["probabilities"]["ece"]
     assert run["probe"]["chosen"] == "probe" and run["auto"]["chosen"] in ("vote", "probe")
-    assert {"cv_vote_accuracy", "cv_probe_accuracy", "probe_c"} <= set(run["auto"])
+    assert {"cv_vote_accuracy", "cv_probe_accuracy", "probe_shrinkage"} <= set(run["auto"])
 
 
 def test_summaries_are_mean_and_std_over_seeds_and_count_choices():
@@ -64,6 +64,7 @@ def test_targets_read_the_calibration_and_auto_cells():
                      "trec_fine": cell(0.2, 0.1, 0.5, 0.5, 0.60, 0.01, 0.40)}}  # not one of the five: left out
     judged = eval_scoring.targets(results)
     assert judged["mean_ece"] == pytest.approx(0.055) and not judged["mean_ece_met"]
+    assert judged["mean_ece_by_model"] == {"m": pytest.approx(0.055)}
     assert judged["ece_not_below_shares"] == ["m/trec"]
     assert judged["mean_coverage_gain_80"] == pytest.approx(0.03) and judged["coverage_gain_met"]
     assert judged["auto_more_than_one_std_below_vote"] == ["m/trec"]

@@ -7,7 +7,7 @@ the same cached activations (tools/eval_real.py: same splits, same models, same 
 classifier="vote", "probe" and "auto", and scored on the test split:
 
 - accuracy of each, its fit time (head selection + the out-of-fold fitting), and what auto's cross-validation saw
-  (cv_vote_accuracy, cv_probe_accuracy, probe_c) and chose;
+  (cv_vote_accuracy, cv_probe_accuracy, probe_shrinkage) and chose;
 - for the vote pack: ECE (15 bins), Brier, log loss and accuracy at 50/80/90% coverage of its calibrated
   probabilities, beside the same metrics of the vote shares (shares = votes / k; the label is the vote for both);
 - the vote pack's probabilities recalibrated on the validation split (200 labelled examples apart from shots and
@@ -47,7 +47,7 @@ from savpack_runtime.scoring import DECISION_METHODS
 TREC_FINE = dataclasses.replace(TASKS["trec"], name="trec_fine", label_field="fine_label")
 SCORING_TASKS = {**TASKS, TREC_FINE.name: TREC_FINE}
 CLASSIFIERS = ("vote", "probe", "auto")
-DEFAULT_MODELS = ("gemma-3-270m", "minilm-cls")
+DEFAULT_MODELS = ("gemma-3-270m", "gemma-3-270m-plain", "minilm-cls")
 CALIBRATION_METRICS = ("ece", "brier", "log_loss")
 COVERAGE_KEYS = ("50%", "80%", "90%")
 PARTS = ("pool", "test", "validation")
@@ -188,7 +188,10 @@ def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     few_classes = [(m, n, s) for m, n, s in cells if n != TREC_FINE.name]
     outside = [f"{m}/{n}" for m, n, s in few_classes
                if s["auto"]["accuracy"][0] < s["vote"]["accuracy"][0] - s["vote"]["accuracy"][1]]
+    by_model = {model: float(np.mean([s["vote"]["probabilities"]["ece"][0] for m, _, s in calibration_cells if m == model]))
+                for model in dict.fromkeys(m for m, _, _ in calibration_cells)}
     return {"mean_ece": float(np.mean(ece)) if ece else None, "mean_ece_met": bool(ece) and float(np.mean(ece)) <= TARGET_ECE,
+            "mean_ece_by_model": by_model,
             "ece_not_below_shares": worse,
             "mean_coverage_gain_80": float(np.mean(gains)) if gains else None,
             "coverage_gain_met": bool(gains) and float(np.mean(gains)) >= TARGET_COVERAGE_GAIN,
@@ -233,12 +236,12 @@ def markdown(results: dict[str, dict[str, Any]], setfit: dict[str, Any] | None, 
             methods = result["summary"]["vote"]["vote_methods"]
             lines.append(f"| {model} | {name} | " + " | ".join(_cell(methods[m]) for m in DECISION_METHODS) + " |")
     lines += ["", "Auto's cross-validation on the shots (out-of-fold accuracy, mean over seeds):", "",
-              "| model | set | cv vote | cv probe | probe C (mean) |", "|---|---|---|---|---|"]
+              "| model | set | cv vote | cv probe | probe shrinkage (mean) |", "|---|---|---|---|---|"]
     for model, sets in results.items():
         for name, result in sets.items():
             auto = result["summary"]["auto"]
             lines.append(f"| {model} | {name} | {_cell(auto['cv_vote_accuracy'])} | {_cell(auto['cv_probe_accuracy'])} | "
-                         f"{auto['probe_c'][0]:.3g} |")
+                         f"{auto['probe_shrinkage'][0]:.3g} |")
     return "\n".join(lines)
 
 
@@ -273,7 +276,6 @@ def main() -> None:
         print(markdown(stored["results"], setfit, stored["seeds"]))
         return
     torch.set_num_threads(args.threads)
-    import sklearn.linear_model  # noqa: F401  imported before the first probe fit is timed
     with threadpool_limits(args.threads):
         results = evaluate(args)
     if args.extract_only:

@@ -25,8 +25,8 @@ HEAD_SCORES = "head_scores"  # float32 (k,): selection score of each selected he
 CLASS_COUNTS = "class_counts"  # int32 (C,): labelled examples per class
 ALL_HEAD_SCORES = "all_head_scores"  # float32 (layers, heads): the score of every head, for the head map
 REQUIRED_TENSORS = (HEADS, CENTROIDS, HEAD_SCORES, CLASS_COUNTS, ALL_HEAD_SCORES)
-# Format 2, only in packs whose scoring classifier is "probe": a multinomial logistic regression over the selected
-# heads' unit vectors, concatenated in vote order.
+# Format 2, only in packs whose scoring classifier is "probe": a linear discriminant over the selected heads' unit
+# vectors, concatenated in vote order (docs/format.md section 5).
 PROBE_WEIGHT = "probe_weight"  # float32 (C, k * head_dim)
 PROBE_BIAS = "probe_bias"  # float32 (C,)
 PROBE_TENSORS = (PROBE_WEIGHT, PROBE_BIAS)

@@ -5,7 +5,7 @@ are docs/format.md section 5:
 
 - vote packs: the label is the heads' vote (`vote.vote`, the SAVs rule); the probabilities are per-head posteriors
   softmax(cos / temperature), averaged over the k heads, then sharpened: p ∝ mean^sharpness.
-- probe packs: the label is the argmax of a multinomial logistic regression over the heads' unit vectors, its
+- probe packs: the label is the argmax of a linear discriminant (weights and bias) over the heads' unit vectors, its
   probabilities softmax(logits / temperature); the vote and shares are still reported.
 - format-1 packs carry no scoring model: their probabilities are the vote shares, and the record says
   `"calibrated": false`.
