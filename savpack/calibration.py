@@ -38,8 +38,6 @@ PROBE_SHRINKAGE_GRID = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98)
 # A feature's within-class deviation is floored at this share of the features' mean deviation (a feature constant
 # within every class would otherwise get an unbounded weight).
 DEVIATION_FLOOR_SHARE = 1e-3
-# Bias of a class without examples in a probe's training data (a fold): never chosen.
-ABSENT_CLASS_BIAS = -1e4
 EIGEN_FLOOR = 1e-10
 # auto keeps the probe when its out-of-fold accuracy beats the vote's by at least this many examples and this share:
 # on 2-5 class sets the two are often within a few examples of each other, and the vote is the method's own rule.
@@ -48,7 +46,9 @@ AUTO_MARGIN_SHARE = 0.01
 # Temperature and sharpness grids: a coarse log grid, then a finer one around the best point.
 TEMPERATURES = np.geomspace(1e-3, 2.0, 34)
 SHARPNESS = np.geomspace(0.25, 64.0, 33)
-TEMPERATURE_RANGE = (1e-4, 1e3)
+# The probe's temperature is searched relative to its logits' spread (std around each row's mean): a discriminant's
+# logits run to thousands, depending on its shrinkage and the head_dim; at T = spread they have unit spread.
+RELATIVE_TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 def stratified_folds(label_index: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -124,7 +124,8 @@ def fit_head_calibration(similarities: np.ndarray, label_index: np.ndarray) -> t
 
 def fit_temperature(logits: np.ndarray, label_index: np.ndarray) -> float:
     """The temperature T minimising the log loss of softmax(logits / T) over held-out logits (N, C)."""
-    grid = np.geomspace(*TEMPERATURE_RANGE, 71)
+    spread = float(np.std(logits - logits.mean(axis=1, keepdims=True)))
+    grid = (spread if np.isfinite(spread) and spread > 0 else 1.0) * np.geomspace(*RELATIVE_TEMPERATURE_RANGE, 71)
     losses = [log_loss(softmax(logits / t), label_index) for t in grid]
     fine = _refined(grid, int(np.argmin(losses)), 21)
     return float(fine[int(np.argmin([log_loss(softmax(logits / t), label_index) for t in fine]))])
@@ -157,13 +158,14 @@ def train_probes(features: np.ndarray, label_index: np.ndarray, classes: int,
     weight_c = S_a^-1 mu_c, bias_c = -mu_c^T S_a^-1 mu_c / 2 + log pi_c (the Gaussian class posterior's logits).
 
     Solved in the smaller dimension (N x N when the features outnumber the examples: 5120 features for 20
-    Gemma-3-270M heads): with D = diag(S), the standardised deviations Z = (X - M) D^-1/2 = U s V^T give D^-1/2 S_a D^-1/2 = V diag((1 - a) s^2 / N + a) V^T + a (I - V V^T),
-    whose inverse is read off the same SVD for every a."""
+    Gemma-3-270M heads): with D = diag(S), the standardised deviations Z = (X - M) D^-1/2 = U s V^T give
+    D^-1/2 S_a D^-1/2 = V diag((1 - a) s^2 / N + a) V^T + a (I - V V^T), whose inverse is read off the same
+    decomposition for every a. Every class needs an example (the folds are stratified: each class is in every
+    fold's training part)."""
     counts = np.bincount(label_index, minlength=classes)
-    present = counts > 0
-    means = np.zeros((classes, features.shape[1]))
-    for label in np.flatnonzero(present):
-        means[label] = features[label_index == label].mean(axis=0)
+    if counts.min() == 0:
+        raise BuildError(f"the probe needs examples of every class; class index {int(np.argmin(counts))} has none")
+    means = np.stack([features[label_index == label].mean(axis=0) for label in range(classes)])  # (C, F)
     deviations = features - means[label_index]  # (N, F)
     scale = np.sqrt(np.mean(deviations ** 2, axis=0))  # (F,) within-class standard deviation
     floor = DEVIATION_FLOOR_SHARE * float(np.mean(scale))
@@ -173,12 +175,11 @@ def train_probes(features: np.ndarray, label_index: np.ndarray, classes: int,
     standard_means = means / scale  # (C, F)
     along = standard_means @ directions.T  # (C, r)
     across = standard_means - along @ directions  # (C, F): the means' part outside the deviations' span
-    log_share = np.log(np.maximum(counts, 1) / len(features))
+    log_share = np.log(counts / len(features))
     probes = {}
     for shrinkage in shrinkages:
         solved = (along / ((1 - shrinkage) * variances + shrinkage)) @ directions + across / shrinkage  # (C, F)
-        bias = np.where(present, -0.5 * np.sum(solved * standard_means, axis=1) + log_share, ABSENT_CLASS_BIAS)
-        probes[shrinkage] = (np.where(present[:, None], solved / scale, 0.0), bias)
+        probes[shrinkage] = (solved / scale, -0.5 * np.sum(solved * standard_means, axis=1) + log_share)
     return probes
 
 

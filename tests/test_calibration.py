@@ -8,9 +8,10 @@ import pytest
 
 from savpack import calibration
 from savpack.classifier import SavClassifier
+from savpack.errors import BuildError
 from savpack.metrics import accuracy_at_coverage, calibration_report, expected_calibration_error
 from savpack_runtime import Pack
-from savpack_runtime.scoring import decide, head_probabilities, probe_features
+from savpack_runtime.scoring import decide, head_probabilities, probe_features, softmax
 from savpack_runtime.vote import unit
 
 
@@ -106,15 +107,15 @@ def test_the_probe_is_the_shrunk_linear_discriminant_of_its_formula(per_class):
 
 
 def test_the_probe_survives_features_constant_within_their_classes():
-    """Identical examples per class (no within-class spread at all) and a class missing from the data: finite weights,
-    the present classes told apart, the missing one never chosen."""
-    features = np.repeat(np.eye(3, 8), 4, axis=0)[:8]  # classes 0 and 1, four identical rows each; class 2 absent
+    """Identical examples per class (no within-class spread at all): finite weights, the classes told apart; a class
+    without examples is refused by name (the folds are stratified, so fitting never asks for it)."""
+    features = np.repeat(np.eye(2, 8), 4, axis=0)  # classes 0 and 1, four identical rows each
     labels = np.repeat([0, 1], 4)
-    weight, bias = calibration.train_probe(features, labels, 3, 0.5)
+    weight, bias = calibration.train_probe(features, labels, 2, 0.5)
     assert np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))
-    logits = features @ weight.T + bias
-    assert np.array_equal(logits.argmax(axis=1), labels)
-    assert np.all(weight[2] == 0) and bias[2] == calibration.ABSENT_CLASS_BIAS
+    assert np.array_equal((features @ weight.T + bias).argmax(axis=1), labels)
+    with pytest.raises(BuildError, match="class index 2 has none"):
+        calibration.train_probe(features, labels, 3, 0.5)
 
 
 def test_head_probabilities_follow_the_formula():
@@ -138,6 +139,16 @@ def test_calibration_fit_finds_the_temperature_that_generated_the_data():
     labels = np.array([rng.choice(3, p=p) for p in truth_p])
     temperature, sharpness = calibration.fit_head_calibration(similarities, labels)
     assert temperature / sharpness == pytest.approx(0.1, rel=0.1)  # one head: only T / sharpness is identifiable
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e5])
+def test_the_probe_temperature_is_found_at_any_scale_of_logits(scale):
+    """Labels drawn from softmax(z); the logits given are z * scale: the fitted temperature is about scale, however
+    large (a discriminant's logits run to thousands)."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3000, 4)) * 2
+    labels = np.array([rng.choice(4, p=p) for p in softmax(logits)])
+    assert calibration.fit_temperature(logits * scale, labels) == pytest.approx(scale, rel=0.1)
 
 
 def test_fit_records_cross_validated_scores_and_auto_picks_by_them():
