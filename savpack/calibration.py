@@ -35,8 +35,8 @@ DEFAULT_CLASSIFIER = "auto"
 # Shrinkage of the probe's covariance towards its diagonal (0: the pooled covariance, 1: features independent), chosen
 # by the out-of-fold log loss. With 40-1000 examples and 640-5120 features the chosen value spans 0.05-0.98.
 PROBE_SHRINKAGE_GRID = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98)
-# A feature's within-class deviation is floored at this share of the features' mean deviation (a feature constant
-# within every class would otherwise get an unbounded weight).
+# A feature's within-class deviation is floored at this share of the features' mean deviation or of their root mean
+# square, the larger (a feature constant within every class would otherwise get an unbounded weight).
 DEVIATION_FLOOR_SHARE = 1e-3
 EIGEN_FLOOR = 1e-10
 # auto keeps the probe when its out-of-fold accuracy beats the vote's by at least this many examples and this share:
@@ -168,7 +168,9 @@ def train_probes(features: np.ndarray, label_index: np.ndarray, classes: int,
     means = np.stack([features[label_index == label].mean(axis=0) for label in range(classes)])  # (C, F)
     deviations = features - means[label_index]  # (N, F)
     scale = np.sqrt(np.mean(deviations ** 2, axis=0))  # (F,) within-class standard deviation
-    floor = DEVIATION_FLOOR_SHARE * float(np.mean(scale))
+    # The floor also scales with the features themselves: when the classes' examples are (nearly) identical, the
+    # deviations are rounding noise, and a floor relative to them alone would blow the weights up to ~1e40.
+    floor = DEVIATION_FLOOR_SHARE * max(float(np.mean(scale)), float(np.sqrt(np.mean(features ** 2))))
     scale = np.maximum(scale, floor if floor > 0 else 1.0)
     variances, directions = principal_directions(deviations / scale)
     variances = variances / len(features)  # (r,) eigenvalues of the standardised covariance

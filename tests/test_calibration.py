@@ -118,6 +118,19 @@ def test_the_probe_survives_features_constant_within_their_classes():
         calibration.train_probe(features, labels, 3, 0.5)
 
 
+def test_a_probe_pack_of_identical_examples_per_class_classifies_them():
+    """Each class's examples identical (random rows repeated): the out-of-fold deviations are rounding noise, yet the
+    weights stay finite in float32, the temperature fitted out of fold suits the final probe, and the pack labels
+    its examples with confidence."""
+    rng = np.random.default_rng(0)
+    activations = np.repeat(rng.normal(size=(3, 4, 4, 16)).astype(np.float32), 4, axis=0)
+    labels = np.repeat(["a", "b", "c"], 4)
+    model = SavClassifier(k=4, classifier="probe").fit(activations, labels)
+    assert np.all(np.isfinite(model.scoring_.probe_weight)) and np.all(np.isfinite(model.scoring_.probe_bias))
+    assert np.array_equal(model.predict(activations), labels)
+    assert model.predict_proba(activations).max(axis=1).min() > 0.9
+
+
 def test_head_probabilities_follow_the_formula():
     rng = np.random.default_rng(0)
     similarities = rng.uniform(-1, 1, size=(5, 3, 4))
