@@ -643,22 +643,25 @@ def test_int8_export_is_checked_on_the_packs_own_examples(loaded_model, packs, t
         export_bundle(loaded, packs("qwen2"), tmp_path / "both", quantize="int8", examples=train, fp16=True)
 
 
-def test_an_int8_graph_that_moves_the_labels_is_refused(loaded_model, packs, text_task, tmp_path, monkeypatch):
-    """A quantized graph that labels the packs' own examples differently is refused (nothing written) unless the
-    threshold is lowered; the message gives each pack's agreement."""
+def _flatten_token_embeddings(source, target, per_channel):
+    """A stand-in for quantize_graph that damages the labels: the float32 graph with its token embeddings flattened
+    to one row."""
     import onnx
     from onnx import numpy_helper
 
+    model = onnx.load(str(source))
+    table = next(tensor for tensor in model.graph.initializer if "embed_tokens" in tensor.name)
+    values = numpy_helper.to_array(table)
+    table.CopyFrom(numpy_helper.from_array(np.broadcast_to(values[:1], values.shape).copy(), table.name))
+    onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
+
+
+def test_an_int8_graph_that_moves_the_labels_is_refused(loaded_model, packs, text_task, tmp_path, monkeypatch):
+    """A quantized graph that labels the packs' own examples differently is refused (nothing written) unless the
+    threshold is lowered; the message gives each pack's agreement."""
     from savpack.export import quantize
 
-    def damaging(source, target, per_channel):  # the float32 graph with its token embeddings flattened to one row
-        model = onnx.load(str(source))
-        table = next(tensor for tensor in model.graph.initializer if "embed_tokens" in tensor.name)
-        values = numpy_helper.to_array(table)
-        table.CopyFrom(numpy_helper.from_array(np.broadcast_to(values[:1], values.shape).copy(), table.name))
-        onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
-
-    monkeypatch.setattr(quantize, "quantize_graph", damaging)
+    monkeypatch.setattr(quantize, "quantize_graph", _flatten_token_embeddings)
     loaded, train = loaded_model("qwen2"), load_examples(text_task[0])
     with pytest.raises(ExportError, match=r"labels items differently .*qwen2-paper: \d+\.\d% of its \d+ own examples"):
         export_bundle(loaded, packs("qwen2"), tmp_path / "bundle", quantize="int8", examples=train)
@@ -670,8 +673,6 @@ def test_an_int8_graph_that_moves_the_labels_is_refused(loaded_model, packs, tex
 def test_int8_export_checks_held_out_items(loaded_model, packs, text_task, tmp_path, monkeypatch):
     """check_items (--check-data): held-out items, labelled or not, every pack labels with both graphs; their
     agreement is recorded and must reach min_agreement too, even where the packs' own examples all agree."""
-    from onnx import numpy_helper
-
     from savpack.export import quantize
 
     loaded = loaded_model("qwen2")
@@ -699,15 +700,7 @@ def test_int8_export_checks_held_out_items(loaded_model, packs, text_task, tmp_p
         export_bundle(loaded, packs("qwen2"), tmp_path / "none", check_items=test)
 
     # A graph that moves the labels is refused by the held-out check alone (no own examples given).
-    def damaging(source, target, per_channel):  # the float32 graph with its token embeddings flattened to one row
-        import onnx
-        model = onnx.load(str(source))
-        table = next(tensor for tensor in model.graph.initializer if "embed_tokens" in tensor.name)
-        values = numpy_helper.to_array(table)
-        table.CopyFrom(numpy_helper.from_array(np.broadcast_to(values[:1], values.shape).copy(), table.name))
-        onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
-
-    monkeypatch.setattr(quantize, "quantize_graph", damaging)
+    monkeypatch.setattr(quantize, "quantize_graph", _flatten_token_embeddings)
     with pytest.raises(ExportError, match=r"qwen2-paper: \d+\.\d% of the \d+ --check-data items"):
         export_bundle(loaded, packs("qwen2"), tmp_path / "moved", quantize="int8", check_items=test)
     assert not (tmp_path / "moved").exists()
