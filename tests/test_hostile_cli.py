@@ -265,7 +265,7 @@ TABLE = [
         "--quantize int8 --check-data {check_no_text}", 1, "check-no-text.jsonl:1: item has no text", seconds=30),
     Row("export-check-data-image-for-text-prompt", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out "
         "{tmp}/b-gpt2 --quantize int8 --check-data {items_thin}", 1,
-        "items-thin.jsonl:1: --check-data item has 1 image(s); the packs' prompt takes no image", seconds=60),
+        "items-thin.jsonl:1: --check-data item: this bundle's prompt is text-only; the item has 1 image(s)", seconds=60),
     Row("export-without-extra", "savpack export --pack {pack} --model {model} --out {tmp}/b-no-onnx", 1,
         "savpack export needs onnx and onnxscript: pip install 'savpack[export]'", block=("onnx", "onnxscript")),
     # -- what must work ------------------------------------------------------------------------------------------

@@ -53,6 +53,22 @@ class Item:
     images: tuple[Any, ...] = ()
 
 
+def prompt_misfit(text: str, images: Sequence[Any], image_count: int) -> str | None:
+    """Why an item (its text and images) cannot go through a bundle prompt that takes `image_count` images, or None.
+    The one rule for the runtime's items and the export's held-out items (`savpack export --check-data`)."""
+    if image_count and not images:
+        return f"this bundle's prompt takes {image_count} image(s); the item has none"
+    if not image_count and images:
+        return f"this bundle's prompt is text-only; the item has {len(images)} image(s)"
+    if not text and not images:
+        return "has neither text nor images"
+    if images and has_markers(text):
+        # The builder would place the images at the markers; this prompt rule puts them first: refuse, not differ.
+        return (f"{IMAGE_MARKER} markers placing images inside the text are a builder feature (savpack classify); "
+                "the runtime's prompt puts the images before the text")
+    return None
+
+
 class Classifier:
     """A loaded bundle ready to classify. Build with `Classifier.load(folder)`."""
 
@@ -186,16 +202,9 @@ class Classifier:
             raise InputError(f"item {index}: expected text, a dict with 'text'/'images', or a (text, images) pair; got {type(item).__name__}")
         if not isinstance(item.text, str):
             raise InputError(f"item {index}: text must be a string, got {type(item.text).__name__}")
-        if self.takes_images and not item.images:
-            raise InputError(f"item {index}: this bundle's prompt takes {self.bundle.prompt['image_count']} image(s); the item has none")
-        if not self.takes_images and item.images:
-            raise InputError(f"item {index}: this bundle's prompt is text-only; the item has {len(item.images)} image(s)")
-        if not item.text and not item.images:
-            raise InputError(f"item {index}: has neither text nor images")
-        if item.images and has_markers(item.text):
-            # The builder would place the images at the markers; this prompt rule puts them first: refuse, not differ.
-            raise InputError(f"item {index}: {IMAGE_MARKER} markers placing images inside the text are a builder feature "
-                             "(savpack classify); the runtime's prompt puts the images before the text")
+        problem = prompt_misfit(item.text, item.images, int(self.bundle.prompt["image_count"]))
+        if problem:
+            raise InputError(f"item {index}: {problem}")
         return item
 
 

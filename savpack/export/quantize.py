@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from savpack_runtime import bundle as fmt
-from savpack_runtime.classifier import Classifier
+from savpack_runtime.classifier import Classifier, prompt_misfit
 from savpack_runtime.items import Example
 from savpack_runtime.pack import Pack
 
@@ -73,13 +73,12 @@ def packs_examples(packs: Sequence[Pack], names: Sequence[str], examples: Sequen
 
 
 def check_items_fit(items: Sequence[Example], image_count: int) -> None:
-    """Refuse held-out check items the bundle's prompt cannot take (before anything is exported)."""
+    """Refuse held-out check items the bundle's prompt cannot take (before anything is exported), by the runtime's
+    own rule."""
     for item in items:
-        if bool(item.images) != bool(image_count):
-            takes = f"{image_count} image(s)" if image_count else "no image"
-            raise ExportError(f"{item.source}: --check-data item has {len(item.images)} image(s); the packs' prompt takes {takes}")
-        if not item.text and not item.images:
-            raise ExportError(f"{item.source}: --check-data item has neither text nor images")
+        problem = prompt_misfit(item.text, item.images, image_count)
+        if problem:
+            raise ExportError(f"{item.source}: --check-data item: {problem}")
 
 
 def quantize_bundle(folder: Path, names: Sequence[str], examples: dict[str, list[Example]], per_channel: bool = True,
