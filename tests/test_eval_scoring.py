@@ -87,3 +87,34 @@ def test_setfit_results_of_two_runs_share_one_file(tmp_path):
     assert eval_setfit.per_set("--max-steps", ["trec_fine=1000"]) == {"trec_fine": 1000}
     with pytest.raises(SystemExit, match="SET=N"):
         eval_setfit.per_set("--max-steps", ["nope=3"])
+
+
+def test_calibration_limits_scores_the_packs_own_calibration_and_the_shots_accuracy_gap():
+    """tools/calibration_limits.py: its 'pack' rule is the pack's own probabilities, the in-sample 'test-fit' and
+    'calibration-data' rules are fitted where they say, and the accuracy gap is the out-of-fold vote's against the test."""
+    import calibration_limits
+    from savpack.calibration import fit_head_calibration, out_of_fold_similarities, stratified_folds
+    from savpack.metrics import expected_calibration_error
+    from savpack_runtime.scoring import head_probabilities
+    from savpack_runtime.vote import cosine_to_centroids, vote
+
+    train, test, validation = _activation_set(3, 10, seed=0), _activation_set(3, 30, seed=1), _activation_set(3, 20, seed=2)
+    report = calibration_limits.seed_report(train, test, validation, seed=0)
+    pack = SavClassifier(k=eval_scoring.DEFAULT_K, classifier="vote", random_state=0).fit(train.activations, train.labels)
+    truth = np.unique(test.labels, return_inverse=True)[1]
+    decision = pack.decide(pack.head_vectors(test.activations))
+    assert report["ece"]["pack"] == pytest.approx(expected_calibration_error(truth, decision.probabilities))
+    test_similarities = cosine_to_centroids(pack.head_vectors(test.activations), pack.centroids_)
+    fitted_on_test = head_probabilities(test_similarities, *fit_head_calibration(test_similarities, truth))
+    assert report["ece"]["test-fit"] == pytest.approx(expected_calibration_error(truth, fitted_on_test))
+    validation_similarities = cosine_to_centroids(pack.head_vectors(validation.activations), pack.centroids_)
+    on_validation = head_probabilities(test_similarities, *fit_head_calibration(
+        validation_similarities, np.unique(validation.labels, return_inverse=True)[1]))
+    assert report["ece"]["calibration-data"] == pytest.approx(expected_calibration_error(truth, on_validation))
+    label_index = np.unique(train.labels, return_inverse=True)[1]
+    activations = pack._activations(train.activations, fitting=False)[0]
+    shots = out_of_fold_similarities(pack._select(activations), label_index, 3, stratified_folds(label_index, 5, 0),
+                                     pack._reselection(activations, label_index, pack.k))
+    assert report["out_of_fold_accuracy"] == pytest.approx(np.mean(vote(shots, "majority", None).predictions == label_index))
+    assert report["test_accuracy"] == pytest.approx(np.mean(decision.predictions == truth))
+    assert set(report["ece"]) == set(calibration_limits.RULES) and len(set(report["ece"].values())) > 3
