@@ -308,3 +308,19 @@ def test_out_of_fold_heads_are_selected_without_the_fold():
     correct = head_scores(activations[training].reshape(training.sum(), 12, -1), index[training], 3)
     chosen = top_heads((correct / training.sum()).reshape(3, 4), 3)
     assert np.array_equal(model._reselection(activations, index, 3)(training), activations[:, chosen[:, 0], chosen[:, 1]])
+
+
+@pytest.mark.parametrize("classifier", ["vote", "probe"])
+def test_the_summary_of_probabilities_fitted_on_the_shots_gives_their_accuracy_estimate_and_its_error(classifier):
+    from savpack_runtime.scoring import scoring_summary
+
+    activations, labels = _task(per_class=20, separation=0.5)
+    model = SavClassifier(k=4, classifier=classifier).fit(activations, labels)
+    pack = Pack.from_bytes(_pack(model).to_bytes())
+    if classifier == "probe":  # each classifier's own estimate
+        assert pack.metrics["cv_probe_accuracy"] != pack.metrics["cv_vote_accuracy"]
+    accuracy = pack.metrics["cv_probe_accuracy" if classifier == "probe" else "cv_vote_accuracy"]
+    error = np.sqrt(accuracy * (1 - accuracy) / len(labels))
+    assert f"out-of-fold accuracy {accuracy:.3f} ± {error:.3f} from {len(labels)} examples" in scoring_summary(pack)
+    model.calibrate(activations, labels)  # fitted on separate data: no such caveat
+    assert "out-of-fold" not in scoring_summary(_pack(model))

@@ -167,8 +167,23 @@ def scoring_summary(pack: Any) -> str:
     where = "cross-validation over the labelled examples" if scoring.fitted_on == "cross-validation" \
         else "separate calibration data"
     if scoring.classifier == "probe":
-        return f"probe (linear head), temperature {scoring.temperature:.4g}, fitted by {where}"
-    return f"head posteriors, temperature {scoring.temperature:.4g}, sharpness {scoring.sharpness:.4g}, fitted by {where}"
+        line = f"probe (linear head), temperature {scoring.temperature:.4g}, fitted by {where}"
+    else:
+        line = f"head posteriors, temperature {scoring.temperature:.4g}, sharpness {scoring.sharpness:.4g}, fitted by {where}"
+    return line + _shots_uncertainty(pack, scoring)
+
+
+def _shots_uncertainty(pack: Any, scoring: Scoring) -> str:
+    """How far probabilities fitted on few examples can be off: their confidence follows the accuracy the examples
+    show out of fold, an estimate with a binomial standard error (docs/validity.md, "What limits it": off by 0.05 on
+    average from 40-120 examples)."""
+    accuracy = (pack.metrics or {}).get("cv_probe_accuracy" if scoring.classifier == "probe" else "cv_vote_accuracy")
+    if scoring.fitted_on != "cross-validation" or accuracy is None:
+        return ""
+    examples = int(np.sum(pack.class_counts))
+    error = float(np.sqrt(accuracy * (1 - accuracy) / examples))
+    return (f" (out-of-fold accuracy {accuracy:.3f} ± {error:.3f} from {examples} examples: the probabilities can be "
+            f"off by as much; --calibration FILE fits them on separate labelled data)")
 
 
 __all__ = ["DECISION_METHODS", "Decision", "Scoring", "check_threshold", "decide", "head_probabilities",
