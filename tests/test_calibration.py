@@ -322,5 +322,8 @@ def test_the_summary_of_probabilities_fitted_on_the_shots_gives_their_accuracy_e
     accuracy = pack.metrics["cv_probe_accuracy" if classifier == "probe" else "cv_vote_accuracy"]
     error = np.sqrt(accuracy * (1 - accuracy) / len(labels))
     assert f"out-of-fold accuracy {accuracy:.3f} ± {error:.3f} from {len(labels)} examples" in scoring_summary(pack)
+    for hostile in ("0.9", 1.5, -0.1, None, True, float("nan")):  # metrics are free-form JSON in the file
+        assert "out-of-fold" not in scoring_summary(pack.replace(metrics={**pack.metrics, "cv_vote_accuracy": hostile,
+                                                                          "cv_probe_accuracy": hostile}))
     model.calibrate(activations, labels)  # fitted on separate data: no such caveat
     assert "out-of-fold" not in scoring_summary(_pack(model))

@@ -178,7 +178,9 @@ def _shots_uncertainty(pack: Any, scoring: Scoring) -> str:
     show out of fold, an estimate with a binomial standard error (docs/validity.md, "What limits it": off by 0.05 on
     average from 40-120 examples)."""
     accuracy = (pack.metrics or {}).get("cv_probe_accuracy" if scoring.classifier == "probe" else "cv_vote_accuracy")
-    if scoring.fitted_on != "cross-validation" or accuracy is None:
+    # metrics are free-form JSON in the file: anything but a share is not shown rather than trusted
+    if scoring.fitted_on != "cross-validation" or isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) \
+            or not 0.0 <= accuracy <= 1.0:
         return ""
     examples = int(np.sum(pack.class_counts))
     error = float(np.sqrt(accuracy * (1 - accuracy) / examples))
