@@ -18,7 +18,8 @@ scored on the test split (ECE, 15 bins; the label is the vote throughout):
   test-fit           fitted on the test items themselves: the best the formula can do on them (in sample), a floor
 
 and the quantity that bounds every rule that sees only the shots: the gap between the out-of-fold vote accuracy
-(what the fit sees) and the pack's test accuracy, per seed.
+(what the fit sees) and the pack's test accuracy, per seed, beside the part of each pack's ECE that no binning can
+remove, |mean top probability - accuracy| (ECE is at least that), and how closely the two gaps move together.
 
     python tools/calibration_limits.py --out tools/results/calibration_limits.json   # cached activations only
 
@@ -172,6 +173,14 @@ def main() -> None:
             results.setdefault(model, {})[task.name] = {"summary": cell_summary(runs), "runs": runs}
     cells = [result["summary"] for sets in results.values() for result in sets.values()]
     means = {rule: float(np.mean([cell["ece"][rule][0] for cell in cells])) for rule in RULES}
+    runs = [run for sets in results.values() for result in sets.values() for run in result["runs"]]
+    confidence_gaps = np.array([run["confidence_gap"]["pack"] for run in runs])
+    accuracy_gaps = np.array([run["out_of_fold_accuracy"] - run["test_accuracy"] for run in runs])
+    # ECE >= |mean confidence - accuracy| for every pack (the triangle inequality over the bins); how much of the ECE
+    # that part is, and how closely it follows the shots' error in estimating the pack's accuracy
+    bound = {"mean_ece_pack": means["pack"], "mean_abs_confidence_gap": float(np.mean(np.abs(confidence_gaps))),
+             "mean_abs_accuracy_gap": float(np.mean(np.abs(accuracy_gaps))),
+             "correlation": float(np.corrcoef(confidence_gaps, accuracy_gaps)[0, 1]), "packs": len(runs)}
     print("| model | set | " + " | ".join(RULES) + " | OOF acc - test acc |")
     print("|---|---|" + "---|" * (len(RULES) + 1))
     for model, sets in results.items():
@@ -180,8 +189,11 @@ def main() -> None:
             print(f"| {model} | {name} | " + " | ".join(f"{summary['ece'][rule][0]:.3f}" for rule in RULES) +
                   f" | {summary['accuracy_gap'][0]:+.3f} ± {summary['accuracy_gap'][1]:.3f} |")
     print("| **mean** | | " + " | ".join(f"**{means[rule]:.3f}**" for rule in RULES) + " | |")
+    print(f"over {bound['packs']} packs: mean ECE {bound['mean_ece_pack']:.3f}, of which |mean confidence - accuracy| "
+          f"{bound['mean_abs_confidence_gap']:.3f}; |out-of-fold accuracy - test accuracy| "
+          f"{bound['mean_abs_accuracy_gap']:.3f}; correlation of the two gaps {bound['correlation']:.2f}")
     write_results(args.out, {"machine": machine_description(), "seeds": args.seeds, "k": DEFAULT_K, "rules": list(RULES),
-                             "mean_ece": means, "results": results})
+                             "mean_ece": means, "bound": bound, "results": results})
     print(f"wrote {args.out}")
 
 
