@@ -604,7 +604,7 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
 @click.option("--tolerance", type=float, default=None, callback=lambda ctx, param, value: _tolerance(value, param),
               help="Validation tolerance, a number above 0 (default 1e-4; 2e-2 with --fp16).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Quantize the weights (onnxruntime dynamic int8), kept only if each pack labels its own examples "
+              help="Quantize to int8 (weights per channel, activations per token), kept only if each pack labels its own examples "
                    "(from --data) as the float32 graph does.")
 @click.option("--data", "data_paths", multiple=True, type=click.Path(exists=True),
               help="With --quantize: the packs' training data (repeat for several files); each pack's own examples are "

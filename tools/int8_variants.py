@@ -5,7 +5,8 @@ its float32 graph on held-out items (label agreement, accuracy) and timed agains
     python tools/int8_variants.py --out tools/results/int8_variants.json [--models gemma-3-270m,minilm] [--items 300]
 
 Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' scores always stay as exported):
-  default           what `savpack export --quantize int8` does: MatMul weights and the token-embedding table
+  default           onnxruntime's quantize_dynamic (what `savpack export --quantize int8` did before per-token): MatMul
+                    weights and the token-embedding table, one activation scale per input tensor (per batch)
   no-embedding      MatMul weights only (the embedding table stays float32)
   per-tensor        the default with one scale per matrix
   attention-only    the attention projections (q, k, v, o) only
@@ -22,7 +23,8 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
                     calibrated on the packs' shots by the named method); MatMul weights only
   per-token         int8 weights per output column, activations quantized per token (each row its own uint8 scale and
                     offset, computed in the graph: ReduceMax/ReduceMin, QuantizeLinear, MatMulInteger; standard
-                    operators), the embedding table int8 per row: no token's outlier coarsens the others' steps
+                    operators), the embedding table int8 per row: no token's outlier coarsens the others' steps.
+                    What `savpack export --quantize int8` does (savpack.export.quantize.quantize_per_token)
   per-token-smooth  per-token after SmoothQuant (alpha 0.5): each MatMul input channel divided by
                     sqrt(max |activation| / max |weight row|), calibrated on the packs' shots, the weights multiplied back
 
@@ -88,7 +90,7 @@ def quantize_variant(source: Path, target: Path, variant: str, calibration: list
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from savpack.export import onnx_graph
-    from savpack.export.quantize import install_graph
+    from savpack.export.quantize import install_graph, quantize_per_token
 
     shutil.copytree(source, target)
     with tempfile.TemporaryDirectory(prefix=".variant-", dir=target.parent) as scratch:
@@ -99,8 +101,9 @@ def quantize_variant(source: Path, target: Path, variant: str, calibration: list
             if variant == "weights-only":
                 dequantize_weights(model, names)
             elif variant.startswith("per-token"):
-                smooth = channel_maxima(source, model, names, calibration) if variant == "per-token-smooth" else None
-                quantize_per_token(model, names, smooth)
+                if variant == "per-token-smooth":
+                    smooth_inputs(model, names, channel_maxima(source, model, names, calibration))
+                quantize_per_token(model, names)
             else:
                 model = matmul_nbits(model, names, variant)
             onnx.save_model(model, str(quantized), save_as_external_data=True, location=quantized.name + ".data")
@@ -212,82 +215,32 @@ def channel_maxima(source: Path, model, names: list[str], texts: list[str]) -> d
     return maxima
 
 
-def quantize_per_token(model, names: list[str], smooth: dict[str, np.ndarray] | None = None) -> None:
-    """The named MatMuls with int8 weights (a scale per output column) and their input quantized per token in the
-    graph: each row x gets lo = min(x), step = (max(x) - lo) / 255, u = QuantizeLinear((x - lo) / step) in uint8, and
-    x . W ~ step * (u . Wq) * column_scale + lo * sum of each column of the dequantized W. MatMuls that read one
-    input share its quantization. `smooth`: per-channel activation maxima for SmoothQuant (alpha SMOOTH_ALPHA). The
-    largest Gather table (the token embeddings) becomes int8 with a scale per row."""
-    from onnx import TensorProto, helper, numpy_helper
+def smooth_inputs(model, names: list[str], maxima: dict[str, np.ndarray]) -> None:
+    """SmoothQuant (alpha SMOOTH_ALPHA) before quantize_per_token: each named MatMul's input channels divided by
+    factor = max|activation| ** alpha / max|weight row| ** (1 - alpha) (a Mul node per input), its weight rows multiplied
+    by the same factor, so the product is unchanged in float and the activations' outlier channels shrink."""
+    from onnx import helper, numpy_helper
 
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     chosen = set(names)
-    groups: dict[str, list] = {}
+    readers: dict[str, list] = {}
     for node in model.graph.node:
         if node.name in chosen:
-            groups.setdefault(node.input[0], []).append(node)
-    added = [numpy_helper.from_array(np.array(255.0, np.float32), "q8.levels"),
-             numpy_helper.from_array(np.array(1e-30, np.float32), "q8.tiny"),
-             numpy_helper.from_array(np.array([-1], np.int64), "q8.last_axis"),
-             numpy_helper.from_array(np.array(1.0, np.float32), "q8.one"),
-             numpy_helper.from_array(np.array(0, np.uint8), "q8.zero")]
-    replace: dict[str, list] = {}
-    for group, (source, nodes) in enumerate(groups.items()):
-        p = f"q8.{group}"
-        weights = {node.name: numpy_helper.to_array(initializers[node.input[1]]) for node in nodes}  # (K, N) each
-        first: list = []
-        x = source
-        if smooth is not None:
-            rows = np.max([np.abs(weight).max(axis=1) for weight in weights.values()], axis=0)  # (K,)
-            factor = (np.maximum(smooth[source], 1e-5) ** SMOOTH_ALPHA / np.maximum(rows, 1e-5) ** (1 - SMOOTH_ALPHA)).astype(np.float32)
-            added.append(numpy_helper.from_array((1 / factor).astype(np.float32), f"{p}.smooth"))
-            first.append(helper.make_node("Mul", [source, f"{p}.smooth"], [f"{p}.x"], name=f"{p}.smooth"))
-            x = f"{p}.x"
-            weights = {name: weight * factor[:, None] for name, weight in weights.items()}
-        first += [helper.make_node("ReduceMax", [x, "q8.last_axis"], [f"{p}.hi"], keepdims=1, name=f"{p}.hi"),
-                  helper.make_node("ReduceMin", [x, "q8.last_axis"], [f"{p}.lo"], keepdims=1, name=f"{p}.lo"),
-                  helper.make_node("Sub", [f"{p}.hi", f"{p}.lo"], [f"{p}.range"], name=f"{p}.range"),
-                  helper.make_node("Div", [f"{p}.range", "q8.levels"], [f"{p}.step0"], name=f"{p}.step0"),
-                  helper.make_node("Max", [f"{p}.step0", "q8.tiny"], [f"{p}.step"], name=f"{p}.step"),
-                  helper.make_node("Sub", [x, f"{p}.lo"], [f"{p}.shifted"], name=f"{p}.shifted"),
-                  helper.make_node("Div", [f"{p}.shifted", f"{p}.step"], [f"{p}.scaled"], name=f"{p}.scaled"),
-                  helper.make_node("QuantizeLinear", [f"{p}.scaled", "q8.one", "q8.zero"], [f"{p}.u8"], name=f"{p}.u8")]
-        for index, node in enumerate(nodes):
-            q, weight = f"{p}.{index}", weights[node.name]
-            column = np.abs(weight).max(axis=0) / 127.0
-            column[column == 0] = 1.0
-            integers = np.clip(np.round(weight / column), -127, 127).astype(np.int8)
-            sums = (integers.astype(np.float64) * column).sum(axis=0).astype(np.float32)  # (N,)
-            added += [numpy_helper.from_array(integers, f"{q}.w"), numpy_helper.from_array(column.astype(np.float32), f"{q}.scale"),
-                      numpy_helper.from_array(sums, f"{q}.sums")]
-            replace[node.name] = (first if index == 0 else []) + [
-                helper.make_node("MatMulInteger", [f"{p}.u8", f"{q}.w", "q8.zero"], [f"{q}.i32"], name=f"{q}.matmul"),
-                helper.make_node("Cast", [f"{q}.i32"], [f"{q}.f"], to=TensorProto.FLOAT, name=f"{q}.cast"),
-                helper.make_node("Mul", [f"{q}.f", f"{p}.step"], [f"{q}.rows"], name=f"{q}.rows"),
-                helper.make_node("Mul", [f"{q}.rows", f"{q}.scale"], [f"{q}.product"], name=f"{q}.product"),
-                helper.make_node("Mul", [f"{p}.lo", f"{q}.sums"], [f"{q}.offset"], name=f"{q}.offset"),
-                helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]], name=f"{q}.add")]
-    tables = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in initializers
-              and len(initializers[node.input[0]].dims) == 2]
-    if tables:
-        node = max(tables, key=lambda node: initializers[node.input[0]].dims[0])
-        table = numpy_helper.to_array(initializers[node.input[0]])
-        rows = np.abs(table).max(axis=1, keepdims=True) / 127.0
-        rows[rows == 0] = 1.0
-        added += [numpy_helper.from_array(np.clip(np.round(table / rows), -127, 127).astype(np.int8), "q8.table"),
-                  numpy_helper.from_array(rows.astype(np.float32), "q8.table_scale")]
-        replace[node.name] = [
-            helper.make_node("Gather", ["q8.table", node.input[1]], ["q8.rows"], axis=0, name="q8.rows"),
-            helper.make_node("Gather", ["q8.table_scale", node.input[1]], ["q8.row_scales"], axis=0, name="q8.row_scales"),
-            helper.make_node("Cast", ["q8.rows"], ["q8.rows_float"], to=TensorProto.FLOAT, name="q8.rows_float"),
-            helper.make_node("Mul", ["q8.rows_float", "q8.row_scales"], [node.output[0]], name="q8.embedding")]
-    graph_nodes = [new for node in model.graph.node for new in replace.get(node.name, [node])]
+            readers.setdefault(node.input[0], []).append(node)
+    inserted: dict[str, Any] = {}
+    for group, (source, nodes) in enumerate(readers.items()):
+        weights = [numpy_helper.to_array(initializers[node.input[1]]) for node in nodes]  # (K, N) each
+        rows = np.max([np.abs(weight).max(axis=1) for weight in weights], axis=0)  # (K,)
+        factor = (np.maximum(maxima[source], 1e-5) ** SMOOTH_ALPHA / np.maximum(rows, 1e-5) ** (1 - SMOOTH_ALPHA)).astype(np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(1 / factor, f"smooth.{group}"))
+        inserted[nodes[0].name] = helper.make_node("Mul", [source, f"smooth.{group}"], [f"smooth.{group}.x"], name=f"smooth.{group}")
+        for node, weight in zip(nodes, weights):
+            scaled = numpy_helper.from_array((weight * factor[:, None]).astype(np.float32), f"smooth.{node.name}.w")
+            model.graph.initializer.append(scaled)
+            node.input[0], node.input[1] = f"smooth.{group}.x", scaled.name
+    nodes = [new for node in model.graph.node for new in ([inserted[node.name], node] if node.name in inserted else [node])]
     del model.graph.node[:]
-    model.graph.node.extend(graph_nodes)
-    read = {name for node in model.graph.node for name in node.input}
-    kept = [tensor for tensor in list(model.graph.initializer) + added if tensor.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    model.graph.node.extend(nodes)
 
 
 def dequantize_weights(model, names: list[str]) -> None:

@@ -9,7 +9,10 @@
      (savpack.pipeline.classify) on `--items` shared sst2 test items;
   3. int8 and float16 against float32 on every set's test split (500 items; 1000 for sms_spam): label agreement and
      accuracy;
-  4. batch-1 latency of the four graphs side by side (one item through each in turn, order alternating, the
+  4. batch independence: the share of each pack's labels that differ between batch 8 and batch 1 for the same items
+     (`--batch-items` test items of every set), per graph (an int8 graph whose activations shared one range per batch
+     gave different labels to an item depending on its batch-mates);
+  5. batch-1 latency of the four graphs side by side (one item through each in turn, order alternating, the
      Classifier's whole path: preprocessing, forward, vote), median per item, at `--threads` onnxruntime threads.
 
     python tools/real_export.py --out tools/results/real_export.json           # Gemma-3-270M and all-MiniLM-L6-v2
@@ -112,6 +115,16 @@ def classify_sets(bundle: Path, splits: dict[str, dict[str, list]], threads: int
             for name, split in splits.items()}
 
 
+def batch_dependence(bundle: Path, texts: list[str], threads: int) -> dict[str, float]:
+    """Each pack's share of the items whose label at batch 8 differs from their label alone (batch 1)."""
+    from savpack_runtime import Classifier
+
+    classifier = Classifier.load(bundle, threads=threads)
+    together, alone = classifier.classify_batch(texts, batch_size=8), classifier.classify_batch(texts, batch_size=1)
+    return {name: float(np.mean([a.by_pack[name].label != b.by_pack[name].label for a, b in zip(together, alone)]))
+            for name in classifier.pack_names}
+
+
 def batch1_latency(bundles: dict[str, Path], texts: list[str], threads: int) -> dict[str, float]:
     """Median seconds per item at batch 1 for each bundle, measured in turns (order alternating) in one process."""
     from savpack_runtime import Classifier
@@ -129,7 +142,8 @@ def batch1_latency(bundles: dict[str, Path], texts: list[str], threads: int) -> 
     return {variant: statistics.median(values) for variant, values in times.items()}
 
 
-def run_model(name: str, data_root: Path, cache: Path, items: int, latency_items: int, threads: int) -> dict[str, Any]:
+def run_model(name: str, data_root: Path, cache: Path, items: int, latency_items: int, threads: int,
+              batch_items: int) -> dict[str, Any]:
     import torch
 
     from eval_real import TASKS, make_splits
@@ -176,7 +190,12 @@ def run_model(name: str, data_root: Path, cache: Path, items: int, latency_items
             row[f"accuracy_{variant}"] = float(np.mean([a == b for a, b in zip(found, truth)]))
         report["sets"][task] = row
 
-    # 4. batch-1 latency, side by side.
+    # 4. the same items at batch 8 and batch 1.
+    mixed = [example.text for split in splits.values() for example in split["test"][:batch_items]]
+    report["labels_differing_batch8_vs_batch1"] = {"items": len(mixed), **{
+        variant: batch_dependence(bundles[variant], mixed, threads) for variant in ("float32", *COMPARED)}}
+
+    # 5. batch-1 latency, side by side.
     texts = [example.text for example in splits["sst2"]["test"][:latency_items]]
     latency = batch1_latency(bundles, texts, threads)
     report["latency_batch1_s"] = latency
@@ -194,6 +213,9 @@ def print_table(reports: list[dict[str, Any]]) -> None:
         print("  packs: " + ", ".join(f"{name} {pack['classifier']}" for name, pack in report["packs"].items()))
         sizes = {variant: bundle["bytes"] / 1e6 for variant, bundle in report["bundles"].items()}
         print("  bundle MB: " + ", ".join(f"{variant} {size:.0f}" for variant, size in sizes.items()))
+        moved = report["labels_differing_batch8_vs_batch1"]
+        print(f"  labels differing between batch 8 and batch 1 ({moved['items']} items): " + "; ".join(
+            f"{variant} {max(moved[variant].values()):.1%} at most" for variant in ("float32", *COMPARED)))
         latency = report["latency_batch1_s"]
         print(f"  batch-1 latency: float32 {latency['float32'] * 1e3:.1f} ms, float16 {latency['float16'] * 1e3:.1f} ms, "
               f"int8 {latency['int8'] * 1e3:.1f} ms "
@@ -215,6 +237,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=cache_dir("real-export"), help="bundles (default %(default)s)")
     parser.add_argument("--items", type=int, default=500, help="sst2 test items for savpack-run vs the builder")
     parser.add_argument("--latency-items", type=int, default=60, help="items timed at batch 1")
+    parser.add_argument("--batch-items", type=int, default=60, help="test items per set classified at batch 8 and 1")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (the machine is shared)")
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
@@ -229,7 +252,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", message=".*duplicate example")  # the shared sets hold some; eval_real keeps them
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on every call
-    reports = [run_model(name, args.data_root, args.cache, args.items, args.latency_items, args.threads) for name in names]
+    reports = [run_model(name, args.data_root, args.cache, args.items, args.latency_items, args.threads,
+                          args.batch_items) for name in names]
     print_table(reports)
     result = {"reports": reports, "threads": args.threads,
               "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
