@@ -221,14 +221,11 @@ def smooth_inputs(model, names: list[str], maxima: dict[str, np.ndarray]) -> Non
     by the same factor, so the product is unchanged in float and the activations' outlier channels shrink."""
     from onnx import helper, numpy_helper
 
+    from savpack.export.quantize import matmuls_by_input
+
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    chosen = set(names)
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        if node.name in chosen:
-            readers.setdefault(node.input[0], []).append(node)
     inserted: dict[str, Any] = {}
-    for group, (source, nodes) in enumerate(readers.items()):
+    for group, (source, nodes) in enumerate(matmuls_by_input(model, names).items()):
         weights = [numpy_helper.to_array(initializers[node.input[1]]) for node in nodes]  # (K, N) each
         rows = np.max([np.abs(weight).max(axis=1) for weight in weights], axis=0)  # (K,)
         factor = (np.maximum(maxima[source], 1e-5) ** SMOOTH_ALPHA / np.maximum(rows, 1e-5) ** (1 - SMOOTH_ALPHA)).astype(np.float32)

@@ -161,6 +161,15 @@ def weight_matmuls(model) -> list[str]:
             if node.op_type == "MatMul" and node.input[1] in matrices and node.name not in scoring]
 
 
+def matmuls_by_input(model, names: Sequence[str]) -> dict[str, list]:
+    """The named MatMul nodes grouped by the tensor they multiply (q, k and v read one), in graph order."""
+    chosen, groups = set(names), {}
+    for node in model.graph.node:
+        if node.name in chosen:
+            groups.setdefault(node.input[0], []).append(node)
+    return groups
+
+
 def quantize_per_token(model, names: Sequence[str], per_channel: bool = True) -> None:
     """Rewrite `model` in place: each named MatMul x . W becomes an integer product with W int8 (a scale per output
     column, or one per matrix) and x quantized per row. For a row x: lo = min(x), step = (max(x) - lo) / 255,
@@ -170,11 +179,7 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True) ->
     from onnx import TensorProto, helper, numpy_helper
 
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    chosen = set(names)
-    by_input: dict[str, list] = {}
-    for node in model.graph.node:
-        if node.name in chosen:
-            by_input.setdefault(node.input[0], []).append(node)
+    by_input = matmuls_by_input(model, names)
     added = [numpy_helper.from_array(np.array(UINT8_LEVELS, np.float32), "q8.levels"),
              numpy_helper.from_array(np.array(1e-30, np.float32), "q8.tiny"),  # a constant row: step 1e-30, u = 0
              numpy_helper.from_array(np.array([-1], np.int64), "q8.last_axis"),
