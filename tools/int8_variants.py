@@ -25,7 +25,7 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
                     operators), the embedding table int8 per row: no token's outlier coarsens the others' steps
   per-token-smooth  per-token after SmoothQuant (alpha 0.5): each MatMul input channel divided by
                     sqrt(max |activation| / max |weight row|), calibrated on the packs' shots, the weights multiplied back
-  mixed-shots, mixed-r50, mixed-r33, mixed-r20
+  mixed-shots, mixed-r75, mixed-r60, mixed-r50, mixed-r33, mixed-r20
                     sensitivity-guided mixed precision, chosen on the packs' own shots only (the held-out items judge):
                     the weight MatMuls fall in groups (each layer's attention q/k/v/o, its MLP, the embedding table);
                     each group is quantized alone (simulate_dynamic: quantize_dynamic's nodes, built in place) and its
@@ -35,8 +35,12 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
                     graph keeps every shot's label in every pack and, for mixed-rNN, disturbs no pack by more than NN%
                     of what quantizing every group does to it. The chosen graph is quantize_dynamic's (per channel)
                     with the other groups' MatMuls excluded (float32; the embedding table float32 unless chosen)
-  mixed-r50-per-token, mixed-r33-per-token, mixed-r20-per-token
+  mixed-r75-per-token, ..., mixed-r20-per-token (any mixed variant with -per-token)
                     the same groups quantized as per-token does (the embedding table int8 per row if chosen)
+                    --split-groups splits each layer's attention and MLP groups in two: the MatMuls reading the
+                    part's input (q, k, v; gate, up) and its output projection (o; down)
+                    --reuse-scan RESULTS.json takes the groups' scan (and the prefixes judged) from an earlier run's
+                    JSON instead of judging them again (the same bundles and shots)
 
 Needs the float32 bundles tools/real_export.py writes (--cache, the same default). Prints a table; writes JSON to --out.
 """
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import statistics
@@ -62,7 +67,8 @@ from savpack.cache import cache_dir
 SETS = ("sst2", "trec", "subj")
 # Mixed precision: the weight-MatMul groups quantized, the others left float32, chosen on the packs' shots (see
 # choose_groups). The number after "mixed-r" is the disturbance budget in hundredths of the all-int8 graph's.
-MIXED_BUDGETS = {"mixed-shots": None, "mixed-r50": 0.50, "mixed-r33": 0.33, "mixed-r20": 0.20}
+MIXED_BUDGETS = {"mixed-shots": None, "mixed-r75": 0.75, "mixed-r60": 0.60, "mixed-r50": 0.50, "mixed-r33": 0.33,
+                 "mixed-r20": 0.20}
 MIXED_VARIANTS = tuple(MIXED_BUDGETS) + tuple(f"{name}-per-token" for name in MIXED_BUDGETS)
 VARIANTS = ("default", "no-embedding", "per-tensor", "attention-only", "mlp-only", "last-layer-float", "weights-only",
             "nbits8-b32", "nbits8-b64", "nbits8-b128", "nbits4-b32", "static-minmax", "static-percentile", "static-entropy",
@@ -348,11 +354,17 @@ EMBEDDING_GROUP = "embedding"  # the token-embedding table (Gather), a group of 
 SHOT_AGREEMENT = 1.0  # every pack must keep every shot's label for a choice to stand
 
 
-def matmul_groups(matmuls: list[tuple[str, int, bool]]) -> dict[str, list[str]]:
-    """Weight MatMuls by group, in graph order: 'layer{L}.attention' (q, k, v, o) and 'layer{L}.mlp'."""
+def matmul_groups(matmuls: list[tuple[str, int, bool]], inputs: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Weight MatMuls by group, in graph order: 'layer{L}.attention' (q, k, v, o) and 'layer{L}.mlp'. With `inputs`
+    (MatMul name -> its input tensor), each of those splits by input: '.in' the MatMuls reading the part's input (q, k,
+    v; the MLP's gate and up or its first dense), '.out' its output projection (o; down)."""
     groups: dict[str, list[str]] = {}
     for name, layer, attention in matmuls:
-        groups.setdefault(f"layer{layer}.{'attention' if attention else 'mlp'}", []).append(name)
+        part = f"layer{layer}.{'attention' if attention else 'mlp'}"
+        if inputs is not None:
+            first = next((members[0] for group, members in groups.items() if group == f"{part}.in"), None)
+            part += ".in" if first is None or inputs[first] == inputs[name] else ".out"
+        groups.setdefault(part, []).append(name)
     return groups
 
 
@@ -463,25 +475,30 @@ class ShotJudge:
 
 
 def choose_groups(judge: ShotJudge, groups: dict[str, list[str]], budgets: dict[str, float | None],
-                  echo: Callable[[str], None]) -> dict[str, Any]:
+                  echo: Callable[[str], None], earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sensitivity-guided mixed precision on the packs' shots. Each group (a layer's attention MatMuls, its MLP's, the
     embedding table) is quantized alone and judged (ShotJudge: the largest disturbance over the packs); groups are then
     quantized from the least disturbing on, and for each budget the longest such prefix is kept whose graph keeps
     every shot's label in every pack (SHOT_AGREEMENT) and disturbs no pack by more than `budget` times what
     quantizing every group does to it (None: labels only). The longest prefix is found by bisection (assumes a longer
-    prefix disturbs at least as much)."""
+    prefix disturbs at least as much). `earlier`: a previous call's result on the same bundle and shots, whose
+    judgements are reused."""
     names = dict(groups, **{EMBEDDING_GROUP: []})
 
     def judged(chosen: list[str]) -> dict[str, dict[str, float]]:
         return judge.judge({name for group in chosen for name in names[group]}, EMBEDDING_GROUP in chosen)
 
-    alone = {}
+    alone = dict(earlier["alone"]) if earlier else {}
     for group in names:
+        if group in alone:
+            continue
         alone[group] = judged([group])
         echo(f"  alone {group}: disturbance {max(v['disturbance'] for v in alone[group].values()):.4f}, "
              f"agreement {min(v['agreement'] for v in alone[group].values()):.3f}")
     order = sorted(names, key=lambda group: max(value["disturbance"] for value in alone[group].values()))
     prefixes: dict[int, dict[str, dict[str, float]]] = {0: {}}
+    if earlier and earlier["order"] == order:
+        prefixes.update({int(count): value for count, value in earlier["prefixes"].items()})
 
     def fits(count: int, budget: float | None) -> bool:
         if count not in prefixes:
@@ -544,7 +561,10 @@ def shots_by_pack(source: Path, data_root: Path) -> dict[str, list[str]]:
 
 
 def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items: int, threads: int,
-              echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+              echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS,
+              earlier: dict[str, Any] | None = None, split_groups: bool = False) -> dict[str, Any]:
+    """`earlier`: an earlier run's choose_groups result for this model (--reuse-scan); split_groups: the mixed
+    variants' groups split by input (--split-groups)."""
     from eval_real import TASKS, make_splits
     from savpack_runtime import Classifier
 
@@ -567,9 +587,12 @@ def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items
         echo(f"{name}: choosing the mixed variants' int8 groups on the packs' shots")
         started = time.perf_counter()
         shots = shots_by_pack(source, data_root)
-        groups = matmul_groups(weight_matmuls(onnx.load(str(source / "graph.onnx"), load_external_data=False)))
-        report["mixed"] = choose_groups(ShotJudge(source, shots, threads), groups, budgets, echo)
-        report["mixed"].update(shots={task: len(texts) for task, texts in shots.items()}, budgets=budgets,
+        model = onnx.load(str(source / "graph.onnx"), load_external_data=False)
+        inputs = {node.name: node.input[0] for node in model.graph.node if node.input} if split_groups else None
+        groups = matmul_groups(weight_matmuls(model), inputs)
+        del model
+        report["mixed"] = choose_groups(ShotJudge(source, shots, threads), groups, budgets, echo, earlier)
+        report["mixed"].update(split_groups=split_groups, shots={task: len(texts) for task, texts in shots.items()}, budgets=budgets,
                                shot_agreement=SHOT_AGREEMENT, seconds=round(time.perf_counter() - started))
     with tempfile.TemporaryDirectory(prefix="int8-variants-", dir=cache) as work:
         for variant in variants:
@@ -616,6 +639,9 @@ def main() -> None:
     parser.add_argument("--latency-items", type=int, default=30, help="items timed at batch 1 per variant")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (the machine is shared)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--split-groups", action="store_true",
+                        help="mixed variants: each layer's attention and MLP split into input and output projections")
+    parser.add_argument("--reuse-scan", type=Path, help="an earlier run's JSON: its mixed variants' group scan is reused")
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
     variants = tuple(variant for variant in args.variants.split(",") if variant)
@@ -626,8 +652,12 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", message=".*duplicate example")
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer advises pre-processing on every call
-    reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print, variants)
-               for name in args.models.split(",") if name]
+    earlier = {}
+    if args.reuse_scan:
+        earlier = {report["model"]: report["mixed"] for report in json.loads(args.reuse_scan.read_text())["reports"]
+                   if "mixed" in report}
+    reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print, variants,
+                         earlier.get(name), args.split_groups) for name in args.models.split(",") if name]
     print_table(reports)
     result = {"reports": reports, "threads": args.threads, "sets": list(SETS), "onnxruntime": onnxruntime.__version__}
     print(f"wrote {write_results(args.out, result)}")
