@@ -362,8 +362,8 @@ def matmul_groups(matmuls: list[tuple[str, int, bool]], inputs: dict[str, str] |
     for name, layer, attention in matmuls:
         part = f"layer{layer}.{'attention' if attention else 'mlp'}"
         if inputs is not None:
-            first = next((members[0] for group, members in groups.items() if group == f"{part}.in"), None)
-            part += ".in" if first is None or inputs[first] == inputs[name] else ".out"
+            first = groups.get(f"{part}.in", [name])[0]  # the part's first MatMul reads its input
+            part += ".in" if inputs[first] == inputs[name] else ".out"
         groups.setdefault(part, []).append(name)
     return groups
 
