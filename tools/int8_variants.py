@@ -3,6 +3,7 @@
 its float32 graph on held-out items (label agreement, accuracy) and timed against it at batch 1, side by side.
 
     python tools/int8_variants.py --out tools/results/int8_variants.json [--models gemma-3-270m,minilm] [--items 300]
+        [--sets sst2,trec,subj]
 
 Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' scores always stay as exported):
   default           what `savpack export --quantize int8` does: MatMul weights and the token-embedding table
@@ -562,23 +563,24 @@ def shots_by_pack(source: Path, data_root: Path) -> dict[str, list[str]]:
 
 def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items: int, threads: int,
               echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS,
-              earlier: dict[str, Any] | None = None, split_groups: bool = False) -> dict[str, Any]:
+              earlier: dict[str, Any] | None = None, split_groups: bool = False,
+              sets: tuple[str, ...] = SETS) -> dict[str, Any]:
     """`earlier`: an earlier run's choose_groups result for this model (--reuse-scan); split_groups: the mixed
-    variants' groups split by input (--split-groups)."""
+    variants' groups split by input (--split-groups); sets: whose test items judge (--sets)."""
     from eval_real import TASKS, make_splits
     from savpack_runtime import Classifier
 
     source = cache / name / "float32"
     if not (source / "bundle.json").is_file():
         raise SystemExit(f"{source} is not a bundle: run tools/real_export.py first (same --cache)")
-    splits = {task: make_splits(TASKS[task], data_root)["test"][:items] for task in SETS}
+    splits = {task: make_splits(TASKS[task], data_root)["test"][:items] for task in sets}
     truth = {task: [example.label for example in split] for task, split in splits.items()}
     float32 = Classifier.load(source, threads=threads, batch_size=8)
     reference = labels_of(float32, splits)
-    latency_texts = [example.text for example in splits["sst2"][:latency_items]]
-    report: dict[str, Any] = {"model": name, "items_per_set": items, "variants": {},
+    latency_texts = [example.text for example in make_splits(TASKS["sst2"], data_root)["test"][:latency_items]]  # whatever the sets
+    report: dict[str, Any] = {"model": name, "items_per_set": items, "sets": list(sets), "variants": {},
                               "accuracy_float32": {task: float(np.mean([a == b for a, b in zip(reference[task], truth[task])]))
-                                                   for task in SETS}}
+                                                   for task in sets}}
     calibration = pack_shots(source, data_root) if any(v.startswith(("static", "per-token-smooth")) for v in variants) else []
     budgets = {base: budget for base, budget in MIXED_BUDGETS.items() if base in variants or f"{base}-per-token" in variants}
     if budgets:
@@ -607,8 +609,8 @@ def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items
             found = labels_of(classifier, splits)
             report["variants"][variant] = {
                 "weights_mb": round((folder / "graph.onnx.data").stat().st_size / 1e6, 1),
-                "agreement": {task: float(np.mean([a == b for a, b in zip(reference[task], found[task])])) for task in SETS},
-                "accuracy": {task: float(np.mean([a == b for a, b in zip(found[task], truth[task])])) for task in SETS},
+                "agreement": {task: float(np.mean([a == b for a, b in zip(reference[task], found[task])])) for task in sets},
+                "accuracy": {task: float(np.mean([a == b for a, b in zip(found[task], truth[task])])) for task in sets},
                 "latency_over_float32": paired_latency(float32, classifier, latency_texts)}
             if variant in MIXED_VARIANTS:
                 report["variants"][variant]["float32_groups"] = [group for group in report["mixed"]["groups"]
@@ -622,9 +624,10 @@ def print_table(reports: list[dict[str, Any]]) -> None:
     for report in reports:
         print(f"\n{report['model']} ({report['items_per_set']} test items per set; float32 accuracy "
               + ", ".join(f"{task} {value:.3f}" for task, value in report["accuracy_float32"].items()) + ")")
-        print(f"  {'variant':<18} {'MB':>6} {'x faster':>8} " + " ".join(f"{'agree ' + task:>11} {'acc':>6}" for task in SETS))
+        sets = report["sets"]
+        print(f"  {'variant':<18} {'MB':>6} {'x faster':>8} " + " ".join(f"{'agree ' + task:>11} {'acc':>6}" for task in sets))
         for variant, row in report["variants"].items():
-            cells = " ".join(f"{row['agreement'][task]:>11.3f} {row['accuracy'][task]:>6.3f}" for task in SETS)
+            cells = " ".join(f"{row['agreement'][task]:>11.3f} {row['accuracy'][task]:>6.3f}" for task in sets)
             print(f"  {variant:<18} {row['weights_mb']:>6.0f} {1 / row['latency_over_float32']:>8.2f} {cells}")
             if "float32_groups" in row:
                 print(f"  {'':<18} float32: {', '.join(row['float32_groups']) or 'nothing'}")
@@ -635,7 +638,8 @@ def main() -> None:
     parser.add_argument("--models", default="gemma-3-270m,minilm", help="comma-separated, as tools/real_export.py names them")
     parser.add_argument("--cache", type=Path, default=cache_dir("real-export"), help="real_export.py's bundles (default %(default)s)")
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
-    parser.add_argument("--items", type=int, default=300, help="test items per set (sst2, trec, subj)")
+    parser.add_argument("--items", type=int, default=300, help="test items per set")
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated, from: " + ", ".join(PACK_SETS))
     parser.add_argument("--latency-items", type=int, default=30, help="items timed at batch 1 per variant")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (the machine is shared)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
@@ -645,6 +649,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
     variants = tuple(variant for variant in args.variants.split(",") if variant)
+    sets = tuple(task for task in args.sets.split(",") if task)
+    if not sets or any(task not in PACK_SETS for task in sets):
+        parser.error(f"--sets {args.sets!r}: choose from {list(PACK_SETS)}")
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -657,9 +664,9 @@ def main() -> None:
         earlier = {report["model"]: report["mixed"] for report in json.loads(args.reuse_scan.read_text())["reports"]
                    if "mixed" in report}
     reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print, variants,
-                         earlier.get(name), args.split_groups) for name in args.models.split(",") if name]
+                         earlier.get(name), args.split_groups, sets) for name in args.models.split(",") if name]
     print_table(reports)
-    result = {"reports": reports, "threads": args.threads, "sets": list(SETS), "onnxruntime": onnxruntime.__version__}
+    result = {"reports": reports, "threads": args.threads, "sets": list(sets), "onnxruntime": onnxruntime.__version__}
     print(f"wrote {write_results(args.out, result)}")
 
 
