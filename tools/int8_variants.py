@@ -3,6 +3,7 @@
 its float32 graph on held-out items (label agreement, accuracy) and timed against it at batch 1, side by side.
 
     python tools/int8_variants.py --out tools/results/int8_variants.json [--models gemma-3-270m,minilm] [--items 300]
+        [--sets sst2,trec,subj]
 
 Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' scores always stay as exported):
   default           onnxruntime's quantize_dynamic (what `savpack export --quantize int8` did before per-token): MatMul
@@ -27,6 +28,22 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
                     What `savpack export --quantize int8` does (savpack.export.quantize.quantize_per_token)
   per-token-smooth  per-token after SmoothQuant (alpha 0.5): each MatMul input channel divided by
                     sqrt(max |activation| / max |weight row|), calibrated on the packs' shots, the weights multiplied back
+  mixed-shots, mixed-r75, mixed-r60, mixed-r50, mixed-r33, mixed-r20
+                    sensitivity-guided mixed precision, chosen on the packs' own shots only (the held-out items judge):
+                    the weight MatMuls fall in groups (each layer's attention q/k/v/o, its MLP, the embedding table);
+                    each group is quantized alone (simulate_dynamic: quantize_dynamic's nodes, built in place) and its
+                    disturbance measured on every pack's shots: the mean |change| of the pack's per-head cosines to its
+                    centroids over the mean float32 margin between each head's two most similar classes (max over the
+                    packs); groups are then quantized from the least disturbing on, keeping the longest prefix whose
+                    graph keeps every shot's label in every pack and, for mixed-rNN, disturbs no pack by more than NN%
+                    of what quantizing every group does to it. The chosen graph is quantize_dynamic's (per channel)
+                    with the other groups' MatMuls excluded (float32; the embedding table float32 unless chosen)
+  mixed-r75-per-token, ..., mixed-r20-per-token (any mixed variant with -per-token)
+                    the same groups quantized as per-token does (the embedding table int8 per row if chosen)
+                    --split-groups splits each layer's attention and MLP groups in two: the MatMuls reading the
+                    part's input (q, k, v; gate, up) and its output projection (o; down)
+                    --reuse-scan RESULTS.json takes the groups' scan (and the prefixes judged) from an earlier run's
+                    JSON instead of judging them again (the same bundles and shots)
 
 Needs the float32 bundles tools/real_export.py writes (--cache, the same default). Prints a table; writes JSON to --out.
 """
@@ -35,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import statistics
@@ -48,11 +66,17 @@ import numpy as np
 
 from measure import DATA_ROOT, write_results
 from savpack.cache import cache_dir
+from savpack.export.quantize import embedding_gather, replace_nodes
 
 SETS = ("sst2", "trec", "subj")
+# Mixed precision: the weight-MatMul groups quantized, the others left float32, chosen on the packs' shots (see
+# choose_groups). The number after "mixed-r" is the disturbance budget in hundredths of the all-int8 graph's.
+MIXED_BUDGETS = {"mixed-shots": None, "mixed-r75": 0.75, "mixed-r60": 0.60, "mixed-r50": 0.50, "mixed-r33": 0.33,
+                 "mixed-r20": 0.20}
+MIXED_VARIANTS = tuple(MIXED_BUDGETS) + tuple(f"{name}-per-token" for name in MIXED_BUDGETS)
 VARIANTS = ("default", "no-embedding", "per-tensor", "attention-only", "mlp-only", "last-layer-float", "weights-only",
             "nbits8-b32", "nbits8-b64", "nbits8-b128", "nbits4-b32", "static-minmax", "static-percentile", "static-entropy",
-            "per-token", "per-token-smooth")
+            "per-token", "per-token-smooth") + MIXED_VARIANTS
 PACK_SETS = ("sst2", "trec", "agnews", "sms_spam", "subj")  # tools/real_export.py's packs: their shots calibrate
 SMOOTH_ALPHA = 0.5  # SmoothQuant's default migration strength
 ATTENTION_MATRICES = 4  # q, k, v, o: the first weight matrices of each layer, then the MLP's
@@ -83,9 +107,11 @@ def variant_options(variant: str, matmuls: list[tuple[str, int, bool]]) -> dict[
             "exclude": [name for name, layer, attention in matmuls if keep(layer, attention)]}
 
 
-def quantize_variant(source: Path, target: Path, variant: str, calibration: list[str] = ()) -> None:
+def quantize_variant(source: Path, target: Path, variant: str, calibration: list[str] = (),
+                     to_quantize: list[str] = ()) -> None:
     """A copy of the float32 bundle `source` at `target` with the variant's graph. `calibration`: texts (the packs'
-    shots) for the variants that calibrate."""
+    shots) for the variants that calibrate; `to_quantize`: the mixed variants' chosen MatMul names (and EMBEDDING_GROUP
+    when the embedding table is quantized), every other weight MatMul staying float32."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -95,10 +121,22 @@ def quantize_variant(source: Path, target: Path, variant: str, calibration: list
     shutil.copytree(source, target)
     with tempfile.TemporaryDirectory(prefix=".variant-", dir=target.parent) as scratch:
         quantized = Path(scratch) / "quantized.onnx"
-        if variant in ("weights-only", "per-token", "per-token-smooth") or variant.startswith("nbits"):
+        if variant in MIXED_VARIANTS and not variant.endswith("per-token"):
+            model = onnx.load(str(source / "graph.onnx"), load_external_data=False)
+            chosen = set(to_quantize)
+            quantize_dynamic(str(source / "graph.onnx"), str(quantized), weight_type=QuantType.QInt8,
+                             per_channel=True, op_types_to_quantize=["MatMul", "Gather"] if EMBEDDING_GROUP in chosen else ["MatMul"],
+                             nodes_to_exclude=onnx_graph.scoring_nodes(model) + [name for name, _, _ in weight_matmuls(model)
+                                                                                if name not in chosen],
+                             use_external_data_format=True)
+        elif variant in ("weights-only", "per-token", "per-token-smooth") or variant.startswith("nbits") \
+                or variant in MIXED_VARIANTS:
             model = onnx.load(str(source / "graph.onnx"))
             names = [name for name, _, _ in weight_matmuls(model)]
-            if variant == "weights-only":
+            if variant in MIXED_VARIANTS:
+                quantize_per_token(model, [name for name in names if name in set(to_quantize)],
+                                   embedding=EMBEDDING_GROUP in to_quantize)
+            elif variant == "weights-only":
                 dequantize_weights(model, names)
             elif variant.startswith("per-token"):
                 if variant == "per-token-smooth":
@@ -266,6 +304,167 @@ def dequantize_weights(model, names: list[str]) -> None:
     model.graph.node.extend(nodes + graph_nodes)
 
 
+EMBEDDING_GROUP = "embedding"  # the token-embedding table (Gather), a group of its own
+SHOT_AGREEMENT = 1.0  # every pack must keep every shot's label for a choice to stand
+
+
+def matmul_groups(matmuls: list[tuple[str, int, bool]], inputs: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Weight MatMuls by group, in graph order: 'layer{L}.attention' (q, k, v, o) and 'layer{L}.mlp'. With `inputs`
+    (MatMul name -> its input tensor), each of those splits by input: '.in' the MatMuls reading the part's input (q, k,
+    v; the MLP's gate and up or its first dense), '.out' its output projection (o; down)."""
+    groups: dict[str, list[str]] = {}
+    for name, layer, attention in matmuls:
+        part = f"layer{layer}.{'attention' if attention else 'mlp'}"
+        if inputs is not None:
+            first = groups.get(f"{part}.in", [name])[0]  # the part's first MatMul reads its input
+            part += ".in" if inputs[first] == inputs[name] else ".out"
+        groups.setdefault(part, []).append(name)
+    return groups
+
+
+def simulate_dynamic(model, folder: Path, names: set[str], embedding: bool) -> None:
+    """In place, the nodes quantize_dynamic (per channel) would make, built directly so that a scan needs no copy of
+    the weights: each named MatMul's weight int8, symmetric, a scale per output column; its input quantized per
+    tensor by DynamicQuantizeLinear (uint8); MatMulInteger; the product scaled back. `embedding`: the token-embedding
+    table int8 with one scale (as quantize_dynamic's Gather), dequantized after the lookup. Untouched weights stay in
+    `folder`'s external data, so the model must be saved in `folder`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    added, replace = [], {}
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        p = f"scan.{len(replace)}"
+        weight = numpy_helper.to_array(initializers[node.input[1]], base_dir=str(folder))  # (K, N)
+        scale = (np.abs(weight).max(axis=0) / 127.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        added += [numpy_helper.from_array(np.clip(np.round(weight / scale), -127, 127).astype(np.int8), f"{p}.w"),
+                  numpy_helper.from_array(scale, f"{p}.scale")]
+        replace[node.name] = [
+            helper.make_node("DynamicQuantizeLinear", [node.input[0]], [f"{p}.x", f"{p}.xs", f"{p}.xz"], name=f"{p}.q"),
+            helper.make_node("MatMulInteger", [f"{p}.x", f"{p}.w", f"{p}.xz"], [f"{p}.i32"], name=f"{p}.matmul"),
+            helper.make_node("Cast", [f"{p}.i32"], [f"{p}.f"], to=TensorProto.FLOAT, name=f"{p}.cast"),
+            helper.make_node("Mul", [f"{p}.xs", f"{p}.scale"], [f"{p}.s"], name=f"{p}.s"),
+            helper.make_node("Mul", [f"{p}.f", f"{p}.s"], [node.output[0]], name=f"{p}.product")]
+    gather = embedding_gather(model) if embedding else None
+    if gather is not None:
+        table = numpy_helper.to_array(initializers[gather.input[0]], base_dir=str(folder))
+        step = np.float32(np.abs(table).max() / 127.0)
+        added += [numpy_helper.from_array(np.clip(np.round(table / step), -127, 127).astype(np.int8), "scan.table"),
+                  numpy_helper.from_array(step, "scan.table_scale"), numpy_helper.from_array(np.int8(0), "scan.table_zero")]
+        del table
+        replace[gather.name] = [
+            helper.make_node("Gather", ["scan.table", gather.input[1]], ["scan.rows"], axis=0, name="scan.rows"),
+            helper.make_node("DequantizeLinear", ["scan.rows", "scan.table_scale", "scan.table_zero"], [gather.output[0]],
+                             name="scan.embedding")]
+    replace_nodes(model, replace, added)
+
+
+class ShotJudge:
+    """The packs' own shots through the float32 bundle and through simulated int8 versions of it, compared pack by
+    pack: label agreement and disturbance, the mean |change| of the pack's per-head cosines to its centroids over the
+    mean margin between each head's two most similar classes (float32): the share of a typical head's lead that
+    quantization eats."""
+
+    def __init__(self, source: Path, shots: dict[str, list[str]], threads: int):
+        from savpack_runtime import Classifier
+
+        self.source, self.threads = source, threads
+        self.classifier = Classifier.load(source, threads=threads, batch_size=8)
+        self.texts = [text for texts in shots.values() for text in texts]
+        starts = np.cumsum([0] + [len(texts) for texts in shots.values()])
+        self.rows = {name: np.arange(start, start + len(texts)) for (name, texts), start in zip(shots.items(), starts)}
+        self.float32 = self._decisions(self.classifier)
+
+    def _decisions(self, classifier) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """pack -> (labels (S,), cosines (S, k, C)) on its own shots."""
+        outputs = classifier.graph_outputs(self.texts)
+        found = {}
+        for entry in classifier.bundle.packs:
+            rows = self.rows[entry.name]
+            decision = classifier._decide(entry, outputs, None)
+            found[entry.name] = (decision.predictions[rows], outputs[entry.outputs["cosines"]][rows].astype(np.float64))
+        return found
+
+    def judge(self, names: set[str], embedding: bool) -> dict[str, dict[str, float]]:
+        """pack -> {"agreement", "disturbance"} with the named MatMuls (and the embedding table) in simulated int8."""
+        import onnx
+
+        from savpack_runtime.session import GraphSession
+
+        model = onnx.load(str(self.source / "graph.onnx"), load_external_data=False)
+        simulate_dynamic(model, self.source, names, embedding)
+        path = self.source / ".mixed-scan.onnx"  # beside the weights file its float32 tensors refer to
+        onnx.save_model(model, str(path))
+        del model
+        session = self.classifier.session
+        try:
+            self.classifier.session = GraphSession(path, threads=self.threads)
+            found = self._decisions(self.classifier)
+        finally:
+            self.classifier.session = session
+            path.unlink()
+        report = {}
+        for name, (labels, cosines) in self.float32.items():
+            ordered = np.sort(cosines, axis=-1)
+            margin = float(np.mean(ordered[..., -1] - ordered[..., -2]))
+            report[name] = {"agreement": float(np.mean(found[name][0] == labels)),
+                            "disturbance": float(np.mean(np.abs(found[name][1] - cosines)) / margin)}
+        return report
+
+
+def choose_groups(judge: ShotJudge, groups: dict[str, list[str]], budgets: dict[str, float | None],
+                  echo: Callable[[str], None], earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sensitivity-guided mixed precision on the packs' shots. Each group (a layer's attention MatMuls, its MLP's, the
+    embedding table) is quantized alone and judged (ShotJudge: the largest disturbance over the packs); groups are then
+    quantized from the least disturbing on, and for each budget the longest such prefix is kept whose graph keeps
+    every shot's label in every pack (SHOT_AGREEMENT) and disturbs no pack by more than `budget` times what
+    quantizing every group does to it (None: labels only). The longest prefix is found by bisection (assumes a longer
+    prefix disturbs at least as much). `earlier`: a previous call's result on the same bundle and shots, whose
+    judgements are reused."""
+    names = dict(groups, **{EMBEDDING_GROUP: []})
+
+    def judged(chosen: list[str]) -> dict[str, dict[str, float]]:
+        return judge.judge({name for group in chosen for name in names[group]}, EMBEDDING_GROUP in chosen)
+
+    alone = dict(earlier["alone"]) if earlier else {}
+    for group in names:
+        if group in alone:
+            continue
+        alone[group] = judged([group])
+        echo(f"  alone {group}: disturbance {max(v['disturbance'] for v in alone[group].values()):.4f}, "
+             f"agreement {min(v['agreement'] for v in alone[group].values()):.3f}")
+    order = sorted(names, key=lambda group: max(value["disturbance"] for value in alone[group].values()))
+    prefixes: dict[int, dict[str, dict[str, float]]] = {0: {}}
+    if earlier and earlier["order"] == order:
+        prefixes.update({int(count): value for count, value in earlier["prefixes"].items()})
+
+    def fits(count: int, budget: float | None) -> bool:
+        if count not in prefixes:
+            prefixes[count] = judged(order[:count])
+            echo(f"  first {count} groups: disturbance {max(v['disturbance'] for v in prefixes[count].values()):.4f}, "
+                 f"agreement {min(v['agreement'] for v in prefixes[count].values()):.3f}")
+        full = prefixes[len(order)]
+        return all(value["agreement"] >= SHOT_AGREEMENT
+                   and (budget is None or value["disturbance"] <= budget * full[pack]["disturbance"])
+                   for pack, value in prefixes[count].items())
+
+    fits(len(order), None)  # the all-int8 graph: the budgets' unit
+    chosen = {}
+    for variant, budget in budgets.items():
+        low, high = 0, len(order)  # fits(low) holds; find the largest count that fits
+        if fits(high, budget):
+            low = high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle, budget) else (low, middle)
+        chosen[variant] = order[:low]
+    return {"alone": alone, "order": order,
+            "prefixes": {str(count): value for count, value in sorted(prefixes.items()) if count},
+            "quantized": chosen, "groups": {group: members for group, members in names.items()}}
+
+
 def labels_of(classifier, splits: dict[str, list]) -> dict[str, list[str]]:
     return {name: [result.by_pack[name].label for result in classifier.classify_batch([example.text for example in items])]
             for name, items in splits.items()}
@@ -286,45 +485,75 @@ def paired_latency(first, second, texts: list[str]) -> float:
 
 
 def pack_shots(source: Path, data_root: Path) -> list[str]:
-    """The texts every pack of the bundle was built from (found in its set's pool by the digests the pack keeps)."""
+    """The texts every pack of the bundle was built from, all packs' in one list."""
+    return [text for texts in shots_by_pack(source, data_root).values() for text in texts]
+
+
+def shots_by_pack(source: Path, data_root: Path) -> dict[str, list[str]]:
+    """pack -> the texts it was built from (found in its set's pool by the digests the pack keeps)."""
     from eval_real import TASKS, make_splits
     from savpack.pipeline import training_examples
     from savpack_runtime import Pack
 
-    return [example.text for task in PACK_SETS for example in
-            training_examples(Pack.load(source / "packs" / f"{task}.safetensors"), make_splits(TASKS[task], data_root)["pool"])]
+    return {task: [example.text for example in training_examples(Pack.load(source / "packs" / f"{task}.safetensors"),
+                                                                 make_splits(TASKS[task], data_root)["pool"])]
+            for task in PACK_SETS}
 
 
 def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items: int, threads: int,
-              echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+              echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS,
+              earlier: dict[str, Any] | None = None, split_groups: bool = False,
+              sets: tuple[str, ...] = SETS) -> dict[str, Any]:
+    """`earlier`: an earlier run's choose_groups result for this model (--reuse-scan); split_groups: the mixed
+    variants' groups split by input (--split-groups); sets: whose test items judge (--sets)."""
     from eval_real import TASKS, make_splits
     from savpack_runtime import Classifier
 
     source = cache / name / "float32"
     if not (source / "bundle.json").is_file():
         raise SystemExit(f"{source} is not a bundle: run tools/real_export.py first (same --cache)")
-    splits = {task: make_splits(TASKS[task], data_root)["test"][:items] for task in SETS}
+    splits = {task: make_splits(TASKS[task], data_root)["test"][:items] for task in sets}
     truth = {task: [example.label for example in split] for task, split in splits.items()}
     float32 = Classifier.load(source, threads=threads, batch_size=8)
     reference = labels_of(float32, splits)
-    latency_texts = [example.text for example in splits["sst2"][:latency_items]]
-    report: dict[str, Any] = {"model": name, "items_per_set": items, "variants": {},
+    latency_texts = [example.text for example in make_splits(TASKS["sst2"], data_root)["test"][:latency_items]]  # whatever the sets
+    report: dict[str, Any] = {"model": name, "items_per_set": items, "sets": list(sets), "variants": {},
                               "accuracy_float32": {task: float(np.mean([a == b for a, b in zip(reference[task], truth[task])]))
-                                                   for task in SETS}}
+                                                   for task in sets}}
     calibration = pack_shots(source, data_root) if any(v.startswith(("static", "per-token-smooth")) for v in variants) else []
+    budgets = {base: budget for base, budget in MIXED_BUDGETS.items() if base in variants or f"{base}-per-token" in variants}
+    if budgets:
+        import onnx
+
+        echo(f"{name}: choosing the mixed variants' int8 groups on the packs' shots")
+        started = time.perf_counter()
+        shots = shots_by_pack(source, data_root)
+        model = onnx.load(str(source / "graph.onnx"), load_external_data=False)
+        inputs = {node.name: node.input[0] for node in model.graph.node if node.input} if split_groups else None
+        groups = matmul_groups(weight_matmuls(model), inputs)
+        del model
+        report["mixed"] = choose_groups(ShotJudge(source, shots, threads), groups, budgets, echo, earlier)
+        report["mixed"].update(split_groups=split_groups, shots={task: len(texts) for task, texts in shots.items()}, budgets=budgets,
+                               shot_agreement=SHOT_AGREEMENT, seconds=round(time.perf_counter() - started))
     with tempfile.TemporaryDirectory(prefix="int8-variants-", dir=cache) as work:
         for variant in variants:
             echo(f"{name}: {variant}")
             folder = Path(work) / variant
-            quantize_variant(source, folder, variant, calibration)
+            chosen = report["mixed"]["quantized"][variant.removesuffix("-per-token")] if variant in MIXED_VARIANTS else []
+            to_quantize = [member for group in chosen for member in report["mixed"]["groups"][group]] + \
+                ([EMBEDDING_GROUP] if EMBEDDING_GROUP in chosen else [])
+            quantize_variant(source, folder, variant, calibration, to_quantize)
             with contrib_operators(variant.startswith("nbits")):
                 classifier = Classifier.load(folder, threads=threads, batch_size=8)
             found = labels_of(classifier, splits)
             report["variants"][variant] = {
                 "weights_mb": round((folder / "graph.onnx.data").stat().st_size / 1e6, 1),
-                "agreement": {task: float(np.mean([a == b for a, b in zip(reference[task], found[task])])) for task in SETS},
-                "accuracy": {task: float(np.mean([a == b for a, b in zip(found[task], truth[task])])) for task in SETS},
+                "agreement": {task: float(np.mean([a == b for a, b in zip(reference[task], found[task])])) for task in sets},
+                "accuracy": {task: float(np.mean([a == b for a, b in zip(found[task], truth[task])])) for task in sets},
                 "latency_over_float32": paired_latency(float32, classifier, latency_texts)}
+            if variant in MIXED_VARIANTS:
+                report["variants"][variant]["float32_groups"] = [group for group in report["mixed"]["groups"]
+                                                                 if group not in chosen]
             del classifier
             shutil.rmtree(folder)
     return report
@@ -334,10 +563,13 @@ def print_table(reports: list[dict[str, Any]]) -> None:
     for report in reports:
         print(f"\n{report['model']} ({report['items_per_set']} test items per set; float32 accuracy "
               + ", ".join(f"{task} {value:.3f}" for task, value in report["accuracy_float32"].items()) + ")")
-        print(f"  {'variant':<18} {'MB':>6} {'x faster':>8} " + " ".join(f"{'agree ' + task:>11} {'acc':>6}" for task in SETS))
+        sets = report["sets"]
+        print(f"  {'variant':<18} {'MB':>6} {'x faster':>8} " + " ".join(f"{'agree ' + task:>11} {'acc':>6}" for task in sets))
         for variant, row in report["variants"].items():
-            cells = " ".join(f"{row['agreement'][task]:>11.3f} {row['accuracy'][task]:>6.3f}" for task in SETS)
+            cells = " ".join(f"{row['agreement'][task]:>11.3f} {row['accuracy'][task]:>6.3f}" for task in sets)
             print(f"  {variant:<18} {row['weights_mb']:>6.0f} {1 / row['latency_over_float32']:>8.2f} {cells}")
+            if "float32_groups" in row:
+                print(f"  {'':<18} float32: {', '.join(row['float32_groups']) or 'nothing'}")
 
 
 def main() -> None:
@@ -345,13 +577,20 @@ def main() -> None:
     parser.add_argument("--models", default="gemma-3-270m,minilm", help="comma-separated, as tools/real_export.py names them")
     parser.add_argument("--cache", type=Path, default=cache_dir("real-export"), help="real_export.py's bundles (default %(default)s)")
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
-    parser.add_argument("--items", type=int, default=300, help="test items per set (sst2, trec, subj)")
+    parser.add_argument("--items", type=int, default=300, help="test items per set")
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated, from: " + ", ".join(PACK_SETS))
     parser.add_argument("--latency-items", type=int, default=30, help="items timed at batch 1 per variant")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (the machine is shared)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--split-groups", action="store_true",
+                        help="mixed variants: each layer's attention and MLP split into input and output projections")
+    parser.add_argument("--reuse-scan", type=Path, help="an earlier run's JSON: its mixed variants' group scan is reused")
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
     variants = tuple(variant for variant in args.variants.split(",") if variant)
+    sets = tuple(task for task in args.sets.split(",") if task)
+    if not sets or any(task not in PACK_SETS for task in sets):
+        parser.error(f"--sets {args.sets!r}: choose from {list(PACK_SETS)}")
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -359,10 +598,14 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", message=".*duplicate example")
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer advises pre-processing on every call
-    reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print, variants)
-               for name in args.models.split(",") if name]
+    earlier = {}
+    if args.reuse_scan:
+        earlier = {report["model"]: report["mixed"] for report in json.loads(args.reuse_scan.read_text())["reports"]
+                   if "mixed" in report}
+    reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print, variants,
+                         earlier.get(name), args.split_groups, sets) for name in args.models.split(",") if name]
     print_table(reports)
-    result = {"reports": reports, "threads": args.threads, "sets": list(SETS), "onnxruntime": onnxruntime.__version__}
+    result = {"reports": reports, "threads": args.threads, "sets": list(sets), "onnxruntime": onnxruntime.__version__}
     print(f"wrote {write_results(args.out, result)}")
 
 

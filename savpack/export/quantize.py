@@ -170,12 +170,20 @@ def matmuls_by_input(model, names: Sequence[str]) -> dict[str, list]:
     return groups
 
 
-def quantize_per_token(model, names: Sequence[str], per_channel: bool = True) -> None:
+def embedding_gather(model):
+    """The token-embedding lookup: the Gather of the largest 2-D initializer (None without one)."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    tables = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in initializers
+              and len(initializers[node.input[0]].dims) == 2]
+    return max(tables, key=lambda node: initializers[node.input[0]].dims[0]) if tables else None
+
+
+def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, embedding: bool = True) -> None:
     """Rewrite `model` in place: each named MatMul x . W becomes an integer product with W int8 (a scale per output
     column, or one per matrix) and x quantized per row. For a row x: lo = min(x), step = (max(x) - lo) / 255,
     u = QuantizeLinear((x - lo) / step) in uint8, and x . W ~ step * (u . Wq) * scale + lo * (column sums of the
-    dequantized W). MatMuls that read the same input share its quantization. The largest 2-D Gather table (the token
-    embeddings) becomes int8 with a scale per row."""
+    dequantized W). MatMuls that read the same input share its quantization. With `embedding`, the token-embedding
+    table (embedding_gather's) becomes int8 with a scale per row."""
     from onnx import TensorProto, helper, numpy_helper
 
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
@@ -213,10 +221,8 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True) ->
                 helper.make_node("Mul", [f"{q}.rows", f"{q}.scale"], [f"{q}.product"], name=f"{q}.product"),
                 helper.make_node("Mul", [f"{p}.lo", f"{q}.sums"], [f"{q}.offset"], name=f"{q}.offset"),
                 helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]], name=f"{q}.add")]
-    tables = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in initializers
-              and len(initializers[node.input[0]].dims) == 2]
-    if tables:
-        node = max(tables, key=lambda node: initializers[node.input[0]].dims[0])
+    node = embedding_gather(model) if embedding else None
+    if node is not None:
         table = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)  # (vocabulary, hidden)
         rows = np.abs(table).max(axis=1, keepdims=True)
         rows = np.where(rows > 0, rows / INT8_LIMIT, 1.0).astype(np.float32)
@@ -227,6 +233,12 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True) ->
             helper.make_node("Gather", ["q8.table_scale", node.input[1]], ["q8.row_scales"], axis=0, name="q8.row_scales"),
             helper.make_node("Cast", ["q8.rows"], ["q8.rows_float"], to=TensorProto.FLOAT, name="q8.rows_float"),
             helper.make_node("Mul", ["q8.rows_float", "q8.row_scales"], [node.output[0]], name="q8.embedding")]
+    replace_nodes(model, replace, added)
+
+
+def replace_nodes(model, replace: dict[str, list], added: list) -> None:
+    """In place: each node named in `replace` swapped for its list of nodes (in graph order), the `added`
+    initializers appended, and every initializer no node reads any more dropped."""
     nodes = [new for node in model.graph.node for new in replace.get(node.name, [node])]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
