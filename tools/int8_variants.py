@@ -3,7 +3,11 @@
 its float32 graph on held-out items (label agreement, accuracy) and timed against it at batch 1, side by side.
 
     python tools/int8_variants.py --out tools/results/int8_variants.json [--models gemma-3-270m,minilm] [--items 300]
-        [--sets sst2,trec,subj]
+        [--sets sst2,trec,subj] [--batch-check]
+
+--batch-check also classifies the items one at a time and reports, per variant and set, the share of labels that
+differ from batch 8's (labels_differing_batch8_vs_batch1): whether an item's label depends on the items batched with
+it (tools/results/int8_batch.json: `--variants default,per-token --batch-check`).
 
 Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' scores always stay as exported):
   default           onnxruntime's quantize_dynamic (what `savpack export --quantize int8` did before per-token): MatMul
@@ -465,8 +469,9 @@ def choose_groups(judge: ShotJudge, groups: dict[str, list[str]], budgets: dict[
             "quantized": chosen, "groups": {group: members for group, members in names.items()}}
 
 
-def labels_of(classifier, splits: dict[str, list]) -> dict[str, list[str]]:
-    return {name: [result.by_pack[name].label for result in classifier.classify_batch([example.text for example in items])]
+def labels_of(classifier, splits: dict[str, list], batch_size: int | None = None) -> dict[str, list[str]]:
+    return {name: [result.by_pack[name].label for result in
+                   classifier.classify_batch([example.text for example in items], batch_size=batch_size)]
             for name, items in splits.items()}
 
 
@@ -503,7 +508,7 @@ def shots_by_pack(source: Path, data_root: Path) -> dict[str, list[str]]:
 def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items: int, threads: int,
               echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS,
               earlier: dict[str, Any] | None = None, split_groups: bool = False,
-              sets: tuple[str, ...] = SETS) -> dict[str, Any]:
+              sets: tuple[str, ...] = SETS, batch_check: bool = False) -> dict[str, Any]:
     """`earlier`: an earlier run's choose_groups result for this model (--reuse-scan); split_groups: the mixed
     variants' groups split by input (--split-groups); sets: whose test items judge (--sets)."""
     from eval_real import TASKS, make_splits
@@ -551,6 +556,10 @@ def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items
                 "agreement": {task: float(np.mean([a == b for a, b in zip(reference[task], found[task])])) for task in sets},
                 "accuracy": {task: float(np.mean([a == b for a, b in zip(found[task], truth[task])])) for task in sets},
                 "latency_over_float32": paired_latency(float32, classifier, latency_texts)}
+            if batch_check:  # the same items one at a time: does an item's label depend on its batch-mates?
+                alone = labels_of(classifier, splits, batch_size=1)
+                report["variants"][variant]["labels_differing_batch8_vs_batch1"] = {
+                    task: float(np.mean([a != b for a, b in zip(found[task], alone[task])])) for task in sets}
             if variant in MIXED_VARIANTS:
                 report["variants"][variant]["float32_groups"] = [group for group in report["mixed"]["groups"]
                                                                  if group not in chosen]
@@ -585,6 +594,8 @@ def main() -> None:
     parser.add_argument("--split-groups", action="store_true",
                         help="mixed variants: each layer's attention and MLP split into input and output projections")
     parser.add_argument("--reuse-scan", type=Path, help="an earlier run's JSON: its mixed variants' group scan is reused")
+    parser.add_argument("--batch-check", action="store_true",
+                        help="also classify the items one at a time: the share of labels that differ from batch 8's")
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
     variants = tuple(variant for variant in args.variants.split(",") if variant)
@@ -603,7 +614,8 @@ def main() -> None:
         earlier = {report["model"]: report["mixed"] for report in json.loads(args.reuse_scan.read_text())["reports"]
                    if "mixed" in report}
     reports = [run_model(name, args.cache, args.data_root, args.items, args.latency_items, args.threads, print, variants,
-                         earlier.get(name), args.split_groups, sets) for name in args.models.split(",") if name]
+                         earlier.get(name), args.split_groups, sets, args.batch_check)
+               for name in args.models.split(",") if name]
     print_table(reports)
     result = {"reports": reports, "threads": args.threads, "sets": list(sets), "onnxruntime": onnxruntime.__version__}
     print(f"wrote {write_results(args.out, result)}")

@@ -10,8 +10,8 @@ float32.
 
 Why per token rather than onnxruntime's quantize_dynamic (the first int8 export): its DynamicQuantizeLinear takes one
 scale for the whole input tensor, i.e. for every token of every item in the batch, so an item's int8 head vectors (and
-labels) depended on the items batched with it: on the real bundles up to 12% (Gemma-3-270M) and 37%
-(all-MiniLM-L6-v2) of a pack's labels differed between batch 8 and batch 1. With a row's own range an item's
+labels) depended on the items batched with it: on the real bundles 2.3-5.3% (Gemma-3-270M) and 11.7-38%
+(all-MiniLM-L6-v2) of a pack's labels differed between batch 8 and batch 1 (tools/results/int8_batch.json). With a row's own range an item's
 quantization is its own (what remains is the float parts' rounding with padding, which int8 rounding can amplify:
 up to 2.7% of Gemma's labels, none of MiniLM's), and more of the float32 labels stay (docs/export.md).
 
