@@ -660,6 +660,24 @@ def test_an_items_int8_result_does_not_depend_on_the_items_batched_with_it(loade
     assert labels == [[classifier.classify(text).by_pack[name].label for name in classifier.pack_names] for text in texts]
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_weights_have_a_scale_per_column_or_one_per_matrix(loaded_model, packs, text_task, tmp_path, per_channel):
+    import onnx
+    from onnx import numpy_helper
+
+    train = load_examples(text_task[0])
+    result = export_bundle(loaded_model("qwen2"), packs("qwen2"), tmp_path / "int8", quantize="int8", examples=train,
+                           per_channel=per_channel)
+    assert result.info["graph"]["quantization"]["per_channel"] is per_channel
+    model = onnx.load(str(result.folder / "graph.onnx"))
+    scales = [numpy_helper.to_array(tensor) for tensor in model.graph.initializer
+              if tensor.name.startswith("q8.") and tensor.name.endswith(".scale")]
+    assert scales and all(scale.ndim == 1 for scale in scales)
+    assert all((len(np.unique(scale)) > 1) is per_channel for scale in scales)
+    labels = Classifier.load(result.folder).classify_batch([example.text for example in train])
+    assert np.mean([result.label == example.label for result, example in zip(labels, train)]) > 0.5
+
+
 def _flatten_token_embeddings(source, target, per_channel):
     """A stand-in for quantize_graph that damages the labels: the float32 graph with its token embeddings flattened
     to one row."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import subprocess
 import sys
@@ -251,7 +250,6 @@ def main() -> None:
     import torch
 
     warnings.filterwarnings("ignore", message=".*duplicate example")  # the shared sets hold some; eval_real keeps them
-    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on every call
     reports = [run_model(name, args.data_root, args.cache, args.items, args.latency_items, args.threads,
                           args.batch_items) for name in names]
     print_table(reports)
