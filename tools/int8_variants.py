@@ -70,7 +70,7 @@ import numpy as np
 
 from measure import DATA_ROOT, write_results
 from savpack.cache import cache_dir
-from savpack.export.quantize import embedding_gather, replace_nodes
+from savpack.export.quantize import embedding_gather, int8_columns, replace_nodes
 
 SETS = ("sst2", "trec", "subj")
 # Mixed precision: the weight-MatMul groups quantized, the others left float32, chosen on the packs' shots (see
@@ -89,10 +89,12 @@ ATTENTION_MATRICES = 4  # q, k, v, o: the first weight matrices of each layer, t
 def weight_matmuls(model) -> list[tuple[str, int, bool]]:
     """(node name, layer, is attention) of every MatMul by a weight matrix outside the scores, in graph order. A layer
     starts at its query projection; its first ATTENTION_MATRICES weight matrices are the attention's."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
+    from savpack.export import quantize
+
+    weights = set(quantize.weight_matmuls(model))  # the export's rule: 2-D weight matrices outside the scores
     found, layer, position = [], -1, 0
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.name.startswith("/scores") or node.input[1] not in initializers:
+        if node.name not in weights:
             continue
         if any(name in node.name for name in ("q_proj", "query")):
             layer, position = layer + 1, 0
@@ -295,10 +297,9 @@ def dequantize_weights(model, names: list[str]) -> None:
             continue
         tensor = initializers[node.input[1]]
         weight = numpy_helper.to_array(tensor)  # (in, out)
-        scale = (np.abs(weight).max(axis=0) / 127.0).astype(np.float32)
-        scale[scale == 0] = 1.0
+        integers, scale = int8_columns(weight)
         name = tensor.name
-        tensor.CopyFrom(numpy_helper.from_array(np.clip(np.round(weight / scale), -127, 127).astype(np.int8), f"{name}__int8"))
+        tensor.CopyFrom(numpy_helper.from_array(integers, f"{name}__int8"))
         model.graph.initializer.extend([numpy_helper.from_array(scale, f"{name}__scale"),
                                         numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}__zero")])
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}__int8", f"{name}__scale", f"{name}__zero"], [name],
@@ -341,9 +342,8 @@ def simulate_dynamic(model, folder: Path, names: set[str], embedding: bool) -> N
             continue
         p = f"scan.{len(replace)}"
         weight = numpy_helper.to_array(initializers[node.input[1]], base_dir=str(folder))  # (K, N)
-        scale = (np.abs(weight).max(axis=0) / 127.0).astype(np.float32)
-        scale[scale == 0] = 1.0
-        added += [numpy_helper.from_array(np.clip(np.round(weight / scale), -127, 127).astype(np.int8), f"{p}.w"),
+        integers, scale = int8_columns(weight)
+        added += [numpy_helper.from_array(integers, f"{p}.w"),
                   numpy_helper.from_array(scale, f"{p}.scale")]
         replace[node.name] = [
             helper.make_node("DynamicQuantizeLinear", [node.input[0]], [f"{p}.x", f"{p}.xs", f"{p}.xz"], name=f"{p}.q"),

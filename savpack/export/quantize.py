@@ -178,6 +178,15 @@ def embedding_gather(model):
     return max(tables, key=lambda node: initializers[node.input[0]].dims[0]) if tables else None
 
 
+def int8_columns(weight: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """weight (K, N) -> (int8 (K, N), float32 scale (N,)): symmetric, weight ~ int8 * scale, a scale per column
+    (per_channel) or one for the whole matrix; a column of zeros gets scale 1."""
+    weight = np.asarray(weight, dtype=np.float32)
+    largest = np.abs(weight).max(axis=0) if per_channel else np.full(weight.shape[1], np.abs(weight).max())
+    scale = np.where(largest > 0, largest / INT8_LIMIT, 1.0).astype(np.float32)
+    return np.clip(np.round(weight / scale), -INT8_LIMIT, INT8_LIMIT).astype(np.int8), scale
+
+
 def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, embedding: bool = True) -> None:
     """Rewrite `model` in place: each named MatMul x . W becomes an integer product with W int8 (a scale per output
     column, or one per matrix) and x quantized per row. For a row x: lo = min(x), step = (max(x) - lo) / 255,
@@ -207,10 +216,7 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
             helper.make_node("QuantizeLinear", [f"{p}.scaled", "q8.one", "q8.zero"], [f"{p}.u8"], name=f"{p}.u8")]
         for index, node in enumerate(nodes):
             q = f"{p}.{index}"
-            weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)  # (K, N)
-            scale = np.abs(weight).max(axis=0) if per_channel else np.full(weight.shape[1], np.abs(weight).max())
-            scale = np.where(scale > 0, scale / INT8_LIMIT, 1.0).astype(np.float32)  # (N,)
-            integers = np.clip(np.round(weight / scale), -INT8_LIMIT, INT8_LIMIT).astype(np.int8)
+            integers, scale = int8_columns(numpy_helper.to_array(initializers[node.input[1]]), per_channel)
             sums = (integers.astype(np.float64) * scale).sum(axis=0).astype(np.float32)  # (N,)
             added += [numpy_helper.from_array(integers, f"{q}.w"), numpy_helper.from_array(scale, f"{q}.scale"),
                       numpy_helper.from_array(sums, f"{q}.sums")]
@@ -223,11 +229,10 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
                 helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]], name=f"{q}.add")]
     node = embedding_gather(model) if embedding else None
     if node is not None:
-        table = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)  # (vocabulary, hidden)
-        rows = np.abs(table).max(axis=1, keepdims=True)
-        rows = np.where(rows > 0, rows / INT8_LIMIT, 1.0).astype(np.float32)
-        added += [numpy_helper.from_array(np.clip(np.round(table / rows), -INT8_LIMIT, INT8_LIMIT).astype(np.int8), "q8.table"),
-                  numpy_helper.from_array(rows, "q8.table_scale")]
+        table = numpy_helper.to_array(initializers[node.input[0]])  # (vocabulary, hidden)
+        integers, rows = int8_columns(table.T)  # a scale per row of the table
+        added += [numpy_helper.from_array(np.ascontiguousarray(integers.T), "q8.table"),
+                  numpy_helper.from_array(rows[:, None], "q8.table_scale")]
         replace[node.name] = [
             helper.make_node("Gather", ["q8.table", node.input[1]], ["q8.rows"], axis=0, name="q8.rows"),
             helper.make_node("Gather", ["q8.table_scale", node.input[1]], ["q8.row_scales"], axis=0, name="q8.row_scales"),
