@@ -42,7 +42,7 @@ from savpack.calibration import (SHARPNESS, TEMPERATURES, fit_head_calibration, 
                                  stratified_folds)
 from savpack.classifier import DEFAULT_K, SavClassifier
 from savpack.metrics import expected_calibration_error
-from savpack_runtime.scoring import head_probabilities, softmax
+from savpack_runtime.scoring import head_probabilities
 from savpack_runtime.vote import cosine_to_centroids, vote
 
 MODELS = ("gemma-3-270m", "minilm-cls")  # issue 14's table
@@ -61,9 +61,8 @@ def _pair(temperature: float, sharpness: float) -> Callable[[np.ndarray], np.nda
 def _grid_probabilities(similarities: np.ndarray):
     """(T index, sharpness index, probabilities (N, C)) over the calibration's coarse grid."""
     for i, temperature in enumerate(TEMPERATURES):
-        logs = np.log(np.maximum(softmax(similarities.astype(np.float64) / temperature).mean(axis=1), 1e-12))
         for j, sharpness in enumerate(SHARPNESS):
-            yield i, j, softmax(sharpness * logs)
+            yield i, j, head_probabilities(similarities, temperature, sharpness)  # the runtime's own formula
 
 
 def fit_brier(similarities: np.ndarray, labels: np.ndarray):
