@@ -145,11 +145,11 @@ class Classifier:
         check_threshold(abstain_below)
         items = [self.check_item(item, index) for index, item in enumerate(items)]
         outputs = self.graph_outputs(items, batch_size)
-        return results_from_decisions({entry.name: (entry.pack.labels, self._decide(entry, outputs, abstain_below))
+        return results_from_decisions({entry.name: (entry.pack.labels, self.decision_from_outputs(entry, outputs, abstain_below))
                                        for entry in self.bundle.packs})
 
     @staticmethod
-    def _decide(entry: BundlePack, outputs: dict[str, np.ndarray], abstain_below: float | None) -> Decision:
+    def decision_from_outputs(entry: BundlePack, outputs: dict[str, np.ndarray], abstain_below: float | None = None) -> Decision:
         """A pack's decision over the batch from the graph's outputs: its cosines, vote and probabilities where the
         graph computes them (bundle format 2; bundles written before the probabilities moved into the graph leave
         those to numpy), else the reference numpy vote on the graph's head vectors (format 1)."""
