@@ -618,11 +618,16 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
                    "graph must label as float32 does (default 0.98).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="With --quantize: one int8 scale per weight column, or one per matrix.")
+@click.option("--keep-float", type=click.Choice(["auto", "none"]), default=None,
+              help="With --quantize: 'auto' (the default with --data) keeps float32 the MatMul groups whose int8 form "
+                   "disturbs the packs' own examples most, chosen by a scan (one pass over the examples per group); "
+                   "'none' (the default without --data) makes every weight MatMul int8.")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_heads_only: bool, exporter: str,
                    tolerance: float | None, quantize: str | None, data_paths: tuple[str, ...], check_paths: tuple[str, ...],
-                   min_agreement: float | None, per_channel: bool, force: bool, as_json: bool, **params: Any) -> None:
+                   min_agreement: float | None, per_channel: bool, keep_float: str | None, force: bool, as_json: bool,
+                   **params: Any) -> None:
     """Write a bundle: the graph truncated after the packs' deepest layer, with each pack's vote inside, the packs,
     the preprocessing files.
 
@@ -636,8 +641,10 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
     from .export.bundle import export_bundle
     from .export.quantize import DEFAULT_MIN_AGREEMENT
 
-    if quantize is None and (data_paths or check_paths or min_agreement is not None):
-        raise click.UsageError("--data, --check-data and --min-agreement go with --quantize int8")
+    if quantize is None and (data_paths or check_paths or min_agreement is not None or keep_float is not None):
+        raise click.UsageError("--data, --check-data, --min-agreement and --keep-float go with --quantize int8")
+    if keep_float == "auto" and not data_paths:
+        raise click.UsageError("--keep-float auto chooses on the packs' own examples: give their training data with --data")
     if quantize is not None and not data_paths and not check_paths:
         raise click.UsageError("--quantize int8 needs --data (the examples the packs were built from) and/or --check-data "
                                "(held-out items), to check the int8 labels")
@@ -652,7 +659,8 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
     result = export_bundle(loaded, packs, out, names=names, fp16=fp16, selected_heads_only=selected_heads_only,
                            force=force, exporter=exporter, tolerance=tolerance, echo=lambda line: click.echo(line, err=True),
                            quantize=quantize, examples=examples, per_channel=per_channel, check_items=check_items,
-                           min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement)
+                           min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement,
+                           keep_float=keep_float)
     summary = {"bundle": str(result.folder), "files": result.sizes, "bytes": sum(result.sizes.values()),
                "heads": len(result.info["graph"]["heads"]), "packs": [entry["name"] for entry in result.info["packs"]],
                "weights": result.info["graph"]["weights"],
@@ -667,6 +675,11 @@ def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_h
                f"{len(packs)} pack(s); graph matches the model to {result.validation.max_difference:.2g} "
                f"(tolerance {result.validation.tolerance:g}) on {len(result.validation.batches)} fresh batches")
     if result.quantization:
+        if result.quantization.mixed:
+            mixed = result.quantization.mixed
+            kept = len(mixed["float32_groups"])
+            click.echo(f"int8 weights: {len(mixed['int8_groups'])} of {len(mixed['int8_groups']) + kept} MatMul groups int8, "
+                       f"{kept} kept float32 (--keep-float auto; bundle.json graph.quantization.mixed lists them)")
         agreement = ", ".join(f"{name} {value:.1%} of {result.quantization.examples[name]}"
                               for name, value in result.quantization.agreement.items())
         if agreement:

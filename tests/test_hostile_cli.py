@@ -254,7 +254,9 @@ TABLE = [
     Row("export-int8-without-its-check-data", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
         "--quantize int8", 2, "--quantize int8 needs --data (the examples the packs were built from) and/or --check-data", seconds=30),
     Row("export-check-data-without-quantize", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
-        "--check-data {items}", 2, "--data, --check-data and --min-agreement go with --quantize int8", seconds=30),
+        "--check-data {items}", 2, "--data, --check-data, --min-agreement and --keep-float go with --quantize int8", seconds=30),
+    Row("export-keep-float-auto-without-data", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
+        "--quantize int8 --check-data {items} --keep-float auto", 2, "--keep-float auto chooses on the packs' own examples", seconds=30),
     Row("export-check-data-empty", "savpack export --pack {pack_gpt2} --model {model_gpt2} --out {tmp}/b-gpt2 "
         "--quantize int8 --check-data {check_empty}", 1, "check-empty.jsonl: dataset holds no examples", seconds=30,
         keep=("check_empty",)),

@@ -31,7 +31,8 @@ from ..pipeline import check_pack_fits, producer_versions
 from ..preprocess_spec import write_preprocessing
 from . import onnx_graph, require_export_extra
 from .forward import GraphModule, build_graph_module
-from .quantize import DEFAULT_MIN_AGREEMENT, QUANTIZE_TYPES, QuantizationReport, check_items_fit, packs_examples, quantize_bundle
+from .quantize import (DEFAULT_MIN_AGREEMENT, QUANTIZE_TYPES, QuantizationReport, check_items_fit, check_keep_float,
+                       packs_examples, quantize_bundle)
 from .validate import (DEFAULT_TOLERANCE, EXAMPLE_SIZES, FLOAT16_TOLERANCE, ValidationReport, check_tolerance, encode_examples,
                        make_examples, validate_graph)
 
@@ -82,19 +83,26 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
                   fp16: bool = False, selected_heads_only: bool = False, force: bool = False,
                   exporter: str = "torchscript", tolerance: float | None = None, echo=None, scores: bool = True,
                   quantize: str | None = None, examples: Sequence[Example] = (), per_channel: bool = True,
-                  min_agreement: float = DEFAULT_MIN_AGREEMENT, check_items: Sequence[Example] = ()) -> ExportResult:
+                  min_agreement: float = DEFAULT_MIN_AGREEMENT, check_items: Sequence[Example] = (),
+                  keep_float: str | None = None) -> ExportResult:
     """Export the graph for `packs` (one model, one prompt) and write the bundle folder `out`.
 
     scores: the packs' votes inside the graph (bundle format 2, the default: measured to cost nothing, docs/export.md);
     False writes a format-1 bundle whose graph returns head vectors only (the runtime then votes in numpy).
     quantize "int8": the validated float32 graph is quantized (savpack.export.quantize) and kept only if each pack
     labels its own examples (found among `examples`) as the float32 graph does, at least `min_agreement` of them, and
-    every pack labels the held-out `check_items` (labelled or not) as the float32 graph does, as many of them."""
+    every pack labels the held-out `check_items` (labelled or not) as the float32 graph does, as many of them.
+    keep_float: with quantize, "auto" (the default with `examples`: the MatMul groups that disturb the packs' own
+    examples most stay float32) or "none" (every weight MatMul int8; the default without `examples`)."""
     say = echo or (lambda message: None)
     out = Path(out)
     require_export_extra()
     names = check_export(loaded, packs, names, out, force)
     own_examples = check_quantize(packs, names, quantize, fp16, examples, check_items)
+    if quantize is not None:
+        keep_float = check_keep_float(keep_float, own_examples)
+    elif keep_float is not None:
+        raise ExportError("keep_float goes with quantize='int8'")
     tolerance = check_tolerance(tolerance) if tolerance is not None else (FLOAT16_TOLERANCE if fp16 else DEFAULT_TOLERANCE)
     prompt = packs[0].prompt
     heads, positions = union_heads(packs)
@@ -121,7 +129,8 @@ def export_bundle(loaded: LoadedModel, packs: Sequence[Pack], out: str | Path, n
         seconds["validate"] = time.perf_counter() - started
         if quantize is not None:
             started = time.perf_counter()
-            quantization = quantize_bundle(work, names, own_examples, per_channel, min_agreement, say, check_items)
+            quantization = quantize_bundle(work, names, own_examples, per_channel, min_agreement, say, check_items,
+                                           keep_float)
             info = json.loads((work / fmt.BUNDLE_FILE).read_text(encoding="utf-8"))
             seconds["quantize"] = time.perf_counter() - started
         sizes = {str(path.relative_to(work)): path.stat().st_size for path in sorted(work.rglob("*")) if path.is_file()}

@@ -22,6 +22,19 @@ the share of equal labels must reach `min_agreement` (DEFAULT_MIN_AGREEMENT) or 
 The packs' own examples sit near their centroids, so that check is optimistic; `check_items` (held-out items, labelled
 or not: `savpack export --check-data`) are classified by every pack with both graphs too, and their agreement must
 reach `min_agreement` as well.
+
+Mixed precision (keep_float "auto", the default when the packs' own examples are given): not every weight MatMul
+need be int8. The MatMuls fall in groups, those reading one tensor (a layer's q, k and v; its o; its MLP's gate and
+up; its down), plus the token-embedding table. Each group alone is made int8 and judged on the packs' own examples
+(ShotJudge): its disturbance of a pack is the mean |change| of the lead of each example's most probable class over
+its runner-up in the pack's log-probabilities, over the mean float32 lead: the share of a typical decision's lead
+the group's rounding eats, whether a vote or a probe decides (the largest over the packs). Groups are then made int8
+from the least disturbing on, and the longest such prefix is kept whose graph keeps every own example's label in
+every pack and disturbs no pack by more than DISTURBANCE_BUDGET of what the all-int8 graph does
+(choose_int8_groups); the rest stay float32. Why: on the real bundles a few projections (the first layers' MLP,
+some query projections, the embedding table) move most labels; keeping them float32 kept 96.8-100% of held-out
+labels (all-int8: 73.0-99.7%) and accuracy within 1 point, at 1.68x float32's speed on Gemma-3-270M (docs/export.md,
+docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -35,9 +48,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from savpack_runtime import bundle as fmt
+from savpack_runtime import graph_inputs
 from savpack_runtime.classifier import Classifier, prompt_misfit
 from savpack_runtime.items import Example
 from savpack_runtime.pack import Pack
+from savpack_runtime.session import GraphSession
+from savpack_runtime.vote import cosine_to_centroids
 
 from ..errors import ExportError
 from ..pipeline import training_examples
@@ -52,6 +68,14 @@ DEFAULT_MIN_AGREEMENT = 0.98
 QUANTIZATION_METHOD = "int8 weights, uint8 activations per token"
 UINT8_LEVELS = 255.0
 INT8_LIMIT = 127.0
+KEEP_FLOAT_CHOICES = ("auto", "none")
+# keep_float "auto": the int8 groups together may disturb each pack's own examples by at most this share of what the
+# all-int8 graph does. Read off measurements on the real bundles among 0.2-0.75 (tools/int8_variants.py's mixed-r*
+# variants, docs/export.md "How the scan's rule was found"): with groups by input, 0.6 was the one budget that kept 98%
+# of held-out labels on every set for Gemma-3-270M at more than 1.7x float32's speed. Not derived.
+DISTURBANCE_BUDGET = 0.6
+SHOT_AGREEMENT = 1.0  # and every own example keeps its float32 label in every pack
+EMBEDDING_GROUP = "embedding"  # the token-embedding table, a group of its own
 
 
 @dataclass
@@ -64,11 +88,19 @@ class QuantizationReport:
     # The held-out check (check_items), or None: {"items": n, "agreement": {pack: share}, "accuracy": {pack:
     # {"items": labelled items of the pack's classes, "float32": ..., "int8": ...}}}
     held_out: dict[str, Any] | None = None
+    keep_float: str = "none"
+    # keep_float "auto": choose_int8_groups's record (groups, disturbance alone, which stay float32), else None
+    mixed: dict[str, Any] | None = None
+
+    @property
+    def float32_groups(self) -> list[str]:
+        return self.mixed["float32_groups"] if self.mixed else []
 
     def to_dict(self) -> dict[str, Any]:
+        embedding = "float32" if EMBEDDING_GROUP in self.float32_groups else "int8, a scale per row"
         return {"method": QUANTIZATION_METHOD, "weights": "int8", "activations": "uint8, a scale and offset per token",
-                "per_channel": self.per_channel, "embedding": "int8, a scale per row",
-                "min_agreement": self.min_agreement, "examples": self.examples,
+                "per_channel": self.per_channel, "embedding": embedding, "keep_float": self.keep_float,
+                "mixed": self.mixed, "min_agreement": self.min_agreement, "examples": self.examples,
                 "agreement": self.agreement, "accuracy": self.accuracy, "held_out": self.held_out}
 
 
@@ -91,23 +123,57 @@ def check_items_fit(items: Sequence[Example], image_count: int) -> None:
             raise ExportError(f"{item.source}: --check-data item: {problem}")
 
 
+def check_keep_float(keep_float: str | None, examples: dict[str, list[Example]]) -> str:
+    """keep_float as given, or its default: "auto" when the packs' own examples are given (the scan needs them),
+    else "none"."""
+    if keep_float is None:
+        return "auto" if examples else "none"
+    if keep_float not in KEEP_FLOAT_CHOICES:
+        raise ExportError(f"--keep-float {keep_float!r} is not one of {list(KEEP_FLOAT_CHOICES)}")
+    if keep_float == "auto" and not examples:
+        raise ExportError("--keep-float auto chooses the float32 groups on the packs' own examples: give the packs' "
+                          "training data with --data, or use --keep-float none")
+    return keep_float
+
+
 def quantize_bundle(folder: Path, names: Sequence[str], examples: dict[str, list[Example]], per_channel: bool = True,
                     min_agreement: float = DEFAULT_MIN_AGREEMENT, echo=lambda message: None,
-                    check_items: Sequence[Example] = ()) -> QuantizationReport:
+                    check_items: Sequence[Example] = (), keep_float: str | None = None) -> QuantizationReport:
     """Replace the float32 graph of the bundle being written in `folder` by its int8 version, or raise ExportError
     (listing the agreement of every pack) when the labels move too much.
 
     examples: each pack's own examples (an empty dict: no such check); check_items: held-out items every pack
-    classifies (labelled or not)."""
+    classifies (labelled or not); keep_float: "auto" (the MatMul groups that disturb the packs' own examples most
+    stay float32, see the module's docstring), "none" (every weight MatMul int8) or None (check_keep_float's default)."""
     if not 0.0 <= min_agreement <= 1.0:
         raise ExportError(f"--min-agreement {min_agreement} must be between 0 and 1")
-    report = QuantizationReport(per_channel, min_agreement)
+    report = QuantizationReport(per_channel, min_agreement, keep_float=check_keep_float(keep_float, examples))
     reference, reference_held = _labels(folder, names, examples, check_items)
     graph = folder / fmt.GRAPH_FILE
+    import onnx
+
+    groups = matmul_groups(onnx.load(str(graph), load_external_data=False))
+    if not groups:
+        raise ExportError(f"{graph}: the graph has no MatMul by a weight matrix to quantize")
+    int8_groups = list(groups)
+    if report.keep_float == "auto":
+        echo(f"choosing the int8 groups: each of the {len(groups)} MatMul groups made int8 alone and judged on the packs' "
+             f"{sum(len(items) for items in examples.values())} own examples")
+        judge = ShotJudge(folder, {name: _runtime_items(items) for name, items in examples.items()},
+                          lambda model, members, embedding: quantize_per_token(model, members, per_channel, embedding,
+                                                                              base_dir=folder))
+        report.mixed = choose_int8_groups(judge, groups, DISTURBANCE_BUDGET)
+        int8_groups = report.mixed["int8_groups"]
+        echo(f"{len(report.mixed['float32_groups'])} of {len(groups)} groups stay float32: "
+             + (", ".join(report.mixed["float32_groups"]) or "none"))
+        if not int8_groups:
+            raise ExportError("no MatMul group can be int8 without changing a label of the packs' own examples; export "
+                              "in float32 (or --fp16), or make every group int8 with --keep-float none")
     echo(f"quantizing the graph to int8 (weights {'per channel' if per_channel else 'per tensor'}, activations per token)")
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=folder.parent) as scratch:
         quantized = Path(scratch) / "quantized.onnx"
-        quantize_graph(graph, quantized, per_channel)
+        quantize_graph(graph, quantized, per_channel, [name for group in int8_groups for name in groups[group]],
+                       EMBEDDING_GROUP in int8_groups)
         install_graph(quantized, folder)
     found, found_held = _labels(folder, names, examples, check_items)
     for name, items in examples.items():
@@ -139,16 +205,18 @@ def quantize_bundle(folder: Path, names: Sequence[str], examples: dict[str, list
     return report
 
 
-def quantize_graph(source: Path, target: Path, per_channel: bool) -> None:
+def quantize_graph(source: Path, target: Path, per_channel: bool, names: Sequence[str] | None = None,
+                   embedding: bool = True) -> None:
     """The int8 version of the graph `source` (weights in external data) written to `target`: quantize_per_token on
-    every MatMul by a weight matrix outside the scoring nodes, and the token-embedding table."""
+    the named MatMuls (None: every MatMul by a weight matrix outside the scoring nodes) and, with `embedding`, the
+    token-embedding table."""
     import onnx
 
     model = onnx.load(str(source))  # the graph this export has just written, with its weights
-    names = weight_matmuls(model)
-    if not names:
+    names = weight_matmuls(model) if names is None else names
+    if not names and not (embedding and embedding_gather(model) is not None):
         raise ExportError(f"{source}: the graph has no MatMul by a weight matrix to quantize")
-    quantize_per_token(model, names, per_channel)
+    quantize_per_token(model, names, per_channel, embedding)
     onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
 
 
@@ -170,6 +238,138 @@ def matmuls_by_input(model, names: Sequence[str]) -> dict[str, list]:
     return groups
 
 
+def matmul_groups(model) -> dict[str, list[str]]:
+    """The weight MatMuls in groups that read one tensor (quantize_per_token quantizes that tensor once for them),
+    each named by its first MatMul, in graph order; then the token-embedding table, as EMBEDDING_GROUP with no
+    MatMul, if the graph has one."""
+    groups = {nodes[0].name: [node.name for node in nodes]
+              for nodes in matmuls_by_input(model, weight_matmuls(model)).values()}
+    if embedding_gather(model) is not None:
+        groups[EMBEDDING_GROUP] = []
+    return groups
+
+
+class ShotJudge:
+    """The packs' own examples through the float32 graph of the bundle in `folder` and through graphs with some
+    weight MatMuls int8 (`rewrite(model, names, embedding)` turns the named MatMuls, and the embedding table if
+    `embedding`, of a model loaded without its weights into their int8 form, in place), compared pack by pack.
+
+    examples: pack -> its own examples in any form Classifier.classify_batch takes."""
+
+    def __init__(self, folder: Path, examples: dict[str, list[Any]], rewrite, threads: int | None = None):
+        self.folder, self.rewrite, self.threads = folder, rewrite, threads
+        self.classifier = Classifier.load(folder, threads=threads)
+        self.items = [item for items in examples.values() for item in items]
+        starts = np.cumsum([0] + [len(items) for items in examples.values()])
+        self.rows = {name: np.arange(start, start + len(items)) for (name, items), start in zip(examples.items(), starts)}
+        self.float32 = self._decisions()
+
+    def _decisions(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """pack -> (labels (S,), probabilities (S, C), cosines (S, k, C)) on its own examples."""
+        outputs = self.classifier.graph_outputs(self.items)
+        found = {}
+        for entry in self.classifier.bundle.packs:
+            rows = self.rows[entry.name]
+            decision = self.classifier.decision_from_outputs(entry, outputs)
+            vectors = outputs[graph_inputs.OUTPUT_NAME][rows][:, entry.positions]  # (S, k, D)
+            found[entry.name] = (decision.predictions[rows], np.asarray(decision.probabilities, np.float64)[rows],
+                                 cosine_to_centroids(vectors, entry.pack.centroids).astype(np.float64))
+        return found
+
+    def judge(self, names: Sequence[str], embedding: bool) -> dict[str, dict[str, float]]:
+        """pack -> {"agreement": the share of its examples keeping their float32 label; "disturbance": the mean
+        |change| of the lead of each example's most probable class over the runner-up (float32's two) in the pack's
+        log-probabilities, over the mean float32 lead: the share of a typical decision's lead the int8 rounding eats,
+        whatever decides (vote or probe: for a probe the lead is the difference of its logits; in log space the
+        confident decisions a pack makes on its own examples do not saturate); "head_disturbance": the same for each
+        head's cosines to its two most similar centroids; "head_agreement": the share of (example, head) votes
+        unchanged}, with the named MatMuls (and the embedding table if `embedding`) int8."""
+        import onnx
+
+        model = onnx.load(str(self.folder / fmt.GRAPH_FILE), load_external_data=False)
+        self.rewrite(model, names, embedding)
+        path = self.folder / ".int8-scan.onnx"  # beside the weights file its float32 tensors still refer to
+        data = path.with_name(path.name + ".data")  # the int8 tensors: a large model's would pass protobuf's 2 GB
+        session = self.classifier.session
+        try:
+            onnx.save_model(model, str(path), save_as_external_data=True, location=data.name)
+            del model
+            self.classifier.session = GraphSession(path, threads=self.threads)
+            found = self._decisions()
+        finally:
+            self.classifier.session = session
+            path.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
+        report = {}
+        for name, (labels, probabilities, cosines) in self.float32.items():
+            int8_labels, int8_probabilities, int8_cosines = found[name]
+            ranked = np.argsort(probabilities, axis=1)  # the float32 lead's two classes, followed in int8
+            rows, top, runner_up = np.arange(len(labels)), ranked[:, -1], ranked[:, -2]
+            log_lead = _log(probabilities[rows, top]) - _log(probabilities[rows, runner_up])  # (S,)
+            int8_log_lead = _log(int8_probabilities[rows, top]) - _log(int8_probabilities[rows, runner_up])
+            ordered = np.sort(cosines, axis=-1)
+            head_lead = ordered[..., -1] - ordered[..., -2]
+            report[name] = {"agreement": float(np.mean(int8_labels == labels)),
+                            "disturbance": float(np.mean(np.abs(int8_log_lead - log_lead))
+                                                 / max(float(np.mean(log_lead)), 1e-12)),
+                            "head_disturbance": float(np.mean(np.abs(int8_cosines - cosines))
+                                                      / max(float(np.mean(head_lead)), 1e-12)),
+                            "head_agreement": float(np.mean(int8_cosines.argmax(-1) == cosines.argmax(-1)))}
+        return report
+
+
+def choose_int8_groups(judge: ShotJudge, groups: dict[str, list[str]], budget: float | None,
+                       progress: bool = True) -> dict[str, Any]:
+    """Sensitivity-guided mixed precision on the packs' own examples. Each group (groups: name -> its MatMuls;
+    EMBEDDING_GROUP the embedding table) is made int8 alone and judged (the largest disturbance over the packs);
+    groups are then made int8 from the least disturbing on, and the longest such prefix is kept whose graph keeps
+    every example's label in every pack (SHOT_AGREEMENT) and disturbs no pack by more than `budget` times what making
+    every group int8 does to it (None: no such bound). The prefix is found by bisection, which assumes a longer
+    prefix disturbs at least as much. Returns the record bundle.json keeps: the measure used per pack, the groups'
+    disturbance alone, the int8 and the float32 groups, the prefixes judged."""
+    from tqdm.auto import tqdm
+
+    def judged(chosen: Sequence[str]) -> dict[str, dict[str, float]]:
+        return judge.judge([name for group in chosen for name in groups[group]], EMBEDDING_GROUP in chosen)
+
+    full = judged(list(groups))  # the all-int8 graph: the budget's unit
+    # A pack whose decisions even the all-int8 graph leaves exactly as they were (probabilities saturated in float32,
+    # as on easy synthetic sets) tells nothing about the groups; its heads' cosines still do.
+    measure = {pack: "disturbance" if value["disturbance"] > 0 else "head_disturbance" for pack, value in full.items()}
+
+    def worst(found: dict[str, dict[str, float]]) -> float:
+        return max(value[measure[pack]] for pack, value in found.items())
+
+    alone = {}
+    # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar fragments.
+    for group in tqdm(groups, desc="int8 scan", unit="group", disable=None if progress else True, leave=False):
+        alone[group] = judged([group])
+    order = sorted(groups, key=lambda group: worst(alone[group]))
+    prefixes = {0: {}, len(order): full}
+
+    def fits(count: int) -> bool:
+        if count not in prefixes:
+            prefixes[count] = judged(order[:count])
+        return all(value["agreement"] >= SHOT_AGREEMENT
+                   and (budget is None or value[measure[pack]] <= budget * full[pack][measure[pack]])
+                   for pack, value in prefixes[count].items())
+
+    low, high = 0, len(order)  # fits(low) holds; find the largest count that fits
+    if fits(high):
+        low = high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    chosen = set(order[:low])
+    return {"budget": budget, "shot_agreement": SHOT_AGREEMENT, "measure": measure,
+            "disturbance_alone": {group: round(worst(alone[group]), 6) for group in groups},
+            "int8_groups": [group for group in groups if group in chosen],
+            "float32_groups": [group for group in groups if group not in chosen],
+            "prefixes": {str(count): {pack: {key: round(value, 6) for key, value in found.items()}
+                                      for pack, found in prefixes[count].items()}
+                         for count in sorted(prefixes) if count}}
+
+
 def embedding_gather(model):
     """The token-embedding lookup: the Gather of the largest 2-D initializer (None without one)."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
@@ -187,12 +387,14 @@ def int8_columns(weight: np.ndarray, per_channel: bool = True) -> tuple[np.ndarr
     return np.clip(np.round(weight / scale), -INT8_LIMIT, INT8_LIMIT).astype(np.int8), scale
 
 
-def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, embedding: bool = True) -> None:
+def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, embedding: bool = True,
+                       base_dir: str | Path = "") -> None:
     """Rewrite `model` in place: each named MatMul x . W becomes an integer product with W int8 (a scale per output
     column, or one per matrix) and x quantized per row. For a row x: lo = min(x), step = (max(x) - lo) / 255,
     u = QuantizeLinear((x - lo) / step) in uint8, and x . W ~ step * (u . Wq) * scale + lo * (column sums of the
     dequantized W). MatMuls that read the same input share its quantization. With `embedding`, the token-embedding
-    table (embedding_gather's) becomes int8 with a scale per row."""
+    table (embedding_gather's) becomes int8 with a scale per row. base_dir: where the weights of a model loaded
+    without its external data lie (only the tensors rewritten are read)."""
     from onnx import TensorProto, helper, numpy_helper
 
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
@@ -216,7 +418,7 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
             helper.make_node("QuantizeLinear", [f"{p}.scaled", "q8.one", "q8.zero"], [f"{p}.u8"], name=f"{p}.u8")]
         for index, node in enumerate(nodes):
             q = f"{p}.{index}"
-            integers, scale = int8_columns(numpy_helper.to_array(initializers[node.input[1]]), per_channel)
+            integers, scale = int8_columns(numpy_helper.to_array(initializers[node.input[1]], str(base_dir)), per_channel)
             sums = (integers.astype(np.float64) * scale).sum(axis=0).astype(np.float32)  # (N,)
             added += [numpy_helper.from_array(integers, f"{q}.w"), numpy_helper.from_array(scale, f"{q}.scale"),
                       numpy_helper.from_array(sums, f"{q}.sums")]
@@ -229,7 +431,7 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
                 helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]], name=f"{q}.add")]
     node = embedding_gather(model) if embedding else None
     if node is not None:
-        table = numpy_helper.to_array(initializers[node.input[0]])  # (vocabulary, hidden)
+        table = numpy_helper.to_array(initializers[node.input[0]], str(base_dir))  # (vocabulary, hidden)
         integers, rows = int8_columns(table.T)  # a scale per row of the table
         added += [numpy_helper.from_array(np.ascontiguousarray(integers.T), "q8.table"),
                   numpy_helper.from_array(rows[:, None], "q8.table_scale")]
@@ -289,8 +491,17 @@ def _labels(folder: Path, names: Sequence[str], examples: dict[str, list[Example
     classifier = Classifier.load(folder)
 
     def classify(items: Sequence[Example]):
-        return classifier.classify_batch([{"text": item.text, "images": list(item.images)} for item in items])
+        return classifier.classify_batch(_runtime_items(items))
 
     own = {name: [result.by_pack[name].label for result in classify(items)] for name, items in examples.items()}
     results = classify(check_items) if check_items else []
     return own, {name: [result.by_pack[name].label for result in results] for name in names}
+
+
+def _log(probabilities: np.ndarray) -> np.ndarray:
+    # float32 probabilities of a confident decision can underflow to 0; a floor keeps their log finite.
+    return np.log(np.maximum(probabilities, 1e-30))
+
+
+def _runtime_items(examples: Sequence[Example]) -> list[dict[str, Any]]:
+    return [{"text": example.text, "images": list(example.images)} for example in examples]
