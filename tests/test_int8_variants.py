@@ -80,44 +80,23 @@ def test_mixed_groups_split_each_layer_into_input_and_output_projections():
         ["gate_proj_1", "up_proj_1", "down_proj_1"]
 
 
-def test_the_shot_judge_measures_the_simulated_int8_graph_against_float32(tmp_path):
-    """Nothing quantized: every label kept, no disturbance; the weight MatMuls, or the embedding table, quantized:
-    some disturbance; the bundle's folder left as it was."""
-    import shutil
+def test_the_tools_judge_remembers_judgements_by_group_and_reuses_an_earlier_runs():
+    """Budgets share one scan: a judgement asked again (in any MatMul order) is not recomputed; --reuse-scan's
+    record seeds a new judge, which then judges nothing it was given."""
+    asked = []
 
-    source = tmp_path / "bundle"
-    shutil.copytree(GOLDEN / "bundle", source)  # the judge writes its scan graph beside the weights
-    items = [json.loads(line)["text"] for line in (GOLDEN / "items.jsonl").read_text().splitlines()]
-    judge = int8_variants.ShotJudge(source, {"words": items}, threads=1)
-    assert judge.judge(set(), embedding=False) == {"words": {"agreement": 1.0, "disturbance": 0.0}}
-    names = {name for name, _, _ in int8_variants.weight_matmuls(onnx.load(str(source / "graph.onnx"), load_external_data=False))}
-    assert judge.judge(names, embedding=False)["words"]["disturbance"] > 0
-    assert judge.judge(set(), embedding=True)["words"]["disturbance"] > 0
-    assert sorted(path.name for path in source.iterdir()) == sorted(path.name for path in (GOLDEN / "bundle").iterdir())
+    class Counting:
+        def judge(self, names, embedding):
+            asked.append((tuple(names), embedding))
+            return {"pack": {"agreement": 1.0, "disturbance": float(len(names))}}
 
-
-class _FakeJudge:
-    """Each MatMul disturbs by its weight in `cost`; quantizing `breaks` changes a shot's label."""
-
-    def __init__(self, cost: dict[str, float], breaks: str):
-        self.cost, self.breaks = cost, breaks
-
-    def judge(self, names, embedding):
-        return {"pack": {"agreement": 0.9 if self.breaks in names else 1.0,
-                         "disturbance": sum(self.cost[name] for name in names) + (0.5 if embedding else 0.0)}}
-
-
-def test_the_mixed_choice_keeps_float_what_moves_the_shots_labels_and_what_exceeds_the_budget():
-    groups = {"a": ["a1"], "b": ["b1"], "c": ["c1", "c2"], "d": ["d1"]}
-    judge = _FakeJudge({"a1": 0.1, "b1": 0.2, "c1": 1.0, "c2": 1.0, "d1": 0.3}, breaks="b1")
-    chosen = int8_variants.choose_groups(judge, groups, {"labels": None, "half": 0.5}, lambda message: None)
-    assert chosen["order"] == ["a", "b", "d", "embedding", "c"]  # least disturbing first; "b" alone keeps labels
-    # b changes a label: every prefix holding it fails, so only "a" is quantized, whatever the budget
-    assert chosen["quantized"] == {"labels": ["a"], "half": ["a"]}
-    judge.breaks = "none"
-    chosen = int8_variants.choose_groups(judge, groups, {"labels": None, "half": 0.5}, lambda message: None)
-    # all-int8 disturbs 3.1: half of it (1.55) admits a, b, d and the embedding (1.1), not c (2.0 more)
-    assert chosen["quantized"] == {"labels": ["a", "b", "d", "embedding", "c"], "half": ["a", "b", "d", "embedding"]}
+    groups = {"a": ["a1", "a2"], "b": ["b1"], int8_variants.EMBEDDING_GROUP: []}
+    judge = int8_variants.RememberingJudge(Counting(), groups)
+    first = judge.judge(["a1", "a2", "b1"], True)
+    assert judge.judge(["b1", "a2", "a1"], True) == first and judge.judge(["b1"], False)["pack"]["disturbance"] == 1.0
+    assert len(asked) == 2
+    again = int8_variants.RememberingJudge(Counting(), groups, json.loads(json.dumps(judge.record())))
+    assert again.judge(["a2", "b1", "a1"], True) == first and len(asked) == 2
 
 
 @pytest.mark.parametrize("variant, operator, count", [("mixed-r50", "MatMulInteger", 4), ("mixed-r50-per-token", "MatMulInteger", 4)])

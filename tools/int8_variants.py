@@ -46,8 +46,9 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
                     the same groups quantized as per-token does (the embedding table int8 per row if chosen)
                     --split-groups splits each layer's attention and MLP groups in two: the MatMuls reading the
                     part's input (q, k, v; gate, up) and its output projection (o; down)
-                    --reuse-scan RESULTS.json takes the groups' scan (and the prefixes judged) from an earlier run's
-                    JSON instead of judging them again (the same bundles and shots)
+                    --reuse-scan RESULTS.json reuses the judgements an earlier run's JSON records (its mixed.judged;
+                    runs from before savpack.export.quantize.choose_int8_groups recorded none) instead of judging
+                    them again (the same bundles and shots)
 
 Needs the float32 bundles tools/real_export.py writes (--cache, the same default). Prints a table; writes JSON to --out.
 """
@@ -70,11 +71,13 @@ import numpy as np
 
 from measure import DATA_ROOT, write_results
 from savpack.cache import cache_dir
-from savpack.export.quantize import embedding_gather, int8_columns, replace_nodes
+from savpack.export.quantize import (EMBEDDING_GROUP, SHOT_AGREEMENT, ShotJudge, choose_int8_groups, embedding_gather,
+                                     int8_columns, replace_nodes)
 
 SETS = ("sst2", "trec", "subj")
 # Mixed precision: the weight-MatMul groups quantized, the others left float32, chosen on the packs' shots (see
-# choose_groups). The number after "mixed-r" is the disturbance budget in hundredths of the all-int8 graph's.
+# savpack.export.quantize.choose_int8_groups). The number after "mixed-r" is the disturbance budget in hundredths of
+# the all-int8 graph's; `savpack export --quantize int8` chooses as mixed-r60-per-token with --split-groups.
 MIXED_BUDGETS = {"mixed-shots": None, "mixed-r75": 0.75, "mixed-r60": 0.60, "mixed-r50": 0.50, "mixed-r33": 0.33,
                  "mixed-r20": 0.20}
 MIXED_VARIANTS = tuple(MIXED_BUDGETS) + tuple(f"{name}-per-token" for name in MIXED_BUDGETS)
@@ -309,10 +312,6 @@ def dequantize_weights(model, names: list[str]) -> None:
     model.graph.node.extend(nodes + graph_nodes)
 
 
-EMBEDDING_GROUP = "embedding"  # the token-embedding table (Gather), a group of its own
-SHOT_AGREEMENT = 1.0  # every pack must keep every shot's label for a choice to stand
-
-
 def matmul_groups(matmuls: list[tuple[str, int, bool]], inputs: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Weight MatMuls by group, in graph order: 'layer{L}.attention' (q, k, v, o) and 'layer{L}.mlp'. With `inputs`
     (MatMul name -> its input tensor), each of those splits by input: '.in' the MatMuls reading the part's input (q, k,
@@ -365,108 +364,22 @@ def simulate_dynamic(model, folder: Path, names: set[str], embedding: bool) -> N
     replace_nodes(model, replace, added)
 
 
-class ShotJudge:
-    """The packs' own shots through the float32 bundle and through simulated int8 versions of it, compared pack by
-    pack: label agreement and disturbance, the mean |change| of the pack's per-head cosines to its centroids over the
-    mean margin between each head's two most similar classes (float32): the share of a typical head's lead that
-    quantization eats."""
+class RememberingJudge:
+    """A judge (savpack.export.quantize.ShotJudge) whose judgements are remembered by the groups quantized, so that the
+    mixed variants' budgets share one scan, and --reuse-scan seeds them from an earlier run's JSON (`record()`)."""
 
-    def __init__(self, source: Path, shots: dict[str, list[str]], threads: int):
-        from savpack_runtime import Classifier
+    def __init__(self, inner, groups: dict[str, list[str]], earlier: list[dict[str, Any]] = ()):
+        self.inner, self.group_of = inner, {name: group for group, names in groups.items() for name in names}
+        self.seen = {tuple(entry["groups"]): entry["result"] for entry in earlier}
 
-        self.source, self.threads = source, threads
-        self.classifier = Classifier.load(source, threads=threads, batch_size=8)
-        self.texts = [text for texts in shots.values() for text in texts]
-        starts = np.cumsum([0] + [len(texts) for texts in shots.values()])
-        self.rows = {name: np.arange(start, start + len(texts)) for (name, texts), start in zip(shots.items(), starts)}
-        self.float32 = self._decisions(self.classifier)
+    def judge(self, names, embedding: bool) -> dict[str, dict[str, float]]:
+        key = tuple(sorted({self.group_of[name] for name in names} | ({EMBEDDING_GROUP} if embedding else set())))
+        if key not in self.seen:
+            self.seen[key] = self.inner.judge(names, embedding)
+        return self.seen[key]
 
-    def _decisions(self, classifier) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """pack -> (labels (S,), cosines (S, k, C)) on its own shots."""
-        outputs = classifier.graph_outputs(self.texts)
-        found = {}
-        for entry in classifier.bundle.packs:
-            rows = self.rows[entry.name]
-            decision = classifier._decide(entry, outputs, None)
-            found[entry.name] = (decision.predictions[rows], outputs[entry.outputs["cosines"]][rows].astype(np.float64))
-        return found
-
-    def judge(self, names: set[str], embedding: bool) -> dict[str, dict[str, float]]:
-        """pack -> {"agreement", "disturbance"} with the named MatMuls (and the embedding table) in simulated int8."""
-        import onnx
-
-        from savpack_runtime.session import GraphSession
-
-        model = onnx.load(str(self.source / "graph.onnx"), load_external_data=False)
-        simulate_dynamic(model, self.source, names, embedding)
-        path = self.source / ".mixed-scan.onnx"  # beside the weights file its float32 tensors refer to
-        onnx.save_model(model, str(path))
-        del model
-        session = self.classifier.session
-        try:
-            self.classifier.session = GraphSession(path, threads=self.threads)
-            found = self._decisions(self.classifier)
-        finally:
-            self.classifier.session = session
-            path.unlink()
-        report = {}
-        for name, (labels, cosines) in self.float32.items():
-            ordered = np.sort(cosines, axis=-1)
-            margin = float(np.mean(ordered[..., -1] - ordered[..., -2]))
-            report[name] = {"agreement": float(np.mean(found[name][0] == labels)),
-                            "disturbance": float(np.mean(np.abs(found[name][1] - cosines)) / margin)}
-        return report
-
-
-def choose_groups(judge: ShotJudge, groups: dict[str, list[str]], budgets: dict[str, float | None],
-                  echo: Callable[[str], None], earlier: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Sensitivity-guided mixed precision on the packs' shots. Each group (a layer's attention MatMuls, its MLP's, the
-    embedding table) is quantized alone and judged (ShotJudge: the largest disturbance over the packs); groups are then
-    quantized from the least disturbing on, and for each budget the longest such prefix is kept whose graph keeps
-    every shot's label in every pack (SHOT_AGREEMENT) and disturbs no pack by more than `budget` times what
-    quantizing every group does to it (None: labels only). The longest prefix is found by bisection (assumes a longer
-    prefix disturbs at least as much). `earlier`: a previous call's result on the same bundle and shots, whose
-    judgements are reused."""
-    names = dict(groups, **{EMBEDDING_GROUP: []})
-
-    def judged(chosen: list[str]) -> dict[str, dict[str, float]]:
-        return judge.judge({name for group in chosen for name in names[group]}, EMBEDDING_GROUP in chosen)
-
-    alone = dict(earlier["alone"]) if earlier else {}
-    for group in names:
-        if group in alone:
-            continue
-        alone[group] = judged([group])
-        echo(f"  alone {group}: disturbance {max(v['disturbance'] for v in alone[group].values()):.4f}, "
-             f"agreement {min(v['agreement'] for v in alone[group].values()):.3f}")
-    order = sorted(names, key=lambda group: max(value["disturbance"] for value in alone[group].values()))
-    prefixes: dict[int, dict[str, dict[str, float]]] = {0: {}}
-    if earlier and earlier["order"] == order:
-        prefixes.update({int(count): value for count, value in earlier["prefixes"].items()})
-
-    def fits(count: int, budget: float | None) -> bool:
-        if count not in prefixes:
-            prefixes[count] = judged(order[:count])
-            echo(f"  first {count} groups: disturbance {max(v['disturbance'] for v in prefixes[count].values()):.4f}, "
-                 f"agreement {min(v['agreement'] for v in prefixes[count].values()):.3f}")
-        full = prefixes[len(order)]
-        return all(value["agreement"] >= SHOT_AGREEMENT
-                   and (budget is None or value["disturbance"] <= budget * full[pack]["disturbance"])
-                   for pack, value in prefixes[count].items())
-
-    fits(len(order), None)  # the all-int8 graph: the budgets' unit
-    chosen = {}
-    for variant, budget in budgets.items():
-        low, high = 0, len(order)  # fits(low) holds; find the largest count that fits
-        if fits(high, budget):
-            low = high
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if fits(middle, budget) else (low, middle)
-        chosen[variant] = order[:low]
-    return {"alone": alone, "order": order,
-            "prefixes": {str(count): value for count, value in sorted(prefixes.items()) if count},
-            "quantized": chosen, "groups": {group: members for group, members in names.items()}}
+    def record(self) -> list[dict[str, Any]]:
+        return [{"groups": list(key), "result": result} for key, result in self.seen.items()]
 
 
 def labels_of(classifier, splits: dict[str, list], batch_size: int | None = None) -> dict[str, list[str]]:
@@ -509,7 +422,7 @@ def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items
               echo: Callable[[str], None], variants: tuple[str, ...] = VARIANTS,
               earlier: dict[str, Any] | None = None, split_groups: bool = False,
               sets: tuple[str, ...] = SETS, batch_check: bool = False) -> dict[str, Any]:
-    """`earlier`: an earlier run's choose_groups result for this model (--reuse-scan); split_groups: the mixed
+    """`earlier`: an earlier run's "mixed" record for this model (--reuse-scan: its judgements are reused); split_groups: the mixed
     variants' groups split by input (--split-groups); sets: whose test items judge (--sets)."""
     from eval_real import TASKS, make_splits
     from savpack_runtime import Classifier
@@ -537,9 +450,14 @@ def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items
         inputs = {node.name: node.input[0] for node in model.graph.node if node.input} if split_groups else None
         groups = matmul_groups(weight_matmuls(model), inputs)
         del model
-        report["mixed"] = choose_groups(ShotJudge(source, shots, threads), groups, budgets, echo, earlier)
-        report["mixed"].update(split_groups=split_groups, shots={task: len(texts) for task, texts in shots.items()}, budgets=budgets,
-                               shot_agreement=SHOT_AGREEMENT, seconds=round(time.perf_counter() - started))
+        groups[EMBEDDING_GROUP] = []
+        judge = RememberingJudge(ShotJudge(source, shots, lambda model, names, embedding: simulate_dynamic(
+            model, source, set(names), embedding), threads), groups, (earlier or {}).get("judged", []))
+        choices = {variant: choose_int8_groups(judge, groups, budget) for variant, budget in budgets.items()}
+        report["mixed"] = {"groups": groups, "quantized": {variant: choice["int8_groups"] for variant, choice in choices.items()},
+                           "choices": choices, "judged": judge.record(), "split_groups": split_groups,
+                           "shots": {task: len(texts) for task, texts in shots.items()}, "budgets": budgets,
+                           "shot_agreement": SHOT_AGREEMENT, "seconds": round(time.perf_counter() - started)}
     with tempfile.TemporaryDirectory(prefix="int8-variants-", dir=cache) as work:
         for variant in variants:
             echo(f"{name}: {variant}")
