@@ -3,16 +3,18 @@
 
   1. build one pack per shared set (sst2, trec, agnews, sms_spam, subj; the splits of tools/eval_real.py, 20 shots per
      class, seed 0, k 20, the item's text as the prompt) and export them as ONE bundle (one forward, five packs), in
-     float32 with the vote inside the graph, in float32 without it (bundle format 1), with float16 weights (`--fp16`)
-     and in int8 (`--quantize int8`, checked on the packs' own shots, whatever their agreement);
+     float32 with the vote inside the graph, in float32 without it (bundle format 1), with float16 weights (`--fp16`),
+     in int8 as `--quantize int8` makes it from the packs' shots (`int8`: `--keep-float auto`, the MatMul groups
+     that disturb the shots most kept float32) and with every weight MatMul int8 (`int8-all`: `--keep-float none`),
+     both checked on the packs' own shots, whatever their agreement;
   2. labels through `savpack-run classify` (a subprocess, the CLI users run) against the builder's
      (savpack.pipeline.classify) on `--items` shared sst2 test items;
-  3. int8 and float16 against float32 on every set's test split (500 items; 1000 for sms_spam): label agreement and
+  3. int8, int8-all and float16 against float32 on every set's test split (500 items; 1000 for sms_spam): label agreement and
      accuracy;
   4. batch independence: the share of each pack's labels that differ between batch 8 and batch 1 for the same items
      (`--batch-items` test items of every set), per graph (an int8 graph whose activations shared one range per batch
      gave different labels to an item depending on its batch-mates);
-  5. batch-1 latency of the four graphs side by side (one item through each in turn, order alternating, the
+  5. batch-1 latency of the five graphs side by side (one item through each in turn, order alternating, the
      Classifier's whole path: preprocessing, forward, vote), median per item, at `--threads` onnxruntime threads.
 
     python tools/real_export.py --out tools/results/real_export.json           # Gemma-3-270M and all-MiniLM-L6-v2
@@ -57,8 +59,8 @@ MODELS = {"gemma-3-270m": (gemma_270m, "last"), "minilm": (minilm, "first")}
 SETS = ("sst2", "trec", "agnews", "sms_spam", "subj")
 SHOTS, K, SEED = 20, 20, 0
 TEMPLATE = "{text}"
-VARIANTS = ("float32", "float32-no-scores", "float16", "int8")
-COMPARED = ("float16", "int8")  # against float32 on the test splits
+VARIANTS = ("float32", "float32-no-scores", "float16", "int8", "int8-all")
+COMPARED = ("float16", "int8", "int8-all")  # against float32 on the test splits
 
 
 def build_packs(loaded, splits: dict[str, dict[str, list]], token_position: str) -> tuple[list, list]:
@@ -85,8 +87,9 @@ def export_variants(loaded, packs, shots, folder: Path, report: dict[str, Any]) 
     for variant in VARIANTS:
         started = time.perf_counter()
         options = {"scores": variant != "float32-no-scores", "fp16": variant == "float16"}
-        if variant == "int8":  # measured whatever the agreement (the threshold is what these figures choose)
-            options.update(quantize="int8", examples=shots, min_agreement=0.0)
+        if variant.startswith("int8"):  # measured whatever the agreement (the threshold is what these figures choose)
+            options.update(quantize="int8", examples=shots, min_agreement=0.0,
+                           keep_float="none" if variant == "int8-all" else "auto")
         result = export_bundle(loaded, packs, folder / variant, names=list(SETS), force=True, echo=print, **options)
         report["bundles"][variant] = {"seconds": round(time.perf_counter() - started, 1), "bytes": sum(result.sizes.values()),
                                       "validation_max_difference": result.validation.max_difference,
@@ -199,6 +202,7 @@ def run_model(name: str, data_root: Path, cache: Path, items: int, latency_items
     latency = batch1_latency(bundles, texts, threads)
     report["latency_batch1_s"] = latency
     report["latency_ratio_int8_over_float32"] = latency["int8"] / latency["float32"]
+    report["latency_ratio_int8_all_over_float32"] = latency["int8-all"] / latency["float32"]
     report["latency_ratio_scores_over_no_scores"] = latency["float32"] / latency["float32-no-scores"]
     return report
 
@@ -216,17 +220,22 @@ def print_table(reports: list[dict[str, Any]]) -> None:
         print(f"  labels differing between batch 8 and batch 1 ({moved['items']} items): " + "; ".join(
             f"{variant} {max(moved[variant].values()):.1%} at most" for variant in ("float32", *COMPARED)))
         latency = report["latency_batch1_s"]
+        mixed = report["bundles"]["int8"]["quantization"]["mixed"]
+        print(f"  int8: {len(mixed['float32_groups'])} of {len(mixed['disturbance_alone'])} MatMul groups kept float32 "
+              f"({report['bundles']['int8']['seconds']:.0f} s to export, int8-all {report['bundles']['int8-all']['seconds']:.0f} s)")
         print(f"  batch-1 latency: float32 {latency['float32'] * 1e3:.1f} ms, float16 {latency['float16'] * 1e3:.1f} ms, "
-              f"int8 {latency['int8'] * 1e3:.1f} ms "
-              f"(int8/float32 {report['latency_ratio_int8_over_float32']:.2f}, {1 / report['latency_ratio_int8_over_float32']:.2f}x faster); "
+              f"int8 {latency['int8'] * 1e3:.1f} ms (int8/float32 {report['latency_ratio_int8_over_float32']:.2f}, "
+              f"{1 / report['latency_ratio_int8_over_float32']:.2f}x faster), int8-all {latency['int8-all'] * 1e3:.1f} ms "
+              f"({1 / report['latency_ratio_int8_all_over_float32']:.2f}x faster); "
               f"vote in graph / not {report['latency_ratio_scores_over_no_scores']:.3f}")
         own = report["bundles"]["int8"]["quantization"]["agreement"]
         print(f"  {'set':<10} {'items':>5} {'acc f32':>8} {'agree f16':>10} {'acc f16':>8} {'agree int8':>11} "
-              f"{'acc int8':>9} {'diff':>6} {'int8 agree on shots':>20}")
+              f"{'acc int8':>9} {'diff':>6} {'int8 agree on shots':>20} {'agree int8-all':>15} {'diff':>6}")
         for task, row in report["sets"].items():
             print(f"  {task:<10} {row['items']:>5} {row['accuracy_float32']:>8.3f} {row['agreement_float16']:>10.3f} "
                   f"{row['accuracy_float16']:>8.3f} {row['agreement_int8']:>11.3f} {row['accuracy_int8']:>9.3f} "
-                  f"{100 * (row['accuracy_int8'] - row['accuracy_float32']):>+6.1f} {own[task]:>20.3f}")
+                  f"{100 * (row['accuracy_int8'] - row['accuracy_float32']):>+6.1f} {own[task]:>20.3f} "
+                  f"{row['agreement_int8-all']:>15.3f} {100 * (row['accuracy_int8-all'] - row['accuracy_float32']):>+6.1f}")
 
 
 def main() -> None:
