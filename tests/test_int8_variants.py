@@ -64,20 +64,19 @@ def test_the_measured_alternatives_quantize_every_weight_matrix_and_classify(var
     assert np.mean([a.label == b.label for a, b in zip(classifier.classify_batch(items), reference.classify_batch(items))]) >= 0.6
 
 
-def test_mixed_groups_split_each_layer_into_input_and_output_projections():
-    """Per layer: attention (q, k, v, o) and MLP; split: q, k, v (one input) | o, and gate, up | down."""
+def test_mixed_groups_are_layers_or_split_into_input_and_output_projections():
+    """Per layer: attention (q, k, v, o) and MLP; split (the export's groups): q, k, v (one input) | o, and gate, up |
+    down; the embedding table a group of its own either way."""
+    from savpack.export.quantize import EMBEDDING_GROUP, matmul_groups
+
     model = onnx.load(str(GOLDEN / "bundle" / "graph.onnx"), load_external_data=False)
-    matmuls = int8_variants.weight_matmuls(model)
-    whole = int8_variants.matmul_groups(matmuls)
+    whole = int8_variants.layer_groups(int8_variants.weight_matmuls(model))
     assert {group: len(names) for group, names in whole.items()} == \
         {"layer0.attention": 4, "layer0.mlp": 3, "layer1.attention": 4, "layer1.mlp": 3, "layer2.attention": 3}
-    split = int8_variants.matmul_groups(matmuls, {node.name: node.input[0] for node in model.graph.node if node.input})
-    assert {group: len(names) for group, names in split.items()} == \
-        {"layer0.attention.in": 3, "layer0.attention.out": 1, "layer0.mlp.in": 2, "layer0.mlp.out": 1,
-         "layer1.attention.in": 3, "layer1.attention.out": 1, "layer1.mlp.in": 2, "layer1.mlp.out": 1,
-         "layer2.attention.in": 3}
-    assert [name.split("/")[-2] for name in split["layer1.mlp.in"] + split["layer1.mlp.out"]] == \
-        ["gate_proj_1", "up_proj_1", "down_proj_1"]
+    split = matmul_groups(model)
+    assert [len(names) for names in split.values()] == [3, 1, 2, 1, 3, 1, 2, 1, 3, 0] and list(split)[-1] == EMBEDDING_GROUP
+    assert [name.split("/")[-2] for name in split["/heads/decoder/mlp/gate_proj_1/MatMul"]] == ["gate_proj_1", "up_proj_1"]
+    assert sorted(name for names in split.values() for name in names) == sorted(name for names in whole.values() for name in names)
 
 
 def test_the_tools_judge_remembers_judgements_by_group_and_reuses_an_earlier_runs():

@@ -44,8 +44,8 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
                     with the other groups' MatMuls excluded (float32; the embedding table float32 unless chosen)
   mixed-r75-per-token, ..., mixed-r20-per-token (any mixed variant with -per-token)
                     the same groups quantized as per-token does (the embedding table int8 per row if chosen)
-                    --split-groups splits each layer's attention and MLP groups in two: the MatMuls reading the
-                    part's input (q, k, v; gate, up) and its output projection (o; down)
+                    --split-groups takes the export's groups instead (savpack.export.quantize.matmul_groups, the
+                    MatMuls reading one tensor): each layer's q, k, v | o | gate, up | down
                     --reuse-scan RESULTS.json reuses the judgements an earlier run's JSON records (its mixed.judged;
                     runs from before savpack.export.quantize.choose_int8_groups recorded none) instead of judging
                     them again (the same bundles and shots)
@@ -72,7 +72,7 @@ import numpy as np
 from measure import DATA_ROOT, write_results
 from savpack.cache import cache_dir
 from savpack.export.quantize import (EMBEDDING_GROUP, SHOT_AGREEMENT, ShotJudge, choose_int8_groups, embedding_gather,
-                                     int8_columns, replace_nodes)
+                                     int8_columns, matmul_groups, replace_nodes)
 
 SETS = ("sst2", "trec", "subj")
 # Mixed precision: the weight-MatMul groups quantized, the others left float32, chosen on the packs' shots (see
@@ -312,17 +312,12 @@ def dequantize_weights(model, names: list[str]) -> None:
     model.graph.node.extend(nodes + graph_nodes)
 
 
-def matmul_groups(matmuls: list[tuple[str, int, bool]], inputs: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """Weight MatMuls by group, in graph order: 'layer{L}.attention' (q, k, v, o) and 'layer{L}.mlp'. With `inputs`
-    (MatMul name -> its input tensor), each of those splits by input: '.in' the MatMuls reading the part's input (q, k,
-    v; the MLP's gate and up or its first dense), '.out' its output projection (o; down)."""
+def layer_groups(matmuls: list[tuple[str, int, bool]]) -> dict[str, list[str]]:
+    """Weight MatMuls by group, in graph order: 'layer{L}.attention' (q, k, v, o) and 'layer{L}.mlp'. (--split-groups
+    takes the export's groups instead, savpack.export.quantize.matmul_groups: the MatMuls reading one tensor.)"""
     groups: dict[str, list[str]] = {}
     for name, layer, attention in matmuls:
-        part = f"layer{layer}.{'attention' if attention else 'mlp'}"
-        if inputs is not None:
-            first = groups.get(f"{part}.in", [name])[0]  # the part's first MatMul reads its input
-            part += ".in" if inputs[first] == inputs[name] else ".out"
-        groups.setdefault(part, []).append(name)
+        groups.setdefault(f"layer{layer}.{'attention' if attention else 'mlp'}", []).append(name)
     return groups
 
 
@@ -447,10 +442,8 @@ def run_model(name: str, cache: Path, data_root: Path, items: int, latency_items
         started = time.perf_counter()
         shots = shots_by_pack(source, data_root)
         model = onnx.load(str(source / "graph.onnx"), load_external_data=False)
-        inputs = {node.name: node.input[0] for node in model.graph.node if node.input} if split_groups else None
-        groups = matmul_groups(weight_matmuls(model), inputs)
+        groups = matmul_groups(model) if split_groups else dict(layer_groups(weight_matmuls(model)), **{EMBEDDING_GROUP: []})
         del model
-        groups[EMBEDDING_GROUP] = []
         judge = RememberingJudge(ShotJudge(source, shots, lambda model, names, embedding: simulate_dynamic(
             model, source, set(names), embedding), threads), groups, (earlier or {}).get("judged", []))
         choices = {variant: choose_int8_groups(judge, groups, budget) for variant, budget in budgets.items()}
