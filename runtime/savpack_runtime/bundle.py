@@ -61,8 +61,9 @@ PACK_FIELDS = ("file", "sha256", "name", "positions")  # positions: index of eac
 # which also say PACK_CALIBRATED: whether the pack's probabilities are fitted (false: a format-1 pack's vote shares).
 PACK_FIELDS_2 = PACK_FIELDS + ("labels", "outputs")
 PACK_CALIBRATED = "calibrated"
-# float16: weight matrices stored as float16, cast back on load; int8: onnxruntime's dynamic quantization (MatMul weights
-# and the embedding table as int8, activations quantized on the fly), recorded with its check in graph.quantization.
+# float16: weight matrices stored as float16, cast back on load; int8: weight matrices int8 with their inputs quantized
+# per token in the graph (some groups may stay float32: --keep-float auto), recorded with its check and choice in
+# graph.quantization.
 WEIGHT_TYPES = ("float32", "float16", "int8")
 
 # The graph's metadata_props: JSON strings.
