@@ -723,6 +723,10 @@ def test_keep_float_auto_keeps_float32_the_groups_that_disturb_the_packs_example
     # over the float32 lead; and the heads' cosines, the same way.
     everything = export_bundle(loaded, packs("qwen2"), tmp_path / "none", quantize="int8", examples=train, keep_float="none")
     assert everything.quantization.mixed is None and everything.info["graph"]["quantization"]["keep_float"] == "none"
+    from test_specs import EXPORT_SCHEMAS, check
+
+    for bundle in (result, everything):  # bundle.json as docs/export.md documents it
+        check(EXPORT_SCHEMAS["bundle.json"], json.loads((bundle.folder / "bundle.json").read_text()))
     texts = [example.text for example in training_examples(packs("qwen2")[0], train)]
     before, after = (Classifier.load(folder) for folder in (tmp_path / "float32", everything.folder))
     for entry in before.bundle.packs:
