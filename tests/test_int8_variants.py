@@ -79,6 +79,41 @@ def test_mixed_groups_are_layers_or_split_into_input_and_output_projections():
     assert sorted(name for names in split.values() for name in names) == sorted(name for names in whole.values() for name in names)
 
 
+def test_the_dynamic_simulation_quantizes_the_named_matmuls_and_the_table_with_one_scale(tmp_path):
+    """simulate_dynamic (the tool's scans' rewrite): DynamicQuantizeLinear + MatMulInteger for exactly the named
+    MatMuls, the embedding table int8 with one scale; judged on the golden items, nothing int8 disturbs nothing and
+    any int8 disturbs."""
+    import shutil
+
+    from savpack.export.quantize import ShotJudge
+
+    model = onnx.load(str(GOLDEN / "bundle" / "graph.onnx"), load_external_data=False)
+    every = [name for name, _, _ in int8_variants.weight_matmuls(model)]
+    names = [name for name, layer, _ in int8_variants.weight_matmuls(model) if layer == 0]
+    int8_variants.simulate_dynamic(model, GOLDEN / "bundle", set(names), embedding=True)
+    operators = collections.Counter(node.op_type for node in model.graph.node)
+    assert operators["DynamicQuantizeLinear"] == operators["MatMulInteger"] == len(names) == 7
+    from onnx import numpy_helper
+
+    original = onnx.load(str(GOLDEN / "bundle" / "graph.onnx"), load_external_data=False)
+    table = numpy_helper.to_array(next(tensor for tensor in original.graph.initializer
+                                       if tensor.name == int8_variants.embedding_gather(original).input[0]),
+                                  str(GOLDEN / "bundle"))
+    found = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer if tensor.name.startswith("scan.table")}
+    scale = found["scan.table_scale"]
+    assert scale.shape == () and any(node.op_type == "DequantizeLinear" for node in model.graph.node)
+    assert np.abs(found["scan.table"] * scale - table).max() <= scale / 2 * (1 + 1e-5)  # one step for the whole table
+
+    source = tmp_path / "bundle"
+    shutil.copytree(GOLDEN / "bundle", source)
+    items = [json.loads(line)["text"] for line in (GOLDEN / "items.jsonl").read_text().splitlines()]
+    judge = ShotJudge(source, {"words": items}, lambda graph, chosen, embedding: int8_variants.simulate_dynamic(
+        graph, source, set(chosen), embedding), threads=1)
+    assert judge.judge([], False)["words"]["head_disturbance"] == 0.0
+    assert all(judge.judge(chosen, embedding)["words"]["head_disturbance"] > 0
+               for chosen, embedding in ((names[:1], False), ([], True), (every, True)))
+
+
 def test_the_tools_judge_remembers_judgements_by_group_and_reuses_an_earlier_runs():
     """Budgets share one scan: a judgement asked again (in any MatMul order) is not recomputed; --reuse-scan's
     record seeds a new judge, which then judges nothing it was given."""

@@ -348,9 +348,9 @@ def simulate_dynamic(model, folder: Path, names: set[str], embedding: bool) -> N
     gather = embedding_gather(model) if embedding else None
     if gather is not None:
         table = numpy_helper.to_array(initializers[gather.input[0]], base_dir=str(folder))
-        step = np.float32(np.abs(table).max() / 127.0)
-        added += [numpy_helper.from_array(np.clip(np.round(table / step), -127, 127).astype(np.int8), "scan.table"),
-                  numpy_helper.from_array(step, "scan.table_scale"), numpy_helper.from_array(np.int8(0), "scan.table_zero")]
+        integers, scale = int8_columns(table, per_channel=False)  # one scale for the table, as quantize_dynamic's Gather
+        added += [numpy_helper.from_array(integers, "scan.table"),
+                  numpy_helper.from_array(scale[0], "scan.table_scale"), numpy_helper.from_array(np.int8(0), "scan.table_zero")]
         del table
         replace[gather.name] = [
             helper.make_node("Gather", ["scan.table", gather.input[1]], ["scan.rows"], axis=0, name="scan.rows"),
