@@ -278,7 +278,6 @@ def main() -> None:
     if not args.data_root.is_dir():
         parser.error(f"--data-root {args.data_root} is not a folder (the shared data: sst2/, trec/, ...)")
     import onnxruntime
-    import torch
 
     warnings.filterwarnings("ignore", message=".*duplicate example")  # the shared sets hold some; eval_real keeps them
     if args.latency_only:
@@ -294,6 +293,8 @@ def main() -> None:
         result = {"latency_only": timed, "threads": args.threads, "versions": {"onnxruntime": onnxruntime.__version__}}
         print(f"wrote {write_results(args.out, result)}")
         return
+    import torch
+
     reports = [run_model(name, args.data_root, args.cache, args.items, args.latency_items, args.threads,
                           args.batch_items) for name in names]
     print_table(reports)
