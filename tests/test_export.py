@@ -644,14 +644,14 @@ def test_int8_export_is_checked_on_the_packs_own_examples(loaded_model, packs, t
         export_bundle(loaded, packs("qwen2"), tmp_path / "both", quantize="int8", examples=train, fp16=True)
 
 
-@pytest.mark.parametrize("keep_float, tolerance", [("none", 1e-5), ("auto", 1e-3)])
+@pytest.mark.parametrize("keep_float", ["none", "auto"])
 def test_an_items_int8_result_does_not_depend_on_the_items_batched_with_it(loaded_model, packs, text_task, tmp_path,
-                                                                          keep_float, tolerance):
+                                                                          keep_float):
     """Each token's activations are quantized with their own range, so an item's int8 head vectors are the same
     alone and in a batch of items of other lengths, up to the float parts' rounding (onnxruntime's dynamic
-    quantization, one range per batch, moved up to 38% of a real bundle's labels between batch 8 and batch 1). With
-    float32 groups between int8 ones, a float rounding difference can move a token's uint8 value by one step: a
-    looser bound, still far below the dynamic quantizer's."""
+    quantization, one range per batch, moved up to 38% of a real bundle's labels between batch 8 and batch 1). A
+    float rounding difference (padding, the rotation's product) can move a token's uint8 value by one step: 1e-3 of
+    the largest value bounds that (measured 8.5e-4 on this toy, all-int8)."""
     train, test = (load_examples(path) for path in text_task)
     result = export_bundle(loaded_model("qwen2"), packs("qwen2"), tmp_path / "int8", quantize="int8", examples=train,
                            keep_float=keep_float)
@@ -661,7 +661,7 @@ def test_an_items_int8_result_does_not_depend_on_the_items_batched_with_it(loade
     texts = texts[::max(1, len(texts) // 16)]  # short and long: the batches are padded
     assert len({len(text) for text in texts}) > 4
     together, alone = classifier.head_vectors(texts, batch_size=16), classifier.head_vectors(texts, batch_size=1)
-    assert np.abs(together - alone).max() <= tolerance * np.abs(alone).max()
+    assert np.abs(together - alone).max() <= 1e-3 * np.abs(alone).max()
     labels = [[result.by_pack[name].label for name in classifier.pack_names] for result in classifier.classify_batch(texts)]
     assert labels == [[classifier.classify(text).by_pack[name].label for name in classifier.pack_names] for text in texts]
 
@@ -696,19 +696,28 @@ def test_keep_float_auto_keeps_float32_the_groups_that_disturb_the_packs_example
     from savpack_runtime.vote import cosine_to_centroids
 
     loaded, train = loaded_model("qwen2"), load_examples(text_task[0])
+    # Within a budget the all-int8 graph meets, every group is int8 and none is judged alone.
+    monkeypatch.setattr(quantize, "DISTURBANCE_BUDGET", 1e9)
+    relaxed = export_bundle(loaded, packs("qwen2"), tmp_path / "relaxed", quantize="int8", examples=train).quantization
+    groups_count = len(relaxed.mixed["int8_groups"])
+    assert relaxed.mixed["float32_groups"] == [] and relaxed.mixed["disturbance_alone"] == {}
+    full = relaxed.mixed["prefixes"][str(groups_count)]
+    assert list(relaxed.mixed["prefixes"]) == [str(groups_count)] and all(value["agreement"] == 1.0 for value in full.values())
+    # Half the all-int8 graph's disturbance of the most disturbed pack: some groups must stay float32.
+    budget = max(value["disturbance"] for value in full.values()) / 2
+    monkeypatch.setattr(quantize, "DISTURBANCE_BUDGET", budget)
     result = export_bundle(loaded, packs("qwen2"), tmp_path / "auto", quantize="int8", examples=train)
     report = result.quantization
     mixed = result.info["graph"]["quantization"]["mixed"]
-    assert report.keep_float == "auto" and mixed == json.loads(json.dumps(report.mixed))
+    assert report.keep_float == "auto" and mixed == json.loads(json.dumps(report.mixed)) and mixed["budget"] == budget
     int8, float32, alone = mixed["int8_groups"], mixed["float32_groups"], mixed["disturbance_alone"]
     assert int8 and float32 and set(int8) | set(float32) == set(alone) and not set(int8) & set(float32)
-    assert max(alone[group] for group in int8) <= min(alone[group] for group in float32)
-    full, chosen = mixed["prefixes"][str(len(alone))], mixed["prefixes"][str(len(int8))]
-    assert all(chosen[pack]["agreement"] == 1.0 and
-               chosen[pack]["disturbance"] <= quantize.DISTURBANCE_BUDGET * full[pack]["disturbance"] for pack in full)
+    assert len(alone) == groups_count and max(alone[group] for group in int8) <= min(alone[group] for group in float32)
+    assert mixed["prefixes"][str(groups_count)] == full
+    chosen = mixed["prefixes"][str(len(int8))]
+    assert all(value["agreement"] == 1.0 and value["disturbance"] <= budget for value in chosen.values())
     longer = mixed["prefixes"][str(len(int8) + 1)]  # the next prefix was judged, and refused
-    assert any(longer[pack]["agreement"] < 1.0 or
-               longer[pack]["disturbance"] > quantize.DISTURBANCE_BUDGET * full[pack]["disturbance"] for pack in full)
+    assert any(value["agreement"] < 1.0 or value["disturbance"] > budget for value in longer.values())
 
     model = onnx.load(str(result.folder / "graph.onnx"), load_external_data=False)
     names = {node.name for node in model.graph.node}
@@ -779,6 +788,49 @@ def test_the_shot_judge_measures_an_int8_version_of_the_graph_against_float32(tm
     assert sorted(path.name for path in source.iterdir()) == sorted(os.listdir(os.path.join(golden, "bundle")))
 
 
+def _matmul_graph(weight: np.ndarray):
+    """x (batch, tokens, K) . weight (K, N): a one-MatMul ONNX model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="project")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, weight.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, weight.shape[1]])],
+                              [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_rows_rotated_before_their_uint8_rounding_lose_less_and_the_product_stays_exact_in_float():
+    """The block Hadamard rotation is orthogonal (x R . R^T W = x W); rows with a few large channels (what real
+    models' activations have) rounded after it lose far less of the product than rounded as they are."""
+    import onnxruntime
+
+    from savpack.export import quantize
+
+    assert [quantize.rotation_block(width) for width in (640, 384, 2048, 48, 24, 1000)] == [128, 128, 128, 16, 0, 0]
+    rotation = quantize.hadamard(128).astype(np.float64)
+    assert np.allclose(rotation @ rotation.T, np.eye(128), atol=1e-6)
+    generator = np.random.default_rng(0)
+    weight = generator.normal(size=(256, 48)).astype(np.float32)
+    x = generator.normal(size=(3, 5, 256)).astype(np.float32)
+    x[..., [7, 100, 200]] *= 60.0  # outlier channels
+    rotated = np.concatenate([x[..., start:start + 128] @ rotation for start in (0, 128)], axis=-1)
+    assert np.allclose(rotated @ quantize.rotate_rows(weight, 128), x @ weight, rtol=1e-4, atol=1e-3)
+
+    errors = {}
+    for rotate in (False, True):
+        model = _matmul_graph(weight)
+        quantize.quantize_per_token(model, ["project"], rotate=rotate)
+        ops = [node.op_type for node in model.graph.node]
+        assert ops.count("MatMulInteger") == 1 and ops.count("MatMul") == (1 if rotate else 0)
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        found = session.run(None, {"x": x})[0]
+        errors[rotate] = np.abs(found - x @ weight).mean() / np.abs(x @ weight).mean()
+    assert errors[True] < 0.01 and errors[True] < errors[False] / 2  # measured 0.0079 against 0.022
+    model = _matmul_graph(weight[:24])  # a width no block of 16 or more divides: not rotated
+    quantize.quantize_per_token(model, ["project"])
+    assert [node.op_type for node in model.graph.node].count("MatMul") == 0
+
+
 class _FakeJudge:
     """Each MatMul disturbs by its weight in `cost`; making `breaks` int8 changes an example's label."""
 
@@ -801,29 +853,35 @@ def test_the_int8_choice_keeps_float32_what_moves_the_examples_labels_and_what_e
         assert chosen["int8_groups"] == ["a"] and chosen["float32_groups"] == ["b", "c", "d", EMBEDDING_GROUP]
     judge.breaks = "none"
     assert choose_int8_groups(judge, groups, None, progress=False)["float32_groups"] == []
-    # all-int8 disturbs 3.1: half of it (1.55) admits a, b, d and the embedding (1.1), not c (2.0 more)
-    chosen = choose_int8_groups(judge, groups, 0.5, progress=False)
+    # all-int8 disturbs 3.1; 1.55 admits a, b, d and the embedding (1.1), not c (2.0 more)
+    chosen = choose_int8_groups(judge, groups, 1.55, progress=False)
     assert chosen["int8_groups"] == ["a", "b", "d", EMBEDDING_GROUP] and chosen["float32_groups"] == ["c"]
     assert chosen["disturbance_alone"] == {"a": 0.1, "b": 0.2, "c": 2.0, "d": 0.3, EMBEDDING_GROUP: 0.5}
-    assert chosen["measure"] == {"pack": "disturbance"}
+    assert sorted(chosen["prefixes"], key=int)[-1] == "5" and chosen["prefixes"]["4"]["pack"]["disturbance"] == 1.1
 
 
-class _SaturatedJudge(_FakeJudge):
-    """Decisions int8 never moves (probabilities saturated); the heads' cosines move by the costs."""
+class _CountingJudge(_FakeJudge):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
 
     def judge(self, names, embedding):
-        found = super().judge(names, embedding)["pack"]
-        return {"pack": {"agreement": found["agreement"], "disturbance": 0.0, "head_disturbance": found["disturbance"]}}
+        self.calls += 1
+        return super().judge(names, embedding)
 
 
-def test_a_pack_whose_decisions_int8_never_moves_is_judged_on_its_heads_cosines():
-    """Without the fallback every prefix 'disturbs' 0 <= budget x 0 and everything would be int8 unjudged."""
+def test_the_int8_choice_makes_every_group_int8_unscanned_when_the_whole_graph_fits():
+    """A pack whose decisions int8 never moves (saturated probabilities: disturbance 0), or a budget above the
+    all-int8 graph's disturbance: one judgement, every group int8."""
     from savpack.export.quantize import EMBEDDING_GROUP, choose_int8_groups
 
     groups = {"a": ["a1"], "b": ["b1"], "c": ["c1", "c2"], "d": ["d1"], EMBEDDING_GROUP: []}
-    judge = _SaturatedJudge({"a1": 0.1, "b1": 0.2, "c1": 1.0, "c2": 1.0, "d1": 0.3}, breaks="none")
-    chosen = choose_int8_groups(judge, groups, 0.5, progress=False)
-    assert chosen["measure"] == {"pack": "head_disturbance"} and chosen["float32_groups"] == ["c"]
+    judge = _CountingJudge({"a1": 0.1, "b1": 0.2, "c1": 1.0, "c2": 1.0, "d1": 0.3}, "none")
+    chosen = choose_int8_groups(judge, groups, 3.1, progress=False)
+    assert judge.calls == 1 and chosen["float32_groups"] == [] and chosen["disturbance_alone"] == {}
+    assert chosen["int8_groups"] == list(groups) and list(chosen["prefixes"]) == ["5"]
+    judge.calls = 0
+    assert choose_int8_groups(judge, groups, 3.0, progress=False)["float32_groups"] == ["c"] and judge.calls > 1
 
 
 def _flatten_token_embeddings(source, target, per_channel, *groups):
@@ -898,7 +956,8 @@ def test_savpack_export_quantize_command(model_dir, packs, text_task, tmp_path):
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)
     assert summary["weights"] == "int8" and summary["quantization"]["agreement"]["qwen2-paper"] >= 0.98
-    assert summary["quantization"]["keep_float"] == "auto" and summary["quantization"]["mixed"]["float32_groups"]
+    mixed = summary["quantization"]["mixed"]  # this toy's all-int8 graph fits the budget: every group int8
+    assert summary["quantization"]["keep_float"] == "auto" and mixed["int8_groups"] and mixed["float32_groups"] == []
     held = CliRunner().invoke(main, base + ["--quantize", "int8", "--check-data", str(text_task[1]), "--force"])
     assert held.exit_code == 0, held.output
     assert "labels equal to float32's on the" in held.output and "--check-data items: qwen2-paper" in held.output

@@ -42,7 +42,8 @@ def test_each_variant_quantizes_what_it_says_and_still_classifies(variant, integ
     assert np.mean([a == b for a, b in zip(found, expected)]) >= 0.6  # a working graph (these are random weights)
 
 
-@pytest.mark.parametrize("variant, operator, count", [("per-token", "MatMulInteger", 17), ("per-token-smooth", "MatMulInteger", 17),
+@pytest.mark.parametrize("variant, operator, count", [("per-token", "MatMulInteger", 17), ("per-token-unrotated", "MatMulInteger", 17),
+                                                      ("per-token-smooth", "MatMulInteger", 17),
                                                       ("nbits8-b32", "MatMulNBits", 17), ("static-minmax", "QuantizeLinear", 17),
                                                       ("static-percentile", "QuantizeLinear", 17)])
 def test_the_measured_alternatives_quantize_every_weight_matrix_and_classify(variant, operator, count, tmp_path):
@@ -52,8 +53,10 @@ def test_the_measured_alternatives_quantize_every_weight_matrix_and_classify(var
     items = [json.loads(line)["text"] for line in (GOLDEN / "items.jsonl").read_text().splitlines()]
     int8_variants.quantize_variant(GOLDEN / "bundle", tmp_path / variant, variant, items)
     operators = _operators(tmp_path / variant)
-    # Left as MatMul: attention's two per layer and the scores' (QDQ keeps the weight MatMuls, fed by DequantizeLinear).
-    assert operators[operator] >= count and operators["MatMul"] == (24 if variant.startswith("static") else 7)
+    # Left as MatMul: attention's two per layer and the scores' (QDQ keeps the weight MatMuls, fed by DequantizeLinear);
+    # per-token adds one rotation per quantized input.
+    rotations = 9 if variant in ("per-token", "per-token-smooth") else 0
+    assert operators[operator] >= count and operators["MatMul"] == (24 if variant.startswith("static") else 7) + rotations
     if variant.startswith("per-token"):
         assert operators["QuantizeLinear"] == 9 and operators["DequantizeLinear"] == 0
     with int8_variants.contrib_operators(variant.startswith("nbits")):
@@ -133,13 +136,14 @@ def test_the_tools_judge_remembers_judgements_by_group_and_reuses_an_earlier_run
     assert again.judge(["a2", "b1", "a1"], True) == first and len(asked) == 2
 
 
-@pytest.mark.parametrize("variant, operator, count", [("mixed-r50", "MatMulInteger", 4), ("mixed-r50-per-token", "MatMulInteger", 4)])
+@pytest.mark.parametrize("variant, operator, count", [("mixed-b02", "MatMulInteger", 4), ("mixed-b02-per-token", "MatMulInteger", 4)])
 def test_a_mixed_variant_quantizes_only_the_chosen_matmuls(variant, operator, count, tmp_path):
     matmuls = int8_variants.weight_matmuls(onnx.load(str(GOLDEN / "bundle" / "graph.onnx"), load_external_data=False))
     chosen = [name for name, layer, attention in matmuls if layer == 0 and attention]
     int8_variants.quantize_variant(GOLDEN / "bundle", tmp_path / variant, variant, to_quantize=chosen)
     operators = _operators(tmp_path / variant)
-    assert operators[operator] == count and operators["MatMul"] == 7 + len(matmuls) - count
+    rotations = operators.get("QuantizeLinear", 0) if variant.endswith("per-token") else 0  # a rotation per input
+    assert operators[operator] == count and operators["MatMul"] == 7 + len(matmuls) - count + rotations
     items = [json.loads(line)["text"] for line in (GOLDEN / "items.jsonl").read_text().splitlines()]
     reference = Classifier.load(GOLDEN / "bundle", threads=1)
     classifier = Classifier.load(tmp_path / variant, threads=1)

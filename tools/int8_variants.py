@@ -29,20 +29,24 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
   per-token         int8 weights per output column, activations quantized per token (each row its own uint8 scale and
                     offset, computed in the graph: ReduceMax/ReduceMin, QuantizeLinear, MatMulInteger; standard
                     operators), the embedding table int8 per row: no token's outlier coarsens the others' steps.
-                    What `savpack export --quantize int8` does (savpack.export.quantize.quantize_per_token)
+                    What `savpack export --quantize int8` does (savpack.export.quantize.quantize_per_token), which
+                    since the rotation also rotates each row in Hadamard blocks before its rounding
+  per-token-unrotated  per-token without the rotation (what the export did before it, and these results up to
+                    tools/results/real_export_cosine_scan.json)
   per-token-smooth  per-token after SmoothQuant (alpha 0.5): each MatMul input channel divided by
                     sqrt(max |activation| / max |weight row|), calibrated on the packs' shots, the weights multiplied back
-  mixed-shots, mixed-r75, mixed-r60, mixed-r50, mixed-r33, mixed-r20
+  mixed-shots, mixed-b01, mixed-b02, mixed-b03, mixed-b05
                     sensitivity-guided mixed precision, chosen on the packs' own shots only (the held-out items judge):
                     the weight MatMuls fall in groups (each layer's attention q/k/v/o, its MLP, the embedding table);
                     each group is quantized alone (simulate_dynamic: quantize_dynamic's nodes, built in place) and its
                     disturbance measured on every pack's shots: the mean |change| of the pack's per-head cosines to its
                     centroids over the mean float32 margin between each head's two most similar classes (max over the
                     packs); groups are then quantized from the least disturbing on, keeping the longest prefix whose
-                    graph keeps every shot's label in every pack and, for mixed-rNN, disturbs no pack by more than NN%
-                    of what quantizing every group does to it. The chosen graph is quantize_dynamic's (per channel)
+                    graph keeps every shot's label in every pack and, for mixed-bNN, disturbs no pack by more than NN
+                    hundredths (the export's absolute budget; results before the rotation used mixed-rNN: NN% of what
+                    quantizing every group does to the pack). The chosen graph is quantize_dynamic's (per channel)
                     with the other groups' MatMuls excluded (float32; the embedding table float32 unless chosen)
-  mixed-r75-per-token, ..., mixed-r20-per-token (any mixed variant with -per-token)
+  mixed-b01-per-token, ..., mixed-b05-per-token (any mixed variant with -per-token)
                     the same groups quantized as per-token does (the embedding table int8 per row if chosen)
                     --split-groups takes the export's groups instead (savpack.export.quantize.matmul_groups, the
                     MatMuls reading one tensor): each layer's q, k, v | o | gate, up | down
@@ -76,14 +80,14 @@ from savpack.export.quantize import (EMBEDDING_GROUP, SHOT_AGREEMENT, ShotJudge,
 
 SETS = ("sst2", "trec", "subj")
 # Mixed precision: the weight-MatMul groups quantized, the others left float32, chosen on the packs' shots (see
-# savpack.export.quantize.choose_int8_groups). The number after "mixed-r" is the disturbance budget in hundredths of
-# the all-int8 graph's; `savpack export --quantize int8` chooses as mixed-r60-per-token with --split-groups.
-MIXED_BUDGETS = {"mixed-shots": None, "mixed-r75": 0.75, "mixed-r60": 0.60, "mixed-r50": 0.50, "mixed-r33": 0.33,
-                 "mixed-r20": 0.20}
+# savpack.export.quantize.choose_int8_groups). The number after "mixed-b" is the disturbance budget in hundredths of
+# a typical decision's lead; `savpack export --quantize int8` chooses as mixed-b02-per-token with --split-groups, with
+# its own per-token judge instead of the dynamic simulation.
+MIXED_BUDGETS = {"mixed-shots": None, "mixed-b01": 0.01, "mixed-b02": 0.02, "mixed-b03": 0.03, "mixed-b05": 0.05}
 MIXED_VARIANTS = tuple(MIXED_BUDGETS) + tuple(f"{name}-per-token" for name in MIXED_BUDGETS)
 VARIANTS = ("default", "no-embedding", "per-tensor", "attention-only", "mlp-only", "last-layer-float", "weights-only",
             "nbits8-b32", "nbits8-b64", "nbits8-b128", "nbits4-b32", "static-minmax", "static-percentile", "static-entropy",
-            "per-token", "per-token-smooth") + MIXED_VARIANTS
+            "per-token", "per-token-unrotated", "per-token-smooth") + MIXED_VARIANTS
 PACK_SETS = ("sst2", "trec", "agnews", "sms_spam", "subj")  # tools/real_export.py's packs: their shots calibrate
 SMOOTH_ALPHA = 0.5  # SmoothQuant's default migration strength
 ATTENTION_MATRICES = 4  # q, k, v, o: the first weight matrices of each layer, then the MLP's
@@ -138,7 +142,7 @@ def quantize_variant(source: Path, target: Path, variant: str, calibration: list
                              nodes_to_exclude=onnx_graph.scoring_nodes(model) + [name for name, _, _ in weight_matmuls(model)
                                                                                 if name not in chosen],
                              use_external_data_format=True)
-        elif variant in ("weights-only", "per-token", "per-token-smooth") or variant.startswith("nbits") \
+        elif variant in ("weights-only", "per-token", "per-token-unrotated", "per-token-smooth") or variant.startswith("nbits") \
                 or variant in MIXED_VARIANTS:
             model = onnx.load(str(source / "graph.onnx"))
             names = [name for name, _, _ in weight_matmuls(model)]
@@ -150,7 +154,7 @@ def quantize_variant(source: Path, target: Path, variant: str, calibration: list
             elif variant.startswith("per-token"):
                 if variant == "per-token-smooth":
                     smooth_inputs(model, names, channel_maxima(source, model, names, calibration))
-                quantize_per_token(model, names)
+                quantize_per_token(model, names, rotate=variant != "per-token-unrotated")
             else:
                 model = matmul_nbits(model, names, variant)
             onnx.save_model(model, str(quantized), save_as_external_data=True, location=quantized.name + ".data")

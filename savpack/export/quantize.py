@@ -5,8 +5,10 @@ Every MatMul by a weight matrix (outside the packs' `scores` nodes) becomes an i
 scale per output column (per_channel; one per matrix otherwise), and each row of its input (one token of one item)
 quantized to uint8 with that row's own range, computed in the graph (ReduceMax/ReduceMin, QuantizeLinear,
 MatMulInteger: standard ONNX operators only, so the runtime's domain check and every ONNX Runtime binding accept the
-graph). The token-embedding table (the largest Gather table) is int8 with a scale per row. The packs' scores stay
-float32.
+graph). Before its rounding each row is rotated in blocks by an orthonormal Hadamard matrix, and the weights by its
+transpose (rotation_block, hadamard, rotate_rows): a row's step is its range over 255, and the rotation spreads its few
+large values over their block, so the step shrinks. The token-embedding table (the largest Gather table) is int8 with
+a scale per row. The packs' scores stay float32.
 
 Why per token rather than onnxruntime's quantize_dynamic (the first int8 export): its DynamicQuantizeLinear takes one
 scale for the whole input tensor, i.e. for every token of every item in the batch, so an item's int8 head vectors (and
@@ -25,16 +27,16 @@ reach `min_agreement` as well.
 
 Mixed precision (keep_float "auto", the default when the packs' own examples are given): not every weight MatMul
 need be int8. The MatMuls fall in groups, those reading one tensor (a layer's q, k and v; its o; its MLP's gate and
-up; its down), plus the token-embedding table. Each group alone is made int8 and judged on the packs' own examples
-(ShotJudge): its disturbance of a pack is the mean |change| of the lead of each example's most probable class over
-its runner-up in the pack's log-probabilities, over the mean float32 lead: the share of a typical decision's lead
-the group's rounding eats, whether a vote or a probe decides (the largest over the packs). Groups are then made int8
-from the least disturbing on, and the longest such prefix is kept whose graph keeps every own example's label in
-every pack and disturbs no pack by more than DISTURBANCE_BUDGET of what the all-int8 graph does
-(choose_int8_groups); the rest stay float32. Why: on the real bundles a few projections (the first layers' MLP,
-some query projections, the embedding table) move most labels; keeping them float32 kept 96.8-100% of held-out
-labels (all-int8: 73.0-99.7%) and accuracy within 1 point, at 1.68x float32's speed on Gemma-3-270M (docs/export.md,
-docs/decisions.md).
+up; its down), plus the token-embedding table. A graph is judged on the packs' own examples (ShotJudge): its
+disturbance of a pack is the mean |change| of the lead of each example's most probable class over its runner-up in
+the pack's log-probabilities, over the mean float32 lead: the share of a typical decision's lead the rounding eats,
+whether a vote or a probe decides. The all-int8 graph is kept if it keeps every own example's label in every pack and
+disturbs no pack by more than DISTURBANCE_BUDGET; otherwise each group alone is made int8 and judged, and groups are
+made int8 from the least disturbing on, keeping the longest such prefix within the same bounds (choose_int8_groups);
+the rest stay float32. Why: without the rotation a few projections (the first layers' MLP, some query projections,
+the embedding table) moved most labels, and the budget then had to keep them float32; with it, Gemma-3-270M's
+all-int8 graph keeps 98% of held-out labels on the five shared sets, and all-MiniLM-L6-v2 still needs half its groups
+in float32 (docs/export.md, docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -66,17 +68,21 @@ QUANTIZE_TYPES = ("int8",)
 # every pack's shots and on 96-99.7% of held-out items; all-MiniLM-L6-v2's on 89-100% of its shots (refused) and
 # 73-99.2% (with keep_float "auto": 100% of the shots and 96.8-100% of held-out items for both).
 DEFAULT_MIN_AGREEMENT = 0.98
-QUANTIZATION_METHOD = "int8 weights, uint8 activations per token"
+QUANTIZATION_METHOD = "int8 weights, uint8 activations per token, rows rotated in Hadamard blocks"
 UINT8_LEVELS = 255.0
 INT8_LIMIT = 127.0
 KEEP_FLOAT_CHOICES = ("auto", "none")
-# keep_float "auto": the int8 groups together may disturb each pack's own examples by at most this share of what the
-# all-int8 graph does. Read off measurements on the real bundles among 0.2-0.75 (tools/int8_variants.py's mixed-r*
-# variants, docs/export.md "How the scan's rule was found"): with groups by input, 0.6 was the one budget that kept 98%
-# of held-out labels on every set for Gemma-3-270M at more than 1.7x float32's speed. Not derived.
-DISTURBANCE_BUDGET = 0.6
+# keep_float "auto": the int8 groups together may disturb each pack's own examples by at most this share of their
+# typical decision lead (ShotJudge's "disturbance"). Read off all-MiniLM-L6-v2's real bundle among 0.01-0.05 (docs/export.md
+# "How the scan's rule was found"): the largest budget that kept 98% of held-out labels on every set; not derived.
+DISTURBANCE_BUDGET = 0.02
 SHOT_AGREEMENT = 1.0  # and every own example keeps its float32 label in every pack
 EMBEDDING_GROUP = "embedding"  # the token-embedding table, a group of its own
+# Rows are rotated in blocks of this many values before their uint8 rounding (quantize_per_token): a Hadamard block
+# spreads a few large values over the block, so the row's range, hence its step, shrinks. 128 divides the widths of
+# the families here; a width it does not divide takes the largest power of two that does, none below 16.
+ROTATION_BLOCK = 128
+MIN_ROTATION_BLOCK = 16
 
 
 @dataclass
@@ -101,6 +107,7 @@ class QuantizationReport:
         embedding = "float32" if EMBEDDING_GROUP in self.float32_groups else "int8, a scale per row"
         return {"method": QUANTIZATION_METHOD, "weights": "int8", "activations": "uint8, a scale and offset per token",
                 "per_channel": self.per_channel, "embedding": embedding, "keep_float": self.keep_float,
+                "rotation": f"block Hadamard, blocks of up to {ROTATION_BLOCK} values (none below {MIN_ROTATION_BLOCK})",
                 "mixed": self.mixed, "min_agreement": self.min_agreement, "examples": self.examples,
                 "agreement": self.agreement, "accuracy": self.accuracy, "held_out": self.held_out}
 
@@ -158,8 +165,8 @@ def quantize_bundle(folder: Path, names: Sequence[str], examples: dict[str, list
         raise ExportError(f"{graph}: the graph has no MatMul by a weight matrix to quantize")
     int8_groups = list(groups)
     if report.keep_float == "auto":
-        echo(f"choosing the int8 groups: each of the {len(groups)} MatMul groups made int8 alone and judged on the packs' "
-             f"{sum(len(items) for items in examples.values())} own examples")
+        echo(f"choosing the int8 groups on the packs' {sum(len(items) for items in examples.values())} own examples: "
+             f"every group int8, else each of the {len(groups)} MatMul groups alone")
         judge = ShotJudge(folder, {name: _runtime_items(items) for name, items in examples.items()},
                           lambda model, members, embedding: quantize_per_token(model, members, per_channel, embedding,
                                                                               base_dir=folder))
@@ -170,7 +177,8 @@ def quantize_bundle(folder: Path, names: Sequence[str], examples: dict[str, list
         if not int8_groups:
             raise ExportError("no MatMul group can be int8 without changing a label of the packs' own examples; export "
                               "in float32 (or --fp16), or make every group int8 with --keep-float none")
-    echo(f"quantizing the graph to int8 (weights {'per channel' if per_channel else 'per tensor'}, activations per token)")
+    echo(f"quantizing the graph to int8 (weights {'per channel' if per_channel else 'per tensor'}, activations per token, "
+         "rows rotated)")
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=folder.parent) as scratch:
         quantized = Path(scratch) / "quantized.onnx"
         quantize_graph(graph, quantized, per_channel, [name for group in int8_groups for name in groups[group]],
@@ -324,46 +332,40 @@ def choose_int8_groups(judge: ShotJudge, groups: dict[str, list[str]], budget: f
     """Sensitivity-guided mixed precision on the packs' own examples. Each group (groups: name -> its MatMuls;
     EMBEDDING_GROUP the embedding table) is made int8 alone and judged (the largest disturbance over the packs);
     groups are then made int8 from the least disturbing on, and the longest such prefix is kept whose graph keeps
-    every example's label in every pack (SHOT_AGREEMENT) and disturbs no pack by more than `budget` times what making
-    every group int8 does to it (None: no such bound). The prefix is found by bisection, which assumes a longer
-    prefix disturbs at least as much. Returns the record bundle.json keeps: the measure used per pack, the groups'
-    disturbance alone, the int8 and the float32 groups, the prefixes judged."""
+    every example's label in every pack (SHOT_AGREEMENT) and disturbs no pack by more than `budget` (None: no such
+    bound). The prefix is found by bisection, which assumes a longer prefix disturbs at least as much; every group
+    int8 is tried first. Returns the record bundle.json keeps: the groups' disturbance alone, the int8 and the float32
+    groups, the prefixes judged."""
     from tqdm.auto import tqdm
 
     def judged(chosen: Sequence[str]) -> dict[str, dict[str, float]]:
         return judge.judge([name for group in chosen for name in groups[group]], EMBEDDING_GROUP in chosen)
 
-    full = judged(list(groups))  # the all-int8 graph: the budget's unit
-    # A pack whose decisions even the all-int8 graph leaves exactly as they were (probabilities saturated in float32,
-    # as on easy synthetic sets) tells nothing about the groups; its heads' cosines still do.
-    measure = {pack: "disturbance" if value["disturbance"] > 0 else "head_disturbance" for pack, value in full.items()}
-
     def worst(found: dict[str, dict[str, float]]) -> float:
-        return max(value[measure[pack]] for pack, value in found.items())
+        return max(value["disturbance"] for value in found.values())
 
-    alone = {}
-    # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar fragments.
-    for group in tqdm(groups, desc="int8 scan", unit="group", disable=None if progress else True, leave=False):
-        alone[group] = judged([group])
-    order = sorted(groups, key=lambda group: worst(alone[group]))
-    prefixes = {0: {}, len(order): full}
+    prefixes = {len(groups): judged(list(groups))}  # the all-int8 graph
 
     def fits(count: int) -> bool:
         if count not in prefixes:
             prefixes[count] = judged(order[:count])
-        return all(value["agreement"] >= SHOT_AGREEMENT
-                   and (budget is None or value[measure[pack]] <= budget * full[pack][measure[pack]])
-                   for pack, value in prefixes[count].items())
+        return all(value["agreement"] >= SHOT_AGREEMENT and (budget is None or value["disturbance"] <= budget)
+                   for value in prefixes[count].values())
 
-    low, high = 0, len(order)  # fits(low) holds; find the largest count that fits
-    if fits(high):
-        low = high
+    order, alone = list(groups), {}
+    if not fits(len(groups)):
+        # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar fragments.
+        for group in tqdm(groups, desc="int8 scan", unit="group", disable=None if progress else True, leave=False):
+            alone[group] = judged([group])
+        order = sorted(groups, key=lambda group: worst(alone[group]))
+        prefixes = {0: {}, len(order): prefixes[len(order)]}
+    low, high = (len(order), len(order)) if not alone else (0, len(order))  # fits(low) holds; find the largest that does
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     chosen = set(order[:low])
-    return {"budget": budget, "shot_agreement": SHOT_AGREEMENT, "measure": measure,
-            "disturbance_alone": {group: round(worst(alone[group]), 6) for group in groups},
+    return {"budget": budget, "shot_agreement": SHOT_AGREEMENT,
+            "disturbance_alone": {group: round(worst(alone[group]), 6) for group in alone},
             "int8_groups": [group for group in groups if group in chosen],
             "float32_groups": [group for group in groups if group not in chosen],
             "prefixes": {str(count): {pack: {key: round(value, 6) for key, value in found.items()}
@@ -388,12 +390,38 @@ def int8_columns(weight: np.ndarray, per_channel: bool = True) -> tuple[np.ndarr
     return np.clip(np.round(weight / scale), -INT8_LIMIT, INT8_LIMIT).astype(np.int8), scale
 
 
+def rotation_block(width: int) -> int:
+    """The Hadamard block for rows of `width` values: the largest power of two up to ROTATION_BLOCK dividing it,
+    0 (no rotation) below MIN_ROTATION_BLOCK."""
+    block = ROTATION_BLOCK
+    while block >= MIN_ROTATION_BLOCK and width % block:
+        block //= 2
+    return block if block >= MIN_ROTATION_BLOCK else 0
+
+
+def hadamard(size: int) -> np.ndarray:
+    """The orthonormal Hadamard matrix of a power-of-two size (Sylvester's construction), float32 (size, size)."""
+    matrix = np.ones((1, 1))
+    while len(matrix) < size:
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return (matrix / np.sqrt(size)).astype(np.float32)
+
+
+def rotate_rows(weight: np.ndarray, block: int) -> np.ndarray:
+    """R^T W for R block-diagonal with hadamard(block) blocks: weight (K, N) -> (K, N), each run of `block` rows
+    mixed, so that (x R) . (R^T W) = x . W."""
+    rows, columns = weight.shape
+    blocks = np.asarray(weight, np.float64).reshape(rows // block, block, columns)  # (K / block, block, N)
+    return np.einsum("ji,bjn->bin", hadamard(block).astype(np.float64), blocks).reshape(rows, columns).astype(np.float32)
+
+
 def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, embedding: bool = True,
-                       base_dir: str | Path = "") -> None:
+                       base_dir: str | Path = "", rotate: bool = True) -> None:
     """Rewrite `model` in place: each named MatMul x . W becomes an integer product with W int8 (a scale per output
     column, or one per matrix) and x quantized per row. For a row x: lo = min(x), step = (max(x) - lo) / 255,
     u = QuantizeLinear((x - lo) / step) in uint8, and x . W ~ step * (u . Wq) * scale + lo * (column sums of the
-    dequantized W). MatMuls that read the same input share its quantization. With `embedding`, the token-embedding
+    dequantized W). MatMuls that read the same input share its quantization. With `rotate`, each row x is first
+    rotated, x R with R block-diagonal Hadamard (rotation_block), and W replaced by R^T W before its rounding. With `embedding`, the token-embedding
     table (embedding_gather's) becomes int8 with a scale per row. base_dir: where the weights of a model loaded
     without its external data lie (only the tensors rewritten are read)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -406,20 +434,40 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
              numpy_helper.from_array(np.array(1.0, np.float32), "q8.one"),
              numpy_helper.from_array(np.array(0, np.uint8), "q8.zero")]
     replace: dict[str, list] = {}
+    rotations: set[str] = set()
     for group, (source, nodes) in enumerate(by_input.items()):
         p = f"q8.{group}"
-        row_quantization = [
-            helper.make_node("ReduceMax", [source, "q8.last_axis"], [f"{p}.hi"], keepdims=1, name=f"{p}.hi"),
-            helper.make_node("ReduceMin", [source, "q8.last_axis"], [f"{p}.lo"], keepdims=1, name=f"{p}.lo"),
+        weights = [numpy_helper.to_array(initializers[node.input[1]], str(base_dir)) for node in nodes]  # (K, N) each
+        block = rotation_block(weights[0].shape[0]) if rotate else 0
+        rows = source
+        row_quantization = []
+        if block:
+            # x . W = (x R) . (R^T W) for R orthogonal: the rotated rows spread an outlier channel over `block`
+            # channels, so a row's range (its uint8 step) shrinks towards its spread.
+            rotation = f"q8.rotation{block}"
+            if rotation not in rotations:
+                rotations.add(rotation)
+                added += [numpy_helper.from_array(hadamard(block), rotation),
+                          numpy_helper.from_array(np.array([-1, block], np.int64), f"{rotation}.blocks")]
+            row_quantization = [
+                helper.make_node("Shape", [source], [f"{p}.shape"], name=f"{p}.shape"),
+                helper.make_node("Reshape", [source, f"{rotation}.blocks"], [f"{p}.blocks"], name=f"{p}.blocks"),
+                helper.make_node("MatMul", [f"{p}.blocks", rotation], [f"{p}.rotated_blocks"], name=f"{p}.rotate"),
+                helper.make_node("Reshape", [f"{p}.rotated_blocks", f"{p}.shape"], [f"{p}.rotated"], name=f"{p}.rotated")]
+            rows = f"{p}.rotated"
+            weights = [rotate_rows(weight, block) for weight in weights]
+        row_quantization += [
+            helper.make_node("ReduceMax", [rows, "q8.last_axis"], [f"{p}.hi"], keepdims=1, name=f"{p}.hi"),
+            helper.make_node("ReduceMin", [rows, "q8.last_axis"], [f"{p}.lo"], keepdims=1, name=f"{p}.lo"),
             helper.make_node("Sub", [f"{p}.hi", f"{p}.lo"], [f"{p}.range"], name=f"{p}.range"),
             helper.make_node("Div", [f"{p}.range", "q8.levels"], [f"{p}.step0"], name=f"{p}.step0"),
             helper.make_node("Max", [f"{p}.step0", "q8.tiny"], [f"{p}.step"], name=f"{p}.step"),
-            helper.make_node("Sub", [source, f"{p}.lo"], [f"{p}.shifted"], name=f"{p}.shifted"),
+            helper.make_node("Sub", [rows, f"{p}.lo"], [f"{p}.shifted"], name=f"{p}.shifted"),
             helper.make_node("Div", [f"{p}.shifted", f"{p}.step"], [f"{p}.scaled"], name=f"{p}.scaled"),
             helper.make_node("QuantizeLinear", [f"{p}.scaled", "q8.one", "q8.zero"], [f"{p}.u8"], name=f"{p}.u8")]
-        for index, node in enumerate(nodes):
+        for index, (node, weight) in enumerate(zip(nodes, weights)):
             q = f"{p}.{index}"
-            integers, scale = int8_columns(numpy_helper.to_array(initializers[node.input[1]], str(base_dir)), per_channel)
+            integers, scale = int8_columns(weight, per_channel)
             sums = (integers.astype(np.float64) * scale).sum(axis=0).astype(np.float32)  # (N,)
             added += [numpy_helper.from_array(integers, f"{q}.w"), numpy_helper.from_array(scale, f"{q}.scale"),
                       numpy_helper.from_array(sums, f"{q}.sums")]
