@@ -604,7 +604,8 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
 @click.option("--tolerance", type=float, default=None, callback=lambda ctx, param, value: _tolerance(value, param),
               help="Validation tolerance, a number above 0 (default 1e-4; 2e-2 with --fp16).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Quantize to int8 (weights per channel, activations per token), kept only if each pack labels its own examples "
+              help="Quantize to int8 (weights per channel, activations per token after a Hadamard rotation), kept only if "
+                   "each pack labels its own examples "
                    "(from --data) as the float32 graph does.")
 @click.option("--data", "data_paths", multiple=True, type=click.Path(exists=True),
               help="With --quantize: the packs' training data (repeat for several files); each pack's own examples are "
@@ -619,9 +620,10 @@ def ablate(train_path: str, test_path: str, shots: str, ks: str, scorings: str, 
 @click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="With --quantize: one int8 scale per weight column, or one per matrix.")
 @click.option("--keep-float", type=click.Choice(["auto", "none"]), default=None,
-              help="With --quantize: 'auto' (the default with --data) keeps float32 the MatMul groups whose int8 form "
-                   "disturbs the packs' own examples most, chosen by a scan (one pass over the examples per group); "
-                   "'none' (the default without --data) makes every weight MatMul int8.")
+              help="With --quantize: 'auto' (the default with --data) makes every weight MatMul int8 if that moves the "
+                   "packs' decisions on their own examples by at most 2% of their lead, else keeps float32 the MatMul "
+                   "groups that move them most, chosen by a scan (one pass over the examples per group); 'none' (the "
+                   "default without --data) makes every weight MatMul int8.")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def export_command(pack_paths: tuple[str, ...], out: str, fp16: bool, selected_heads_only: bool, exporter: str,

@@ -39,8 +39,8 @@ Variants (onnxruntime's quantize_dynamic, per channel, unless said; the packs' s
                     sensitivity-guided mixed precision, chosen on the packs' own shots only (the held-out items judge):
                     the weight MatMuls fall in groups (each layer's attention q/k/v/o, its MLP, the embedding table);
                     each group is quantized alone (simulate_dynamic: quantize_dynamic's nodes, built in place) and its
-                    disturbance measured on every pack's shots: the mean |change| of the pack's per-head cosines to its
-                    centroids over the mean float32 margin between each head's two most similar classes (max over the
+                    disturbance measured on every pack's shots by the export's judge (ShotJudge: the change of each
+                    shot's lead of its most probable class over the runner-up, over the mean float32 lead; max over the
                     packs); groups are then quantized from the least disturbing on, keeping the longest prefix whose
                     graph keeps every shot's label in every pack and, for mixed-bNN, disturbs no pack by more than NN
                     hundredths (the export's absolute budget; results before the rotation used mixed-rNN: NN% of what

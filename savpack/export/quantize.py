@@ -353,13 +353,14 @@ def choose_int8_groups(judge: ShotJudge, groups: dict[str, list[str]], budget: f
                    for value in prefixes[count].values())
 
     order, alone = list(groups), {}
-    if not fits(len(groups)):
+    low = high = len(order)  # fits(low) holds; find the largest count that does
+    if not fits(len(order)):
         # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar fragments.
         for group in tqdm(groups, desc="int8 scan", unit="group", disable=None if progress else True, leave=False):
             alone[group] = judged([group])
         order = sorted(groups, key=lambda group: worst(alone[group]))
         prefixes = {0: {}, len(order): prefixes[len(order)]}
-    low, high = (len(order), len(order)) if not alone else (0, len(order))  # fits(low) holds; find the largest that does
+        low = 0
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
@@ -421,9 +422,9 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
     column, or one per matrix) and x quantized per row. For a row x: lo = min(x), step = (max(x) - lo) / 255,
     u = QuantizeLinear((x - lo) / step) in uint8, and x . W ~ step * (u . Wq) * scale + lo * (column sums of the
     dequantized W). MatMuls that read the same input share its quantization. With `rotate`, each row x is first
-    rotated, x R with R block-diagonal Hadamard (rotation_block), and W replaced by R^T W before its rounding. With `embedding`, the token-embedding
-    table (embedding_gather's) becomes int8 with a scale per row. base_dir: where the weights of a model loaded
-    without its external data lie (only the tensors rewritten are read)."""
+    rotated, x R with R block-diagonal Hadamard (rotation_block), and W replaced by R^T W before its rounding. With
+    `embedding`, the token-embedding table (embedding_gather's) becomes int8 with a scale per row. base_dir: where
+    the weights of a model loaded without its external data lie (only the tensors rewritten are read)."""
     from onnx import TensorProto, helper, numpy_helper
 
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
