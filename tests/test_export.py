@@ -971,3 +971,54 @@ def test_savpack_export_quantize_command(model_dir, packs, text_task, tmp_path):
                            [["--quantize", "int8", "--data", str(text_task[0]), "--keep-float", "some"], "'some' is not one of"]):
         refused = CliRunner().invoke(main, base + wrong + ["--force"])
         assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
+def test_gpt2s_gemm_products_are_int8_too(loaded_model, text_task, tmp_path):
+    """GPT-2's Conv1D exports as Gemm (x . W + b): the int8 export turns each into an integer product plus its bias,
+    not only the embedding table, and the head vectors stay near float32's."""
+    import onnx
+
+    from savpack.export import quantize
+
+    loaded = loaded_model("gpt2")
+    train = load_examples(text_task[0])
+    activations = extract_activations(loaded, train, "{text}", batch_size=8, progress=False)
+    pack = pack_from_activations(activations, k=6, name="gpt2-words")
+    float32 = export_bundle(loaded, [pack], tmp_path / "float32")
+    graph = onnx.load(str(float32.folder / "graph.onnx"), load_external_data=False)
+    gemms = [node.name for node in graph.graph.node if node.op_type == "Gemm"]
+    assert gemms and set(gemms) <= set(quantize.weight_matmuls(graph))
+    int8 = export_bundle(loaded, [pack], tmp_path / "int8", quantize="int8", examples=train, keep_float="none")
+    ops = [node.op_type for node in onnx.load(str(int8.folder / "graph.onnx"), load_external_data=False).graph.node]
+    assert "Gemm" not in ops and ops.count("MatMulInteger") == len(gemms)
+    texts = [example.text for example in train]
+    expected = Classifier.load(float32.folder).head_vectors(texts)
+    found = Classifier.load(int8.folder).head_vectors(texts)
+    assert np.abs(found - expected).max() < 0.05 * np.abs(expected).max()
+    assert min(int8.quantization.agreement.values()) >= 0.98
+
+
+@pytest.mark.parametrize("attributes", [{}, {"transB": 1, "alpha": 0.5, "beta": 2.0}])
+def test_a_gemm_by_a_weight_matrix_becomes_an_integer_product_plus_its_bias(attributes):
+    """Gemm(x, B, C) = alpha x . B (B transposed with transB) + beta C: the int8 rewrite keeps all four."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from savpack.export import quantize
+
+    generator = np.random.default_rng(1)
+    weight = generator.normal(size=(64, 24)).astype(np.float32)  # (K, N)
+    stored = weight.T.copy() if attributes.get("transB") else weight
+    bias = generator.normal(size=(24,)).astype(np.float32) * 5
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="dense", **attributes)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
+                              [numpy_helper.from_array(stored, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize.weight_matmuls(model) == ["dense"]
+    quantize.quantize_per_token(model, ["dense"])
+    assert [node.op_type for node in model.graph.node].count("MatMulInteger") == 1
+    x = generator.normal(size=(7, 64)).astype(np.float32)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = attributes.get("alpha", 1.0) * x @ weight + attributes.get("beta", 1.0) * bias
+    assert np.abs(session.run(None, {"x": x})[0] - expected).max() < 0.02 * np.abs(expected).max()

@@ -101,7 +101,7 @@ def weight_matmuls(model) -> list[tuple[str, int, bool]]:
     weights = set(quantize.weight_matmuls(model))  # the export's rule: 2-D weight matrices outside the scores
     found, layer, position = [], -1, 0
     for node in model.graph.node:
-        if node.name not in weights:
+        if node.name not in weights or node.op_type != "MatMul":  # the variants rewrite MatMuls (the export, Gemms too)
             continue
         if any(name in node.name for name in ("q_proj", "query")):
             layer, position = layer + 1, 0

@@ -1,11 +1,11 @@
 """int8 graphs: the exported float32 graph's weight matrices in int8 and their inputs quantized per token, kept only if
 it classifies the packs' own labelled examples as the float32 graph does.
 
-Every MatMul by a weight matrix (outside the packs' `scores` nodes) becomes an integer product: the weights int8 with a
-scale per output column (per_channel; one per matrix otherwise), and each row of its input (one token of one item)
-quantized to uint8 with that row's own range, computed in the graph (ReduceMax/ReduceMin, QuantizeLinear,
-MatMulInteger: standard ONNX operators only, so the runtime's domain check and every ONNX Runtime binding accept the
-graph). Before its rounding each row is rotated in blocks by an orthonormal Hadamard matrix, and the weights by its
+Every MatMul by a weight matrix (outside the packs' `scores` nodes; a Gemm too, its bias added back) becomes an
+integer product: the weights int8 with a scale per output column (per_channel; one per matrix otherwise), and each
+row of its input (one token of one item) quantized to uint8 with that row's own range, computed in the graph
+(ReduceMax/ReduceMin, QuantizeLinear, MatMulInteger: standard ONNX operators only, so the runtime's domain check and
+every ONNX Runtime binding accept the graph). Before its rounding each row is rotated in blocks by an orthonormal Hadamard matrix, and the weights by its
 transpose (rotation_block, hadamard, rotate_rows): a row's step is its range over 255, and the rotation spreads its few
 large values over their block, so the step shrinks. The token-embedding table (the largest Gather table) is int8 with
 a scale per row. The packs' scores stay float32.
@@ -230,16 +230,36 @@ def quantize_graph(source: Path, target: Path, per_channel: bool, names: Sequenc
 
 
 def weight_matmuls(model) -> list[str]:
-    """Names of the MatMul nodes whose second input is a 2-D weight matrix (an initializer), outside the packs'
-    scoring nodes (their centroids and probe stay float32), in graph order."""
+    """Names of the nodes that multiply by a 2-D weight matrix (an initializer, their second input): MatMul, and Gemm
+    without a transposed first input (GPT-2's Conv1D exports as one: a MatMul with a bias), outside the packs' scoring
+    nodes (their centroids and probe stay float32), in graph order."""
     matrices = {tensor.name for tensor in model.graph.initializer if len(tensor.dims) == 2}
     scoring = set(onnx_graph.scoring_nodes(model))
     return [node.name for node in model.graph.node
-            if node.op_type == "MatMul" and node.input[1] in matrices and node.name not in scoring]
+            if node.name not in scoring and len(node.input) > 1 and node.input[1] in matrices
+            and (node.op_type == "MatMul" or node.op_type == "Gemm" and not _attributes(node).get("transA", 0))]
+
+
+def _attributes(node) -> dict[str, Any]:
+    from onnx import helper
+
+    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+def product_weight(node, initializers: dict[str, Any], base_dir: str | Path = "") -> np.ndarray:
+    """(K, N): the matrix W with node(x) = x . W (+ a Gemm's bias): a MatMul's weight, or a Gemm's with its transB
+    and alpha applied."""
+    from onnx import numpy_helper
+
+    weight = numpy_helper.to_array(initializers[node.input[1]], str(base_dir))
+    if node.op_type == "Gemm":
+        attributes = _attributes(node)
+        weight = (weight.T if attributes.get("transB", 0) else weight) * np.float32(attributes.get("alpha", 1.0))
+    return weight
 
 
 def matmuls_by_input(model, names: Sequence[str]) -> dict[str, list]:
-    """The named MatMul nodes grouped by the tensor they multiply (q, k and v read one), in graph order."""
+    """The named MatMul (or Gemm) nodes grouped by the tensor they multiply (q, k and v read one), in graph order."""
     chosen, groups = set(names), {}
     for node in model.graph.node:
         if node.name in chosen:
@@ -438,7 +458,7 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
     rotations: set[str] = set()
     for group, (source, nodes) in enumerate(by_input.items()):
         p = f"q8.{group}"
-        weights = [numpy_helper.to_array(initializers[node.input[1]], str(base_dir)) for node in nodes]  # (K, N) each
+        weights = [product_weight(node, initializers, base_dir) for node in nodes]  # (K, N) each
         block = rotation_block(weights[0].shape[0]) if rotate else 0
         rows = source
         row_quantization = []
@@ -477,8 +497,20 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
                 helper.make_node("Cast", [f"{q}.i32"], [f"{q}.f"], to=TensorProto.FLOAT, name=f"{q}.cast"),
                 helper.make_node("Mul", [f"{q}.f", f"{p}.step"], [f"{q}.rows"], name=f"{q}.rows"),
                 helper.make_node("Mul", [f"{q}.rows", f"{q}.scale"], [f"{q}.product"], name=f"{q}.product"),
-                helper.make_node("Mul", [f"{p}.lo", f"{q}.sums"], [f"{q}.offset"], name=f"{q}.offset"),
-                helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]], name=f"{q}.add")]
+                helper.make_node("Mul", [f"{p}.lo", f"{q}.sums"], [f"{q}.offset"], name=f"{q}.offset")]
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+            if bias is None:
+                replace[node.name].append(helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]],
+                                                           name=f"{q}.add"))
+                continue
+            beta = float(_attributes(node).get("beta", 1.0))
+            if beta != 1.0:
+                added.append(numpy_helper.from_array(np.array(beta, np.float32), f"{q}.beta"))
+                replace[node.name].append(helper.make_node("Mul", [bias, f"{q}.beta"], [f"{q}.bias"], name=f"{q}.bias"))
+                bias = f"{q}.bias"
+            replace[node.name] += [
+                helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [f"{q}.sum"], name=f"{q}.add"),
+                helper.make_node("Add", [f"{q}.sum", bias], [node.output[0]], name=f"{q}.add_bias")]
     node = embedding_gather(model) if embedding else None
     if node is not None:
         table = numpy_helper.to_array(initializers[node.input[0]], str(base_dir))  # (vocabulary, hidden)
