@@ -105,3 +105,20 @@ def test_node_refuses_what_it_cannot_classify(tmp_path):
     (older / "bundle.json").write_text(json.dumps(info))
     refused = _run(older, data)
     assert refused.returncode == 1 and "has no probabilities in the graph" in refused.stderr and "export it again" in refused.stderr
+
+
+def test_node_reads_an_int8_bundle_as_the_python_runtime_does(tmp_path):
+    """An int8 bundle (integer products, rotated rows: standard operators) gives the same records in Node."""
+    quantize = pytest.importorskip("savpack.export.quantize")  # the builder's int8 rewrite, if installed
+    bundle = tmp_path / "bundle"
+    shutil.copytree(golden.bundle_dir("qwen2"), bundle)
+    quantize.quantize_graph(bundle / "graph.onnx", tmp_path / "int8.onnx", per_channel=True)
+    quantize.install_graph(tmp_path / "int8.onnx", bundle)
+    texts, data = _write_items(tmp_path, "qwen2")
+    done = _run(bundle, data, "--batch-size", "3")
+    assert done.returncode == 0, done.stderr
+    found = [json.loads(line) for line in done.stdout.splitlines()]
+    results = Classifier.load(bundle, threads=1, batch_size=3).classify_batch(texts)
+    expected = [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)]
+    assert json.loads((bundle / "bundle.json").read_text())["graph"]["weights"] == "int8"
+    assert records_agree(found, expected) and len({record["label"] for record in found}) > 1
