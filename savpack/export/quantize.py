@@ -433,7 +433,7 @@ def rotate_rows(weight: np.ndarray, block: int) -> np.ndarray:
     mixed, so that (x R) . (R^T W) = x . W."""
     rows, columns = weight.shape
     blocks = np.asarray(weight, np.float64).reshape(rows // block, block, columns)  # (K / block, block, N)
-    return np.einsum("ji,bjn->bin", hadamard(block).astype(np.float64), blocks).reshape(rows, columns).astype(np.float32)
+    return (hadamard(block).T.astype(np.float64) @ blocks).reshape(rows, columns).astype(np.float32)
 
 
 def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, embedding: bool = True,
@@ -498,19 +498,16 @@ def quantize_per_token(model, names: Sequence[str], per_channel: bool = True, em
                 helper.make_node("Mul", [f"{q}.f", f"{p}.step"], [f"{q}.rows"], name=f"{q}.rows"),
                 helper.make_node("Mul", [f"{q}.rows", f"{q}.scale"], [f"{q}.product"], name=f"{q}.product"),
                 helper.make_node("Mul", [f"{p}.lo", f"{q}.sums"], [f"{q}.offset"], name=f"{q}.offset")]
-            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
-            if bias is None:
-                replace[node.name].append(helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [node.output[0]],
-                                                           name=f"{q}.add"))
-                continue
-            beta = float(_attributes(node).get("beta", 1.0))
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""  # a Gemm's C, beta C
+            beta = float(_attributes(node).get("beta", 1.0)) if bias else 1.0
             if beta != 1.0:
                 added.append(numpy_helper.from_array(np.array(beta, np.float32), f"{q}.beta"))
                 replace[node.name].append(helper.make_node("Mul", [bias, f"{q}.beta"], [f"{q}.bias"], name=f"{q}.bias"))
                 bias = f"{q}.bias"
-            replace[node.name] += [
-                helper.make_node("Add", [f"{q}.product", f"{q}.offset"], [f"{q}.sum"], name=f"{q}.add"),
-                helper.make_node("Add", [f"{q}.sum", bias], [node.output[0]], name=f"{q}.add_bias")]
+            replace[node.name].append(helper.make_node("Add", [f"{q}.product", f"{q}.offset"],
+                                                       [f"{q}.sum" if bias else node.output[0]], name=f"{q}.add"))
+            if bias:
+                replace[node.name].append(helper.make_node("Add", [f"{q}.sum", bias], [node.output[0]], name=f"{q}.add_bias"))
     node = embedding_gather(model) if embedding else None
     if node is not None:
         table = numpy_helper.to_array(initializers[node.input[0]], str(base_dir))  # (vocabulary, hidden)
