@@ -788,15 +788,22 @@ def test_the_shot_judge_measures_an_int8_version_of_the_graph_against_float32(tm
     assert sorted(path.name for path in source.iterdir()) == sorted(os.listdir(os.path.join(golden, "bundle")))
 
 
-def _matmul_graph(weight: np.ndarray):
-    """x (batch, tokens, K) . weight (K, N): a one-MatMul ONNX model."""
+def _one_node_model(node, x_shape: list, y_shape: list, initializers: dict[str, np.ndarray]):
+    """An ONNX model of one node from input "x" to output "y", its other inputs the given initializers."""
     from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="project")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, weight.shape[0]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, weight.shape[1]])],
-                              [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              [numpy_helper.from_array(value.astype(np.float32), name) for name, value in initializers.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _matmul_graph(weight: np.ndarray):
+    """x (batch, tokens, K) . weight (K, N): a one-MatMul ONNX model."""
+    from onnx import helper
+
+    return _one_node_model(helper.make_node("MatMul", ["x", "w"], ["y"], name="project"),
+                           [None, None, weight.shape[0]], [None, None, weight.shape[1]], {"w": weight})
 
 
 def test_rows_rotated_before_their_uint8_rounding_lose_less_and_the_product_stays_exact_in_float():
@@ -1002,7 +1009,7 @@ def test_gpt2s_gemm_products_are_int8_too(loaded_model, text_task, tmp_path):
 def test_a_gemm_by_a_weight_matrix_becomes_an_integer_product_plus_its_bias(attributes):
     """Gemm(x, B, C) = alpha x . B (B transposed with transB) + beta C: the int8 rewrite keeps all four."""
     import onnxruntime
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     from savpack.export import quantize
 
@@ -1010,11 +1017,8 @@ def test_a_gemm_by_a_weight_matrix_becomes_an_integer_product_plus_its_bias(attr
     weight = generator.normal(size=(64, 24)).astype(np.float32)  # (K, N)
     stored = weight.T.copy() if attributes.get("transB") else weight
     bias = generator.normal(size=(24,)).astype(np.float32) * 5
-    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="dense", **attributes)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
-                              [numpy_helper.from_array(stored, "w"), numpy_helper.from_array(bias, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = _one_node_model(helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="dense", **attributes),
+                            [None, 64], [None, 24], {"w": stored, "b": bias})
     assert quantize.weight_matmuls(model) == ["dense"]
     quantize.quantize_per_token(model, ["dense"])
     assert [node.op_type for node in model.graph.node].count("MatMulInteger") == 1

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,15 +50,19 @@ def _write_items(tmp_path, case: str):
     return texts, data
 
 
+def _node_and_python_records(bundle, texts: list[str], data) -> tuple[list[dict], list[dict]]:
+    """classify.js's records of the items in `data` (batches of 3), and the Python runtime's for the same texts."""
+    done = _run(bundle, data, "--batch-size", "3")
+    assert done.returncode == 0, done.stderr
+    results = Classifier.load(bundle, threads=1, batch_size=3).classify_batch(texts)
+    return ([json.loads(line) for line in done.stdout.splitlines()],
+            [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)])
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_node_records_equal_the_python_runtimes(case, tmp_path):
     """Labels, votes, shares, probabilities (1e-5), calibrated and abstained: savpack-run's records, item for item."""
-    texts, data = _write_items(tmp_path, case)
-    done = _run(golden.bundle_dir(case), data, "--batch-size", "3")
-    assert done.returncode == 0, done.stderr
-    found = [json.loads(line) for line in done.stdout.splitlines()]
-    results = Classifier.load(golden.bundle_dir(case), threads=1, batch_size=3).classify_batch(texts)
-    expected = [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)]
+    found, expected = _node_and_python_records(golden.bundle_dir(case), *_write_items(tmp_path, case))
     assert records_agree(found, expected)  # probabilities within 1e-5: each client rounds the graph's float32
     assert len({record["label"] for record in found}) > 1  # the comparison sees more than one class
     assert len({json.dumps(record["probabilities"]) for record in found}) > 2  # and probabilities that differ
@@ -114,11 +117,6 @@ def test_node_reads_an_int8_bundle_as_the_python_runtime_does(tmp_path):
     shutil.copytree(golden.bundle_dir("qwen2"), bundle)
     quantize.quantize_graph(bundle / "graph.onnx", tmp_path / "int8.onnx", per_channel=True)
     quantize.install_graph(tmp_path / "int8.onnx", bundle)
-    texts, data = _write_items(tmp_path, "qwen2")
-    done = _run(bundle, data, "--batch-size", "3")
-    assert done.returncode == 0, done.stderr
-    found = [json.loads(line) for line in done.stdout.splitlines()]
-    results = Classifier.load(bundle, threads=1, batch_size=3).classify_batch(texts)
-    expected = [{"source": f"{data}:{line}", **result.to_dict()} for line, result in enumerate(results, start=1)]
+    found, expected = _node_and_python_records(bundle, *_write_items(tmp_path, "qwen2"))
     assert json.loads((bundle / "bundle.json").read_text())["graph"]["weights"] == "int8"
     assert records_agree(found, expected) and len({record["label"] for record in found}) > 1
